@@ -1,0 +1,66 @@
+"""Every limit and tunable of a connection, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["Configuration"]
+
+_MiB = 1024 * 1024
+_MAX_WINDOW = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Configuration:
+    """Limits and timeouts shared by the server and the client.
+
+    Every limit the code enforces lives here; nothing else hard-codes one.
+    Sizes are in bytes, times in seconds.
+    """
+
+    #: Largest message accepted from the peer, checked on the 5-byte prefix before any of the
+    #: message is buffered (and again after decompression). Over it: RESOURCE_EXHAUSTED.
+    max_receive_message_length: int = 4 * _MiB
+    #: Largest message this side may send; over it the send fails with RESOURCE_EXHAUSTED.
+    max_send_message_length: int = 4 * _MiB
+    #: SETTINGS_MAX_CONCURRENT_STREAMS advertised to the peer; streams beyond it are refused
+    #: with REFUSED_STREAM (safe for the peer to retry).
+    max_concurrent_streams: int = 1000
+    #: SETTINGS_INITIAL_WINDOW_SIZE: how much of one stream's data the peer may send before
+    #: the handler consumes it. Bounds what a handler that does not read can make us buffer.
+    initial_stream_window_size: int = 1 * _MiB
+    #: The connection-level receive window, shared by all streams of a connection.
+    initial_connection_window_size: int = 16 * _MiB
+    #: SETTINGS_MAX_HEADER_LIST_SIZE: the largest header block (metadata) accepted.
+    max_header_list_size: int = 16 * 1024
+    #: SETTINGS_MAX_FRAME_SIZE: the largest frame payload the peer may send us.
+    max_frame_size: int = 16 * 1024
+    #: Send a PING after this long without any frame from the peer; ``None`` disables it.
+    keepalive_time: float | None = 2 * 60 * 60.0
+    #: Close the connection when a keepalive PING is not answered within this time.
+    keepalive_timeout: float = 20.0
+    #: On shutdown, how long to wait for the PING that follows the first GOAWAY to be
+    #: answered before sending the final GOAWAY.
+    shutdown_ping_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_receive_message_length",
+            "max_send_message_length",
+            "max_concurrent_streams",
+            "max_header_list_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("initial_stream_window_size", "initial_connection_window_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 65535 <= value <= _MAX_WINDOW:
+                raise ValueError(f"{name} must be an int from 65535 to 2**31-1, got {value!r}")
+        if not isinstance(self.max_frame_size, int) or not 16384 <= self.max_frame_size <= 2**24 - 1:
+            raise ValueError(f"max_frame_size must be from 16384 to 2**24-1, got {self.max_frame_size!r}")
+        if self.keepalive_time is not None and self.keepalive_time <= 0:
+            raise ValueError("keepalive_time must be positive or None")
+        for name in ("keepalive_timeout", "shutdown_ping_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")

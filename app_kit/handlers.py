@@ -1,0 +1,59 @@
+"""How services describe their methods to the server: paths, cardinalities, message types."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+__all__ = ["Cardinality", "Handler", "ServiceLike", "collect_handlers"]
+
+
+class Cardinality(enum.Enum):
+    """Whether each side of a call sends one message or a stream of them."""
+
+    UNARY_UNARY = (False, False)
+    UNARY_STREAM = (False, True)
+    STREAM_UNARY = (True, False)
+    STREAM_STREAM = (True, True)
+
+    @property
+    def client_streaming(self) -> bool:
+        """The client sends a stream of messages."""
+        return self.value[0]
+
+    @property
+    def server_streaming(self) -> bool:
+        """The server sends a stream of messages."""
+        return self.value[1]
+
+
+class Handler(NamedTuple):
+    """One method of a service: the coroutine function serving it and its types."""
+
+    func: Callable[[Any], Awaitable[None]]
+    cardinality: Cardinality
+    request_type: Any
+    reply_type: Any
+
+
+@runtime_checkable
+class ServiceLike(Protocol):
+    """Anything the server can serve: generated service bases implement it."""
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        """Map ``/package.Service/Method`` paths to handlers."""
+        ...
+
+
+def collect_handlers(services: Iterable[ServiceLike]) -> dict[str, Handler]:
+    """Merge the mappings of several services; a path served twice is an error."""
+    mapping: dict[str, Handler] = {}
+    for service in services:
+        if not isinstance(service, ServiceLike):
+            raise TypeError(f"{service!r} is not a service: it has no __mapping__()")
+        for path, handler in service.__mapping__().items():
+            if path in mapping:
+                raise ValueError(f"{path} is served by two services")
+            mapping[path] = handler
+    return mapping

@@ -1,0 +1,110 @@
+"""Custom metadata (HTTP/2 headers the application reads and writes) and ``grpc-message``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Mapping
+from typing import TypeAlias
+from urllib.parse import quote, unquote_to_bytes
+
+from multidict import MultiDict, MultiDictProxy
+
+__all__ = [
+    "Metadata",
+    "MetadataLike",
+    "decode_grpc_message",
+    "decode_metadata",
+    "encode_grpc_message",
+    "encode_metadata",
+]
+
+#: Received metadata: lower-case keys; ``-bin`` values are bytes, all others str.
+Metadata: TypeAlias = MultiDictProxy[str | bytes]
+#: What a caller may pass as metadata to send.
+MetadataLike: TypeAlias = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
+
+_KEY_RE = re.compile(rb"[0-9a-z_.\-]+\Z")
+# Headers that belong to HTTP/2 or to the gRPC protocol itself; never custom metadata.
+_RESERVED_KEYS = frozenset(
+    {"te", "content-type", "user-agent", "connection", "keep-alive", "proxy-connection",
+     "transfer-encoding", "upgrade", "host"}
+)
+
+
+def decode_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
+    """Build the metadata multidict from received header fields.
+
+    Pseudo-headers, ``grpc-*`` keys and HTTP's own headers are left out. Values of keys
+    ending in ``-bin`` are base64-decoded (padded or not); an invalid one raises
+    :class:`ValueError`.
+    """
+    result: MultiDict[str | bytes] = MultiDict()
+    for name, value in headers:
+        if name[:1] == b":" or name[:5] == b"grpc-":
+            continue
+        key = name.decode("ascii")
+        if key in _RESERVED_KEYS:
+            continue
+        if key.endswith("-bin"):
+            result.add(key, _b64decode(key, value))
+        else:
+            try:
+                result.add(key, value.decode("ascii"))
+            except UnicodeDecodeError:
+                raise ValueError(f"metadata {key!r} is not ASCII; binary values need a -bin key") from None
+    return MultiDictProxy(result)
+
+
+def _b64decode(key: str, value: bytes) -> bytes:
+    # Peers may omit the padding; restore it so that the strict decoder accepts the value.
+    value = value.rstrip(b"=")
+    try:
+        return base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError(f"metadata {key!r} is not valid base64") from None
+
+
+def encode_metadata(metadata: MetadataLike | None) -> list[tuple[bytes, bytes]]:
+    """Validate metadata to send and turn it into header fields.
+
+    Keys must be lower-case ``[0-9a-z_.-]`` and not reserved (``grpc-*``, HTTP's own);
+    ``-bin`` keys take bytes (sent base64-encoded without padding), others printable ASCII
+    str. Violations raise :class:`ValueError` / :class:`TypeError` in the caller.
+    """
+    if not metadata:
+        return []
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    fields = []
+    for key, value in items:
+        raw_key = key.encode("ascii", "replace") if isinstance(key, str) else b""
+        if not _KEY_RE.match(raw_key):
+            raise ValueError(f"invalid metadata key {key!r}: lower-case [0-9a-z_.-] expected")
+        if raw_key.startswith(b"grpc-") or key in _RESERVED_KEYS:
+            raise ValueError(f"metadata key {key!r} is reserved by the protocol")
+        if key.endswith("-bin"):
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"metadata {key!r} is binary and takes bytes, got {type(value).__name__}")
+            fields.append((raw_key, base64.b64encode(value).rstrip(b"=")))
+        else:
+            if not isinstance(value, str):
+                raise TypeError(f"metadata {key!r} takes str, got {type(value).__name__}")
+            if not (value.isascii() and value.isprintable()):
+                raise ValueError(f"metadata {key!r} must be printable ASCII; use a -bin key for other data")
+            fields.append((raw_key, value.encode("ascii")))
+    return fields
+
+
+# grpc-message carries UTF-8, percent-encoding every byte outside printable ASCII and '%'.
+_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != ord("%"))
+
+
+def encode_grpc_message(message: str) -> bytes:
+    """Percent-encode a status message for the ``grpc-message`` trailer."""
+    return quote(message, safe=_MESSAGE_SAFE, encoding="utf-8").encode("ascii")
+
+
+def decode_grpc_message(value: bytes) -> str:
+    """Decode a ``grpc-message`` value; malformed escapes are kept as they are."""
+    return unquote_to_bytes(value).decode("utf-8", "replace")

@@ -1,0 +1,435 @@
+"""The side-neutral part of the core: h2 driven for gRPC streams, flow control, framing.
+
+:class:`GrpcConnection` consumes bytes (:meth:`~GrpcConnection.receive_data`), returns
+events, and queues bytes to write (:meth:`~GrpcConnection.data_to_send`). Server and client
+subclass it for what differs: how a stream starts and how it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.connection import ConnectionState
+from hyperframe.frame import GoAwayFrame
+
+from ..compression import DecompressedTooLarge, DecompressionError, compress, decompress
+from ..config import Configuration
+from ..status import Status
+from .events import (
+    ConnectionClosed,
+    EndOfStream,
+    Event,
+    GoAwayReceived,
+    MessageReceived,
+    PingAcknowledged,
+    StreamClosed,
+    StreamWritable,
+)
+from .framing import FramingError, MessageDecoder, MessageTooLarge, frame_message
+
+__all__ = ["GrpcConnection", "StreamGone", "StreamState"]
+
+log = logging.getLogger("app_kit.protocol")
+
+_NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+_INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
+_SETTINGS = h2.settings.SettingCodes
+
+
+class StreamGone(Exception):
+    """The stream is closed (reset, finished or aborted); nothing more can be sent on it."""
+
+
+class _AdvertisedSettings(h2.settings.Settings):
+    """Our SETTINGS, with the concurrent-streams limit enforced by us, not by h2.
+
+    h2 treats one stream over SETTINGS_MAX_CONCURRENT_STREAMS as a connection error and
+    tears every call down; RFC 9113 §5.1.2 lets us refuse just that stream with
+    REFUSED_STREAM, which a client may safely retry. The limit is still advertised:
+    h2 serializes settings from ``items()``, and only its own check reads this property.
+    """
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return 2**31 - 1
+
+
+class StreamState:
+    """Per-stream protocol state."""
+
+    __slots__ = (
+        "decoder",
+        "headers_sent",
+        "local_closed",
+        "pending",
+        "pending_trailers",
+        "recv_encoding",
+        "remote_closed",
+        "send_encoding",
+        "stream_id",
+        "unacked",
+    )
+
+    def __init__(self, stream_id: int, decoder: MessageDecoder, recv_encoding: str | None) -> None:
+        self.stream_id = stream_id
+        self.decoder = decoder
+        #: ``grpc-encoding`` of the messages we receive (None: identity).
+        self.recv_encoding = recv_encoding
+        #: ``grpc-encoding`` of the messages we send (None: identity).
+        self.send_encoding: str | None = None
+        #: Flow-control bytes handed to the application and not yet acknowledged.
+        self.unacked = 0
+        #: Outbound DATA waiting for flow-control window.
+        self.pending: bytes | bytearray = b""
+        #: Trailers to send once ``pending`` is out (they must follow the data).
+        self.pending_trailers: list[tuple[bytes, bytes]] | None = None
+        #: Whether our HEADERS for the stream went out.
+        self.headers_sent = False
+        self.remote_closed = False
+        self.local_closed = False
+
+
+class GrpcConnection:
+    """One HTTP/2 connection carrying gRPC calls, without I/O."""
+
+    def __init__(self, config: Configuration, *, client_side: bool) -> None:
+        self.config = config
+        self._h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=client_side,
+                header_encoding=None,
+                # We build outbound headers ourselves and validate inbound ones in the gRPC
+                # layer, where a malformed request can be answered on its own stream
+                # instead of h2's connection error.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+            )
+        )
+        self._h2.local_settings = _AdvertisedSettings(
+            client=client_side,
+            initial_values={
+                _SETTINGS.MAX_CONCURRENT_STREAMS: config.max_concurrent_streams,
+                _SETTINGS.MAX_HEADER_LIST_SIZE: config.max_header_list_size,
+                _SETTINGS.INITIAL_WINDOW_SIZE: config.initial_stream_window_size,
+                _SETTINGS.MAX_FRAME_SIZE: config.max_frame_size,
+                _SETTINGS.ENABLE_PUSH: 0,
+            },
+        )
+        self._h2.max_inbound_frame_size = config.max_frame_size
+        self._h2.decoder.max_header_list_size = config.max_header_list_size
+        self._streams: dict[int, StreamState] = {}
+        # Streams with DATA waiting for window, in the order they got blocked.
+        self._blocked: dict[int, StreamState] = {}
+        # Frames we write ourselves, behind whatever h2 queued before them.
+        self._extra = bytearray()
+        self.closed = False
+        self._handlers: dict[type, Callable[[Any, list[Event]], None]] = {
+            h2.events.DataReceived: self._on_data,
+            h2.events.StreamEnded: self._on_stream_ended,
+            h2.events.StreamReset: self._on_stream_reset,
+            h2.events.WindowUpdated: self._on_window_updated,
+            h2.events.RemoteSettingsChanged: self._on_remote_settings,
+            h2.events.PingAckReceived: self._on_ping_ack,
+            h2.events.ConnectionTerminated: self._on_terminated,
+        }
+
+    # -- input -------------------------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Queue the connection preface (our SETTINGS and connection window)."""
+        self._h2.initiate_connection()
+        increment = self.config.initial_connection_window_size - 65535
+        if increment > 0:
+            self._h2.increment_flow_control_window(increment)
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; return what they mean."""
+        if self.closed:
+            return []
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has queued a GOAWAY with the matching error code.
+            return self._connection_lost(int(exc.error_code), f"protocol error: {exc}")
+        except Exception as exc:  # a peer must never crash us; log it as our bug
+            log.exception("unexpected error processing peer data")
+            self._h2.close_connection(_INTERNAL_ERROR)
+            return self._connection_lost(int(_INTERNAL_ERROR), f"internal error: {exc!r}")
+        events: list[Event] = []
+        handlers = self._handlers
+        for event in h2_events:
+            handler = handlers.get(type(event))
+            if handler is not None:
+                handler(event, events)
+        return events
+
+    def _connection_lost(self, error_code: int, reason: str) -> list[Event]:
+        self.closed = True
+        self._streams.clear()
+        self._blocked.clear()
+        return [ConnectionClosed(error_code, reason)]
+
+    def _on_data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
+        stream_id = event.stream_id
+        flow = event.flow_controlled_length
+        state = self._streams.get(stream_id)
+        if state is None:
+            # Late DATA for a stream we already finished: give the window back at once.
+            if flow:
+                self._h2.acknowledge_received_data(flow, stream_id)
+            return
+        data = event.data
+        try:
+            messages, leftover = state.decoder.feed(data)
+        except MessageTooLarge as exc:
+            state.unacked += flow
+            self._abort(state, Status.RESOURCE_EXHAUSTED, str(exc), events)
+            return
+        except FramingError as exc:
+            state.unacked += flow
+            self._abort(state, Status.INTERNAL, str(exc), events)
+            return
+        # Padding and bytes of a not yet complete message are acknowledged right away: they
+        # are bounded by the message size limit, and withholding them would stall any
+        # message larger than the window.
+        immediate = leftover + flow - len(data)
+        attributed = 0
+        for compressed, payload, share in messages:
+            if compressed:
+                try:
+                    payload = self._decompress(state, payload)
+                except _DecodeFailure as failure:
+                    state.unacked += flow - attributed
+                    self._abort(state, failure.status, failure.message, events)
+                    return
+            attributed += share
+            state.unacked += share
+            events.append(MessageReceived(stream_id, payload, share))
+        if immediate:
+            self._h2.acknowledge_received_data(immediate, stream_id)
+
+    def _decompress(self, state: StreamState, payload: bytes) -> bytes:
+        if state.recv_encoding is None:
+            raise _DecodeFailure(Status.INTERNAL, "compressed message received without grpc-encoding")
+        try:
+            return decompress(state.recv_encoding, payload, self.config.max_receive_message_length)
+        except DecompressedTooLarge as exc:
+            raise _DecodeFailure(Status.RESOURCE_EXHAUSTED, str(exc)) from None
+        except DecompressionError as exc:
+            raise _DecodeFailure(Status.INTERNAL, str(exc)) from None
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded, events: list[Event]) -> None:
+        state = self._streams.get(event.stream_id)
+        if state is None:
+            return
+        if state.decoder.buffered:
+            self._abort(state, Status.INTERNAL, "stream ended in the middle of a message", events)
+            return
+        state.remote_closed = True
+        events.append(EndOfStream(event.stream_id))
+        if state.local_closed:
+            self._release(state)
+
+    def _on_stream_reset(self, event: h2.events.StreamReset, events: list[Event]) -> None:
+        state = self._streams.get(event.stream_id)
+        if state is None:
+            return
+        self._release(state)
+        code = int(event.error_code) if event.error_code is not None else 0
+        events.append(StreamClosed(event.stream_id, code, f"reset by peer (error code {code})"))
+
+    def _on_window_updated(self, event: h2.events.WindowUpdated, events: list[Event]) -> None:
+        if event.stream_id:
+            state = self._blocked.get(event.stream_id)
+            if state is not None:
+                self._flush(state, events)
+        else:
+            self._flush_blocked(events)
+
+    def _on_remote_settings(self, event: h2.events.RemoteSettingsChanged, events: list[Event]) -> None:
+        if _SETTINGS.INITIAL_WINDOW_SIZE in event.changed_settings:
+            self._flush_blocked(events)
+
+    def _on_ping_ack(self, event: h2.events.PingAckReceived, events: list[Event]) -> None:
+        events.append(PingAcknowledged(event.ping_data))
+
+    def _on_terminated(self, event: h2.events.ConnectionTerminated, events: list[Event]) -> None:
+        if event.error_code == _NO_ERROR:
+            # A graceful GOAWAY: streams up to last_stream_id still complete, in both
+            # directions. h2 moves its state machine to CLOSED on any GOAWAY and would then
+            # refuse to send or receive on them, so bring it back to OPEN.
+            self._h2.state_machine.state = ConnectionState.OPEN
+            events.append(GoAwayReceived(event.last_stream_id or 0))
+            return
+        events.extend(self._connection_lost(int(event.error_code), f"peer sent GOAWAY {event.error_code!r}"))
+
+    # -- stream bookkeeping ----------------------------------------------------------
+
+    def _open_stream(self, stream_id: int, recv_encoding: str | None) -> StreamState:
+        state = StreamState(stream_id, MessageDecoder(self.config.max_receive_message_length), recv_encoding)
+        self._streams[stream_id] = state
+        return state
+
+    def _release(self, state: StreamState) -> None:
+        """Forget a finished stream, returning any window its unread messages held."""
+        stream_id = state.stream_id
+        self._streams.pop(stream_id, None)
+        self._blocked.pop(stream_id, None)
+        state.local_closed = state.remote_closed = True
+        if state.unacked:
+            # The stream is closed, so this only reopens the connection-level window.
+            self._h2.acknowledge_received_data(state.unacked, stream_id)
+            state.unacked = 0
+
+    def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
+        """End a stream because of something the peer sent; subclasses answer it."""
+        raise NotImplementedError
+
+    @property
+    def open_streams(self) -> int:
+        """How many streams are in progress."""
+        return len(self._streams)
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        """The state of an open stream, or :class:`StreamGone`."""
+        state = self._streams.get(stream_id)
+        if state is None:
+            raise StreamGone(stream_id)
+        return state
+
+    # -- output ----------------------------------------------------------------------
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """The application consumed a message: give its bytes of window back to the peer."""
+        state = self._streams.get(stream_id)
+        if state is None or not size:
+            return  # released streams returned their window already
+        state.unacked -= size
+        self._h2.acknowledge_received_data(size, stream_id)
+
+    def send_message(self, stream_id: int, payload: bytes) -> bool:
+        """Frame and send one message; False if some of it waits for flow-control window."""
+        state = self.stream_state(stream_id)
+        if state.local_closed:
+            raise StreamGone(stream_id)
+        encoding = state.send_encoding
+        if encoding is not None:
+            data = frame_message(compress(encoding, payload), True)
+        else:
+            data = frame_message(payload)
+        if state.pending:
+            state.pending += data
+            return False
+        state.pending = data
+        return self._flush(state, None)
+
+    def _flush(self, state: StreamState, events: list[Event] | None) -> bool:
+        """Send as much pending DATA as the windows allow; then the trailers, if queued."""
+        stream_id = state.stream_id
+        pending = state.pending
+        h2conn = self._h2
+        window = h2conn.local_flow_control_window(stream_id)
+        size = len(pending)
+        if size <= window and size <= h2conn.max_outbound_frame_size:
+            h2conn.send_data(stream_id, pending)  # the common case: one frame, no copies
+            sent = size
+        else:
+            frame_size = h2conn.max_outbound_frame_size
+            sent = 0
+            while sent < size and window > 0:
+                chunk = min(size - sent, window, frame_size)
+                h2conn.send_data(stream_id, bytes(pending[sent : sent + chunk]))
+                sent += chunk
+                window -= chunk
+        if sent < size:
+            state.pending = bytearray(pending[sent:])
+            self._blocked[stream_id] = state
+            return False
+        state.pending = b""
+        self._blocked.pop(stream_id, None)
+        if state.pending_trailers is not None:
+            trailers, state.pending_trailers = state.pending_trailers, None
+            self._send_trailers_now(state, trailers)
+        elif events is not None:
+            events.append(StreamWritable(stream_id))
+        return True
+
+    def _flush_blocked(self, events: list[Event]) -> None:
+        for state in list(self._blocked.values()):
+            if not self._flush(state, events) and self._h2.outbound_flow_control_window <= 0:
+                break  # the connection window is used up again
+
+    def send_trailers(self, stream_id: int, trailers: list[tuple[bytes, bytes]]) -> None:
+        """End the stream with trailers, after any DATA still waiting for window."""
+        state = self.stream_state(stream_id)
+        if state.local_closed:
+            raise StreamGone(stream_id)
+        if state.pending:
+            state.pending_trailers = trailers
+            state.local_closed = True  # no more messages may be queued behind the trailers
+            return
+        self._send_trailers_now(state, trailers)
+
+    def _send_trailers_now(self, state: StreamState, trailers: list[tuple[bytes, bytes]]) -> None:
+        self._h2.send_headers(state.stream_id, trailers, end_stream=True)
+        state.local_closed = True
+        if not state.remote_closed:
+            # The call is over; tell the peer to stop sending (RFC 9113 §8.1).
+            self._h2.reset_stream(state.stream_id, _NO_ERROR)
+        self._release(state)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        """Abort a stream with RST_STREAM."""
+        state = self._streams.get(stream_id)
+        if state is None:
+            return
+        self._h2.reset_stream(stream_id, error_code)
+        self._release(state)
+
+    def ping(self, data: bytes) -> None:
+        """Send a PING with 8 bytes of opaque data."""
+        self._h2.ping(data)
+
+    def send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
+        """Queue a GOAWAY frame without closing h2's state machine.
+
+        h2's ``close_connection()`` would leave it unable to serve the streams a graceful
+        GOAWAY promises to finish, so the frame is built and queued by hand.
+        """
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = error_code
+        self._extra += self._h2.data_to_send()
+        self._extra += frame.serialize()
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Close the connection at once with a final GOAWAY."""
+        if self.closed:
+            return
+        self._h2.close_connection(error_code)
+        self._connection_lost(error_code, reason)
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call."""
+        if self._extra:
+            self._extra += self._h2.data_to_send()
+            data = bytes(self._extra)
+            self._extra.clear()
+            return data
+        return self._h2.data_to_send()
+
+
+class _DecodeFailure(Exception):
+    def __init__(self, status: Status, message: str) -> None:
+        self.status = status
+        self.message = message

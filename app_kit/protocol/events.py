@@ -1,0 +1,144 @@
+"""What the protocol core reports to the layer above it, in gRPC terms."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConnectionClosed",
+    "EndOfStream",
+    "Event",
+    "GoAwayReceived",
+    "MessageReceived",
+    "PingAcknowledged",
+    "RequestHead",
+    "RequestReceived",
+    "StreamClosed",
+    "StreamWritable",
+]
+
+
+class Event:
+    """Base class of protocol events."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class RequestHead:
+    """The validated head of a gRPC request."""
+
+    __slots__ = ("accept_encoding", "authority", "encoding", "headers", "path", "timeout", "user_agent")
+
+    def __init__(
+        self,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        timeout: float | None,
+        encoding: str | None,
+        accept_encoding: frozenset[str],
+        user_agent: str | None,
+        authority: str | None,
+    ) -> None:
+        #: ``/package.Service/Method``.
+        self.path = path
+        #: Every header field as received (names lower-case), for metadata decoding.
+        self.headers = headers
+        #: Seconds from ``grpc-timeout``, or None.
+        self.timeout = timeout
+        #: The request messages' ``grpc-encoding`` (None for identity).
+        self.encoding = encoding
+        #: Encodings the client accepts for the response.
+        self.accept_encoding = accept_encoding
+        self.user_agent = user_agent
+        self.authority = authority
+
+
+class RequestReceived(Event):
+    """A valid gRPC request opened a stream. Routing is up to the layer above."""
+
+    __slots__ = ("head", "stream_id")
+
+    def __init__(self, stream_id: int, head: RequestHead) -> None:
+        self.stream_id = stream_id
+        self.head = head
+
+
+class MessageReceived(Event):
+    """One whole (decompressed) message arrived.
+
+    ``flow_size`` bytes of flow-control window stay taken until the consumer calls
+    ``acknowledge(stream_id, flow_size)``: that is how a slow reader pushes back.
+    """
+
+    __slots__ = ("data", "flow_size", "stream_id")
+
+    def __init__(self, stream_id: int, data: bytes, flow_size: int) -> None:
+        self.stream_id = stream_id
+        self.data = data
+        self.flow_size = flow_size
+
+
+class EndOfStream(Event):
+    """The peer half-closed the stream: no more messages will come."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class StreamClosed(Event):
+    """The stream ended abnormally: reset by the peer, or aborted by the core.
+
+    ``error_code`` is the HTTP/2 error code of the RST_STREAM; ``reason`` says why, for logs.
+    Nothing more can be sent on the stream.
+    """
+
+    __slots__ = ("error_code", "reason", "stream_id")
+
+    def __init__(self, stream_id: int, error_code: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+        self.reason = reason
+
+
+class StreamWritable(Event):
+    """All data queued on the stream went out; a paused sender may continue."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class PingAcknowledged(Event):
+    """The peer answered one of our PINGs."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class ConnectionClosed(Event):
+    """The connection is finished after a connection error, ours or the peer's.
+
+    Streams still open are dead; the transport flushes what is queued (our GOAWAY) and closes.
+    """
+
+    __slots__ = ("error_code", "reason")
+
+    def __init__(self, error_code: int, reason: str) -> None:
+        self.error_code = error_code
+        self.reason = reason
+
+
+class GoAwayReceived(Event):
+    """The peer sent a graceful GOAWAY: no new streams; those up to ``last_stream_id`` go on."""
+
+    __slots__ = ("last_stream_id",)
+
+    def __init__(self, last_stream_id: int) -> None:
+        self.last_stream_id = last_stream_id

@@ -1,0 +1,295 @@
+"""The server side of the core: request validation, responses, graceful shutdown."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+
+import h2.errors
+import h2.events
+
+from ..compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
+from ..config import Configuration
+from ..deadline import parse_grpc_timeout
+from ..metadata import encode_grpc_message
+from ..status import Status
+from .connection import GrpcConnection, StreamState
+from .events import Event, PingAcknowledged, RequestHead, RequestReceived, StreamClosed
+
+__all__ = ["SHUTDOWN_PING", "ServerConnection"]
+
+log = logging.getLogger("app_kit.protocol")
+
+#: Opaque data of the PING that follows the first GOAWAY of a graceful shutdown.
+SHUTDOWN_PING = b"shutdown"
+_MAX_STREAM_ID = 2**31 - 1
+_REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
+_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
+_NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+
+# RFC 9110 token characters, lower-case only (RFC 9113 §8.2.1 forbids upper case).
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
+# RFC 9113 §8.2.1: no NUL, CR or LF anywhere, no leading or trailing whitespace.
+_BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+# RFC 9113 §8.2.2: connection-specific fields make a request malformed.
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+_PSEUDO_HEADERS = frozenset({b":method", b":scheme", b":path", b":authority"})
+_GRPC_CONTENT_TYPE = b"application/grpc"
+_CONTENT_TYPE_FIELD = (b"content-type", b"application/grpc")
+
+
+class _Malformed(Exception):
+    """An HTTP/2-malformed request (RFC 9113 §8.1.1): answered with RST_STREAM PROTOCOL_ERROR."""
+
+
+class _Rejected(Exception):
+    """A well-formed request we will not serve: answered with a response and a status."""
+
+    def __init__(
+        self,
+        http_status: int,
+        status: Status,
+        message: str,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) -> RequestHead:
+    """Validate a request's header block per RFC 9113 §8 and gRPC's PROTOCOL-HTTP2."""
+    method = scheme = path = authority = None
+    content_type = timeout = encoding = accept = user_agent = None
+    seen_regular = False
+    seen_pseudo: set[bytes] = set()
+    for name, value in headers:
+        if _BAD_FIELD_VALUE.search(value):
+            raise _Malformed(f"invalid characters in the value of {name!r}")
+        if name[:1] == b":":
+            if seen_regular:
+                raise _Malformed(f"pseudo-header {name!r} after a regular header")
+            if name not in _PSEUDO_HEADERS:
+                raise _Malformed(f"unknown pseudo-header {name!r}")
+            if name in seen_pseudo:
+                raise _Malformed(f"duplicate pseudo-header {name!r}")
+            seen_pseudo.add(name)
+            if name == b":path":
+                path = value
+            elif name == b":method":
+                method = value
+            elif name == b":scheme":
+                scheme = value
+            else:
+                authority = value
+            continue
+        seen_regular = True
+        if not _FIELD_NAME.match(name):
+            raise _Malformed(f"invalid header name {name!r}")
+        if name in _CONNECTION_SPECIFIC:
+            raise _Malformed(f"connection-specific header {name!r}")
+        if name == b"content-type":
+            content_type = value
+        elif name == b"grpc-timeout":
+            timeout = value
+        elif name == b"grpc-encoding":
+            encoding = value
+        elif name == b"grpc-accept-encoding":
+            accept = value
+        elif name == b"user-agent":
+            user_agent = value
+        elif name == b"te" and value != b"trailers":
+            raise _Malformed('the only te value allowed is "trailers"')
+    if not method or not scheme or not path:
+        raise _Malformed("missing :method, :scheme or :path")
+    if method != b"POST":
+        raise _Rejected(
+            405,
+            Status.UNIMPLEMENTED,
+            f"HTTP method {method.decode('latin-1')} not allowed: gRPC requires POST",
+            ((b"allow", b"POST"),),
+        )
+    if not _is_grpc_content_type(content_type, content_subtype):
+        shown = "none" if content_type is None else content_type.decode("latin-1")
+        raise _Rejected(415, Status.INTERNAL, f"unsupported content-type {shown}: application/grpc expected")
+    seconds = None
+    if timeout is not None:
+        try:
+            seconds = parse_grpc_timeout(timeout)
+        except ValueError as exc:
+            raise _Rejected(200, Status.INTERNAL, str(exc)) from None
+    recv_encoding = None
+    if encoding is not None and encoding != b"identity":
+        recv_encoding = encoding.decode("latin-1")
+        if recv_encoding not in SUPPORTED_ENCODINGS:
+            raise _Rejected(
+                200,
+                Status.UNIMPLEMENTED,
+                f"grpc-encoding {recv_encoding} is not supported; accepted: gzip, identity",
+                ((b"grpc-accept-encoding", ACCEPT_ENCODING),),
+            )
+    accepted = frozenset(item.strip() for item in accept.decode("latin-1").split(",")) if accept else frozenset()
+    return RequestHead(
+        path=path.decode("latin-1"),
+        headers=headers,
+        timeout=seconds,
+        encoding=recv_encoding,
+        accept_encoding=accepted,
+        user_agent=user_agent.decode("latin-1") if user_agent is not None else None,
+        authority=authority.decode("latin-1") if authority is not None else None,
+    )
+
+
+def _is_grpc_content_type(value: bytes | None, subtype: bytes) -> bool:
+    if value is None or not value.startswith(_GRPC_CONTENT_TYPE):
+        return False
+    rest = value[len(_GRPC_CONTENT_TYPE) :]
+    if not rest or rest[:1] == b";":
+        return True
+    if rest[:1] != b"+":
+        return False
+    return rest[1:].split(b";", 1)[0].strip() == subtype
+
+
+class ServerConnection(GrpcConnection):
+    """A server's connection: turns requests into events and calls' outcomes into frames."""
+
+    def __init__(self, config: Configuration, *, content_subtype: str = "proto") -> None:
+        super().__init__(config, client_side=False)
+        self._content_subtype = content_subtype.encode("ascii")
+        self._handlers[h2.events.RequestReceived] = self._on_request
+        #: 0: serving; 1: first GOAWAY and PING sent; 2: final GOAWAY sent.
+        self.shutdown_phase = 0
+        self._last_stream_id = _MAX_STREAM_ID
+
+    # -- requests --------------------------------------------------------------------
+
+    def _on_request(self, event: h2.events.RequestReceived, events: list[Event]) -> None:
+        stream_id = event.stream_id
+        ended = event.stream_ended is not None
+        if stream_id > self._last_stream_id:
+            # After our final GOAWAY: the client knows this stream was not processed.
+            self._h2.reset_stream(stream_id, _REFUSED_STREAM)
+            return
+        if len(self._streams) >= self.config.max_concurrent_streams:
+            log.info("refusing stream %d: max_concurrent_streams (%d) reached", stream_id, len(self._streams))
+            self._h2.reset_stream(stream_id, _REFUSED_STREAM)
+            return
+        try:
+            head = parse_request(event.headers or [], self._content_subtype)
+        except _Malformed as exc:
+            log.info("malformed request on stream %d: %s", stream_id, exc)
+            self._h2.reset_stream(stream_id, _PROTOCOL_ERROR)
+            return
+        except _Rejected as exc:
+            headers = [
+                (b":status", str(exc.http_status).encode("ascii")),
+                _CONTENT_TYPE_FIELD,
+                (b"grpc-status", str(exc.status.value).encode("ascii")),
+                (b"grpc-message", encode_grpc_message(exc.message)),
+                *exc.extra,
+            ]
+            self._h2.send_headers(stream_id, headers, end_stream=True)
+            if not ended:
+                self._h2.reset_stream(stream_id, _NO_ERROR)
+            return
+        self._open_stream(stream_id, head.encoding)
+        events.append(RequestReceived(stream_id, head))
+
+    def _on_ping_ack(self, event: h2.events.PingAckReceived, events: list[Event]) -> None:
+        if event.ping_data == SHUTDOWN_PING and self.shutdown_phase == 1:
+            self.finish_shutdown()
+        events.append(PingAcknowledged(event.ping_data))
+
+    # -- responses -------------------------------------------------------------------
+
+    def send_response_headers(
+        self,
+        stream_id: int,
+        metadata: list[tuple[bytes, bytes]],
+        encoding: str | None = None,
+    ) -> None:
+        """Send the response HEADERS (initial metadata); ``encoding`` compresses what follows."""
+        state = self.stream_state(stream_id)
+        headers = [(b":status", b"200"), _CONTENT_TYPE_FIELD, (b"grpc-accept-encoding", ACCEPT_ENCODING)]
+        if encoding is not None:
+            headers.append((b"grpc-encoding", encoding.encode("ascii")))
+            state.send_encoding = encoding
+        headers.extend(metadata)
+        self._h2.send_headers(stream_id, headers)
+        state.headers_sent = True
+
+    def send_status(
+        self,
+        stream_id: int,
+        status: Status,
+        message: str | None = None,
+        details: bytes | None = None,
+        metadata: list[tuple[bytes, bytes]] = [],  # noqa: B006 - never mutated
+    ) -> None:
+        """End the call: trailers, or a Trailers-Only response if no HEADERS went out yet."""
+        state = self.stream_state(stream_id)
+        self.send_trailers(stream_id, self._status_fields(state, status, message, details, metadata))
+
+    def _status_fields(
+        self,
+        state: StreamState,
+        status: Status,
+        message: str | None,
+        details: bytes | None,
+        metadata: list[tuple[bytes, bytes]],
+    ) -> list[tuple[bytes, bytes]]:
+        fields = [(b"grpc-status", _STATUS_VALUES[status])]
+        if message:
+            fields.append((b"grpc-message", encode_grpc_message(message)))
+        if details is not None:
+            fields.append((b"grpc-status-details-bin", base64.b64encode(details).rstrip(b"=")))
+        fields.extend(metadata)
+        if not state.headers_sent:
+            state.headers_sent = True
+            fields[:0] = [(b":status", b"200"), _CONTENT_TYPE_FIELD]
+        return fields
+
+    def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
+        log.info("ending stream %d: %s", state.stream_id, message)
+        # Whatever the handler queued is dropped: the status must go out now.
+        state.pending = b""
+        state.pending_trailers = None
+        self._send_trailers_now(state, self._status_fields(state, status, message, None, []))
+        events.append(StreamClosed(state.stream_id, 0, message))
+
+    # -- graceful shutdown -----------------------------------------------------------
+
+    def start_shutdown(self) -> None:
+        """Phase one: GOAWAY with the maximal stream id, then a PING to time the round trip.
+
+        Streams the client opens until it sees this are still accepted and served.
+        """
+        if self.shutdown_phase or self.closed:
+            return
+        self.shutdown_phase = 1
+        self.send_goaway(_MAX_STREAM_ID)
+        self.ping(SHUTDOWN_PING)
+
+    def finish_shutdown(self) -> None:
+        """Phase two: GOAWAY with the last stream id received; later ones are refused.
+
+        Called when the shutdown PING is answered (the client has seen the first GOAWAY, so
+        nothing more is in flight) or when waiting for that answer timed out.
+        """
+        if self.shutdown_phase >= 2 or self.closed:
+            return
+        self.shutdown_phase = 2
+        self._last_stream_id = self._h2.highest_inbound_stream_id
+        self.send_goaway(self._last_stream_id)
+
+    @property
+    def drained(self) -> bool:
+        """The final GOAWAY is out and no stream is left: the connection can be closed."""
+        return self.shutdown_phase >= 2 and not self._streams
+
+
+_STATUS_VALUES = {status: str(status.value).encode("ascii") for status in Status}

@@ -1,0 +1,357 @@
+"""The gRPC server: listening sockets, one protocol per connection, one task per call."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+import ssl as ssl_module
+from collections.abc import Iterable, Sequence
+
+from .codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
+from .config import Configuration
+from .deadline import Deadline
+from .handlers import Handler, ServiceLike, collect_handlers
+from .metadata import decode_metadata
+from .protocol.events import (
+    ConnectionClosed,
+    EndOfStream,
+    Event,
+    GoAwayReceived,
+    MessageReceived,
+    RequestReceived,
+    StreamClosed,
+    StreamWritable,
+)
+from .protocol.server import ServerConnection
+from .status import GRPCError, ProtocolError, Status
+from .stream import Peer, Stream
+from .transport import ConnectionProtocol
+
+__all__ = ["Server"]
+
+log = logging.getLogger("app_kit.server")
+
+
+class Server:
+    """An HTTP/2 gRPC server for any number of services.
+
+    ``handlers`` are service objects (generated ``...Base`` subclasses, or anything with a
+    ``__mapping__()``); ``codec`` defaults to :class:`~app_kit.ProtoCodec`, and
+    ``status_details_codec`` to :class:`~app_kit.ProtoStatusDetailsCodec` with it.
+    """
+
+    def __init__(
+        self,
+        handlers: Iterable[ServiceLike],
+        *,
+        codec: CodecBase | None = None,
+        status_details_codec: StatusDetailsCodecBase | None = None,
+        config: Configuration | None = None,
+    ) -> None:
+        self.mapping: dict[str, Handler] = collect_handlers(handlers)
+        self.codec = codec if codec is not None else ProtoCodec()
+        if status_details_codec is None and isinstance(self.codec, ProtoCodec):
+            status_details_codec = ProtoStatusDetailsCodec()
+        self.status_details_codec = status_details_codec
+        self.config = config if config is not None else Configuration()
+        self._listener: asyncio.AbstractServer | None = None
+        self._connections: set[ServerProtocol] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._grace_handle: asyncio.TimerHandle | None = None
+        self._closed_event: asyncio.Event | None = None
+
+    async def start(
+        self,
+        host: str | Sequence[str] | None = None,
+        port: int | None = None,
+        *,
+        path: str | None = None,
+        family: socket.AddressFamily = socket.AF_UNSPEC,
+        flags: socket.AddressInfo = socket.AI_PASSIVE,
+        sock: socket.socket | None = None,
+        backlog: int = 100,
+        ssl: ssl_module.SSLContext | None = None,
+        reuse_address: bool | None = None,
+        reuse_port: bool | None = None,
+    ) -> None:
+        """Listen on TCP ``host``/``port`` (port 0 picks a free one), a Unix socket ``path``,
+        or a ready ``sock``. ``ssl`` serves TLS, with ALPN ``h2`` set on the context.
+        """
+        if self._closing:
+            raise RuntimeError("the server is closed; it cannot be started")
+        if self._listener is not None:
+            raise RuntimeError("the server is started already")
+        if path is not None and (host is not None or port is not None):
+            raise ValueError("path and host/port are mutually exclusive")
+        loop = asyncio.get_running_loop()
+        if ssl is not None:
+            ssl.set_alpn_protocols(["h2"])
+        factory = functools.partial(ServerProtocol, self, loop)
+        if path is not None:
+            self._listener = await loop.create_unix_server(factory, path, backlog=backlog, ssl=ssl)
+        else:
+            self._listener = await loop.create_server(
+                factory,
+                host,
+                port,
+                family=family,
+                flags=flags,
+                sock=sock,
+                backlog=backlog,
+                ssl=ssl,
+                reuse_address=reuse_address,
+                reuse_port=reuse_port,
+            )
+        self._closed_event = asyncio.Event()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (read the bound address from them)."""
+        if self._listener is None:
+            return ()
+        return tuple(self._listener.sockets)  # type: ignore[attr-defined]
+
+    @property
+    def is_closing(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closing
+
+    def close(self, *, grace: float | None = None) -> None:
+        """Stop accepting connections and calls; finish the calls in progress.
+
+        Listening sockets close at once. Every connection gets the two-phase GOAWAY
+        (2^31-1 and a PING, then the last stream id received); every call accepted up to
+        then is served. After ``grace`` seconds (None: no limit), calls still running are
+        cancelled and answered UNAVAILABLE. Idle connections close as soon as the final
+        GOAWAY is out. Calling it on a server never started keeps it from starting.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._listener is not None:
+            self._listener.close()
+        for connection in list(self._connections):
+            connection.start_shutdown()
+        if grace is not None and self._listener is not None:
+            self._grace_handle = asyncio.get_running_loop().call_later(grace, self._grace_expired)
+        self._check_closed()
+
+    def _grace_expired(self) -> None:
+        for connection in list(self._connections):
+            connection.abort_calls(Status.UNAVAILABLE, "the server is shutting down")
+
+    async def wait_closed(self) -> None:
+        """Return once :meth:`close` was called and every connection and handler is done."""
+        if self._closed_event is None:
+            return
+        await self._closed_event.wait()
+        if self._listener is not None:
+            await self._listener.wait_closed()
+
+    def _check_closed(self) -> None:
+        if self._closing and not self._connections and not self._tasks and self._closed_event is not None:
+            self._closed_event.set()
+            if self._grace_handle is not None:
+                self._grace_handle.cancel()
+
+    # -- called by connections -------------------------------------------------------
+
+    def _connection_opened(self, connection: ServerProtocol) -> None:
+        self._connections.add(connection)
+        if self._closing:
+            connection.start_shutdown()
+
+    def _connection_closed(self, connection: ServerProtocol) -> None:
+        self._connections.discard(connection)
+        self._check_closed()
+
+    def _task_started(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._closing:
+            self._check_closed()
+
+
+class ServerProtocol(ConnectionProtocol):
+    """One client connection: routes its requests to handlers, one task per call."""
+
+    connection: ServerConnection
+
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(ServerConnection(server.config, content_subtype=server.codec.content_subtype), loop)
+        self._server = server
+        self._calls: dict[int, tuple[Stream[object, object], asyncio.Task[None]]] = {}
+        self._peer: Peer | None = None
+        self._peer_going_away = False
+        self._shutdown_handle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._peer = Peer(transport)
+        self._server._connection_opened(self)
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        if self._shutdown_handle is not None:
+            self._shutdown_handle.cancel()
+        for stream, task in self._calls.values():
+            stream._on_closed("the connection was lost")
+            task.cancel()
+        self._server._connection_closed(self)
+
+    def handle_events(self, events: Sequence[Event]) -> None:
+        calls = self._calls
+        for event in events:
+            kind = type(event)
+            if kind is MessageReceived:
+                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
+                if call is not None and not call[0]._on_message(event.data, event.flow_size):  # type: ignore[attr-defined]
+                    self._end_call(event.stream_id, Status.INTERNAL, "more than one request message for a unary method")  # type: ignore[attr-defined]
+            elif kind is RequestReceived:
+                self._start_call(event)  # type: ignore[arg-type]
+            elif kind is EndOfStream:
+                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
+                if call is not None:
+                    call[0]._on_end()
+            elif kind is StreamWritable:
+                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
+                if call is not None:
+                    call[0]._on_writable()
+            elif kind is StreamClosed:
+                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
+                if call is not None:
+                    call[0]._on_closed(event.reason)  # type: ignore[attr-defined]
+                    call[1].cancel()
+            elif kind is GoAwayReceived:
+                self._peer_going_away = True
+            elif kind is ConnectionClosed:
+                log.info("closing connection from %s: %s", self._peer_address(), event.reason)  # type: ignore[attr-defined]
+                self.close_transport()
+        self._close_if_done()
+
+    def _start_call(self, event: RequestReceived) -> None:
+        head = event.head
+        stream_id = event.stream_id
+        handler = self._server.mapping.get(head.path)
+        if handler is None:
+            self.connection.send_status(stream_id, Status.UNIMPLEMENTED, f"Method not found: {head.path}")
+            return
+        try:
+            metadata = decode_metadata(head.headers)
+        except ValueError as exc:
+            self.connection.send_status(stream_id, Status.INTERNAL, f"invalid request metadata: {exc}")
+            return
+        server = self._server
+        assert self._peer is not None
+        stream: Stream[object, object] = Stream(
+            self,
+            stream_id,
+            handler,
+            method=head.path,
+            metadata=metadata,
+            user_agent=head.user_agent,
+            deadline=Deadline.from_timeout(head.timeout) if head.timeout is not None else None,
+            peer=self._peer,
+            codec=server.codec,
+            status_details_codec=server.status_details_codec,
+            # Compress replies the way the client compressed its request, if it accepts that.
+            reply_encoding=head.encoding if head.encoding in head.accept_encoding else None,
+        )
+        task = self.loop.create_task(_serve_call(stream, handler))
+        self._calls[stream_id] = (stream, task)
+        server._task_started(task)
+        task.add_done_callback(functools.partial(self._call_done, stream_id))
+
+    def _call_done(self, stream_id: int, task: asyncio.Task[None]) -> None:
+        self._calls.pop(stream_id, None)
+        self._server._task_done(task)
+        self.schedule_flush()
+        self._close_if_done()
+
+    def _end_call(self, stream_id: int, status: Status, message: str) -> None:
+        """End a call from outside its handler: answer it and cancel the handler."""
+        stream, task = self._calls[stream_id]
+        if not stream.closed:
+            stream._trailers_sent = True
+            self.connection.send_status(stream_id, status, message)
+        stream._on_closed(message)
+        task.cancel()
+
+    def _close_if_done(self) -> None:
+        if self._calls or self.is_closed:
+            return
+        if self.connection.drained or (self._peer_going_away and not self.connection.open_streams):
+            self.close_transport()
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def start_shutdown(self) -> None:
+        """Begin the two-phase GOAWAY; see :meth:`Server.close`."""
+        if self.is_closed or self.connection.shutdown_phase:
+            return
+        self.connection.start_shutdown()
+        self.flush()
+        self._shutdown_handle = self.loop.call_later(
+            self.connection.config.shutdown_ping_timeout, self._finish_shutdown
+        )
+
+    def _finish_shutdown(self) -> None:
+        self.connection.finish_shutdown()
+        self.flush()
+        self._close_if_done()
+
+    def abort_calls(self, status: Status, message: str) -> None:
+        """Answer every call still running with ``status`` and cancel its handler."""
+        for stream_id in list(self._calls):
+            self._end_call(stream_id, status, message)
+        self.flush()
+
+    def _peer_address(self) -> object:
+        return self._peer.addr() if self._peer is not None else None
+
+
+async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
+    """Run one handler and end its call with the status its outcome stands for."""
+    status = Status.OK
+    message: str | None = None
+    details = None
+    try:
+        if stream.deadline is None:
+            await handler.func(stream)
+        else:
+            async with asyncio.timeout(stream.deadline.time_remaining()) as scope:
+                await handler.func(stream)
+    except GRPCError as exc:
+        status, message, details = exc.status, exc.message, exc.details
+    except NotImplementedError:
+        status, message = Status.UNIMPLEMENTED, "Method not implemented"
+    except asyncio.CancelledError:
+        # Reset by the client or ended by the server: the call is answered already, if
+        # anybody is left to answer.
+        return
+    except TimeoutError:
+        if stream.deadline is not None and scope.expired():
+            status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"
+        else:
+            log.exception("error in handler of %s", stream.method)
+            status, message = Status.UNKNOWN, "Unexpected error"
+    except ProtocolError as exc:
+        log.error("handler of %s misused its stream: %s", stream.method, exc)
+        status, message = Status.INTERNAL, "Internal error"
+    except Exception:
+        log.exception("error in handler of %s", stream.method)
+        status, message = Status.UNKNOWN, "Unexpected error"
+    else:
+        if not stream.closed and not stream._sent and not handler.cardinality.server_streaming:
+            log.error("handler of unary method %s returned without sending a reply", stream.method)
+            status, message = Status.INTERNAL, "The handler sent no reply"
+    if stream.closed:
+        return
+    try:
+        await stream.send_trailing_metadata(status=status, status_message=message, status_details=details)
+    except Exception:
+        log.exception("could not send the status of %s", stream.method)

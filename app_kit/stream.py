@@ -1,0 +1,292 @@
+"""The server side of one call, as its handler sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .codecs import CodecBase, StatusDetailsCodecBase
+from .deadline import Deadline
+from .handlers import Handler
+from .metadata import Metadata, MetadataLike, encode_metadata
+from .protocol.connection import StreamGone
+from .status import GRPCError, ProtocolError, Status
+
+if TYPE_CHECKING:
+    from .server import ServerProtocol
+
+__all__ = ["Peer", "Stream"]
+
+RecvT = TypeVar("RecvT")
+SendT = TypeVar("SendT")
+
+_END = object()  # queued after the last message: the client half-closed
+
+
+class Peer:
+    """The other end of a connection."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def addr(self) -> Any:
+        """The peer's socket address (``(host, port)`` for TCP; '' or None for Unix sockets)."""
+        return self._transport.get_extra_info("peername")
+
+    def cert(self) -> dict[str, Any] | None:
+        """The peer's TLS certificate as :meth:`ssl.SSLSocket.getpeercert` returns it, if any."""
+        ssl_object: ssl.SSLObject | None = self._transport.get_extra_info("ssl_object")
+        return ssl_object.getpeercert() if ssl_object is not None else None
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.addr()!r}>"
+
+
+class Stream(Generic[RecvT, SendT]):
+    """One call on the server: receive requests, send replies, end with a status.
+
+    Initial metadata goes out with the first message unless sent earlier; trailers (status
+    OK) go out when the handler returns, unless it sent them itself. Each message received
+    gives its flow-control window back only when :meth:`recv_message` hands it over, so a
+    handler that stops reading makes the client wait instead of making the server buffer.
+    """
+
+    __slots__ = (
+        "_closed_reason",
+        "_codec",
+        "_handler",
+        "_initial_sent",
+        "_messages_arrived",
+        "_protocol",
+        "_queue",
+        "_recv_done",
+        "_sent",
+        "_status_details_codec",
+        "_stream_id",
+        "_trailers_sent",
+        "_waiter",
+        "_writable",
+        "deadline",
+        "metadata",
+        "method",
+        "peer",
+        "user_agent",
+        "_reply_encoding",
+    )
+
+    def __init__(
+        self,
+        protocol: ServerProtocol,
+        stream_id: int,
+        handler: Handler,
+        *,
+        method: str,
+        metadata: Metadata,
+        user_agent: str | None,
+        deadline: Deadline | None,
+        peer: Peer,
+        codec: CodecBase,
+        status_details_codec: StatusDetailsCodecBase | None,
+        reply_encoding: str | None,
+    ) -> None:
+        self._protocol = protocol
+        self._stream_id = stream_id
+        self._handler = handler
+        self._codec = codec
+        self._status_details_codec = status_details_codec
+        self._reply_encoding = reply_encoding
+        #: ``/package.Service/Method`` of the call.
+        self.method = method
+        #: Request metadata: lower-case keys; ``-bin`` values as bytes.
+        self.metadata = metadata
+        #: The client's ``user-agent``, if it sent one.
+        self.user_agent = user_agent
+        #: When the client stops waiting, if it set a timeout.
+        self.deadline = deadline
+        #: The client's end of the connection.
+        self.peer = peer
+        self._queue: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._messages_arrived = 0
+        self._recv_done = False
+        self._sent = 0
+        self._initial_sent = False
+        self._trailers_sent = False
+        self._closed_reason: str | None = None
+
+    # -- receiving -------------------------------------------------------------------
+
+    async def recv_message(self) -> RecvT | None:
+        """The next request message, or None once the client has finished sending.
+
+        On a unary-request method, the first call returns the request and later calls None.
+        """
+        if self._recv_done:
+            return None
+        queue = self._queue
+        while not queue:
+            self._raise_if_closed()
+            self._waiter = waiter = self._protocol.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        item = queue.popleft()
+        if item is _END:
+            self._recv_done = True
+            if not self._handler.cardinality.client_streaming:
+                raise GRPCError(Status.INTERNAL, "the client half-closed the call without sending a request")
+            return None
+        data, flow_size = item
+        protocol = self._protocol
+        protocol.connection.acknowledge(self._stream_id, flow_size)
+        protocol.schedule_flush()
+        if not self._handler.cardinality.client_streaming:
+            self._recv_done = True
+        request_type = self._handler.request_type
+        try:
+            return self._codec.decode(data, request_type)  # type: ignore[no-any-return]
+        except Exception:
+            name = getattr(request_type, "__name__", repr(request_type))
+            raise GRPCError(Status.INTERNAL, f"could not decode the request message as {name}") from None
+
+    def __aiter__(self) -> AsyncIterator[RecvT]:
+        return self._iter_messages()
+
+    async def _iter_messages(self) -> AsyncIterator[RecvT]:
+        while (message := await self.recv_message()) is not None:
+            yield message
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send_initial_metadata(self, *, metadata: MetadataLike | None = None) -> None:
+        """Send the response headers with ``metadata``, ahead of any message."""
+        if self._initial_sent:
+            raise ProtocolError("initial metadata was sent already")
+        self._send_initial(encode_metadata(metadata))
+        self._protocol.schedule_flush()
+        await self._protocol.writable()
+
+    def _send_initial(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self._raise_if_closed()
+        if self._trailers_sent:
+            raise ProtocolError("the call is over: trailers were sent")
+        self._initial_sent = True
+        self._protocol.connection.send_response_headers(self._stream_id, fields, self._reply_encoding)
+
+    async def send_message(self, message: SendT) -> None:
+        """Send one reply message, waiting while the client's flow-control window is full."""
+        if self._trailers_sent:
+            raise ProtocolError("the call is over: trailers were sent")
+        if self._sent and not self._handler.cardinality.server_streaming:
+            raise ProtocolError(f"{self.method} is unary: it sends exactly one reply message")
+        data = self._codec.encode(message, self._handler.reply_type)
+        protocol = self._protocol
+        limit = protocol.connection.config.max_send_message_length
+        if len(data) > limit:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {limit})")
+        if not self._initial_sent:
+            self._send_initial([])
+        self._sent += 1
+        try:
+            flushed = protocol.connection.send_message(self._stream_id, data)
+        except StreamGone:
+            self._raise_if_closed()
+            raise
+        protocol.schedule_flush()
+        if not flushed:
+            self._writable = waiter = protocol.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._writable = None
+            self._raise_if_closed()
+        await protocol.writable()
+
+    async def send_trailing_metadata(
+        self,
+        *,
+        status: Status = Status.OK,
+        status_message: str | None = None,
+        status_details: Any = None,
+        metadata: MetadataLike | None = None,
+    ) -> None:
+        """End the call with ``status`` (and its message, rich details and trailing metadata)."""
+        if self._trailers_sent:
+            raise ProtocolError("trailers were sent already")
+        status = Status(status)
+        if status is Status.OK and not self._sent and not self._handler.cardinality.server_streaming:
+            raise ProtocolError(f"{self.method} is unary: a reply message must be sent before status OK")
+        self._raise_if_closed()
+        fields = encode_metadata(metadata)
+        details = None
+        if status_details and self._status_details_codec is not None:
+            details = self._status_details_codec.encode(status, status_message, status_details)
+        self._trailers_sent = True
+        try:
+            self._protocol.connection.send_status(self._stream_id, status, status_message, details, fields)
+        except StreamGone:
+            return  # reset meanwhile: nobody is there to read the status
+        self._protocol.schedule_flush()
+
+    def cancel(self) -> None:
+        """Abort the call with RST_STREAM CANCEL; the client sees CANCELLED."""
+        if self._closed_reason is None:
+            self._closed_reason = "cancelled by the server"
+            self._protocol.connection.reset_stream(self._stream_id, 8)  # CANCEL
+            self._protocol.schedule_flush()
+            self._wake()
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether the call is over: status sent, or the stream reset."""
+        return self._trailers_sent or self._closed_reason is not None
+
+    def _raise_if_closed(self) -> None:
+        if self._closed_reason is not None:
+            raise GRPCError(Status.CANCELLED, f"the call is over: {self._closed_reason}")
+
+    # -- called by the connection ----------------------------------------------------
+
+    def _on_message(self, data: bytes, flow_size: int) -> bool:
+        """Queue a message; False if the cardinality does not allow another one."""
+        self._messages_arrived += 1
+        if self._messages_arrived > 1 and not self._handler.cardinality.client_streaming:
+            return False
+        self._queue.append((data, flow_size))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def _on_end(self) -> None:
+        self._queue.append(_END)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_writable(self) -> None:
+        writable = self._writable
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    def _on_closed(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in (self._waiter, self._writable):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        return f"<Stream {self._stream_id} {self.method}>"

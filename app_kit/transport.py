@@ -1,0 +1,151 @@
+"""The asyncio adapter: feeds socket bytes to a sans-IO connection and writes what it queues.
+
+Writes are coalesced: whatever the core queues during one event-loop turn (from handlers
+of any number of streams) goes out in a single ``transport.write`` at the end of the turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from .protocol.connection import GrpcConnection
+from .protocol.events import ConnectionClosed, Event
+
+__all__ = ["ConnectionProtocol"]
+
+log = logging.getLogger("app_kit.transport")
+
+_KEEPALIVE_PING = b"keepaliv"
+
+
+class ConnectionProtocol(asyncio.Protocol):
+    """Drives a :class:`GrpcConnection` over an asyncio transport.
+
+    Subclasses give events their meaning (:meth:`handle_events`) and react to the end of
+    the connection (:meth:`on_connection_lost`).
+    """
+
+    def __init__(self, connection: GrpcConnection, loop: asyncio.AbstractEventLoop) -> None:
+        self.connection = connection
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._write_resumed: asyncio.Future[None] | None = None
+        self._closed = False
+        self._received_since_check = False
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._keepalive_waiting = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.connection.initiate()
+        self.flush()
+        if self.connection.config.keepalive_time is not None:
+            self._keepalive_handle = self.loop.call_later(
+                self.connection.config.keepalive_time, self._keepalive_check
+            )
+
+    def data_received(self, data: bytes) -> None:
+        self._received_since_check = True
+        events = self.connection.receive_data(data)
+        if events:
+            self.handle_events(events)
+        self.flush()
+        if self.connection.closed:
+            self.close_transport()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        if self._write_resumed is not None and not self._write_resumed.done():
+            self._write_resumed.set_result(None)
+        self.on_connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._write_resumed is None or self._write_resumed.done():
+            self._write_resumed = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_resumed is not None and not self._write_resumed.done():
+            self._write_resumed.set_result(None)
+
+    # -- for the layer above ---------------------------------------------------------
+
+    def handle_events(self, events: Sequence[Event]) -> None:
+        """React to protocol events (subclasses)."""
+        for event in events:
+            if isinstance(event, ConnectionClosed):
+                self.close_transport()
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        """The socket is gone (subclasses)."""
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the transport is closed or closing."""
+        return self._closed
+
+    def schedule_flush(self) -> None:
+        """Write what the core queued at the end of this loop turn, together with the rest."""
+        if self._flush_handle is None and not self._closed:
+            self._flush_handle = self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_handle = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the core queued, now."""
+        data = self.connection.data_to_send()
+        if data and not self._closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def writable(self) -> None:
+        """Wait while the transport's write buffer is over its high-water mark."""
+        waiter = self._write_resumed
+        if waiter is not None and not waiter.done():
+            await waiter
+
+    def close_transport(self) -> None:
+        """Flush and close the socket."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- keepalive -------------------------------------------------------------------
+
+    def _keepalive_check(self) -> None:
+        config = self.connection.config
+        if self._closed or config.keepalive_time is None:
+            return
+        if self._keepalive_waiting and not self._received_since_check:
+            log.info("closing connection: keepalive PING not answered within %ss", config.keepalive_timeout)
+            self.connection.close(0, "keepalive timeout")
+            self.close_transport()
+            return
+        if self._received_since_check:
+            self._keepalive_waiting = False
+            self._received_since_check = False
+            self._keepalive_handle = self.loop.call_later(config.keepalive_time, self._keepalive_check)
+            return
+        # Nothing heard for a whole interval: ask, and give the peer keepalive_timeout to answer.
+        self._keepalive_waiting = True
+        self.connection.ping(_KEEPALIVE_PING)
+        self.flush()
+        self._keepalive_handle = self.loop.call_later(config.keepalive_timeout, self._keepalive_check)
