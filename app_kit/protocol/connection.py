@@ -17,7 +17,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.connection import ConnectionState
+from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from hyperframe.frame import GoAwayFrame
 
 from ..compression import DecompressedTooLarge, DecompressionError, compress, decompress
@@ -35,7 +35,7 @@ from .events import (
 )
 from .framing import FramingError, MessageDecoder, MessageTooLarge, frame_message
 
-__all__ = ["GrpcConnection", "StreamGone", "StreamState"]
+__all__ = ["GoAwayTolerantStateMachine", "GrpcConnection", "StreamGone", "StreamState"]
 
 log = logging.getLogger("app_kit.protocol")
 
@@ -60,6 +60,21 @@ class _AdvertisedSettings(h2.settings.Settings):
     @property
     def max_concurrent_streams(self) -> int:
         return 2**31 - 1
+
+
+class GoAwayTolerantStateMachine(H2ConnectionStateMachine):
+    """h2's connection state machine, except that a received GOAWAY does not close it.
+
+    h2 moves to CLOSED on any GOAWAY and then rejects every frame, even those of the streams
+    the GOAWAY lets finish (and the PING that follows it in the same read). RFC 9113 §6.8
+    keeps those streams alive, so stay OPEN; the gRPC layer stops opening new streams and
+    closes the connection once the remaining ones are done.
+    """
+
+    def process_input(self, input_: ConnectionInputs) -> list[h2.events.Event]:
+        if input_ is ConnectionInputs.RECV_GOAWAY and self.state is not ConnectionState.CLOSED:
+            return []
+        return super().process_input(input_)
 
 
 class StreamState:
@@ -125,6 +140,7 @@ class GrpcConnection:
                 _SETTINGS.ENABLE_PUSH: 0,
             },
         )
+        self._h2.state_machine = GoAwayTolerantStateMachine()
         self._h2.max_inbound_frame_size = config.max_frame_size
         self._h2.decoder.max_header_list_size = config.max_header_list_size
         self._streams: dict[int, StreamState] = {}
@@ -167,10 +183,15 @@ class GrpcConnection:
             return self._connection_lost(int(_INTERNAL_ERROR), f"internal error: {exc!r}")
         events: list[Event] = []
         handlers = self._handlers
-        for event in h2_events:
-            handler = handlers.get(type(event))
-            if handler is not None:
-                handler(event, events)
+        try:
+            for event in h2_events:
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(event, events)
+        except Exception as exc:  # our bug, but the peer must not be able to crash the server
+            log.exception("unexpected error handling peer events")
+            self._h2.close_connection(_INTERNAL_ERROR)
+            return self._connection_lost(int(_INTERNAL_ERROR), f"internal error: {exc!r}")
         return events
 
     def _connection_lost(self, error_code: int, reason: str) -> list[Event]:
@@ -265,10 +286,7 @@ class GrpcConnection:
 
     def _on_terminated(self, event: h2.events.ConnectionTerminated, events: list[Event]) -> None:
         if event.error_code == _NO_ERROR:
-            # A graceful GOAWAY: streams up to last_stream_id still complete, in both
-            # directions. h2 moves its state machine to CLOSED on any GOAWAY and would then
-            # refuse to send or receive on them, so bring it back to OPEN.
-            self._h2.state_machine.state = ConnectionState.OPEN
+            # Graceful: streams up to last_stream_id still complete, in both directions.
             events.append(GoAwayReceived(event.last_stream_id or 0))
             return
         events.extend(self._connection_lost(int(event.error_code), f"peer sent GOAWAY {event.error_code!r}"))
@@ -383,10 +401,19 @@ class GrpcConnection:
     def _send_trailers_now(self, state: StreamState, trailers: list[tuple[bytes, bytes]]) -> None:
         self._h2.send_headers(state.stream_id, trailers, end_stream=True)
         state.local_closed = True
-        if not state.remote_closed:
-            # The call is over; tell the peer to stop sending (RFC 9113 §8.1).
-            self._h2.reset_stream(state.stream_id, _NO_ERROR)
+        # The call is over; if the peer is still sending, tell it to stop (RFC 9113 §8.1).
+        self._stop_peer_sending(state.stream_id)
         self._release(state)
+
+    def _stop_peer_sending(self, stream_id: int) -> None:
+        """RST_STREAM NO_ERROR if the peer has not half-closed the stream.
+
+        Asks h2, not our own flag: END_STREAM may have arrived in the very batch of frames
+        whose events are being handled, ahead of the StreamEnded event that tells us.
+        """
+        stream = self._h2.streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            self._h2.reset_stream(stream_id, _NO_ERROR)
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """Abort a stream with RST_STREAM."""

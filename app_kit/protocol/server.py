@@ -169,7 +169,6 @@ class ServerConnection(GrpcConnection):
 
     def _on_request(self, event: h2.events.RequestReceived, events: list[Event]) -> None:
         stream_id = event.stream_id
-        ended = event.stream_ended is not None
         if stream_id > self._last_stream_id:
             # After our final GOAWAY: the client knows this stream was not processed.
             self._h2.reset_stream(stream_id, _REFUSED_STREAM)
@@ -193,8 +192,7 @@ class ServerConnection(GrpcConnection):
                 *exc.extra,
             ]
             self._h2.send_headers(stream_id, headers, end_stream=True)
-            if not ended:
-                self._h2.reset_stream(stream_id, _NO_ERROR)
+            self._stop_peer_sending(stream_id)
             return
         self._open_stream(stream_id, head.encoding)
         events.append(RequestReceived(stream_id, head))

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+
+from app_kit import Configuration, Server, ServiceLike
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # The server's transport is asyncio's; grpc.aio clients share that loop.
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    services: Iterable[ServiceLike],
+    *,
+    config: Configuration | None = None,
+    host: str = "127.0.0.1",
+    **start_kwargs: Any,
+) -> AsyncIterator[tuple[Server, str]]:
+    """Start a server on a free port; yield it and its ``host:port`` target; close it."""
+    server = Server(services, config=config)
+    if "path" in start_kwargs or "sock" in start_kwargs:
+        await server.start(**start_kwargs)
+        target = ""
+    else:
+        await server.start(host, 0, **start_kwargs)
+        address = server.sockets[0].getsockname()
+        target = f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+    try:
+        yield server, target
+    finally:
+        server.close(grace=1.0)
+        await server.wait_closed()

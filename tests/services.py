@@ -1,0 +1,112 @@
+"""Services the tests serve: hand-written mappings over well-known wrapper messages."""
+
+from __future__ import annotations
+
+import asyncio
+
+from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value, StringValue
+from google.rpc import error_details_pb2
+
+from app_kit import Cardinality, GRPCError, Handler, Status, Stream
+
+
+class EchoService:
+    """One method per behaviour under test; records what handlers observed."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.observed: dict[str, object] = {}
+
+    def __mapping__(self) -> dict[str, Handler]:
+        u, us, su, ss = (
+            Cardinality.UNARY_UNARY,
+            Cardinality.UNARY_STREAM,
+            Cardinality.STREAM_UNARY,
+            Cardinality.STREAM_STREAM,
+        )
+        return {
+            "/test.Echo/Unary": Handler(self.unary, u, BytesValue, BytesValue),
+            "/test.Echo/Sleep": Handler(self.sleep, u, DoubleValue, DoubleValue),
+            "/test.Echo/Fail": Handler(self.fail, u, StringValue, StringValue),
+            "/test.Echo/ServerStream": Handler(self.server_stream, us, Int64Value, Int64Value),
+            "/test.Echo/ClientStream": Handler(self.client_stream, su, BytesValue, Int64Value),
+            "/test.Echo/Bidi": Handler(self.bidi, ss, BytesValue, BytesValue),
+            "/test.Echo/Hold": Handler(self.hold, su, BytesValue, Int64Value),
+        }
+
+    async def unary(self, stream: Stream[BytesValue, BytesValue]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        self.observed["metadata"] = stream.metadata
+        self.observed["user_agent"] = stream.user_agent
+        self.observed["peer"] = stream.peer.addr()
+        self.observed["peer_cert"] = stream.peer.cert()
+        echoed = [(key, value) for key, value in stream.metadata.items() if key.startswith("x-")]
+        await stream.send_initial_metadata(metadata=echoed)
+        await stream.send_message(BytesValue(value=request.value))
+        await stream.send_trailing_metadata(metadata={"x-trailer": "done", "x-trailer-bin": b"\x00\xff"})
+
+    async def sleep(self, stream: Stream[DoubleValue, DoubleValue]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        self.observed["deadline_remaining"] = stream.deadline.time_remaining() if stream.deadline else None
+        self.started.set()
+        try:
+            await asyncio.sleep(request.value)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        await stream.send_message(DoubleValue(value=request.value))
+
+    async def fail(self, stream: Stream[StringValue, StringValue]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        how = request.value
+        if how == "grpc":
+            detail = error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field="value", description="bad")]
+            )
+            raise GRPCError(Status.NOT_FOUND, "no such thing: ünïcode 100%", [detail])
+        if how == "unimplemented":
+            raise NotImplementedError
+        if how == "crash":
+            raise RuntimeError("secret internals")
+        if how == "double-send":
+            await stream.send_message(StringValue(value="one"))
+            await stream.send_message(StringValue(value="two"))
+        if how == "explicit-ok-without-reply":
+            await stream.send_trailing_metadata(status=Status.OK)
+        if how == "status-with-metadata":
+            await stream.send_trailing_metadata(
+                status=Status.ABORTED, status_message="aborted", metadata={"x-why": "because"}
+            )
+        if how == "big-reply":
+            await stream.send_message(StringValue(value="x" * (5 * 1024 * 1024)))
+        # "no-reply": return without a reply
+
+    async def server_stream(self, stream: Stream[Int64Value, Int64Value]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        for index in range(request.value):
+            await stream.send_message(Int64Value(value=index))
+
+    async def client_stream(self, stream: Stream[BytesValue, Int64Value]) -> None:
+        total = 0
+        async for message in stream:
+            total += len(message.value)
+        await stream.send_message(Int64Value(value=total))
+
+    async def bidi(self, stream: Stream[BytesValue, BytesValue]) -> None:
+        async for message in stream:
+            await stream.send_message(BytesValue(value=message.value))
+
+    async def hold(self, stream: Stream[BytesValue, Int64Value]) -> None:
+        """Reads nothing until released: the client must be held back by flow control."""
+        self.started.set()
+        await self.release.wait()
+        total = 0
+        async for message in stream:
+            total += len(message.value)
+        await stream.send_message(Int64Value(value=total))
