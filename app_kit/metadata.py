@@ -28,8 +28,17 @@ MetadataLike: TypeAlias = Mapping[str, str | bytes] | Iterable[tuple[str, str | 
 _KEY_RE = re.compile(rb"[0-9a-z_.\-]+\Z")
 # Headers that belong to HTTP/2 or to the gRPC protocol itself; never custom metadata.
 _RESERVED_KEYS = frozenset(
-    {"te", "content-type", "user-agent", "connection", "keep-alive", "proxy-connection",
-     "transfer-encoding", "upgrade", "host"}
+    {
+        "te",
+        "content-type",
+        "user-agent",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
 )
 
 

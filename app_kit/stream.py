@@ -24,6 +24,7 @@ RecvT = TypeVar("RecvT")
 SendT = TypeVar("SendT")
 
 _END = object()  # queued after the last message: the client half-closed
+_CANCEL = 8  # HTTP/2 error code of RST_STREAM
 
 
 class Peer:
@@ -65,6 +66,7 @@ class Stream(Generic[RecvT, SendT]):
         "_protocol",
         "_queue",
         "_recv_done",
+        "_reply_encoding",
         "_sent",
         "_status_details_codec",
         "_stream_id",
@@ -76,7 +78,6 @@ class Stream(Generic[RecvT, SendT]):
         "method",
         "peer",
         "user_agent",
-        "_reply_encoding",
     )
 
     def __init__(
@@ -235,13 +236,14 @@ class Stream(Generic[RecvT, SendT]):
             return  # reset meanwhile: nobody is there to read the status
         self._protocol.schedule_flush()
 
-    def cancel(self) -> None:
+    async def cancel(self) -> None:
         """Abort the call with RST_STREAM CANCEL; the client sees CANCELLED."""
-        if self._closed_reason is None:
-            self._closed_reason = "cancelled by the server"
-            self._protocol.connection.reset_stream(self._stream_id, 8)  # CANCEL
-            self._protocol.schedule_flush()
-            self._wake()
+        if self.closed:
+            return
+        self._closed_reason = "cancelled by the server"
+        self._protocol.connection.reset_stream(self._stream_id, _CANCEL)
+        self._protocol.schedule_flush()
+        self._wake()
 
     # -- state -----------------------------------------------------------------------
 

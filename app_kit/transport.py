@@ -41,16 +41,16 @@ class ConnectionProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Send our connection preface and start the keepalive timer."""
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.connection.initiate()
         self.flush()
         if self.connection.config.keepalive_time is not None:
-            self._keepalive_handle = self.loop.call_later(
-                self.connection.config.keepalive_time, self._keepalive_check
-            )
+            self._keepalive_handle = self.loop.call_later(self.connection.config.keepalive_time, self._keepalive_check)
 
     def data_received(self, data: bytes) -> None:
+        """Feed the core, dispatch its events, write its answer in the same turn."""
         self._received_since_check = True
         events = self.connection.receive_data(data)
         if events:
@@ -60,9 +60,11 @@ class ConnectionProtocol(asyncio.Protocol):
             self.close_transport()
 
     def eof_received(self) -> bool | None:
-        return False  # close our side too
+        """The peer closed its side: close ours too."""
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Stop timers, release waiting writers, tell the layer above."""
         self._closed = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -75,10 +77,12 @@ class ConnectionProtocol(asyncio.Protocol):
         self.on_connection_lost(exc)
 
     def pause_writing(self) -> None:
+        """The transport buffer is full: senders wait in :meth:`writable`."""
         if self._write_resumed is None or self._write_resumed.done():
             self._write_resumed = self.loop.create_future()
 
     def resume_writing(self) -> None:
+        """The transport buffer drained: release waiting senders."""
         if self._write_resumed is not None and not self._write_resumed.done():
             self._write_resumed.set_result(None)
 

@@ -110,3 +110,22 @@ class EchoService:
         async for message in stream:
             total += len(message.value)
         await stream.send_message(Int64Value(value=total))
+
+
+class CancellingService:
+    """Cancels its own call after one reply message."""
+
+    def __init__(self) -> None:
+        self.after_cancel: BaseException | None = None
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/test.Cancel/Stream": Handler(self.stream, Cardinality.UNARY_STREAM, Int64Value, Int64Value)}
+
+    async def stream(self, stream: Stream[Int64Value, Int64Value]) -> None:
+        await stream.recv_message()
+        await stream.send_message(Int64Value(value=1))
+        await stream.cancel()
+        try:
+            await stream.send_message(Int64Value(value=2))
+        except GRPCError as exc:
+            self.after_cancel = exc

@@ -14,7 +14,7 @@ from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value, St
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from app_kit import Configuration
+from app_kit import Configuration, GRPCError, Status
 
 from .conftest import running_server
 from .services import EchoService
@@ -166,7 +166,9 @@ async def test_server_side_deadline_without_client_enforcement() -> None:
     async with running_server([service]) as (server, _):
         port = server.sockets[0].getsockname()[1]
         async with RawClient("127.0.0.1", port) as client:
-            stream_id = await client.request("/test.Echo/Sleep", DoubleValue(value=10).SerializeToString(), timeout=b"200m")
+            stream_id = await client.request(
+                "/test.Echo/Sleep", DoubleValue(value=10).SerializeToString(), timeout=b"200m"
+            )
             response = await client.read_response(stream_id, timeout=3)
         assert response.grpc_status == 4
         assert service.cancelled.is_set()
@@ -292,3 +294,17 @@ async def test_tls_with_alpn_and_client_certificate() -> None:
     cert = service.observed["peer_cert"]
     assert isinstance(cert, dict)
     assert any(("client@example" in str(v)) for v in cert.get("subjectAltName", ()))
+
+
+async def test_server_side_cancel() -> None:
+    from .services import CancellingService
+
+    service = CancellingService()
+    async with running_server([service]) as (_, target), grpc.aio.insecure_channel(target) as channel:
+        call = _method(channel, "unary_stream", "/test.Cancel/Stream", Int64Value, Int64Value)(Int64Value())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert isinstance(service.after_cancel, GRPCError)
+    assert service.after_cancel.status == Status.CANCELLED

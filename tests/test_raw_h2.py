@@ -89,8 +89,18 @@ async def test_http_level_rejections() -> None:
         [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x/y"), (b":bogus", b"1")],
     ],
     ids=[
-        "no-path", "no-method", "no-scheme", "duplicate-path", "pseudo-after-regular", "upper-case-name",
-        "connection-header", "te-not-trailers", "nul-in-value", "crlf-in-value", "leading-space", "unknown-pseudo",
+        "no-path",
+        "no-method",
+        "no-scheme",
+        "duplicate-path",
+        "pseudo-after-regular",
+        "upper-case-name",
+        "connection-header",
+        "te-not-trailers",
+        "nul-in-value",
+        "crlf-in-value",
+        "leading-space",
+        "unknown-pseudo",
     ],
 )
 async def test_malformed_requests_get_rst_stream_protocol_error(headers: list[tuple[bytes, bytes]]) -> None:
@@ -312,7 +322,7 @@ async def test_grace_period_expiry_answers_unavailable() -> None:
 
 
 async def test_server_lifecycle_errors() -> None:
-    server = (await _started_server())
+    server = await _started_server()
     with pytest.raises(RuntimeError):
         await server.start("127.0.0.1", 0)
     server.close()
@@ -346,3 +356,23 @@ async def test_ready_socket() -> None:
         assert server.sockets[0].getsockname() == sock.getsockname()
         async with RawClient("127.0.0.1", sock.getsockname()[1]) as client:
             await _assert_still_serving(client)
+
+
+async def test_keepalive_ping_and_timeout() -> None:
+    config = Configuration(keepalive_time=0.2, keepalive_timeout=0.3)
+    async with running_server([EchoService()], config=config) as (server, _):
+        # A peer that answers PINGs (h2 does) keeps its connection.
+        async with RawClient("127.0.0.1", _port(server)) as client:
+            await asyncio.sleep(1.0)
+            assert any(isinstance(e, h2.events.PingReceived) for e in client.events)  # we pinged it
+            assert not client.closed.is_set()
+            await _assert_still_serving(client)
+        # A peer that goes silent is closed after keepalive_time + keepalive_timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        received = b""
+        async with asyncio.timeout(3):
+            while chunk := await reader.read(65536):
+                received += chunk
+        assert b"\x00\x00\x08\x06\x00\x00\x00\x00\x00keepaliv" in received  # the PING frame
+        writer.close()

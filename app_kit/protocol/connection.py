@@ -72,6 +72,7 @@ class GoAwayTolerantStateMachine(H2ConnectionStateMachine):
     """
 
     def process_input(self, input_: ConnectionInputs) -> list[h2.events.Event]:
+        """Like h2's, but a GOAWAY from the peer leaves an open connection open."""
         if input_ is ConnectionInputs.RECV_GOAWAY and self.state is not ConnectionState.CLOSED:
             return []
         return super().process_input(input_)

@@ -23,8 +23,7 @@ def check_order(order: LatteOrder) -> None:
     if violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=text)
-                for field, text in violations
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=text) for field, text in violations
             ]
         )
         raise GRPCError(Status.INVALID_ARGUMENT, "impossible latte order", [bad_request])

@@ -1,0 +1,123 @@
+"""The pure building blocks: framing, grpc-timeout, metadata, grpc-message, compression, codecs."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+from google.protobuf.wrappers_pb2 import StringValue
+from google.rpc import error_details_pb2
+
+from app_kit import GRPCError, ProtoCodec, ProtoStatusDetailsCodec, Status
+from app_kit.compression import DecompressedTooLarge, DecompressionError, compress, decompress
+from app_kit.deadline import Deadline, encode_grpc_timeout, parse_grpc_timeout
+from app_kit.metadata import decode_grpc_message, decode_metadata, encode_grpc_message, encode_metadata
+from app_kit.protocol.framing import FramingError, MessageDecoder, MessageTooLarge, frame_message
+
+
+def test_decoder_handles_any_split_and_accounts_every_byte() -> None:
+    wire = frame_message(b"first") + frame_message(b"", True) + frame_message(b"x" * 300)
+    for cut in range(1, 40):
+        decoder = MessageDecoder(1000)
+        received, accounted = [], 0
+        for start in range(0, len(wire), cut):
+            chunk = wire[start : start + cut]
+            messages, leftover = decoder.feed(chunk)
+            accounted += leftover + sum(share for _, _, share in messages)
+            received += [(flag, payload) for flag, payload, _ in messages]
+        assert received == [(False, b"first"), (True, b""), (False, b"x" * 300)]
+        assert accounted == len(wire)  # every byte is acknowledged exactly once
+        assert decoder.buffered == 0
+
+
+def test_decoder_rejects_large_prefix_before_the_body_and_bad_flags() -> None:
+    with pytest.raises(MessageTooLarge):
+        MessageDecoder(10).feed(b"\x00\x00\x00\x00\x0b")
+    with pytest.raises(FramingError):
+        MessageDecoder(10).feed(b"\x02\x00\x00\x00\x00")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(b"1H", 3600), (b"2M", 120), (b"3S", 3), (b"4m", 0.004), (b"5u", 5e-6), (b"6n", 6e-9), (b"99999999S", 99999999)],
+)
+def test_grpc_timeout_parsing(value: bytes, seconds: float) -> None:
+    assert parse_grpc_timeout(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", [b"", b"S", b"1", b"123456789S", b"1s", b"-1S", b"+1S", b"1.0S", b" 1S", b"1SS"])
+def test_grpc_timeout_rejects_malformed(value: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_grpc_timeout(value)
+
+
+@pytest.mark.parametrize("seconds", [1e-9, 0.5, 1.0, 59.9, 3600 * 24 * 365, 1e12])
+def test_grpc_timeout_encoding_round_trips_never_shorter(seconds: float) -> None:
+    encoded = encode_grpc_timeout(seconds).encode()
+    assert len(encoded) <= 9
+    assert parse_grpc_timeout(encoded) >= seconds * (1 - 1e-12) or seconds > 99999999 * 3600
+
+
+def test_deadline() -> None:
+    deadline = Deadline.from_timeout(10)
+    assert 9 < deadline.time_remaining() <= 10
+    assert not deadline.expired()
+    assert Deadline.from_timeout(-1).time_remaining() == 0
+    assert Deadline.from_timeout(1) < deadline
+
+
+def test_metadata_round_trip_and_validation() -> None:
+    fields = encode_metadata([("x-a", "1"), ("x-a", "2"), ("x-b-bin", b"\x00\xff")])
+    assert fields == [(b"x-a", b"1"), (b"x-a", b"2"), (b"x-b-bin", b"AP8")]
+    received = decode_metadata([(b":path", b"/a/b"), (b"te", b"trailers"), (b"grpc-timeout", b"1S"), *fields])
+    assert received.getall("x-a") == ["1", "2"]
+    assert received["x-b-bin"] == b"\x00\xff"
+    assert set(received) == {"x-a", "x-b-bin"}
+    assert decode_metadata([(b"x-pad-bin", b"AP8=")])["x-pad-bin"] == b"\x00\xff"  # padded accepted too
+    for bad in ({"X-Upper": "v"}, {"grpc-status": "0"}, {"content-type": "x"}, {"x-ctl": "a\nb"}, {"x-u": "é"}):
+        with pytest.raises(ValueError):
+            encode_metadata(bad)
+    with pytest.raises(TypeError):
+        encode_metadata({"x-bin": "text"})
+    with pytest.raises(TypeError):
+        encode_metadata({"x-text": b"bytes"})
+    with pytest.raises(ValueError):
+        decode_metadata([(b"x-bad-bin", b"!!")])
+
+
+def test_grpc_message_percent_encoding() -> None:
+    text = "ünïcode 100% \n done"
+    encoded = encode_grpc_message(text)
+    assert encoded == b"%C3%BCn%C3%AFcode 100%25 %0A done"
+    assert decode_grpc_message(encoded) == text
+    assert decode_grpc_message(b"bad %zz escape") == "bad %zz escape"
+
+
+def test_gzip_limits() -> None:
+    assert decompress("gzip", compress("gzip", b"abc" * 100), 300) == b"abc" * 100
+    assert decompress("gzip", gzip.compress(b"interop"), 100) == b"interop"
+    with pytest.raises(DecompressedTooLarge):
+        decompress("gzip", compress("gzip", b"\x00" * 1000), 999)
+    with pytest.raises(DecompressionError):
+        decompress("gzip", b"not gzip", 100)
+    with pytest.raises(DecompressionError):
+        decompress("gzip", compress("gzip", b"abc")[:-3], 100)
+
+
+def test_codecs() -> None:
+    codec = ProtoCodec()
+    data = codec.encode(StringValue(value="v"), StringValue)
+    assert codec.decode(data, StringValue).value == "v"
+    with pytest.raises(TypeError):
+        codec.encode(StringValue(value="v"), error_details_pb2.BadRequest)
+    details = ProtoStatusDetailsCodec()
+    blob = details.encode(Status.NOT_FOUND, "gone", [error_details_pb2.ResourceInfo(resource_name="r")])
+    (decoded,) = details.decode(Status.NOT_FOUND, "gone", blob)
+    assert isinstance(decoded, error_details_pb2.ResourceInfo) and decoded.resource_name == "r"
+
+
+def test_grpc_error() -> None:
+    error = GRPCError(Status.NOT_FOUND, "missing")
+    assert error.status is Status.NOT_FOUND and str(error) == "NOT_FOUND: missing"
+    assert GRPCError(5).status is Status.NOT_FOUND
+    assert [s.value for s in Status] == list(range(17))
