@@ -1,5 +1,8 @@
 """app_kit: gRPC services on h2 whose whole life is one AsyncExitStack."""
 
+__version__ = "0.1.0"
+
+from .client import Channel, ClientStream
 from .codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from .config import Configuration
 from .deadline import Deadline
@@ -11,6 +14,8 @@ from .stream import Peer, Stream
 
 __all__ = [
     "Cardinality",
+    "Channel",
+    "ClientStream",
     "CodecBase",
     "Configuration",
     "Deadline",

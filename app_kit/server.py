@@ -61,7 +61,9 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._grace_handle: asyncio.TimerHandle | None = None
-        self._closed_event: asyncio.Event | None = None
+        self._closed_event = asyncio.Event()
+        # Started, or served a connection: wait_closed() has something to wait for.
+        self._in_use = False
 
     async def start(
         self,
@@ -105,7 +107,7 @@ class Server:
                 reuse_address=reuse_address,
                 reuse_port=reuse_port,
             )
-        self._closed_event = asyncio.Event()
+        self._in_use = True
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -135,7 +137,7 @@ class Server:
             self._listener.close()
         for connection in list(self._connections):
             connection.start_shutdown()
-        if grace is not None and self._listener is not None:
+        if grace is not None and self._in_use:
             self._grace_handle = asyncio.get_running_loop().call_later(grace, self._grace_expired)
         self._check_closed()
 
@@ -145,14 +147,14 @@ class Server:
 
     async def wait_closed(self) -> None:
         """Return once :meth:`close` was called and every connection and handler is done."""
-        if self._closed_event is None:
+        if not self._in_use:
             return
         await self._closed_event.wait()
         if self._listener is not None:
             await self._listener.wait_closed()
 
     def _check_closed(self) -> None:
-        if self._closing and not self._connections and not self._tasks and self._closed_event is not None:
+        if self._closing and not self._connections and not self._tasks:
             self._closed_event.set()
             if self._grace_handle is not None:
                 self._grace_handle.cancel()
@@ -160,6 +162,7 @@ class Server:
     # -- called by connections -------------------------------------------------------
 
     def _connection_opened(self, connection: ServerProtocol) -> None:
+        self._in_use = True
         self._connections.add(connection)
         if self._closing:
             connection.start_shutdown()

@@ -378,7 +378,7 @@ class GrpcConnection:
         self._blocked.pop(stream_id, None)
         if state.pending_trailers is not None:
             trailers, state.pending_trailers = state.pending_trailers, None
-            self._send_trailers_now(state, trailers)
+            self._end_local_now(state, trailers)
         elif events is not None:
             events.append(StreamWritable(stream_id))
         return True
@@ -388,23 +388,32 @@ class GrpcConnection:
             if not self._flush(state, events) and self._h2.outbound_flow_control_window <= 0:
                 break  # the connection window is used up again
 
-    def send_trailers(self, stream_id: int, trailers: list[tuple[bytes, bytes]]) -> None:
-        """End the stream with trailers, after any DATA still waiting for window."""
+    def end_local(self, stream_id: int, trailers: list[tuple[bytes, bytes]]) -> None:
+        """End our side of the stream, after any DATA still waiting for window.
+
+        ``trailers`` go out as a HEADERS frame with END_STREAM (the server's status); an
+        empty list ends the stream with an empty DATA frame (the client's half-close).
+        """
         state = self.stream_state(stream_id)
         if state.local_closed:
             raise StreamGone(stream_id)
         if state.pending:
             state.pending_trailers = trailers
-            state.local_closed = True  # no more messages may be queued behind the trailers
+            state.local_closed = True  # no more messages may be queued behind the end
             return
-        self._send_trailers_now(state, trailers)
+        self._end_local_now(state, trailers)
 
-    def _send_trailers_now(self, state: StreamState, trailers: list[tuple[bytes, bytes]]) -> None:
-        self._h2.send_headers(state.stream_id, trailers, end_stream=True)
+    def _end_local_now(self, state: StreamState, trailers: list[tuple[bytes, bytes]]) -> None:
+        if trailers:
+            self._h2.send_headers(state.stream_id, trailers, end_stream=True)
+        else:
+            self._h2.end_stream(state.stream_id)
         state.local_closed = True
-        # The call is over; if the peer is still sending, tell it to stop (RFC 9113 §8.1).
-        self._stop_peer_sending(state.stream_id)
-        self._release(state)
+        self._local_ended(state)
+
+    def _local_ended(self, state: StreamState) -> None:
+        """Our side of the stream is done (subclasses decide what that means for it)."""
+        raise NotImplementedError
 
     def _stop_peer_sending(self, stream_id: int) -> None:
         """RST_STREAM NO_ERROR if the peer has not half-closed the stream.

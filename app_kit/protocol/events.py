@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..status import Status
+
 __all__ = [
     "ConnectionClosed",
     "EndOfStream",
@@ -11,6 +13,8 @@ __all__ = [
     "PingAcknowledged",
     "RequestHead",
     "RequestReceived",
+    "ResponseEnded",
+    "ResponseStarted",
     "StreamClosed",
     "StreamWritable",
 ]
@@ -142,3 +146,34 @@ class GoAwayReceived(Event):
 
     def __init__(self, last_stream_id: int) -> None:
         self.last_stream_id = last_stream_id
+
+
+class ResponseStarted(Event):
+    """The response HEADERS arrived: ``headers`` carry the initial metadata."""
+
+    __slots__ = ("headers", "stream_id")
+
+    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.stream_id = stream_id
+        self.headers = headers
+
+
+class ResponseEnded(Event):
+    """The call's outcome: from the trailers, from a non-gRPC response, or from a local abort."""
+
+    __slots__ = ("details", "message", "status", "stream_id", "trailers")
+
+    def __init__(
+        self,
+        stream_id: int,
+        status: Status,
+        message: str | None,
+        details: bytes | None,
+        trailers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.stream_id = stream_id
+        self.status = status
+        self.message = message
+        #: The raw ``grpc-status-details-bin``, for the status-details codec.
+        self.details = details
+        self.trailers = trailers

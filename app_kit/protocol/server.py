@@ -230,7 +230,7 @@ class ServerConnection(GrpcConnection):
     ) -> None:
         """End the call: trailers, or a Trailers-Only response if no HEADERS went out yet."""
         state = self.stream_state(stream_id)
-        self.send_trailers(stream_id, self._status_fields(state, status, message, details, metadata))
+        self.end_local(stream_id, self._status_fields(state, status, message, details, metadata))
 
     def _status_fields(
         self,
@@ -256,8 +256,14 @@ class ServerConnection(GrpcConnection):
         # Whatever the handler queued is dropped: the status must go out now.
         state.pending = b""
         state.pending_trailers = None
-        self._send_trailers_now(state, self._status_fields(state, status, message, None, []))
+        self._end_local_now(state, self._status_fields(state, status, message, None, []))
         events.append(StreamClosed(state.stream_id, 0, message))
+
+    def _local_ended(self, state: StreamState) -> None:
+        # The status is out, so the call is over; a client still sending is told to stop
+        # (RFC 9113 §8.1) and the stream is forgotten.
+        self._stop_peer_sending(state.stream_id)
+        self._release(state)
 
     # -- graceful shutdown -----------------------------------------------------------
 

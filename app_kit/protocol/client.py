@@ -1,0 +1,206 @@
+"""The client side of the core: request heads, response and trailer parsing."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import h2.errors
+import h2.events
+
+from ..compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
+from ..config import Configuration
+from ..deadline import encode_grpc_timeout
+from ..metadata import decode_grpc_message
+from ..status import Status
+from .connection import GrpcConnection, StreamState
+from .events import Event, GoAwayReceived, ResponseEnded, ResponseStarted, StreamClosed
+
+__all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
+
+_NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+_CANCEL = h2.errors.ErrorCodes.CANCEL
+_REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
+
+# gRPC's mapping of HTTP statuses for responses that are not gRPC (http-grpc-status-mapping.md).
+_HTTP_TO_STATUS = {
+    400: Status.INTERNAL,
+    401: Status.UNAUTHENTICATED,
+    403: Status.PERMISSION_DENIED,
+    404: Status.UNIMPLEMENTED,
+    429: Status.UNAVAILABLE,
+    502: Status.UNAVAILABLE,
+    503: Status.UNAVAILABLE,
+    504: Status.UNAVAILABLE,
+}
+# ... and of RST_STREAM error codes (PROTOCOL-HTTP2.md, "Errors").
+_RESET_TO_STATUS = {
+    int(h2.errors.ErrorCodes.REFUSED_STREAM): Status.UNAVAILABLE,
+    int(h2.errors.ErrorCodes.CANCEL): Status.CANCELLED,
+    int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM): Status.RESOURCE_EXHAUSTED,
+    int(h2.errors.ErrorCodes.INADEQUATE_SECURITY): Status.PERMISSION_DENIED,
+}
+
+
+def status_for_http(http_status: int) -> Status:
+    """The gRPC status of a response whose HTTP status is not 200."""
+    return _HTTP_TO_STATUS.get(http_status, Status.UNKNOWN)
+
+
+def status_for_reset(error_code: int) -> Status:
+    """The gRPC status of a stream reset with ``error_code``."""
+    return _RESET_TO_STATUS.get(error_code, Status.INTERNAL)
+
+
+class ClientConnection(GrpcConnection):
+    """A client's connection: starts calls and reports their responses."""
+
+    def __init__(self, config: Configuration, *, authority: str, scheme: str, user_agent: str) -> None:
+        super().__init__(config, client_side=True)
+        self._authority = authority.encode("ascii")
+        self._scheme = scheme.encode("ascii")
+        self._user_agent = user_agent.encode("ascii")
+        self._handlers[h2.events.ResponseReceived] = self._on_response
+        self._handlers[h2.events.TrailersReceived] = self._on_trailers
+        #: The peer sent GOAWAY: no new calls may start here.
+        self.going_away = False
+
+    @property
+    def can_start_call(self) -> bool:
+        """Whether a new call may start now (open, and under the peer's stream limit)."""
+        h2conn = self._h2
+        return (
+            not self.closed
+            and not self.going_away
+            and h2conn.open_outbound_streams < h2conn.remote_settings.max_concurrent_streams
+        )
+
+    def start_call(
+        self,
+        path: str,
+        metadata: list[tuple[bytes, bytes]],
+        *,
+        timeout: float | None = None,
+        encoding: str | None = None,
+        content_type: bytes = b"application/grpc",
+    ) -> int:
+        """Send a request's HEADERS; return the new stream's id."""
+        stream_id = self._h2.get_next_available_stream_id()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", self._scheme),
+            (b":path", path.encode("ascii")),
+            (b":authority", self._authority),
+            (b"te", b"trailers"),
+            (b"content-type", content_type),
+            (b"user-agent", self._user_agent),
+            (b"grpc-accept-encoding", ACCEPT_ENCODING),
+        ]
+        if timeout is not None:
+            headers.append((b"grpc-timeout", encode_grpc_timeout(timeout).encode("ascii")))
+        if encoding is not None:
+            headers.append((b"grpc-encoding", encoding.encode("ascii")))
+        headers.extend(metadata)
+        self._h2.send_headers(stream_id, headers)
+        state = self._open_stream(stream_id, None)
+        state.send_encoding = encoding
+        state.headers_sent = True
+        return stream_id
+
+    # -- responses -------------------------------------------------------------------
+
+    def _on_response(self, event: h2.events.ResponseReceived, events: list[Event]) -> None:
+        state = self._streams.get(event.stream_id)
+        if state is None:
+            return
+        headers = event.headers or []
+        fields = dict(headers)
+        raw_status = fields.get(b":status", b"")
+        http_status = int(raw_status) if raw_status.isdigit() else 0
+        trailers_only = event.stream_ended is not None
+        if http_status != 200:
+            message = f"HTTP status {http_status or raw_status.decode('latin-1')} from the server"
+            self._end_response(state, status_for_http(http_status), message, None, headers, events)
+            return
+        content_type = fields.get(b"content-type", b"")
+        if not content_type.startswith(b"application/grpc"):
+            message = f"unexpected content-type {content_type.decode('latin-1')!r} from the server"
+            self._end_response(state, Status.UNKNOWN, message, None, headers, events)
+            return
+        encoding = fields.get(b"grpc-encoding")
+        if encoding is not None and encoding != b"identity":
+            name = encoding.decode("latin-1")
+            if name not in SUPPORTED_ENCODINGS:
+                self._end_response(state, Status.INTERNAL, f"unsupported grpc-encoding {name}", None, headers, events)
+                return
+            state.recv_encoding = name
+        if trailers_only:
+            # One HEADERS frame for the whole response: no initial metadata, these are the trailers.
+            events.append(ResponseStarted(event.stream_id, []))
+            self._on_trailer_fields(state, headers, events)
+        else:
+            events.append(ResponseStarted(event.stream_id, headers))
+
+    def _on_trailers(self, event: h2.events.TrailersReceived, events: list[Event]) -> None:
+        state = self._streams.get(event.stream_id)
+        if state is not None:
+            self._on_trailer_fields(state, event.headers or [], events)
+
+    def _on_trailer_fields(self, state: StreamState, headers: list[tuple[bytes, bytes]], events: list[Event]) -> None:
+        fields = dict(headers)
+        raw_status = fields.get(b"grpc-status")
+        if raw_status is None or not raw_status.isdigit() or int(raw_status) > 16:
+            shown = "missing" if raw_status is None else repr(raw_status.decode("latin-1"))
+            self._end_response(state, Status.UNKNOWN, f"grpc-status {shown} in the trailers", None, headers, events)
+            return
+        raw_message = fields.get(b"grpc-message")
+        message = decode_grpc_message(raw_message) if raw_message else None
+        details = None
+        raw_details = fields.get(b"grpc-status-details-bin")
+        if raw_details is not None:
+            try:
+                details = base64.b64decode(raw_details + b"=" * (-len(raw_details) % 4))
+            except binascii.Error:
+                details = None
+        self._end_response(state, Status(int(raw_status)), message, details, headers, events)
+
+    def _end_response(
+        self,
+        state: StreamState,
+        status: Status,
+        message: str | None,
+        details: bytes | None,
+        trailers: list[tuple[bytes, bytes]],
+        events: list[Event],
+    ) -> None:
+        """The call's outcome is known: report it and forget the stream."""
+        if state.decoder.buffered and status is Status.OK:
+            status, message = Status.INTERNAL, "the response ended in the middle of a message"
+        events.append(ResponseEnded(state.stream_id, status, message, details, trailers))
+        state.remote_closed = True
+        if not state.local_closed:
+            # The server is done with the call; stop sending to it.
+            stream = self._h2.streams.get(state.stream_id)
+            if stream is not None and not stream.closed:
+                self._h2.reset_stream(state.stream_id, _NO_ERROR if status is Status.OK else _CANCEL)
+        self._release(state)
+
+    def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
+        # Something the server sent is unacceptable: cancel the call and report why.
+        self._h2.reset_stream(state.stream_id, _CANCEL)
+        self._release(state)
+        events.append(ResponseEnded(state.stream_id, status, message, None, []))
+
+    def _local_ended(self, state: StreamState) -> None:
+        if state.remote_closed:
+            self._release(state)
+
+    def _on_terminated(self, event: h2.events.ConnectionTerminated, events: list[Event]) -> None:
+        super()._on_terminated(event, events)
+        if events and isinstance(events[-1], GoAwayReceived):
+            self.going_away = True
+            last = events[-1].last_stream_id
+            # Streams above last_stream_id were never processed: safe to try again elsewhere.
+            for stream_id in [sid for sid in self._streams if sid > last]:
+                self._release(self._streams[stream_id])
+                events.append(StreamClosed(stream_id, int(_REFUSED_STREAM), "not processed by the server (GOAWAY)"))

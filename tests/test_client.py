@@ -1,0 +1,385 @@
+"""Our client against a real grpc.aio server, our own server, in-memory, and scripted peers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import tempfile
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value, StringValue
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from app_kit import Cardinality, Channel, Configuration, Deadline, GRPCError, Status
+from app_kit.client import method_for
+from app_kit.testing import ChannelFor
+from examples.cafe.cafe_grpc import CoffeeMachineStub
+from examples.cafe.cafe_pb2 import LatteOrder, TastingNote
+from examples.cafe.service import CoffeeMachine
+
+from .conftest import running_server
+from .fake_server import FakeConnection, fake_server
+
+pytestmark = pytest.mark.anyio
+MiB = 1024 * 1024
+
+
+class GrpcioEcho:
+    """The test service, implemented on grpc.aio."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.started = asyncio.Event()
+        self.time_remaining: float | None = None
+
+    async def unary(self, request: BytesValue, context: grpc.aio.ServicerContext) -> BytesValue:
+        if request.value == b"gzip-reply":
+            context.set_compression(grpc.Compression.Gzip)
+        echoed = tuple((k, v) for k, v in context.invocation_metadata() if k.startswith("x-"))
+        await context.send_initial_metadata(echoed)
+        context.set_trailing_metadata((("x-trailer", "done"), ("x-trailer-bin", b"\x00\xff")))
+        return BytesValue(value=request.value)
+
+    async def sleep(self, request: DoubleValue, context: grpc.aio.ServicerContext) -> DoubleValue:
+        self.time_remaining = context.time_remaining()
+        self.started.set()
+        try:
+            await asyncio.sleep(request.value)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return request
+
+    async def fail(self, request: StringValue, context: grpc.aio.ServicerContext) -> StringValue:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.ResourceInfo(resource_name=request.value))
+        status = status_pb2.Status(code=Status.NOT_FOUND.value, message="no such thing: ü 100%", details=[detail])
+        await context.abort_with_status(rpc_status.to_status(status))
+        raise AssertionError
+
+    async def server_stream(self, request: Int64Value, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        for index in range(request.value):
+            yield Int64Value(value=index)
+
+    async def client_stream(self, requests, context: grpc.aio.ServicerContext) -> Int64Value:  # type: ignore[no-untyped-def]
+        total = 0
+        async for message in requests:
+            total += len(message.value)
+        return Int64Value(value=total)
+
+    async def bidi(self, requests, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        async for message in requests:
+            yield message
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        def rpc(kind, fn, request_type, reply_type):  # type: ignore[no-untyped-def]
+            return getattr(grpc, f"{kind}_rpc_method_handler")(
+                fn, request_deserializer=request_type.FromString, response_serializer=reply_type.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            "test.Echo",
+            {
+                "Unary": rpc("unary_unary", self.unary, BytesValue, BytesValue),
+                "Sleep": rpc("unary_unary", self.sleep, DoubleValue, DoubleValue),
+                "Fail": rpc("unary_unary", self.fail, StringValue, StringValue),
+                "ServerStream": rpc("unary_stream", self.server_stream, Int64Value, Int64Value),
+                "ClientStream": rpc("stream_unary", self.client_stream, BytesValue, Int64Value),
+                "Bidi": rpc("stream_stream", self.bidi, BytesValue, BytesValue),
+            },
+        )
+
+
+@contextlib.asynccontextmanager
+async def grpcio_server(service: GrpcioEcho, port: int = 0, options=()) -> AsyncIterator[grpc.aio.Server]:  # type: ignore[no-untyped-def]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((service.handlers(),))
+    server.bound_port = server.add_insecure_port(f"127.0.0.1:{port}")  # type: ignore[attr-defined]
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(None)
+
+
+def methods(channel: Channel):  # type: ignore[no-untyped-def]
+    p, c = "/test.Echo/", Cardinality
+    return {
+        "Unary": method_for(channel, p + "Unary", c.UNARY_UNARY, BytesValue, BytesValue),
+        "Sleep": method_for(channel, p + "Sleep", c.UNARY_UNARY, DoubleValue, DoubleValue),
+        "Fail": method_for(channel, p + "Fail", c.UNARY_UNARY, StringValue, StringValue),
+        "ServerStream": method_for(channel, p + "ServerStream", c.UNARY_STREAM, Int64Value, Int64Value),
+        "ClientStream": method_for(channel, p + "ClientStream", c.STREAM_UNARY, BytesValue, Int64Value),
+        "Bidi": method_for(channel, p + "Bidi", c.STREAM_STREAM, BytesValue, BytesValue),
+    }
+
+
+async def test_four_cardinalities_and_metadata_against_grpcio() -> None:
+    service = GrpcioEcho()
+    async with grpcio_server(service) as server, Channel("127.0.0.1", server.bound_port) as channel:
+        m = methods(channel)
+        async with m["Unary"].open(metadata={"x-text": "hi", "x-data-bin": b"\x00\x01"}) as stream:
+            await stream.send_message(BytesValue(value=b"hello"), end=True)
+            initial = await stream.recv_initial_metadata()
+            assert (await stream.recv_message()).value == b"hello"
+            assert await stream.recv_message() is None
+            trailing = await stream.recv_trailing_metadata()
+        assert initial["x-text"] == "hi" and initial["x-data-bin"] == b"\x00\x01"
+        assert trailing["x-trailer"] == "done" and trailing["x-trailer-bin"] == b"\x00\xff"
+        assert stream.initial_metadata is initial and stream.trailing_metadata is trailing
+
+        assert [m.value for m in await m["ServerStream"](Int64Value(value=50))] == list(range(50))
+        async with m["ServerStream"].open() as stream:
+            await stream.send_message(Int64Value(value=3), end=True)
+            assert [m.value async for m in stream] == [0, 1, 2]
+
+        requests = [BytesValue(value=b"x" * n) for n in range(30)]
+        assert (await m["ClientStream"](requests)).value == sum(range(30))
+        assert (await m["ClientStream"]([])).value == 0
+
+        async with m["Bidi"].open() as stream:
+            for index in range(10):
+                await stream.send_message(BytesValue(value=str(index).encode()))
+                assert (await stream.recv_message()).value == str(index).encode()
+            await stream.end()
+            assert await stream.recv_message() is None
+            await stream.recv_trailing_metadata()
+        assert [r.value for r in await m["Bidi"]([BytesValue(value=b"a"), BytesValue(value=b"b")])] == [b"a", b"b"]
+
+
+async def test_error_status_message_and_details() -> None:
+    async with grpcio_server(GrpcioEcho()) as server, Channel("127.0.0.1", server.bound_port) as channel:
+        with pytest.raises(GRPCError) as info:
+            await methods(channel)["Fail"](StringValue(value="cup-7"))
+        assert info.value.status is Status.NOT_FOUND
+        assert info.value.message == "no such thing: ü 100%"
+        (detail,) = info.value.details or []
+        assert isinstance(detail, error_details_pb2.ResourceInfo) and detail.resource_name == "cup-7"
+        with pytest.raises(GRPCError) as info:
+            await method_for(channel, "/test.Echo/Nope", Cardinality.UNARY_UNARY, BytesValue, BytesValue)(BytesValue())
+        assert info.value.status is Status.UNIMPLEMENTED
+
+
+async def test_deadline_is_sent_and_enforced() -> None:
+    service = GrpcioEcho()
+    async with grpcio_server(service) as server, Channel("127.0.0.1", server.bound_port) as channel:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(GRPCError) as info:
+            await methods(channel)["Sleep"](DoubleValue(value=5), timeout=0.3)
+        assert info.value.status is Status.DEADLINE_EXCEEDED
+        assert loop.time() - started < 1.5
+        assert service.time_remaining is not None and 0 < service.time_remaining <= 0.3
+        # A deadline handed down (as a server handler would pass stream.deadline) wins when sooner.
+        with pytest.raises(GRPCError) as info:
+            await methods(channel)["Sleep"](DoubleValue(value=5), timeout=10, deadline=Deadline.from_timeout(0.2))
+        assert info.value.status is Status.DEADLINE_EXCEEDED
+        assert service.time_remaining <= 0.2
+        assert (await methods(channel)["Sleep"](DoubleValue(value=0.01), timeout=5)).value == 0.01
+
+
+async def test_cancel_reaches_the_server() -> None:
+    service = GrpcioEcho()
+    async with grpcio_server(service) as server, Channel("127.0.0.1", server.bound_port) as channel:
+        async with methods(channel)["Sleep"].open() as stream:
+            await stream.send_message(DoubleValue(value=30), end=True)
+            await asyncio.wait_for(service.started.wait(), 5)
+            await stream.cancel()
+            with pytest.raises(GRPCError) as info:
+                await stream.recv_message()
+            assert info.value.status is Status.CANCELLED
+        await asyncio.wait_for(service.cancelled.wait(), 5)
+        # Leaving the block unfinished cancels too.
+        service.started.clear()
+        service.cancelled.clear()
+        async with methods(channel)["Sleep"].open() as stream:
+            await stream.send_message(DoubleValue(value=30), end=True)
+            await asyncio.wait_for(service.started.wait(), 5)
+        await asyncio.wait_for(service.cancelled.wait(), 5)
+
+
+async def test_gzip_requests_and_compressed_replies() -> None:
+    payload = b"compressible " * 50000
+    async with grpcio_server(GrpcioEcho()) as server:
+        async with Channel("127.0.0.1", server.bound_port, compression="gzip") as channel:
+            unary = methods(channel)["Unary"]
+            assert (await unary(BytesValue(value=b"warm-up"))).value == b"warm-up"
+            transport = channel._protocol.transport  # type: ignore[union-attr]
+            written = []
+            original = transport.write
+            transport.write = lambda data: (written.append(len(data)), original(data))[1]  # type: ignore[method-assign]
+            assert (await unary(BytesValue(value=payload))).value == payload
+            assert sum(written) < len(payload) // 20  # the request went out gzip-compressed
+        async with Channel("127.0.0.1", server.bound_port) as channel:
+            assert (await methods(channel)["Unary"](BytesValue(value=b"gzip-reply"))).value == b"gzip-reply"
+
+
+async def test_sixteen_mib_messages() -> None:
+    options = [("grpc.max_receive_message_length", 64 * MiB), ("grpc.max_send_message_length", 64 * MiB)]
+    config = Configuration(max_receive_message_length=32 * MiB, max_send_message_length=32 * MiB)
+    payload = os.urandom(16 * MiB)
+    async with (
+        grpcio_server(GrpcioEcho(), options=options) as server,
+        Channel("127.0.0.1", server.bound_port, config=config) as channel,
+    ):
+        assert (await asyncio.wait_for(methods(channel)["Unary"](BytesValue(value=payload)), 30)).value == payload
+    async with (
+        grpcio_server(GrpcioEcho(), options=options) as server,
+        Channel("127.0.0.1", server.bound_port) as channel,
+    ):
+        with pytest.raises(GRPCError) as info:  # over our default 4 MiB send limit
+            await methods(channel)["Unary"](BytesValue(value=payload))
+        assert info.value.status is Status.RESOURCE_EXHAUSTED
+
+
+async def test_server_goaway_during_call_and_restart_between_calls() -> None:
+    service = GrpcioEcho()
+    async with grpcio_server(service) as server:
+        port = server.bound_port
+        async with Channel("127.0.0.1", port) as channel:
+            call = asyncio.ensure_future(methods(channel)["Sleep"](DoubleValue(value=0.5)))
+            await asyncio.wait_for(service.started.wait(), 5)
+            await server.stop(grace=3)  # GOAWAY while the call is in flight
+            assert (await call).value == 0.5
+            with pytest.raises(GRPCError) as info:  # nobody listens now
+                await methods(channel)["Unary"](BytesValue(value=b"x"))
+            assert info.value.status is Status.UNAVAILABLE
+            async with grpcio_server(GrpcioEcho(), port=port):
+                assert (await methods(channel)["Unary"](BytesValue(value=b"back"))).value == b"back"
+
+
+async def test_five_hundred_concurrent_calls_on_one_channel() -> None:
+    options = [("grpc.max_concurrent_streams", 100)]
+    async with (
+        grpcio_server(GrpcioEcho(), options=options) as server,
+        Channel("127.0.0.1", server.bound_port) as channel,
+    ):
+        unary = methods(channel)["Unary"]
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(unary(BytesValue(value=str(n).encode())) for n in range(500))), 30
+        )
+        assert [r.value for r in replies] == [str(n).encode() for n in range(500)]
+        assert channel._protocol is not None and channel._protocol.connection.open_streams == 0
+
+
+async def test_refused_and_unprocessed_calls_are_retried_once() -> None:
+    def refuse_first(connection: FakeConnection, stream_id: int, number: int) -> None:
+        if number == 1:
+            connection.conn.reset_stream(stream_id, 7)  # REFUSED_STREAM
+        else:
+            connection.reply(stream_id, BytesValue(value=b"second try").SerializeToString())
+
+    async with fake_server(refuse_first) as (port, log), Channel("127.0.0.1", port) as channel:
+        assert (await methods(channel)["Unary"](BytesValue())).value == b"second try"
+        assert len(log) == 2
+
+    def goaway_first(connection: FakeConnection, stream_id: int, number: int) -> None:
+        if number == 1:
+            connection.conn.close_connection(last_stream_id=0)  # nothing was processed
+        else:
+            connection.reply(stream_id, BytesValue(value=b"new connection").SerializeToString())
+
+    async with fake_server(goaway_first) as (port, log), Channel("127.0.0.1", port) as channel:
+        assert (await methods(channel)["Unary"](BytesValue())).value == b"new connection"
+        assert len(log) == 2
+
+    def always_refuse(connection: FakeConnection, stream_id: int, number: int) -> None:
+        connection.conn.reset_stream(stream_id, 7)
+
+    async with fake_server(always_refuse) as (port, log), Channel("127.0.0.1", port) as channel:
+        with pytest.raises(GRPCError) as info:
+            await methods(channel)["Unary"](BytesValue())
+        assert info.value.status is Status.UNAVAILABLE and len(log) == 2  # once, not forever
+
+
+async def test_non_grpc_responses_and_connection_loss() -> None:
+    def respond(connection: FakeConnection, stream_id: int, number: int) -> None:
+        if number == 1:
+            connection.conn.send_headers(stream_id, [(b":status", b"503")], end_stream=True)
+        elif number == 2:
+            connection.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"text/html")])
+            connection.conn.send_data(stream_id, b"<html>", end_stream=True)
+        elif number == 3:
+            connection.conn.send_headers(stream_id, [(b":status", b"404")], end_stream=True)
+        elif number == 4:
+            connection.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+            connection.conn.send_headers(stream_id, [(b"x-no-status", b"1")], end_stream=True)
+        else:
+            connection.transport.close()  # the connection drops after the request was sent
+
+    expected = [Status.UNAVAILABLE, Status.UNKNOWN, Status.UNIMPLEMENTED, Status.UNKNOWN, Status.UNAVAILABLE]
+    async with fake_server(respond) as (port, _), Channel("127.0.0.1", port) as channel:
+        for status in expected:
+            with pytest.raises(GRPCError) as info:
+                await methods(channel)["Unary"](BytesValue())
+            assert info.value.status is status, info.value
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    async with fake_server(lambda *_: None) as (port, _):
+        pass
+    async with Channel("127.0.0.1", port) as channel:
+        with pytest.raises(GRPCError) as info:
+            await methods(channel)["Unary"](BytesValue())
+        assert info.value.status is Status.UNAVAILABLE
+
+
+async def test_generated_stub_against_our_server_tcp_unix_tls() -> None:
+    async def exercise(channel: Channel) -> None:
+        stub = CoffeeMachineStub(channel)
+        latte = await stub.MakeLatte(LatteOrder(milk_ml=200, shots=2), timeout=5, metadata={"x-table": "7"})
+        assert latte.description == "2-shot latte, 200 ml milk"
+        with pytest.raises(GRPCError) as info:
+            await stub.MakeLatte(LatteOrder(milk_ml=1, shots=1))
+        assert info.value.status is Status.INVALID_ARGUMENT
+        assert [v.field for v in info.value.details[0].field_violations] == ["milk_ml"]  # type: ignore[index]
+        assert len(await stub.Brew(LatteOrder(milk_ml=200, shots=1))) == 5
+        summary = await stub.OrderRound([LatteOrder(milk_ml=200, shots=1)] * 4)
+        assert summary.drinks == 4
+        async with stub.Taste.open() as stream:
+            await stream.send_message(TastingNote(text="bright"))
+            assert (await stream.recv_message()).text == "agreed: bright"
+            await stream.end()
+            assert await stream.recv_message() is None
+
+    async with running_server([CoffeeMachine()]) as (server, _):
+        async with Channel("127.0.0.1", server.sockets[0].getsockname()[1]) as channel:
+            await exercise(channel)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "cafe.sock")
+        async with running_server([CoffeeMachine()], path=path), Channel(path=path) as channel:
+            await exercise(channel)
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with running_server([CoffeeMachine()], ssl=server_context) as (server, _):
+        async with Channel("localhost", server.sockets[0].getsockname()[1], ssl=client_context) as channel:
+            await exercise(channel)
+
+
+async def test_channel_for_in_memory() -> None:
+    async with ChannelFor([CoffeeMachine()]) as channel:
+        stub = CoffeeMachineStub(channel)
+        assert (await stub.MakeLatte(LatteOrder(milk_ml=150, shots=4))).order_id == 1
+        with pytest.raises(GRPCError):
+            await stub.MakeLatte(LatteOrder())
+        replies = await stub.Taste([TastingNote(text=str(n)) for n in range(100)])
+        assert [r.text for r in replies] == [f"agreed: {n}" for n in range(100)]
+    async with ChannelFor([CoffeeMachine(brew_step=0.1)]) as channel:
+        stages = []
+        with pytest.raises(GRPCError) as info:
+            async with CoffeeMachineStub(channel).Brew.open(timeout=0.25) as stream:
+                await stream.send_message(LatteOrder(milk_ml=200, shots=1), end=True)
+                async for status in stream:
+                    stages.append(status.stage)
+        assert info.value.status is Status.DEADLINE_EXCEEDED
+        assert 1 <= len(stages) < 5
