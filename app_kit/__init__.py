@@ -7,12 +7,23 @@ from .codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetail
 from .config import Configuration
 from .deadline import Deadline
 from .handlers import Cardinality, Handler, ServiceLike
+from .health import Health
+from .lifecycle import App, RunningApp, StartupError
 from .metadata import Metadata, MetadataLike
 from .server import Server
+from .settings import AppSettings, SettingsError
+from .signals import graceful_exit
 from .status import GRPCError, ProtocolError, Status
 from .stream import Peer, Stream
 
 __all__ = [
+    "App",
+    "AppSettings",
+    "Health",
+    "RunningApp",
+    "SettingsError",
+    "StartupError",
+    "graceful_exit",
     "Cardinality",
     "Channel",
     "ClientStream",

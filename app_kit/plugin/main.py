@@ -2,6 +2,9 @@
 
 Use it as ``python -m grpc_tools.protoc -I. --python_out=. --app_kit_out=. cafe.proto``
 (the console script must be on ``PATH``; or pass ``--plugin=protoc-gen-app_kit=...``).
+
+Option ``import_prefix=pkg.`` (``--app_kit_opt=import_prefix=pkg.``) prefixes the modules
+of the ``_pb2`` imports, for generated code that lives inside another package.
 """
 
 from __future__ import annotations
@@ -72,10 +75,7 @@ def _docstring(text: str, indent: str) -> list[str]:
     return [f'{indent}"""{lines[0]}', *(f"{indent}{line}".rstrip() for line in lines[1:]), f'{indent}"""']
 
 
-def _render(
-    proto: FileDescriptorProto,
-    types: dict[str, tuple[str, str]],
-) -> str:
+def _render(proto: FileDescriptorProto, types: dict[str, tuple[str, str]]) -> str:
     comments = _comments(proto)
     modules: set[str] = set()
     services: list[tuple[ServiceDescriptorProto, str, list[_Method]]] = []
@@ -162,12 +162,18 @@ def _render(
 
 def generate(request: CodeGeneratorRequest) -> CodeGeneratorResponse:
     """Build the plugin's response: one ``_grpc.py`` per requested file that has services."""
+    options = dict(item.partition("=")[::2] for item in request.parameter.split(",") if item)
+    unknown = set(options) - {"import_prefix"}
+    response = CodeGeneratorResponse()
+    if unknown:
+        response.error = f"unknown option(s): {', '.join(sorted(unknown))}"
+        return response
+    prefix = options.get("import_prefix", "")
     types: dict[str, tuple[str, str]] = {}
     for proto in request.proto_file:
-        module = proto_module(proto.name)
+        module = prefix + proto_module(proto.name)
         for full_name, python_name in _message_types(proto):
             types[full_name] = (module, python_name)
-    response = CodeGeneratorResponse()
     response.supported_features = CodeGeneratorResponse.FEATURE_PROTO3_OPTIONAL
     by_name = {proto.name: proto for proto in request.proto_file}
     for name in request.file_to_generate:

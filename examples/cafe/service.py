@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+from typing import Protocol
 
 from google.rpc import error_details_pb2
 
@@ -36,19 +36,31 @@ def describe(order: LatteOrder) -> str:
     return f"{order.shots}-shot latte, {order.milk_ml} ml milk{syrup}{who}"
 
 
-class CoffeeMachine(CoffeeMachineBase):
-    """Makes lattes. ``brew_step`` is how long each brewing stage takes, in seconds."""
+class Orders(Protocol):
+    """Where orders are recorded (an :class:`~examples.cafe.store.OrderStore`, or memory)."""
 
-    def __init__(self, brew_step: float = 0.0) -> None:
+    async def add(self, description: str) -> int:
+        """Record an order; return its number."""
+        ...
+
+
+class CoffeeMachine(CoffeeMachineBase):
+    """Makes lattes and records them in ``orders``; each brewing stage takes ``brew_step`` s."""
+
+    def __init__(self, orders: Orders | None = None, brew_step: float = 0.0) -> None:
+        from .store import MemoryOrders
+
+        self._orders: Orders = orders if orders is not None else MemoryOrders()
         self._brew_step = brew_step
-        self._order_ids = itertools.count(1)
 
     async def MakeLatte(self, stream: Stream[LatteOrder, Latte]) -> None:
         """Make one latte."""
         order = await stream.recv_message()
         assert order is not None
         check_order(order)
-        await stream.send_message(Latte(description=describe(order), temperature_c=65, order_id=next(self._order_ids)))
+        description = describe(order)
+        order_id = await self._orders.add(description)
+        await stream.send_message(Latte(description=description, temperature_c=65, order_id=order_id))
 
     async def Brew(self, stream: Stream[LatteOrder, BrewStatus]) -> None:
         """Brew a latte, reporting each stage."""
@@ -67,7 +79,7 @@ class CoffeeMachine(CoffeeMachineBase):
             check_order(order)
             summary.drinks += 1
             summary.total_shots += order.shots
-            summary.order_ids.append(next(self._order_ids))
+            summary.order_ids.append(await self._orders.add(describe(order)))
         await stream.send_message(summary)
 
     async def Taste(self, stream: Stream[TastingNote, TastingNote]) -> None:

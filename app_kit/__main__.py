@@ -1,0 +1,7 @@
+"""``python -m app_kit``: see :mod:`app_kit.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

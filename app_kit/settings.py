@@ -1,0 +1,97 @@
+"""Settings from the environment (``APP_*``) and an optional ``.env`` file, via pydantic-settings."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .config import Configuration
+
+__all__ = ["AppSettings", "SettingsError", "load_settings"]
+
+_MiB = 1024 * 1024
+
+
+class AppSettings(BaseSettings):
+    """What every app can be told from outside. Subclass it for your own fields.
+
+    Each field reads the environment variable ``APP_<FIELD>`` (``APP_PORT=8080``); fields of
+    a subclass can use their own names with ``Field(validation_alias="CAFE_DB_URL")``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="APP_", extra="ignore", validate_default=True, populate_by_name=True)
+
+    #: Interface to listen on; ``0.0.0.0`` (or ``::``) in a container.
+    host: str = "127.0.0.1"
+    #: TCP port; 0 picks a free one.
+    port: int = 50051
+    #: Listen on this Unix socket instead of TCP.
+    path: str | None = None
+    #: PEM certificate chain and key: serve TLS (ALPN h2) when both are set.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: Seconds in-flight calls get to finish on shutdown before they are cancelled (UNAVAILABLE).
+    grace_period: float = 20.0
+    #: Seconds between NOT_SERVING and closing the listeners, so load balancers stop routing here.
+    drain_delay: float = 0.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    #: Serve gRPC server reflection (grpcurl, grpcui).
+    reflection: bool = True
+    #: Resource health checks: how long a result is reused, and how long one may take.
+    health_check_ttl: float = 5.0
+    health_check_timeout: float = 2.0
+    max_receive_message_length: int = 4 * _MiB
+    max_send_message_length: int = 4 * _MiB
+
+    @model_validator(mode="after")
+    def _check(self) -> AppSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.grace_period < 0 or self.drain_delay < 0:
+            raise ValueError("grace_period and drain_delay cannot be negative")
+        if self.health_check_ttl < 0 or self.health_check_timeout <= 0:
+            raise ValueError("health_check_ttl cannot be negative, health_check_timeout must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be from 0 to 65535")
+        return self
+
+    def server_config(self) -> Configuration:
+        """The server's :class:`Configuration` these settings call for."""
+        return Configuration(
+            max_receive_message_length=self.max_receive_message_length,
+            max_send_message_length=self.max_send_message_length,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server TLS context from the certificate files, or None."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return context
+
+
+class SettingsError(Exception):
+    """Settings failed validation; the message lists every bad field."""
+
+
+S = TypeVar("S", bound=AppSettings)
+
+
+def load_settings(settings_type: type[S], *, env_file: str | Path | None = None, **overrides: object) -> S:
+    """Read ``settings_type`` from the environment (and ``env_file``), ``overrides`` winning.
+
+    Raises :class:`SettingsError` with one line per invalid field.
+    """
+    try:
+        return settings_type(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            problems.append(f"{where}: {error['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,104 @@
+"""An app that records its lifecycle to a file, for the process tests.
+
+LIFECYCLE_EVENTS: file to append "enter X" / "exit X" lines to.
+LIFECYCLE_FAIL: name of the resource whose start-up raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+from google.protobuf.wrappers_pb2 import DoubleValue
+from pydantic import Field
+
+from app_kit import App, AppSettings, Cardinality, Handler, Stream
+
+
+class LifecycleSettings(AppSettings):
+    events_file: str = Field("", validation_alias="LIFECYCLE_EVENTS")
+    fail: str = Field("", validation_alias="LIFECYCLE_FAIL")
+
+
+class Journal:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def write(self, line: str) -> None:
+        if self.path:
+            with open(self.path, "a") as file:
+                file.write(line + "\n")
+
+
+class Database:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+
+class Cache:
+    pass
+
+
+app = App(LifecycleSettings, name="lifecycle")
+
+
+@app.resource
+async def journal(settings: LifecycleSettings) -> AsyncIterator[Journal]:
+    value = Journal(settings.events_file)
+    value.write("enter journal")
+    try:
+        yield value
+    finally:
+        value.write("exit journal")
+
+
+# Declared before the resource it depends on: the App orders them by dependency.
+@app.resource
+async def cache(database: Database, settings: LifecycleSettings) -> AsyncIterator[Cache]:
+    if settings.fail == "cache":
+        raise ConnectionRefusedError("cache server unreachable")
+    database.journal.write("enter cache")
+    try:
+        yield Cache()
+    finally:
+        database.journal.write("exit cache")
+        if settings.fail == "cache-exit":
+            raise RuntimeError("cache teardown failed")
+
+
+@app.resource
+async def database(journal: Journal) -> AsyncIterator[Database]:
+    journal.write("enter database")
+    try:
+        yield Database(journal)
+    finally:
+        await asyncio.sleep(0.01)
+        journal.write("exit database")
+
+
+class Sleeper:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/test.Sleeper/Sleep": Handler(self.sleep, Cardinality.UNARY_UNARY, DoubleValue, DoubleValue)}
+
+    async def sleep(self, stream: Stream[DoubleValue, DoubleValue]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await asyncio.sleep(request.value)
+        await stream.send_message(request)
+
+
+@app.service
+def sleeper(journal: Journal, cache: Cache) -> Sleeper:
+    return Sleeper(journal)
+
+
+def create_app() -> App[LifecycleSettings]:
+    return app
+
+
+if os.environ.get("LIFECYCLE_BROKEN_IMPORT"):
+    raise ImportError("broken on purpose")
