@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import pathlib
-import subprocess
 import sys
-import textwrap
 
 import grpc
 import pytest
@@ -16,81 +13,15 @@ import pytest
 from app_kit import Cardinality, Stream
 
 from .conftest import running_server
+from .protogen import generate_into, protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-PROTOS = {
-    "acme/common/types.proto": """
-        syntax = "proto3";
-        package acme.common;
-        message Money {
-          int64 units = 1;
-          optional string currency = 2;
-          message Detail { string note = 1; }
-        }
-    """,
-    "acme/billing/billing-api.proto": """
-        syntax = "proto3";
-        package acme.billing;
-        import "acme/common/types.proto";
-        message Receipt { string id = 1; acme.common.Money.Detail detail = 2; }
-        // Charges money.
-        service Billing {
-          // Charge once.
-          rpc Charge(acme.common.Money) returns (Receipt);
-          rpc Watch(stream acme.common.Money.Detail) returns (stream Receipt);
-          rpc Upload(stream acme.common.Money) returns (Receipt);
-          rpc History(Receipt) returns (stream acme.common.Money);
-        }
-        service Audit { rpc Log(Receipt) returns (Receipt); }
-    """,
-    "nopkg.proto": """
-        syntax = "proto3";
-        message Pong { optional int32 n = 1; }
-        service Pinger { rpc Ping(Pong) returns (Pong); }
-    """,
-}
-
-
-def protoc(tmp: pathlib.Path, include: pathlib.Path, *files: str) -> None:
-    plugin = tmp / "protoc-gen-app_kit"
-    plugin.write_text(f"#!{sys.executable}\nfrom app_kit.plugin.main import main\nmain()\n")
-    plugin.chmod(0o755)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{include}",
-            f"--python_out={tmp}",
-            f"--plugin=protoc-gen-app_kit={plugin}",
-            f"--app_kit_out={tmp}",
-            *files,
-        ],
-        check=True,
-        cwd=include,
-    )
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    tmp = tmp_path_factory.mktemp("gen")
-    for name, text in PROTOS.items():
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / name).write_text(textwrap.dedent(text))
-    protoc(tmp, tmp, *PROTOS)
-    sys.path.insert(0, str(tmp))
-    try:
-        yield {
-            "billing": importlib.import_module("acme.billing.billing_api_grpc"),
-            "billing_pb2": importlib.import_module("acme.billing.billing_api_pb2"),
-            "types_pb2": importlib.import_module("acme.common.types_pb2"),
-            "nopkg": importlib.import_module("nopkg_grpc"),
-            "nopkg_pb2": importlib.import_module("nopkg_pb2"),
-            "dir": tmp,
-        }
-    finally:
-        sys.path.remove(str(tmp))
+    with generate_into(tmp_path_factory.mktemp("gen")) as modules:
+        yield modules
 
 
 def test_generated_bases(generated) -> None:  # type: ignore[no-untyped-def]
@@ -133,12 +64,20 @@ async def test_generated_service_is_served_and_proto3_optional_survives(generate
         assert not (await ping(pb2.Pong())).HasField("n")
 
 
-def test_example_code_is_up_to_date(tmp_path: pathlib.Path) -> None:
-    protoc(tmp_path, ROOT, "examples/cafe/cafe.proto")
-    committed = (ROOT / "examples/cafe/cafe_grpc.py").read_text()
-    assert (tmp_path / "examples/cafe/cafe_grpc.py").read_text() == committed, (
-        "examples/cafe/cafe_grpc.py is stale: regenerate it (see README)"
-    )
+def test_generated_code_is_up_to_date(tmp_path: pathlib.Path) -> None:
+    """The committed generated code (app_kit's own protos, the cafe example) matches a fresh run."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import generate_protos
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    generate_protos.generate(ROOT, tmp_path)
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.suffix in (".py", ".pyi"))
+    assert len(fresh) == 3 * 3 + 3
+    for relative in fresh:
+        assert (tmp_path / relative).read_text() == (ROOT / relative).read_text(), (
+            f"{relative} is stale: run python tools/generate_protos.py"
+        )
 
 
 def test_console_script_is_declared() -> None:

@@ -25,8 +25,14 @@ def protoc(include: pathlib.Path, out: pathlib.Path, files: list[str], options: 
         plugin.chmod(0o755)
         subprocess.run(
             [
-                sys.executable, "-m", "grpc_tools.protoc", f"-I{include}", f"--python_out={out}",
-                f"--pyi_out={out}", f"--plugin=protoc-gen-app_kit={plugin}", f"--app_kit_out={options}{out}",
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                f"-I{include}",
+                f"--python_out={out}",
+                f"--pyi_out={out}",
+                f"--plugin=protoc-gen-app_kit={plugin}",
+                f"--app_kit_out={options}{out}",
                 *files,
             ],
             check=True,
