@@ -9,10 +9,20 @@ import pytest
 from app_kit import Configuration, Server, ServiceLike
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
     # The server's transport is asyncio's; grpc.aio clients share that loop.
     return "asyncio"
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _one_event_loop_for_the_session() -> AsyncIterator[None]:
+    """Hold anyio's test runner, so that every test runs on one event loop.
+
+    grpc.aio binds process-wide state (its completion-queue poller) to the loop it first
+    runs on; a new loop per test leaves it posting callbacks to a closed loop.
+    """
+    yield
 
 
 @contextlib.asynccontextmanager

@@ -153,7 +153,7 @@ async def test_deadline_cancels_handler_and_reports_deadline_exceeded() -> None:
         with anyio.fail_after(2):
             await service.cancelled.wait()
         remaining = service.observed["deadline_remaining"]
-        assert isinstance(remaining, float) and 0.2 < remaining <= 0.5
+        assert isinstance(remaining, float) and 0.2 < remaining <= 0.55  # clients may round grpc-timeout up
         # A call within its deadline is unaffected.
         assert (await sleep(DoubleValue(value=0.01), timeout=5)).value == 0.01
 

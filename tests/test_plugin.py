@@ -13,7 +13,7 @@ import pytest
 from app_kit import Cardinality, Stream
 
 from .conftest import running_server
-from .protogen import generate_into, protoc
+from .protogen import generate_into
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -19,6 +19,7 @@ _PRIVATE_POOL = "_app_kit_pool.POOL.AddSerializedFile("
 
 
 def protoc(include: pathlib.Path, out: pathlib.Path, files: list[str], options: str = "") -> None:
+    """Run grpc_tools' protoc with protobuf's Python generator and ours."""
     with tempfile.TemporaryDirectory() as tmp:
         plugin = pathlib.Path(tmp) / "protoc-gen-app_kit"
         plugin.write_text(f"#!{sys.executable}\nfrom app_kit.plugin.main import main\nmain()\n")
@@ -50,9 +51,9 @@ def generate(root: pathlib.Path = ROOT, out_root: pathlib.Path | None = None) ->
         module = own_out / name.replace(".proto", "_pb2.py")
         text = module.read_text()
         assert _DEFAULT_POOL in text, module
+        pool_import = "from google.protobuf import descriptor_pool as _descriptor_pool\n"
         text = text.replace(_DEFAULT_POOL, _PRIVATE_POOL).replace(
-            "from google.protobuf import descriptor_pool as _descriptor_pool\n",
-            "from google.protobuf import descriptor_pool as _descriptor_pool\nfrom app_kit import protos as _app_kit_pool\n",
+            pool_import, pool_import + "from app_kit import protos as _app_kit_pool\n"
         )
         module.write_text(text)
     (out_root / "examples/cafe").mkdir(parents=True, exist_ok=True)
