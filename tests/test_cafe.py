@@ -87,3 +87,40 @@ async def test_cafe_server_process() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_readme_client_script_against_the_app_process() -> None:
+    from .process import AppProcess
+
+    async with AppProcess("examples.cafe.app:app", "--port", "0", env={"CAFE_BREW_STEP": "0"}) as app:
+        port = await app.ready()
+        client = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "examples.cafe.client",
+            "--port",
+            str(port),
+            "--name",
+            "Ann",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        output = (await asyncio.wait_for(client.communicate(), 15))[0].decode()
+        assert client.returncode == 0, output
+        assert "order #1: 2-shot latte, 200 ml milk for Ann, 65 °C" in output
+        assert "DONE" in output
+        refused = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "examples.cafe.client",
+            "--port",
+            str(port),
+            "--shots",
+            "9",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        output = (await asyncio.wait_for(refused.communicate(), 15))[0].decode()
+        assert refused.returncode == 1 and "INVALID_ARGUMENT" in output and "shots" in output
+        app.signal(signal.SIGTERM)
+        assert await app.wait() == 0
