@@ -42,6 +42,25 @@ class Configuration:
     #: On shutdown, how long to wait for the PING that follows the first GOAWAY to be
     #: answered before sending the final GOAWAY.
     shutdown_ping_timeout: float = 5.0
+    #: Close a connection whose peer has not completed the HTTP/2 (and TLS) handshake by then.
+    handshake_timeout: float = 10.0
+    #: After our last frame (a GOAWAY), how long to discard what the peer still sends before
+    #: closing: closing with unread data makes the kernel reset the connection, and the reset
+    #: can destroy the GOAWAY before the peer reads it.
+    linger_timeout: float = 1.0
+    #: Close (gracefully, with GOAWAY) a connection without calls for this long; None: never.
+    idle_timeout: float | None = 30 * 60.0
+    #: The window over which the flood limits below count frames from the peer. Over any
+    #: limit, the connection is closed at once with GOAWAY ENHANCE_YOUR_CALM.
+    flood_window: float = 10.0
+    #: PINGs the peer may send per window (gRPC clients ping for keepalive and BDP probes).
+    max_pings_per_window: int = 500
+    #: SETTINGS frames the peer may send per window.
+    max_settings_per_window: int = 100
+    #: DATA frames without data or END_STREAM, and empty HEADERS/CONTINUATION, per window.
+    max_empty_frames_per_window: int = 1000
+    #: RST_STREAM frames per window: the bound on the "rapid reset" attack (CVE-2023-44487).
+    max_resets_per_window: int = 1000
 
     def __post_init__(self) -> None:
         for name in (
@@ -49,6 +68,10 @@ class Configuration:
             "max_send_message_length",
             "max_concurrent_streams",
             "max_header_list_size",
+            "max_pings_per_window",
+            "max_settings_per_window",
+            "max_empty_frames_per_window",
+            "max_resets_per_window",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -61,6 +84,14 @@ class Configuration:
             raise ValueError(f"max_frame_size must be from 16384 to 2**24-1, got {self.max_frame_size!r}")
         if self.keepalive_time is not None and self.keepalive_time <= 0:
             raise ValueError("keepalive_time must be positive or None")
-        for name in ("keepalive_timeout", "shutdown_ping_timeout"):
+        if self.idle_timeout is not None and self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive or None")
+        for name in (
+            "keepalive_timeout",
+            "shutdown_ping_timeout",
+            "handshake_timeout",
+            "flood_window",
+            "linger_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -13,6 +13,7 @@ from .codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetail
 from .config import Configuration
 from .deadline import Deadline
 from .handlers import Handler, ServiceLike, collect_handlers
+from .logs import RateLimitedLogger
 from .metadata import decode_metadata
 from .protocol.events import (
     ConnectionClosed,
@@ -32,6 +33,7 @@ from .transport import ConnectionProtocol
 __all__ = ["Server"]
 
 log = logging.getLogger("app_kit.server")
+peer_log = RateLimitedLogger(log)
 
 
 class Server:
@@ -93,7 +95,9 @@ class Server:
             ssl.set_alpn_protocols(["h2"])
         factory = functools.partial(ServerProtocol, self, loop)
         if path is not None:
-            self._listener = await loop.create_unix_server(factory, path, backlog=backlog, ssl=ssl)
+            self._listener = await loop.create_unix_server(
+                factory, path, backlog=backlog, ssl=ssl, ssl_handshake_timeout=self._tls_timeout(ssl)
+            )
         else:
             self._listener = await loop.create_server(
                 factory,
@@ -106,8 +110,12 @@ class Server:
                 ssl=ssl,
                 reuse_address=reuse_address,
                 reuse_port=reuse_port,
+                ssl_handshake_timeout=self._tls_timeout(ssl),
             )
         self._in_use = True
+
+    def _tls_timeout(self, ssl: ssl_module.SSLContext | None) -> float | None:
+        return self.config.handshake_timeout if ssl is not None else None
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -192,15 +200,22 @@ class ServerProtocol(ConnectionProtocol):
         self._peer: Peer | None = None
         self._peer_going_away = False
         self._shutdown_handle: asyncio.TimerHandle | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._peer = Peer(transport)
         self._server._connection_opened(self)
+        idle_timeout = self.connection.config.idle_timeout
+        if idle_timeout is not None:
+            self._idle_since = self.loop.time()
+            self._idle_handle = self.loop.call_later(idle_timeout, self._idle_check)
 
     def on_connection_lost(self, exc: Exception | None) -> None:
-        if self._shutdown_handle is not None:
-            self._shutdown_handle.cancel()
+        for handle in (self._shutdown_handle, self._idle_handle):
+            if handle is not None:
+                handle.cancel()
         for stream, task in self._calls.values():
             stream._on_closed("the connection was lost")
             task.cancel()
@@ -232,7 +247,7 @@ class ServerProtocol(ConnectionProtocol):
             elif kind is GoAwayReceived:
                 self._peer_going_away = True
             elif kind is ConnectionClosed:
-                log.info("closing connection from %s: %s", self._peer_address(), event.reason)  # type: ignore[attr-defined]
+                peer_log.log(logging.INFO, "closing connection from %s: %s", self._peer_address(), event.reason)  # type: ignore[attr-defined]
                 self.close_transport()
         self._close_if_done()
 
@@ -270,7 +285,10 @@ class ServerProtocol(ConnectionProtocol):
         task.add_done_callback(functools.partial(self._call_done, stream_id))
 
     def _call_done(self, stream_id: int, task: asyncio.Task[None]) -> None:
-        self._calls.pop(stream_id, None)
+        calls = self._calls
+        calls.pop(stream_id, None)
+        if not calls:
+            self._idle_since = self.loop.time()
         self._server._task_done(task)
         self.schedule_flush()
         self._close_if_done()
@@ -289,6 +307,21 @@ class ServerProtocol(ConnectionProtocol):
             return
         if self.connection.drained or (self._peer_going_away and not self.connection.open_streams):
             self.close_transport()
+
+    def _idle_check(self) -> None:
+        # One timer per connection, re-armed for the time left, instead of one per call.
+        idle_timeout = self.connection.config.idle_timeout
+        assert idle_timeout is not None
+        self._idle_handle = None
+        if self.is_closed:
+            return
+        remaining = idle_timeout if self._calls else self._idle_since + idle_timeout - self.loop.time()
+        if remaining > 0:
+            self._idle_handle = self.loop.call_later(remaining, self._idle_check)
+            return
+        log.debug("closing connection from %s: idle for %ss", self._peer_address(), idle_timeout)
+        self.start_shutdown()
+        self._close_if_done()
 
     # -- shutdown --------------------------------------------------------------------
 

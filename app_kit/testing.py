@@ -55,6 +55,9 @@ class _MemoryTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def can_write_eof(self) -> bool:
+        return False
+
 
 class _InMemoryChannel(Channel):
     def __init__(self, server: Server, **kwargs: Any) -> None:

@@ -37,6 +37,8 @@ class ConnectionProtocol(asyncio.Protocol):
         self._received_since_check = False
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._keepalive_waiting = False
+        self._handshake_handle: asyncio.TimerHandle | None = None
+        self._linger_handle: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -46,13 +48,19 @@ class ConnectionProtocol(asyncio.Protocol):
         self.transport = transport
         self.connection.initiate()
         self.flush()
+        self._handshake_handle = self.loop.call_later(self.connection.config.handshake_timeout, self._handshake_expired)
         if self.connection.config.keepalive_time is not None:
             self._keepalive_handle = self.loop.call_later(self.connection.config.keepalive_time, self._keepalive_check)
 
     def data_received(self, data: bytes) -> None:
         """Feed the core, dispatch its events, write its answer in the same turn."""
+        if self._closed:
+            return  # lingering after our last frame: discard
         self._received_since_check = True
         events = self.connection.receive_data(data)
+        if self._handshake_handle is not None and self.connection.handshake_complete:
+            self._handshake_handle.cancel()
+            self._handshake_handle = None
         if events:
             self.handle_events(events)
         self.flush()
@@ -69,9 +77,10 @@ class ConnectionProtocol(asyncio.Protocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._keepalive_handle is not None:
-            self._keepalive_handle.cancel()
-            self._keepalive_handle = None
+        for handle in (self._keepalive_handle, self._handshake_handle, self._linger_handle):
+            if handle is not None:
+                handle.cancel()
+        self._keepalive_handle = self._handshake_handle = self._linger_handle = None
         if self._write_resumed is not None and not self._write_resumed.done():
             self._write_resumed.set_result(None)
         self.on_connection_lost(exc)
@@ -124,13 +133,28 @@ class ConnectionProtocol(asyncio.Protocol):
             await waiter
 
     def close_transport(self) -> None:
-        """Flush and close the socket."""
+        """Flush and close the socket, lingering so that our last frames reach the peer."""
         if self._closed:
             return
         self.flush()
         self._closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            # Half-close and discard input for a moment (see Configuration.linger_timeout);
+            # the peer's own close ends it sooner.
+            transport.write_eof()
+            self._linger_handle = self.loop.call_later(self.connection.config.linger_timeout, transport.close)
+        else:
+            transport.close()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_handle = None
+        if not self.connection.handshake_complete and not self._closed:
+            log.info("closing connection: no HTTP/2 handshake within %ss", self.connection.config.handshake_timeout)
+            self.connection.close(0, "handshake timeout")
+            self.close_transport()
 
     # -- keepalive -------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ subclass it for what differs: how a stream starts and how it ends.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
 from ..compression import DecompressedTooLarge, DecompressionError, compress, decompress
@@ -34,6 +37,7 @@ from .events import (
     StreamWritable,
 )
 from .framing import FramingError, MessageDecoder, MessageTooLarge, frame_message
+from .guard import FrameGuard, PeerMisbehaved
 
 __all__ = ["GoAwayTolerantStateMachine", "GrpcConnection", "StreamGone", "StreamState"]
 
@@ -60,6 +64,26 @@ class _AdvertisedSettings(h2.settings.Settings):
     @property
     def max_concurrent_streams(self) -> int:
         return 2**31 - 1
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, answering undecodable header blocks with the error RFC 9113 asks for."""
+
+    def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
+        # Called by h2 while handling the exception that ends the connection.
+        if _is_compression_error(sys.exc_info()[1]):
+            error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+        super()._terminate_connection(error_code)
+
+
+def _is_compression_error(exc: BaseException | None) -> bool:
+    """RFC 9113 §4.3: a field block that cannot be decoded is a COMPRESSION_ERROR (h2 says
+    PROTOCOL_ERROR); an oversized one stays h2's ENHANCE_YOUR_CALM."""
+    return (
+        type(exc) is h2.exceptions.ProtocolError
+        and isinstance(exc.__cause__, HPACKError)
+        and not isinstance(exc, h2.exceptions.DenialOfServiceError)
+    )
 
 
 class GoAwayTolerantStateMachine(H2ConnectionStateMachine):
@@ -116,9 +140,12 @@ class StreamState:
 class GrpcConnection:
     """One HTTP/2 connection carrying gRPC calls, without I/O."""
 
-    def __init__(self, config: Configuration, *, client_side: bool) -> None:
+    def __init__(
+        self, config: Configuration, *, client_side: bool, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
-        self._h2 = h2.connection.H2Connection(
+        self._guard = FrameGuard(config, clock, expect_preface=not client_side)
+        self._h2 = _H2Connection(
             h2.config.H2Configuration(
                 client_side=client_side,
                 header_encoding=None,
@@ -150,6 +177,8 @@ class GrpcConnection:
         # Frames we write ourselves, behind whatever h2 queued before them.
         self._extra = bytearray()
         self.closed = False
+        #: The peer's first SETTINGS arrived: the HTTP/2 handshake is done.
+        self.handshake_complete = False
         self._handlers: dict[type, Callable[[Any, list[Event]], None]] = {
             h2.events.DataReceived: self._on_data,
             h2.events.StreamEnded: self._on_stream_ended,
@@ -174,10 +203,16 @@ class GrpcConnection:
         if self.closed:
             return []
         try:
+            # First the cheap look at frame headers: a flood stops here, before h2 parses it.
+            self._guard.scan(data)
             h2_events = self._h2.receive_data(data)
+        except PeerMisbehaved as exc:
+            self._h2.close_connection(exc.error_code, additional_data=exc.debug or None)
+            return self._connection_lost(exc.error_code, exc.reason)
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued a GOAWAY with the matching error code.
-            return self._connection_lost(int(exc.error_code), f"protocol error: {exc}")
+            code = h2.errors.ErrorCodes.COMPRESSION_ERROR if _is_compression_error(exc) else exc.error_code
+            return self._connection_lost(int(code), f"protocol error: {exc}")
         except Exception as exc:  # a peer must never crash us; log it as our bug
             log.exception("unexpected error processing peer data")
             self._h2.close_connection(_INTERNAL_ERROR)
@@ -279,6 +314,7 @@ class GrpcConnection:
             self._flush_blocked(events)
 
     def _on_remote_settings(self, event: h2.events.RemoteSettingsChanged, events: list[Event]) -> None:
+        self.handshake_complete = True
         if _SETTINGS.INITIAL_WINDOW_SIZE in event.changed_settings:
             self._flush_blocked(events)
 

@@ -12,6 +12,7 @@ import h2.events
 from ..compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
 from ..config import Configuration
 from ..deadline import parse_grpc_timeout
+from ..logs import RateLimitedLogger
 from ..metadata import encode_grpc_message
 from ..status import Status
 from .connection import GrpcConnection, StreamState
@@ -19,7 +20,7 @@ from .events import Event, PingAcknowledged, RequestHead, RequestReceived, Strea
 
 __all__ = ["SHUTDOWN_PING", "ServerConnection"]
 
-log = logging.getLogger("app_kit.protocol")
+log = RateLimitedLogger(logging.getLogger("app_kit.protocol"))
 
 #: Opaque data of the PING that follows the first GOAWAY of a graceful shutdown.
 SHUTDOWN_PING = b"shutdown"
@@ -174,13 +175,15 @@ class ServerConnection(GrpcConnection):
             self._h2.reset_stream(stream_id, _REFUSED_STREAM)
             return
         if len(self._streams) >= self.config.max_concurrent_streams:
-            log.info("refusing stream %d: max_concurrent_streams (%d) reached", stream_id, len(self._streams))
+            log.log(
+                logging.INFO, "refusing stream %d: max_concurrent_streams (%d) reached", stream_id, len(self._streams)
+            )
             self._h2.reset_stream(stream_id, _REFUSED_STREAM)
             return
         try:
             head = parse_request(event.headers or [], self._content_subtype)
         except _Malformed as exc:
-            log.info("malformed request on stream %d: %s", stream_id, exc)
+            log.log(logging.INFO, "malformed request on stream %d: %s", stream_id, exc)
             self._h2.reset_stream(stream_id, _PROTOCOL_ERROR)
             return
         except _Rejected as exc:
@@ -252,7 +255,7 @@ class ServerConnection(GrpcConnection):
         return fields
 
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
-        log.info("ending stream %d: %s", state.stream_id, message)
+        log.log(logging.INFO, "ending stream %d: %s", state.stream_id, message)
         # Whatever the handler queued is dropped: the status must go out now.
         state.pending = b""
         state.pending_trailers = None

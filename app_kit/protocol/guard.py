@@ -1,0 +1,153 @@
+"""Reads frame headers ahead of h2 and counts what floods are made of.
+
+h2 validates every frame, but it accepts any number of PINGs, SETTINGS, RST_STREAMs and
+empty frames, and it assembles a header block from CONTINUATION frames before anything
+checks its size. The guard sees each frame header as the bytes arrive (a few integer
+operations per frame), so a flood is cut off before h2 or the application does any work for
+it, and a header block is refused as soon as it grows past the limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..config import Configuration
+
+__all__ = ["FrameGuard", "PeerMisbehaved"]
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x9
+_END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
+_PROTOCOL_ERROR, _FRAME_SIZE_ERROR, _ENHANCE_YOUR_CALM = 0x1, 0x6, 0xB
+
+# What is counted per window, and which Configuration field limits it.
+_PINGS, _SETTINGS_FRAMES, _EMPTY_FRAMES, _RESETS = range(4)
+_LIMITS = (
+    "max_pings_per_window",
+    "max_settings_per_window",
+    "max_empty_frames_per_window",
+    "max_resets_per_window",
+)
+_WHAT = ("PING frames", "SETTINGS frames", "empty frames", "stream resets")
+
+
+class PeerMisbehaved(Exception):
+    """The peer broke the protocol or flooded us: close with ``error_code``."""
+
+    def __init__(self, error_code: int, reason: str, debug: bytes = b"") -> None:
+        super().__init__(reason)
+        self.error_code = error_code
+        self.reason = reason
+        #: Opaque data for the GOAWAY (what gRPC peers log), e.g. ``b"too_many_pings"``.
+        self.debug = debug
+
+
+class FrameGuard:
+    """Tracks frame boundaries in the incoming byte stream and enforces the flood limits."""
+
+    __slots__ = (
+        "_block",
+        "_clock",
+        "_counts",
+        "_header",
+        "_limits",
+        "_max_block",
+        "_preface_left",
+        "_skip",
+        "_window",
+        "_window_start",
+    )
+
+    def __init__(self, config: Configuration, clock: Callable[[], float], *, expect_preface: bool) -> None:
+        self._clock = clock
+        self._preface_left = PREFACE if expect_preface else b""
+        self._header = b""  # an incomplete frame header carried over from the last chunk
+        self._skip = 0  # payload bytes of the current frame still to come
+        self._block = -1  # size of the header block being assembled, or -1
+        # Compressed and decoded sizes differ; twice the list limit bounds the compressed block.
+        self._max_block = 2 * config.max_header_list_size
+        self._window = config.flood_window
+        self._window_start = clock()
+        self._counts = [0, 0, 0, 0]
+        self._limits = tuple(getattr(config, name) for name in _LIMITS)
+
+    def scan(self, data: bytes) -> None:
+        """Account for ``data``; raise :class:`PeerMisbehaved` if the peer must be cut off."""
+        if self._preface_left:
+            data = self._check_preface(data)
+        size = len(data)
+        position = min(self._skip, size)
+        self._skip -= position
+        if self._header:
+            missing = 9 - len(self._header)
+            self._header += data[position : position + missing]
+            position += missing
+            if len(self._header) < 9:
+                return
+            self._frame(self._header)
+            self._header = b""
+        while position + 9 <= size:
+            end = position + 9
+            position = end + self._frame(data[position:end])
+        if position < size:
+            self._header = data[position:]
+        elif position > size:
+            self._skip = position - size
+
+    def _check_preface(self, data: bytes) -> bytes:
+        expected = self._preface_left
+        length = min(len(expected), len(data))
+        if data[:length] != expected[:length]:
+            raise PeerMisbehaved(_PROTOCOL_ERROR, "invalid connection preface: not an HTTP/2 client")
+        self._preface_left = expected[length:]
+        return data[length:]
+
+    def _frame(self, header: bytes) -> int:
+        """Check one frame header; return its payload length."""
+        length = int.from_bytes(header[0:3], "big")
+        kind = header[3]
+        flags = header[4]
+        if kind == _DATA:
+            if not length and not flags & _END_STREAM:
+                self._count(_EMPTY_FRAMES)
+        elif kind == _HEADERS or kind == _CONTINUATION:
+            if kind == _HEADERS:
+                self._block = length
+            elif self._block >= 0:
+                self._block += length
+            if not length:
+                self._count(_EMPTY_FRAMES)
+            if self._block > self._max_block:
+                raise PeerMisbehaved(
+                    _ENHANCE_YOUR_CALM, f"header block over {self._max_block} bytes", b"header_block_too_large"
+                )
+            if flags & _END_HEADERS:
+                self._block = -1
+        elif kind == _PING:
+            if not flags & _ACK:
+                self._count(_PINGS)
+        elif kind == _SETTINGS:
+            if not flags & _ACK:
+                self._count(_SETTINGS_FRAMES)
+            elif length:
+                # RFC 9113 §6.5 (h2 would call it a PROTOCOL_ERROR).
+                raise PeerMisbehaved(_FRAME_SIZE_ERROR, "SETTINGS acknowledgement with a payload")
+        elif kind == _RST_STREAM:
+            self._count(_RESETS)
+        return length
+
+    def _count(self, what: int) -> None:
+        now = self._clock()
+        counts = self._counts
+        if now - self._window_start >= self._window:
+            self._window_start = now
+            counts[:] = [0, 0, 0, 0]
+        counts[what] += 1
+        if counts[what] > self._limits[what]:
+            debug = b"too_many_pings" if what == _PINGS else b"flood"
+            raise PeerMisbehaved(
+                _ENHANCE_YOUR_CALM,
+                f"more than {self._limits[what]} {_WHAT[what]} in {self._window:g}s",
+                debug,
+            )

@@ -1,0 +1,98 @@
+"""Hand-built HTTP/2 frames and a raw socket peer that reads every frame back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import hpack
+from hyperframe.frame import Frame, GoAwayFrame
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
+END_STREAM, END_HEADERS = 0x1, 0x4
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+def request_block(encoder: hpack.Encoder | None = None, path: str = "/test.Sleeper/Sleep") -> bytes:
+    encoder = encoder or hpack.Encoder()
+    return encoder.encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+    )
+
+
+HANDSHAKE = PREFACE + frame(SETTINGS, 0, 0)
+
+
+class RawPeer:
+    """Writes bytes, collects every frame the server sends until it closes the connection."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.frames: list[Frame] = []
+        self.closed = asyncio.Event()
+
+    async def __aenter__(self) -> RawPeer:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+        self.writer.close()
+
+    async def _read(self) -> None:
+        buffer = b""
+        try:
+            while chunk := await self.reader.read(1 << 16):
+                buffer += chunk
+                while len(buffer) >= 9:
+                    parsed, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+                    if len(buffer) < 9 + length:
+                        break
+                    parsed.parse_body(memoryview(buffer[9 : 9 + length]))
+                    self.frames.append(parsed)
+                    buffer = buffer[9 + length :]
+        except (ConnectionError, OSError):
+            pass
+        self.closed.set()
+
+    async def send(self, data: bytes) -> bool:
+        """Write; False once the server has stopped reading and closed."""
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    async def wait_closed(self, timeout: float = 5) -> None:
+        await asyncio.wait_for(self.closed.wait(), timeout)
+
+    @property
+    def goaways(self) -> list[GoAwayFrame]:
+        return [f for f in self.frames if isinstance(f, GoAwayFrame)]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as file:
+        for line in file:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")

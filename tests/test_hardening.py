@@ -1,0 +1,227 @@
+"""HTTP/2 hardening: connection errors per RFC 9113, floods bounded in CPU and memory, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import hpack
+import pytest
+from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue
+
+from app_kit import Configuration
+
+from .conftest import running_server
+from .frames import (
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    HANDSHAKE,
+    HEADERS,
+    PING,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    RawPeer,
+    frame,
+    process_cpu_seconds,
+    process_rss_bytes,
+    request_block,
+)
+from .process import AppProcess
+from .services import EchoService
+
+pytestmark = pytest.mark.anyio
+
+PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 1, 3, 6, 9, 11
+MiB = 1024 * 1024
+BLOCK = request_block(path="/test.Echo/Unary")
+
+CONNECTION_ERRORS = {
+    "bad preface": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", PROTOCOL_ERROR),
+    "frame larger than MAX_FRAME_SIZE": (HANDSHAKE + frame(DATA, 0, 1, b"x" * 20000), FRAME_SIZE_ERROR),
+    "DATA on stream 0": (HANDSHAKE + frame(DATA, 0, 0, b"x"), PROTOCOL_ERROR),
+    "HEADERS on stream 0": (HANDSHAKE + frame(HEADERS, END_HEADERS, 0, BLOCK), PROTOCOL_ERROR),
+    "even (server) stream id": (HANDSHAKE + frame(HEADERS, END_HEADERS, 2, BLOCK), PROTOCOL_ERROR),
+    "stream id lower than one used": (
+        HANDSHAKE + frame(HEADERS, 5, 5, BLOCK) + frame(HEADERS, 5, 3, BLOCK),
+        PROTOCOL_ERROR,
+    ),
+    "SETTINGS length not a multiple of 6": (HANDSHAKE + frame(SETTINGS, 0, 0, b"\x00\x01\x00"), FRAME_SIZE_ERROR),
+    "SETTINGS window over 2^31-1": (HANDSHAKE + frame(SETTINGS, 0, 0, b"\x00\x04\xff\xff\xff\xff"), FLOW_CONTROL_ERROR),
+    "SETTINGS ENABLE_PUSH=2": (HANDSHAKE + frame(SETTINGS, 0, 0, b"\x00\x02\x00\x00\x00\x02"), PROTOCOL_ERROR),
+    "SETTINGS ACK with payload": (HANDSHAKE + frame(SETTINGS, 1, 0, b"\x00\x02\x00\x00\x00\x00"), FRAME_SIZE_ERROR),
+    "PING of 7 bytes": (HANDSHAKE + frame(PING, 0, 0, b"1234567"), FRAME_SIZE_ERROR),
+    "PING on a stream": (HANDSHAKE + frame(PING, 0, 1, b"12345678"), PROTOCOL_ERROR),
+    "WINDOW_UPDATE of 3 bytes": (HANDSHAKE + frame(WINDOW_UPDATE, 0, 0, b"\x00\x00\x01"), FRAME_SIZE_ERROR),
+    "WINDOW_UPDATE of 0 on the connection": (HANDSHAKE + frame(WINDOW_UPDATE, 0, 0, b"\x00" * 4), PROTOCOL_ERROR),
+    "window overflow past 2^31-1": (HANDSHAKE + frame(WINDOW_UPDATE, 0, 0, b"\x7f\xff\xff\xff"), FLOW_CONTROL_ERROR),
+    "interleaved CONTINUATION": (
+        HANDSHAKE + frame(HEADERS, 0, 1, BLOCK[:4]) + frame(PING, 0, 0, b"12345678"),
+        PROTOCOL_ERROR,
+    ),
+    "CONTINUATION without HEADERS": (HANDSHAKE + frame(CONTINUATION, END_HEADERS, 1, BLOCK), PROTOCOL_ERROR),
+    "RST_STREAM on an idle stream": (HANDSHAKE + frame(RST_STREAM, 0, 9, b"\x00\x00\x00\x08"), PROTOCOL_ERROR),
+    "DATA on an idle stream": (HANDSHAKE + frame(DATA, 0, 9, b"x"), PROTOCOL_ERROR),
+    "undecodable header block": (HANDSHAKE + frame(HEADERS, 5, 1, b"\xff\xff\xff\xff\xff"), COMPRESSION_ERROR),
+}
+
+
+async def _call_succeeds(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        unary = channel.unary_unary("/test.Echo/Unary", BytesValue.SerializeToString, BytesValue.FromString)
+        assert (await unary(BytesValue(value=b"still fine"), timeout=5)).value == b"still fine"
+
+
+@pytest.mark.parametrize("case", list(CONNECTION_ERRORS))
+async def test_connection_errors_get_goaway_with_the_right_code(case: str) -> None:
+    data, code = CONNECTION_ERRORS[case]
+    async with running_server([EchoService()]) as (server, target):
+        async with RawPeer(server.sockets[0].getsockname()[1]) as peer:
+            await peer.send(data)
+            await peer.wait_closed()
+        assert [g.error_code for g in peer.goaways] == [code], case
+        await _call_succeeds(target)
+
+
+async def test_unknown_frames_and_extension_settings_are_ignored() -> None:
+    async with running_server([EchoService()]) as (server, _):
+        async with RawPeer(server.sockets[0].getsockname()[1]) as peer:
+            await peer.send(
+                HANDSHAKE + frame(0xFA, 0xFF, 7, b"whatever") + frame(SETTINGS, 0, 0, b"\x00\xaa\x00\x00\x00\x01")
+            )
+            await peer.send(frame(PING, 0, 0, b"12345678"))
+            async with asyncio.timeout(2):
+                while not any(type(f).__name__ == "PingFrame" for f in peer.frames):
+                    await asyncio.sleep(0.01)
+            assert not peer.goaways and not peer.closed.is_set()
+
+
+# -- floods, against a server process whose CPU time and memory are measured ------------------
+
+
+@pytest.fixture(scope="module")
+async def server_process():  # type: ignore[no-untyped-def]
+    async with AppProcess("tests.apps.lifecycle_app:app", "--port", "0", env={"APP_LOG_LEVEL": "INFO"}) as app:
+        await app.ready()
+        yield app
+
+
+def _attack(kind: str, count: int) -> bytes:
+    encoder = hpack.Encoder()
+    parts = [HANDSHAKE]
+    if kind == "rapid reset":
+        for index in range(count):
+            stream_id = 2 * index + 1
+            parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder)))
+            parts.append(frame(RST_STREAM, 0, stream_id, b"\x00\x00\x00\x08"))
+    elif kind == "PING":
+        parts += [frame(PING, 0, 0, index.to_bytes(8, "big")) for index in range(count)]
+    elif kind == "SETTINGS":
+        parts += [frame(SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")] * count
+    elif kind == "empty DATA":
+        parts.append(frame(HEADERS, END_HEADERS, 1, request_block(encoder)))
+        parts += [frame(DATA, 0, 1)] * count
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("kind", "count", "debug"),
+    [
+        ("rapid reset", 20000, b"flood"),
+        ("PING", 100000, b"too_many_pings"),
+        ("SETTINGS", 50000, b"flood"),
+        ("empty DATA", 100000, b"flood"),
+    ],
+)
+async def test_floods_are_cut_off_cheaply(server_process, kind: str, count: int, debug: bytes) -> None:  # type: ignore[no-untyped-def]
+    pid = server_process.process.pid
+    attack = _attack(kind, count)
+    cpu_before, rss_before = process_cpu_seconds(pid), process_rss_bytes(pid)
+    async with RawPeer(server_process.port) as peer:
+        for start in range(0, len(attack), 1 << 16):
+            if not await peer.send(attack[start : start + (1 << 16)]):
+                break  # the server stopped reading, as it should
+        await peer.wait_closed()
+    await asyncio.sleep(0.1)
+    cpu = process_cpu_seconds(pid) - cpu_before
+    growth = process_rss_bytes(pid) - rss_before
+    assert [(g.error_code, g.additional_data) for g in peer.goaways] == [(ENHANCE_YOUR_CALM, debug)]
+    assert cpu < 0.5, f"{kind} flood cost {cpu:.2f}s of server CPU"
+    assert growth < 64 * MiB, f"{kind} flood grew the server by {growth / MiB:.1f} MiB"
+    await _sleeper_call_succeeds(server_process.port)
+
+
+async def test_continuation_flood_is_cut_off_at_the_header_limit(server_process) -> None:  # type: ignore[no-untyped-def]
+    pid = server_process.process.pid
+    cpu_before = process_cpu_seconds(pid)
+    sent = 0
+    async with RawPeer(server_process.port) as peer:
+        await peer.send(HANDSHAKE + frame(HEADERS, 0, 1, request_block()))
+        chunk = frame(CONTINUATION, 0, 1, b"\x00" * 16384) * 16
+        # Send until the GOAWAY arrives; what the server discards while lingering is never parsed.
+        while sent < 64 * MiB and not peer.goaways and await peer.send(chunk):
+            sent += len(chunk)
+        await peer.wait_closed()
+    assert [g.error_code for g in peer.goaways] == [ENHANCE_YOUR_CALM]
+    assert sent < 8 * MiB, f"the GOAWAY came only after {sent / MiB:.0f} MiB of header block"
+    assert process_cpu_seconds(pid) - cpu_before < 0.5
+    await _sleeper_call_succeeds(server_process.port)
+
+
+async def test_rejected_peers_are_logged_once_each_without_tracebacks(server_process) -> None:  # type: ignore[no-untyped-def]
+    async with RawPeer(server_process.port) as peer:
+        await peer.send(_attack("PING", 2000))
+        await peer.wait_closed()
+    await asyncio.sleep(0.2)
+    lines = [line for line in server_process.lines if "more than 500 PING frames" in line]
+    assert len(lines) >= 1 and "closing connection from ('127.0.0.1'" in lines[-1]
+    assert "Traceback" not in server_process.log
+
+
+async def _sleeper_call_succeeds(port: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        sleep = channel.unary_unary("/test.Sleeper/Sleep", DoubleValue.SerializeToString, DoubleValue.FromString)
+        assert (await sleep(DoubleValue(value=0.0), timeout=5)).value == 0.0
+
+
+# -- slow and idle peers -------------------------------------------------------------------------
+
+
+async def test_handshake_timeout_closes_silent_and_slow_peers() -> None:
+    config = Configuration(handshake_timeout=0.3)
+    async with running_server([EchoService()], config=config) as (server, target):
+        port = server.sockets[0].getsockname()[1]
+        for opening in (b"", HANDSHAKE[:10]):  # nothing at all; half a preface
+            async with RawPeer(port) as peer:
+                await peer.send(opening)
+                await peer.wait_closed(2)
+        await _call_succeeds(target)  # a real client is well within the timeout
+
+
+async def test_idle_connection_is_closed_gracefully() -> None:
+    config = Configuration(idle_timeout=0.3, shutdown_ping_timeout=0.3)  # the raw peer never answers PINGs
+    async with running_server([EchoService()], config=config) as (server, _):
+        async with RawPeer(server.sockets[0].getsockname()[1]) as peer:
+            from .h2client import RawClient
+
+            async with RawClient("127.0.0.1", server.sockets[0].getsockname()[1]) as client:
+                stream_id = await client.request("/test.Echo/Unary", BytesValue(value=b"x").SerializeToString())
+                assert (await client.read_response(stream_id)).grpc_status == 0
+                await client.wait_for(lambda: client.closed.is_set(), timeout=3)
+                terminated = [e for e in client.events if type(e).__name__ == "ConnectionTerminated"]
+                assert [e.error_code for e in terminated] == [0, 0]  # graceful: the two GOAWAYs
+            await peer.send(HANDSHAKE)
+            await peer.wait_closed(3)  # never made a call: closed too
+
+
+async def test_peer_errors_log_no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running_server([EchoService()]) as (server, _):
+        for data, _ in CONNECTION_ERRORS.values():
+            async with RawPeer(server.sockets[0].getsockname()[1]) as peer:
+                await peer.send(data)
+                await peer.wait_closed()
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
