@@ -15,7 +15,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 async def _one_event_loop_for_the_session() -> AsyncIterator[None]:
     """Hold anyio's test runner, so that every test runs on one event loop.
 
@@ -23,6 +23,13 @@ async def _one_event_loop_for_the_session() -> AsyncIterator[None]:
     runs on; a new loop per test leaves it posting callbacks to a closed loop.
     """
     yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every async test (and only those) shares the session's loop.
+    for item in items:
+        if item.get_closest_marker("anyio") is not None:
+            item.fixturenames.insert(0, "_one_event_loop_for_the_session")  # type: ignore[attr-defined]
 
 
 @contextlib.asynccontextmanager
