@@ -398,7 +398,8 @@ class ClientStream(Generic[SendT, RecvT]):
             finally:
                 self._writable = None
             self._raise_if_over()
-        await protocol.writable()
+        if protocol.write_paused:
+            await protocol.writable()
 
     async def end(self) -> None:
         """Half-close: no more request messages."""

@@ -23,6 +23,9 @@ class Configuration:
     max_receive_message_length: int = 4 * _MiB
     #: Largest message this side may send; over it the send fails with RESOURCE_EXHAUSTED.
     max_send_message_length: int = 4 * _MiB
+    #: Bytes one stream may have queued for sending before ``send_message`` waits for them
+    #: to leave (bounds what a fast producer buffers when the peer or the socket is slow).
+    max_send_buffer_size: int = 64 * 1024
     #: SETTINGS_MAX_CONCURRENT_STREAMS advertised to the peer; streams beyond it are refused
     #: with REFUSED_STREAM (safe for the peer to retry).
     max_concurrent_streams: int = 1000
@@ -68,6 +71,7 @@ class Configuration:
             "max_send_message_length",
             "max_concurrent_streams",
             "max_header_list_size",
+            "max_send_buffer_size",
             "max_pings_per_window",
             "max_settings_per_window",
             "max_empty_frames_per_window",

@@ -208,7 +208,8 @@ class Stream(Generic[RecvT, SendT]):
             finally:
                 self._writable = None
             self._raise_if_closed()
-        await protocol.writable()
+        if protocol.write_paused:
+            await protocol.writable()
 
     async def send_trailing_metadata(
         self,

@@ -122,9 +122,20 @@ class ConnectionProtocol(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write what the core queued, now."""
-        data = self.connection.data_to_send()
+        connection = self.connection
+        if connection.has_queued_data:
+            events = connection.flush_streams()
+            if events:
+                self.handle_events(events)
+        data = connection.data_to_send()
         if data and not self._closed and self.transport is not None:
             self.transport.write(data)
+
+    @property
+    def write_paused(self) -> bool:
+        """The transport asked us to stop writing (its buffer is over the high-water mark)."""
+        waiter = self._write_resumed
+        return waiter is not None and not waiter.done()
 
     async def writable(self) -> None:
         """Wait while the transport's write buffer is over its high-water mark."""
@@ -144,7 +155,11 @@ class ConnectionProtocol(asyncio.Protocol):
         if transport.can_write_eof():
             # Half-close and discard input for a moment (see Configuration.linger_timeout);
             # the peer's own close ends it sooner.
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the peer is gone already: nothing to linger for
+                transport.close()
+                return
             self._linger_handle = self.loop.call_later(self.connection.config.linger_timeout, transport.close)
         else:
             transport.close()

@@ -36,7 +36,7 @@ from .events import (
     StreamClosed,
     StreamWritable,
 )
-from .framing import FramingError, MessageDecoder, MessageTooLarge, frame_message
+from .framing import FramingError, MessageDecoder, MessageTooLarge
 from .guard import FrameGuard, PeerMisbehaved
 
 __all__ = ["GoAwayTolerantStateMachine", "GrpcConnection", "StreamGone", "StreamState"]
@@ -109,6 +109,7 @@ class StreamState:
         "decoder",
         "headers_sent",
         "local_closed",
+        "over_limit",
         "pending",
         "pending_trailers",
         "recv_encoding",
@@ -127,8 +128,10 @@ class StreamState:
         self.send_encoding: str | None = None
         #: Flow-control bytes handed to the application and not yet acknowledged.
         self.unacked = 0
-        #: Outbound DATA waiting for flow-control window.
-        self.pending: bytes | bytearray = b""
+        #: Outbound DATA not yet handed to h2: queued this loop turn, or waiting for window.
+        self.pending = bytearray()
+        #: A sender was told to wait until ``pending`` drains (StreamWritable then).
+        self.over_limit = False
         #: Trailers to send once ``pending`` is out (they must follow the data).
         self.pending_trailers: list[tuple[bytes, bytes]] | None = None
         #: Whether our HEADERS for the stream went out.
@@ -174,6 +177,8 @@ class GrpcConnection:
         self._streams: dict[int, StreamState] = {}
         # Streams with DATA waiting for window, in the order they got blocked.
         self._blocked: dict[int, StreamState] = {}
+        # Streams with DATA queued since the last flush, in order.
+        self._dirty: dict[int, StreamState] = {}
         # Frames we write ourselves, behind whatever h2 queued before them.
         self._extra = bytearray()
         self.closed = False
@@ -234,6 +239,7 @@ class GrpcConnection:
         self.closed = True
         self._streams.clear()
         self._blocked.clear()
+        self._dirty.clear()
         return [ConnectionClosed(error_code, reason)]
 
     def _on_data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
@@ -340,6 +346,7 @@ class GrpcConnection:
         stream_id = state.stream_id
         self._streams.pop(stream_id, None)
         self._blocked.pop(stream_id, None)
+        self._dirty.pop(stream_id, None)
         state.local_closed = state.remote_closed = True
         if state.unacked:
             # The stream is closed, so this only reopens the connection-level window.
@@ -373,33 +380,57 @@ class GrpcConnection:
         self._h2.acknowledge_received_data(size, stream_id)
 
     def send_message(self, stream_id: int, payload: bytes) -> bool:
-        """Frame and send one message; False if some of it waits for flow-control window."""
+        """Queue one message for the next :meth:`flush_streams`; False: the sender should wait.
+
+        Messages queued in one loop turn leave together, packed into as few DATA frames as
+        the frame size allows: streaming costs a few byte appends per message, not an h2
+        frame. Once more than ``max_send_buffer_size`` bytes wait on the stream, the sender
+        is asked to wait for :class:`StreamWritable`.
+        """
         state = self.stream_state(stream_id)
         if state.local_closed:
             raise StreamGone(stream_id)
-        encoding = state.send_encoding
-        if encoding is not None:
-            data = frame_message(compress(encoding, payload), True)
+        pending = state.pending
+        if state.send_encoding is not None:
+            payload = compress(state.send_encoding, payload)
+            pending += b"\x01"
         else:
-            data = frame_message(payload)
-        if state.pending:
-            state.pending += data
+            pending += b"\x00"
+        pending += len(payload).to_bytes(4, "big")
+        pending += payload
+        self._dirty[stream_id] = state
+        if len(pending) > self.config.max_send_buffer_size:
+            state.over_limit = True
             return False
-        state.pending = data
-        return self._flush(state, None)
+        return True
 
-    def _flush(self, state: StreamState, events: list[Event] | None) -> bool:
-        """Send as much pending DATA as the windows allow; then the trailers, if queued."""
+    @property
+    def has_queued_data(self) -> bool:
+        """Whether :meth:`flush_streams` has anything to do."""
+        return bool(self._dirty)
+
+    def flush_streams(self) -> list[Event]:
+        """Hand the DATA queued since the last call to h2, as far as flow control allows."""
+        events: list[Event] = []
+        dirty, self._dirty = self._dirty, {}
+        for state in dirty.values():
+            if state.stream_id in self._streams and state.stream_id not in self._blocked:
+                self._flush(state, events)
+        return events
+
+    def _flush(self, state: StreamState, events: list[Event]) -> bool:
+        """Send as much pending DATA as the windows allow; then the end of the stream, if queued."""
         stream_id = state.stream_id
         pending = state.pending
         h2conn = self._h2
         window = h2conn.local_flow_control_window(stream_id)
         size = len(pending)
-        if size <= window and size <= h2conn.max_outbound_frame_size:
-            h2conn.send_data(stream_id, pending)  # the common case: one frame, no copies
+        frame_size = h2conn.max_outbound_frame_size
+        if size <= window and size <= frame_size:
+            if size:
+                h2conn.send_data(stream_id, bytes(pending))  # the common case: one frame
             sent = size
         else:
-            frame_size = h2conn.max_outbound_frame_size
             sent = 0
             while sent < size and window > 0:
                 chunk = min(size - sent, window, frame_size)
@@ -407,15 +438,16 @@ class GrpcConnection:
                 sent += chunk
                 window -= chunk
         if sent < size:
-            state.pending = bytearray(pending[sent:])
+            del pending[:sent]
             self._blocked[stream_id] = state
             return False
-        state.pending = b""
+        state.pending = bytearray()
         self._blocked.pop(stream_id, None)
         if state.pending_trailers is not None:
             trailers, state.pending_trailers = state.pending_trailers, None
             self._end_local_now(state, trailers)
-        elif events is not None:
+        elif state.over_limit:
+            state.over_limit = False
             events.append(StreamWritable(stream_id))
         return True
 
@@ -436,6 +468,7 @@ class GrpcConnection:
         if state.pending:
             state.pending_trailers = trailers
             state.local_closed = True  # no more messages may be queued behind the end
+            self._dirty[stream_id] = state
             return
         self._end_local_now(state, trailers)
 

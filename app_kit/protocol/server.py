@@ -257,7 +257,7 @@ class ServerConnection(GrpcConnection):
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
         log.log(logging.INFO, "ending stream %d: %s", state.stream_id, message)
         # Whatever the handler queued is dropped: the status must go out now.
-        state.pending = b""
+        state.pending = bytearray()
         state.pending_trailers = None
         self._end_local_now(state, self._status_fields(state, status, message, None, []))
         events.append(StreamClosed(state.stream_id, 0, message))

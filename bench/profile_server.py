@@ -1,0 +1,72 @@
+"""Profile app_kit's bench server under h2load: ``python bench/profile_server.py [unary|stream] [SECONDS]``.
+
+Prints the top functions by own time (cProfile) — what the hot path spends per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import pathlib
+import pstats
+import subprocess
+import sys
+import tempfile
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE / "_gen"), str(HERE / "_gen" / "app_kit")]
+
+
+async def main(scenario: str, seconds: float) -> None:
+    import bench_grpc
+    import bench_pb2
+
+    from app_kit import Server
+
+    class Bench(bench_grpc.BenchBase):
+        async def Unary(self, stream):  # type: ignore[no-untyped-def]
+            await stream.send_message(await stream.recv_message())
+
+        async def ServerStream(self, stream):  # type: ignore[no-untyped-def]
+            request = await stream.recv_message()
+            reply = bench_pb2.Payload(data=b"x" * request.size)
+            for _ in range(request.count):
+                await stream.send_message(reply)
+
+        async def BidiStream(self, stream):  # type: ignore[no-untyped-def]
+            async for message in stream:
+                await stream.send_message(message)
+
+    server = Server([Bench()])
+    await server.start("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    if scenario == "unary":
+        body, path, streams = bench_pb2.Payload(data=b"0123456789").SerializeToString(), "Unary", 100
+    else:
+        body, path, streams = bench_pb2.StreamRequest(count=100, size=10).SerializeToString(), "ServerStream", 10
+    with tempfile.NamedTemporaryFile() as data:
+        data.write(b"\x00" + len(body).to_bytes(4, "big") + body)
+        data.flush()
+        profile = cProfile.Profile()
+        profile.enable()
+        process = await asyncio.create_subprocess_exec(
+            "taskset", "-c", "1", "h2load", "-t", "1", "-c", "1", "-m", str(streams), "-D", f"{int(seconds * 1000)}ms",
+            "-d", data.name, "-H", "content-type: application/grpc", "-H", "te: trailers",
+            f"http://127.0.0.1:{port}/bench.Bench/{path}", stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await process.communicate()
+        profile.disable()
+    print([line for line in out.decode().splitlines() if "req/s" in line][0])
+    server.close()
+    await server.wait_closed()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+
+
+if __name__ == "__main__":
+    from generate import generate
+
+    generate()
+    import os
+
+    os.sched_setaffinity(0, {0})
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "unary", float(sys.argv[2]) if len(sys.argv) > 2 else 3))

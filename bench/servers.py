@@ -1,0 +1,128 @@
+"""The bench service on one implementation: ``python bench/servers.py app_kit|grpclib|grpcio PORT``.
+
+Prints ``READY`` when serving. On SIGTERM prints ``SERVED {json counts}`` and exits: the
+orchestrator checks those counts against what the load generators saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import resource
+import signal
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+IMPLEMENTATION = sys.argv[1]
+sys.path[:0] = [str(HERE / "_gen"), str(HERE / "_gen" / IMPLEMENTATION)]
+
+import bench_pb2  # noqa: E402
+
+COUNTS = {"unary": 0, "stream_messages": 0, "bidi_messages": 0}
+
+
+async def serve_app_kit(port: int, stop: asyncio.Event) -> None:
+    import bench_grpc
+
+    from app_kit import Configuration, Server
+
+    class Bench(bench_grpc.BenchBase):
+        async def Unary(self, stream):  # type: ignore[no-untyped-def]
+            request = await stream.recv_message()
+            COUNTS["unary"] += 1
+            await stream.send_message(request)
+
+        async def ServerStream(self, stream):  # type: ignore[no-untyped-def]
+            request = await stream.recv_message()
+            reply = bench_pb2.Payload(data=b"x" * request.size)
+            for _ in range(request.count):
+                await stream.send_message(reply)
+            COUNTS["stream_messages"] += request.count
+
+        async def BidiStream(self, stream):  # type: ignore[no-untyped-def]
+            async for message in stream:
+                COUNTS["bidi_messages"] += 1
+                await stream.send_message(message)
+
+    config = Configuration(max_receive_message_length=8 << 20, max_send_message_length=8 << 20)
+    server = Server([Bench()], config=config)
+    await server.start("127.0.0.1", port)
+    print("READY", flush=True)
+    await stop.wait()
+    server.close(grace=1)
+    await server.wait_closed()
+
+
+async def serve_grpclib(port: int, stop: asyncio.Event) -> None:
+    import bench_grpc
+    from grpclib.server import Server
+
+    class Bench(bench_grpc.BenchBase):
+        async def Unary(self, stream):  # type: ignore[no-untyped-def]
+            request = await stream.recv_message()
+            COUNTS["unary"] += 1
+            await stream.send_message(request)
+
+        async def ServerStream(self, stream):  # type: ignore[no-untyped-def]
+            request = await stream.recv_message()
+            reply = bench_pb2.Payload(data=b"x" * request.size)
+            for _ in range(request.count):
+                await stream.send_message(reply)
+            COUNTS["stream_messages"] += request.count
+
+        async def BidiStream(self, stream):  # type: ignore[no-untyped-def]
+            async for message in stream:
+                COUNTS["bidi_messages"] += 1
+                await stream.send_message(message)
+
+    server = Server([Bench()])
+    await server.start("127.0.0.1", port)
+    print("READY", flush=True)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+
+
+async def serve_grpcio(port: int, stop: asyncio.Event) -> None:
+    import bench_pb2_grpc
+    import grpc
+
+    class Bench(bench_pb2_grpc.BenchServicer):
+        async def Unary(self, request, context):  # type: ignore[no-untyped-def]
+            COUNTS["unary"] += 1
+            return request
+
+        async def ServerStream(self, request, context):  # type: ignore[no-untyped-def]
+            reply = bench_pb2.Payload(data=b"x" * request.size)
+            for _ in range(request.count):
+                yield reply
+            COUNTS["stream_messages"] += request.count
+
+        async def BidiStream(self, requests, context):  # type: ignore[no-untyped-def]
+            async for message in requests:
+                COUNTS["bidi_messages"] += 1
+                yield message
+
+    options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+    server = grpc.aio.server(options=options)
+    bench_pb2_grpc.add_BenchServicer_to_server(Bench(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("READY", flush=True)
+    await stop.wait()
+    await server.stop(1)
+
+
+async def main(port: int) -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    serve = {"app_kit": serve_app_kit, "grpclib": serve_grpclib, "grpcio": serve_grpcio}[IMPLEMENTATION]
+    await serve(port, stop)
+    print("SERVED", json.dumps(COUNTS), flush=True)
+
+
+if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the idle-connections test
+    asyncio.run(main(int(sys.argv[2])))
