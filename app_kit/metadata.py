@@ -42,6 +42,9 @@ _RESERVED_KEYS = frozenset(
 )
 
 
+_EMPTY: Metadata = MultiDictProxy(MultiDict())
+
+
 def decode_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
     """Build the metadata multidict from received header fields.
 
@@ -49,6 +52,8 @@ def decode_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
     ending in ``-bin`` are base64-decoded (padded or not); an invalid one raises
     :class:`ValueError`.
     """
+    if not headers:
+        return _EMPTY  # the common case; read-only, so one instance serves every call
     result: MultiDict[str | bytes] = MultiDict()
     for name, value in headers:
         if name[:1] == b":" or name[:5] == b"grpc-":

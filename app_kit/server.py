@@ -293,6 +293,13 @@ class ServerProtocol(ConnectionProtocol):
         self.schedule_flush()
         self._close_if_done()
 
+    def flush_call_end(self) -> None:
+        """A call's status is queued: write it now if no other call could share the write."""
+        if len(self._calls) <= 1:
+            self.flush()  # latency: one call in flight has nothing to coalesce with
+        else:
+            self.schedule_flush()
+
     def _end_call(self, stream_id: int, status: Status, message: str) -> None:
         """End a call from outside its handler: answer it and cancel the handler."""
         stream, task = self._calls[stream_id]

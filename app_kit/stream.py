@@ -58,16 +58,20 @@ class Stream(Generic[RecvT, SendT]):
     """
 
     __slots__ = (
+        "_client_streaming",
         "_closed_reason",
         "_codec",
+        "_connection",
         "_handler",
         "_initial_sent",
+        "_max_send",
         "_messages_arrived",
         "_protocol",
         "_queue",
         "_recv_done",
         "_reply_encoding",
         "_sent",
+        "_server_streaming",
         "_status_details_codec",
         "_stream_id",
         "_trailers_sent",
@@ -96,8 +100,13 @@ class Stream(Generic[RecvT, SendT]):
         reply_encoding: str | None,
     ) -> None:
         self._protocol = protocol
+        self._connection = protocol.connection
+        self._max_send = protocol.connection.config.max_send_message_length
         self._stream_id = stream_id
         self._handler = handler
+        # Cardinality, looked up once: send_message runs per message on the hot path.
+        self._client_streaming = handler.cardinality.client_streaming
+        self._server_streaming = handler.cardinality.server_streaming
         self._codec = codec
         self._status_details_codec = status_details_codec
         self._reply_encoding = reply_encoding
@@ -141,14 +150,14 @@ class Stream(Generic[RecvT, SendT]):
         item = queue.popleft()
         if item is _END:
             self._recv_done = True
-            if not self._handler.cardinality.client_streaming:
+            if not self._client_streaming:
                 raise GRPCError(Status.INTERNAL, "the client half-closed the call without sending a request")
             return None
         data, flow_size = item
         protocol = self._protocol
         protocol.connection.acknowledge(self._stream_id, flow_size)
         protocol.schedule_flush()
-        if not self._handler.cardinality.client_streaming:
+        if not self._client_streaming:
             self._recv_done = True
         request_type = self._handler.request_type
         try:
@@ -185,23 +194,25 @@ class Stream(Generic[RecvT, SendT]):
         """Send one reply message, waiting while the client's flow-control window is full."""
         if self._trailers_sent:
             raise ProtocolError("the call is over: trailers were sent")
-        if self._sent and not self._handler.cardinality.server_streaming:
+        if self._sent and not self._server_streaming:
             raise ProtocolError(f"{self.method} is unary: it sends exactly one reply message")
         data = self._codec.encode(message, self._handler.reply_type)
-        protocol = self._protocol
-        limit = protocol.connection.config.max_send_message_length
-        if len(data) > limit:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {limit})")
+        if len(data) > self._max_send:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {self._max_send})"
+            )
         if not self._initial_sent:
             self._send_initial([])
         self._sent += 1
+        protocol = self._protocol
         try:
-            flushed = protocol.connection.send_message(self._stream_id, data)
+            ready = self._connection.send_message(self._stream_id, data)
         except StreamGone:
             self._raise_if_closed()
             raise
         protocol.schedule_flush()
-        if not flushed:
+        if not ready:
+            # Over max_send_buffer_size: wait until the queued bytes are on their way.
             self._writable = waiter = protocol.loop.create_future()
             try:
                 await waiter
@@ -223,7 +234,7 @@ class Stream(Generic[RecvT, SendT]):
         if self._trailers_sent:
             raise ProtocolError("trailers were sent already")
         status = Status(status)
-        if status is Status.OK and not self._sent and not self._handler.cardinality.server_streaming:
+        if status is Status.OK and not self._sent and not self._server_streaming:
             raise ProtocolError(f"{self.method} is unary: a reply message must be sent before status OK")
         self._raise_if_closed()
         fields = encode_metadata(metadata)
@@ -235,7 +246,7 @@ class Stream(Generic[RecvT, SendT]):
             self._protocol.connection.send_status(self._stream_id, status, status_message, details, fields)
         except StreamGone:
             return  # reset meanwhile: nobody is there to read the status
-        self._protocol.schedule_flush()
+        self._protocol.flush_call_end()
 
     async def cancel(self) -> None:
         """Abort the call with RST_STREAM CANCEL; the client sees CANCELLED."""
@@ -262,7 +273,7 @@ class Stream(Generic[RecvT, SendT]):
     def _on_message(self, data: bytes, flow_size: int) -> bool:
         """Queue a message; False if the cardinality does not allow another one."""
         self._messages_arrived += 1
-        if self._messages_arrived > 1 and not self._handler.cardinality.client_streaming:
+        if self._messages_arrived > 1 and not self._client_streaming:
             return False
         self._queue.append((data, flow_size))
         waiter = self._waiter

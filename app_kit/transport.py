@@ -33,6 +33,8 @@ class ConnectionProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._write_resumed: asyncio.Future[None] | None = None
+        #: The transport asked us to stop writing (its buffer is over the high-water mark).
+        self.write_paused = False
         self._closed = False
         self._received_since_check = False
         self._keepalive_handle: asyncio.TimerHandle | None = None
@@ -74,6 +76,7 @@ class ConnectionProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Stop timers, release waiting writers, tell the layer above."""
         self._closed = True
+        self.write_paused = False
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -87,11 +90,13 @@ class ConnectionProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The transport buffer is full: senders wait in :meth:`writable`."""
+        self.write_paused = True
         if self._write_resumed is None or self._write_resumed.done():
             self._write_resumed = self.loop.create_future()
 
     def resume_writing(self) -> None:
         """The transport buffer drained: release waiting senders."""
+        self.write_paused = False
         if self._write_resumed is not None and not self._write_resumed.done():
             self._write_resumed.set_result(None)
 
@@ -130,12 +135,6 @@ class ConnectionProtocol(asyncio.Protocol):
         data = connection.data_to_send()
         if data and not self._closed and self.transport is not None:
             self.transport.write(data)
-
-    @property
-    def write_paused(self) -> bool:
-        """The transport asked us to stop writing (its buffer is over the high-water mark)."""
-        waiter = self._write_resumed
-        return waiter is not None and not waiter.done()
 
     async def writable(self) -> None:
         """Wait while the transport's write buffer is over its high-water mark."""

@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 repetition of 2-second runs (under 2 minutes)")
     parser.add_argument("--smoke", action="store_true", help="app_kit only, tiny runs: checks the pipeline works")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for results.json and results.png")
+    parser.add_argument("--only", help="run only the scenarios whose name contains this")
     args = parser.parse_args()
     seconds = 0.5 if args.smoke else 2.0 if args.quick else 5.0
     repeats = 1 if args.quick or args.smoke else 3
@@ -255,6 +256,9 @@ def main() -> int:
 
     selected_h2load = [] if args.smoke else h2load_scenarios
     selected_loadgen = loadgen_scenarios[:1] if args.smoke else loadgen_scenarios
+    if args.only:
+        selected_h2load = [item for item in selected_h2load if args.only in item[0]]
+        selected_loadgen = [item for item in selected_loadgen if args.only in item[0]]
     for repeat in range(repeats):
         order = implementations[repeat % len(implementations) :] + implementations[: repeat % len(implementations)]
         for name, clients, streams, path, body, per_request in selected_h2load:
@@ -296,11 +300,12 @@ def main() -> int:
                     record("unary p50 latency (1 in flight)", "ms", implementation, result["p50_ms"], False)
                     record("unary p99 latency (1 in flight)", "ms", implementation, result["p99_ms"], False)
                 print(f"  {name:<36} {implementation:<8} {value:>12,.1f} {unit}", flush=True)
-        if not args.smoke:
+        if not args.smoke and (not args.only or args.only in "memory per idle connection"):
             for implementation in order:
                 kib = idle_memory(implementation, 1000)
                 record("memory per idle connection", "KiB", implementation, kib, False)
                 print(f"  {'memory per idle connection':<36} {implementation:<8} {kib:>12.1f} KiB", flush=True)
+        if not args.smoke and (not args.only or args.only in "launch to first call"):
             for implementation in order:
                 port = free_port()
                 seconds_to_call = launch_time(
@@ -311,7 +316,7 @@ def main() -> int:
                     )(bench_pb2.Payload(), timeout=1),
                 )
                 record("launch to first call (bench server)", "ms", implementation, seconds_to_call * 1e3, False)
-    if not args.smoke:
+    if not args.smoke and (not args.only or args.only in "launch to first call"):
         sys.path.insert(0, str(ROOT))
         from examples.cafe import cafe_pb2
 

@@ -47,7 +47,7 @@ class RequestHead:
     ) -> None:
         #: ``/package.Service/Method``.
         self.path = path
-        #: Every header field as received (names lower-case), for metadata decoding.
+        #: The custom-metadata header fields, as received (not decoded yet).
         self.headers = headers
         #: Seconds from ``grpc-timeout``, or None.
         self.timeout = timeout

@@ -36,6 +36,20 @@ _BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 # RFC 9113 §8.2.2: connection-specific fields make a request malformed.
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 _PSEUDO_HEADERS = frozenset({b":method", b":scheme", b":path", b":authority"})
+# Names every gRPC request carries, valid by construction: no regex for them.
+_COMMON_NAMES = frozenset(
+    {
+        b"content-type",
+        b"te",
+        b"user-agent",
+        b"grpc-timeout",
+        b"grpc-encoding",
+        b"grpc-accept-encoding",
+        b"accept-encoding",
+        b"grpc-trace-bin",
+        b"grpc-tags-bin",
+    }
+)
 _GRPC_CONTENT_TYPE = b"application/grpc"
 _CONTENT_TYPE_FIELD = (b"content-type", b"application/grpc")
 
@@ -67,6 +81,7 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
     content_type = timeout = encoding = accept = user_agent = None
     seen_regular = False
     seen_pseudo: set[bytes] = set()
+    metadata: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         if _BAD_FIELD_VALUE.search(value):
             raise _Malformed(f"invalid characters in the value of {name!r}")
@@ -88,10 +103,20 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
                 authority = value
             continue
         seen_regular = True
-        if not _FIELD_NAME.match(name):
-            raise _Malformed(f"invalid header name {name!r}")
-        if name in _CONNECTION_SPECIFIC:
-            raise _Malformed(f"connection-specific header {name!r}")
+        if name not in _COMMON_NAMES:
+            if not _FIELD_NAME.match(name):
+                raise _Malformed(f"invalid header name {name!r}")
+            if name in _CONNECTION_SPECIFIC:
+                raise _Malformed(f"connection-specific header {name!r}")
+            if name[:5] != b"grpc-":
+                metadata.append((name, value))
+            elif name == b"grpc-timeout":
+                timeout = value
+            elif name == b"grpc-encoding":
+                encoding = value
+            elif name == b"grpc-accept-encoding":
+                accept = value
+            continue
         if name == b"content-type":
             content_type = value
         elif name == b"grpc-timeout":
@@ -135,7 +160,7 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
     accepted = frozenset(item.strip() for item in accept.decode("latin-1").split(",")) if accept else frozenset()
     return RequestHead(
         path=path.decode("latin-1"),
-        headers=headers,
+        headers=metadata,
         timeout=seconds,
         encoding=recv_encoding,
         accept_encoding=accepted,
