@@ -28,10 +28,17 @@ def generate() -> pathlib.Path:
     grpclib_plugin = _plugin(GEN, "grpclib_python", "grpclib.plugin.main")
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{HERE}", f"--python_out={GEN}",
-            f"--plugin=protoc-gen-app_kit={app_kit_plugin}", f"--app_kit_out={GEN / 'app_kit'}",
-            f"--plugin=protoc-gen-grpclib_python={grpclib_plugin}", f"--grpclib_python_out={GEN / 'grpclib'}",
-            f"--grpc_python_out={GEN / 'grpcio'}", "bench.proto",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{HERE}",
+            f"--python_out={GEN}",
+            f"--plugin=protoc-gen-app_kit={app_kit_plugin}",
+            f"--app_kit_out={GEN / 'app_kit'}",
+            f"--plugin=protoc-gen-grpclib_python={grpclib_plugin}",
+            f"--grpclib_python_out={GEN / 'grpclib'}",
+            f"--grpc_python_out={GEN / 'grpcio'}",
+            "bench.proto",
         ],
         check=True,
         cwd=HERE,

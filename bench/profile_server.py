@@ -9,7 +9,6 @@ import asyncio
 import cProfile
 import pathlib
 import pstats
-import subprocess
 import sys
 import tempfile
 
@@ -50,13 +49,30 @@ async def main(scenario: str, seconds: float) -> None:
         profile = cProfile.Profile()
         profile.enable()
         process = await asyncio.create_subprocess_exec(
-            "taskset", "-c", "1", "h2load", "-t", "1", "-c", "1", "-m", str(streams), "-D", f"{int(seconds * 1000)}ms",
-            "-d", data.name, "-H", "content-type: application/grpc", "-H", "te: trailers",
-            f"http://127.0.0.1:{port}/bench.Bench/{path}", stdout=asyncio.subprocess.PIPE,
+            "taskset",
+            "-c",
+            "1",
+            "h2load",
+            "-t",
+            "1",
+            "-c",
+            "1",
+            "-m",
+            str(streams),
+            "-D",
+            f"{int(seconds * 1000)}ms",
+            "-d",
+            data.name,
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            f"http://127.0.0.1:{port}/bench.Bench/{path}",
+            stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await process.communicate()
         profile.disable()
-    print([line for line in out.decode().splitlines() if "req/s" in line][0])
+    print(next(line for line in out.decode().splitlines() if "req/s" in line))
     server.close()
     await server.wait_closed()
     pstats.Stats(profile).sort_stats("tottime").print_stats(30)

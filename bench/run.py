@@ -79,7 +79,15 @@ class BenchServer:
 
     def __enter__(self) -> BenchServer:
         self.process = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, sys.executable, str(HERE / "servers.py"), self.implementation, str(self.port)],
+            [
+                "taskset",
+                "-c",
+                SERVER_CPU,
+                sys.executable,
+                str(HERE / "servers.py"),
+                self.implementation,
+                str(self.port),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -110,9 +118,24 @@ def run_h2load(port: int, seconds: float, clients: int, streams: int, path: str,
         data.flush()
         completed = subprocess.run(
             [
-                "taskset", "-c", LOAD_CPU, "h2load", "-t", "1", "-c", str(clients), "-m", str(streams),
-                "-D", f"{int(seconds * 1000)}ms", "-d", data.name,
-                "-H", "content-type: application/grpc", "-H", "te: trailers",
+                "taskset",
+                "-c",
+                LOAD_CPU,
+                "h2load",
+                "-t",
+                "1",
+                "-c",
+                str(clients),
+                "-m",
+                str(streams),
+                "-D",
+                f"{int(seconds * 1000)}ms",
+                "-d",
+                data.name,
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
                 f"http://127.0.0.1:{port}{path}",
             ],
             capture_output=True,
@@ -120,7 +143,9 @@ def run_h2load(port: int, seconds: float, clients: int, streams: int, path: str,
             timeout=seconds + 60,
         )
     out = completed.stdout + completed.stderr
-    requests = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    requests = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out
+    )
     rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     if requests is None or rate is None:
         raise GateFailed(f"unexpected h2load output:\n{out}")
@@ -192,7 +217,9 @@ def launch_time(command: list[str], port: int, call: Any) -> float:
     import grpc
 
     started = time.perf_counter()
-    process = subprocess.Popen(["taskset", "-c", SERVER_CPU, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        ["taskset", "-c", SERVER_CPU, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             while True:
@@ -221,7 +248,7 @@ def main() -> int:
     if not args.smoke and shutil.which("h2load") is None:
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.sched_setaffinity(0, {int(LOAD_CPU)})
 
@@ -274,10 +301,18 @@ def main() -> int:
                 if not result["succeeded"] <= served <= result["succeeded"] + clients * streams + 1000:
                     raise GateFailed(f"{name} {implementation}: h2load saw {result['succeeded']}, server {served}")
                 cpu_per_call_us = cpu / served * 1e6 if served else 0.0
-                record(name, "calls/s" if per_request == 1 else "msgs/s", implementation,
-                       result["rate"] * per_request, cpu_us_per_call=cpu_per_call_us)
-                print(f"  {name:<36} {implementation:<8} {result['rate'] * per_request:>12,.0f}  "
-                      f"server CPU {cpu_per_call_us:6.1f} µs/call", flush=True)
+                record(
+                    name,
+                    "calls/s" if per_request == 1 else "msgs/s",
+                    implementation,
+                    result["rate"] * per_request,
+                    cpu_us_per_call=cpu_per_call_us,
+                )
+                print(
+                    f"  {name:<36} {implementation:<8} {result['rate'] * per_request:>12,.0f}  "
+                    f"server CPU {cpu_per_call_us:6.1f} µs/call",
+                    flush=True,
+                )
         for name, scenario, unit in selected_loadgen:
             for implementation in order:
                 with BenchServer(implementation) as server:

@@ -14,6 +14,6 @@ def test_ruff_clean() -> None:
     ruff = shutil.which("ruff")
     command = [ruff] if ruff else [sys.executable, "-m", "ruff"]
     result = subprocess.run(
-        [*command, "check", "app_kit", "tests", "examples"], cwd=ROOT, capture_output=True, text=True
+        [*command, "check", "app_kit", "tests", "examples", "bench", "tools"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
