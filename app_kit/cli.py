@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import logging
 import os
@@ -12,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import eventloop
 from .lifecycle import App, StartupError
 from .settings import AppSettings, SettingsError, load_settings
 
@@ -83,7 +83,7 @@ def run_app(
     level = log_level or settings.log_level
     configure_logging(level)
     try:
-        asyncio.run(app.run(settings))
+        eventloop.run(app.run(settings))
     except StartupError as exc:
         # One clear line; the traceback of the cause only when debugging.
         log.error("start-up failed: %s", exc, exc_info=exc if level == "DEBUG" else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 from .protocol.connection import GrpcConnection
 from .protocol.events import ConnectionClosed, Event
@@ -46,8 +47,9 @@ class ConnectionProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Send our connection preface and start the keepalive timer."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports implement the interface without
+        # subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         self.connection.initiate()
         self.flush()
         self._handshake_handle = self.loop.call_later(self.connection.config.handshake_timeout, self._handshake_expired)

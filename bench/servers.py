@@ -123,6 +123,12 @@ async def main(port: int) -> None:
 
 
 if __name__ == "__main__":
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the idle-connections test
-    asyncio.run(main(int(sys.argv[2])))
+    if IMPLEMENTATION == "grpcio":
+        asyncio.run(main(int(sys.argv[2])))  # grpc.aio drives its own core; asyncio's loop
+    else:
+        # app_kit runs on uvloop when installed (app_kit.eventloop); grpclib gets the same.
+        from app_kit import eventloop
+
+        eventloop.run(main(int(sys.argv[2])))

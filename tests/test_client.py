@@ -355,7 +355,7 @@ async def test_generated_stub_against_our_server_tcp_unix_tls() -> None:
         path = os.path.join(directory, "cafe.sock")
         async with running_server([CoffeeMachine()], path=path), Channel(path=path) as channel:
             await exercise(channel)
-    trustme = pytest.importorskip("trustme")
+    import trustme
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_context)

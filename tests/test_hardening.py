@@ -163,9 +163,11 @@ async def test_continuation_flood_is_cut_off_at_the_header_limit(server_process)
         # Send until the GOAWAY arrives; what the server discards while lingering is never parsed.
         while sent < 64 * MiB and not peer.goaways and await peer.send(chunk):
             sent += len(chunk)
+            await asyncio.sleep(0)  # let our reader see the GOAWAY as soon as it arrives
         await peer.wait_closed()
     assert [g.error_code for g in peer.goaways] == [ENHANCE_YOUR_CALM]
-    assert sent < 8 * MiB, f"the GOAWAY came only after {sent / MiB:.0f} MiB of header block"
+    # Socket buffers on both ends hold a few MiB in flight; the block itself is cut at 32 KiB.
+    assert sent < 16 * MiB, f"the GOAWAY came only after {sent / MiB:.0f} MiB of header block"
     assert process_cpu_seconds(pid) - cpu_before < 0.5
     await _sleeper_call_succeeds(server_process.port)
 
