@@ -10,14 +10,16 @@ import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .client import Channel
 from .handlers import ServiceLike
 from .health import Health, HealthCheck
 from .server import Server
 from .settings import AppSettings, load_settings
 from .signals import graceful_exit
+
+if TYPE_CHECKING:
+    from .client import Channel
 
 __all__ = ["App", "RunningApp", "StartupError"]
 
@@ -76,6 +78,8 @@ class RunningApp(Generic[S]):
 
     def channel(self, **options: Any) -> Channel:
         """A client Channel to this app's server."""
+        from .client import Channel
+
         if self.settings.path is not None:
             return Channel(path=self.settings.path, **options)
         host, port = self.server.sockets[0].getsockname()[:2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import ClassVar
 
 import h2.errors
 import h2.events
@@ -55,13 +56,17 @@ def status_for_reset(error_code: int) -> Status:
 class ClientConnection(GrpcConnection):
     """A client's connection: starts calls and reports their responses."""
 
+    _HANDLERS: ClassVar[dict[type, str]] = {
+        **GrpcConnection._HANDLERS,
+        h2.events.ResponseReceived: "_on_response",
+        h2.events.TrailersReceived: "_on_trailers",
+    }
+
     def __init__(self, config: Configuration, *, authority: str, scheme: str, user_agent: str) -> None:
         super().__init__(config, client_side=True)
         self._authority = authority.encode("ascii")
         self._scheme = scheme.encode("ascii")
         self._user_agent = user_agent.encode("ascii")
-        self._handlers[h2.events.ResponseReceived] = self._on_response
-        self._handlers[h2.events.TrailersReceived] = self._on_trailers
         #: The peer sent GOAWAY: no new calls may start here.
         self.going_away = False
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+from typing import ClassVar
 
 import h2.errors
 import h2.events
@@ -183,10 +184,11 @@ def _is_grpc_content_type(value: bytes | None, subtype: bytes) -> bool:
 class ServerConnection(GrpcConnection):
     """A server's connection: turns requests into events and calls' outcomes into frames."""
 
+    _HANDLERS: ClassVar[dict[type, str]] = {**GrpcConnection._HANDLERS, h2.events.RequestReceived: "_on_request"}
+
     def __init__(self, config: Configuration, *, content_subtype: str = "proto") -> None:
         super().__init__(config, client_side=False)
         self._content_subtype = content_subtype.encode("ascii")
-        self._handlers[h2.events.RequestReceived] = self._on_request
         #: 0: serving; 1: first GOAWAY and PING sent; 2: final GOAWAY sent.
         self.shutdown_phase = 0
         self._last_stream_id = _MAX_STREAM_ID
