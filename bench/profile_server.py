@@ -1,4 +1,4 @@
-"""Profile app_kit's bench server under h2load: ``python bench/profile_server.py [unary|stream] [SECONDS]``.
+"""Profile app_kit's bench server under h2load: ``python bench/profile_server.py [unary|stream|big] [SECONDS]``.
 
 Prints the top functions by own time (cProfile) — what the hot path spends per call.
 """
@@ -41,6 +41,8 @@ async def main(scenario: str, seconds: float) -> None:
     port = server.sockets[0].getsockname()[1]
     if scenario == "unary":
         body, path, streams = bench_pb2.Payload(data=b"0123456789").SerializeToString(), "Unary", 100
+    elif scenario == "big":
+        body, path, streams = bench_pb2.Payload(data=b"m" * (1 << 20)).SerializeToString(), "Unary", 2
     else:
         body, path, streams = bench_pb2.StreamRequest(count=100, size=10).SerializeToString(), "ServerStream", 10
     with tempfile.NamedTemporaryFile() as data:

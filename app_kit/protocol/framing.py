@@ -28,56 +28,78 @@ def frame_message(payload: bytes, compressed: bool = False) -> bytes:
 class MessageDecoder:
     """Splits one stream's DATA payload, however it is cut into frames, into messages.
 
-    The length prefix is checked against ``max_length`` as soon as it arrives, before
-    any of the message is buffered.
+    The length prefix is checked against ``max_length`` as soon as it arrives, before any of
+    the message is buffered. The pieces of a message spread over many frames are kept as
+    they came and joined once, when it is complete: one copy, however large the message.
     """
 
-    __slots__ = ("_buffer", "_max_length")
+    __slots__ = ("_chunks", "_compressed", "_max_length", "_missing", "_prefix")
 
     def __init__(self, max_length: int) -> None:
-        self._buffer = bytearray()
         self._max_length = max_length
+        self._prefix = b""  # an incomplete length prefix
+        self._chunks: list[bytes] = []  # the pieces of the message being received
+        self._missing = -1  # bytes of that message still to come; -1 while reading a prefix
+        self._compressed = False
 
     @property
     def buffered(self) -> int:
-        """Bytes of an incomplete message held back."""
-        return len(self._buffer)
+        """Bytes of an incomplete message received so far (0 exactly between messages)."""
+        if self._missing < 0:
+            return len(self._prefix)
+        return _PREFIX + sum(len(chunk) for chunk in self._chunks)
 
     def feed(self, data: bytes) -> tuple[list[tuple[bool, bytes, int]], int]:
         """Take one DATA payload; return the messages it completes and the bytes it left over.
 
         Each message is ``(compressed, payload, share)``, where ``share`` is how many bytes of
         ``data`` belong to that message (for flow control: they are acknowledged when the
-        application consumes the message). The second value counts the bytes of ``data``
-        that only went into the buffer of a still incomplete message.
+        application consumes the message). The second value counts the bytes of ``data`` that
+        only went into an incomplete message.
         """
-        buffer = self._buffer
-        carried = len(buffer)
-        if not carried and len(data) >= _PREFIX:
-            # Fast path: a frame that starts on a message boundary needs no copy into the buffer.
-            view = data
-        else:
-            buffer += data
-            view = buffer
-        size = len(view)
         messages = []
+        size = len(data)
         position = 0
-        consumed_from_data = 0
-        while size - position >= _PREFIX:
-            flag = view[position]
-            if flag > 1:
-                raise FramingError(f"invalid compressed flag {flag} in message prefix")
-            length = int.from_bytes(view[position + 1 : position + 5], "big")
-            if length > self._max_length:
-                raise MessageTooLarge(length, self._max_length)
-            end = position + _PREFIX + length
+        share_start = 0  # where the share of the next completed message starts in data
+        while position < size:
+            if self._missing < 0:
+                if self._prefix or size - position < _PREFIX:
+                    take = _PREFIX - len(self._prefix)
+                    self._prefix += data[position : position + take]
+                    position += min(take, size - position)
+                    if len(self._prefix) < _PREFIX:
+                        break
+                    prefix, self._prefix = self._prefix, b""
+                else:
+                    prefix = data[position : position + _PREFIX]
+                    position += _PREFIX
+                flag = prefix[0]
+                if flag > 1:
+                    raise FramingError(f"invalid compressed flag {flag} in message prefix")
+                length = int.from_bytes(prefix[1:5], "big")
+                if length > self._max_length:
+                    raise MessageTooLarge(length, self._max_length)
+                self._compressed = flag == 1
+                self._missing = length
+                if length == 0:
+                    messages.append((self._compressed, b"", position - share_start))
+                    share_start = position
+                    self._missing = -1
+                continue
+            end = position + self._missing
             if end > size:
+                self._chunks.append(data[position:])
+                self._missing -= size - position
+                position = size
                 break
-            messages.append((flag == 1, bytes(view[position + _PREFIX : end]), end - carried - consumed_from_data))
-            consumed_from_data = end - carried
+            if self._chunks:
+                self._chunks.append(data[position:end])
+                payload = b"".join(self._chunks)
+                self._chunks = []
+            else:
+                payload = data[position:end]
             position = end
-        if view is buffer:
-            del buffer[:position]
-        elif position < size:
-            buffer += memoryview(data)[position:]
-        return messages, len(data) - consumed_from_data
+            messages.append((self._compressed, payload, position - share_start))
+            share_start = position
+            self._missing = -1
+        return messages, size - share_start
