@@ -121,3 +121,22 @@ def test_grpc_error() -> None:
     assert error.status is Status.NOT_FOUND and str(error) == "NOT_FOUND: missing"
     assert GRPCError(5).status is Status.NOT_FOUND
     assert [s.value for s in Status] == list(range(17))
+
+
+def test_frame_repr_replacement_gives_hyperframes_exact_text() -> None:
+    import binascii
+
+    from app_kit.protocol import _hyperframe_repr
+
+    def hyperframes(data: bytes | None) -> str:  # hyperframe's definition, for comparison
+        if not data:
+            return "None"
+        r = binascii.hexlify(data).decode("ascii")
+        if len(r) > 20:
+            r = r[:20] + "..."
+        return "<hex:" + r + ">"
+
+    for size in [*range(0, 30), 16384, 1 << 20]:
+        data = bytes(range(256)) * (size // 256 + 1)
+        assert _hyperframe_repr.raw_data_repr(data[:size]) == hyperframes(data[:size])
+    assert _hyperframe_repr.raw_data_repr(None) == "None"

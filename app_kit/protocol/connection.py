@@ -27,6 +27,7 @@ from hyperframe.frame import GoAwayFrame
 from ..compression import DecompressedTooLarge, DecompressionError, compress, decompress
 from ..config import Configuration
 from ..status import Status
+from . import _hyperframe_repr  # noqa: F401 - installs the constant-cost frame repr
 from .events import (
     ConnectionClosed,
     EndOfStream,
