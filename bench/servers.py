@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pathlib
 import resource
 import signal
@@ -125,7 +126,7 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the idle-connections test
-    if IMPLEMENTATION == "grpcio":
+    if IMPLEMENTATION == "grpcio" or os.environ.get("BENCH_LOOP") == "asyncio":
         asyncio.run(main(int(sys.argv[2])))  # grpc.aio drives its own core; asyncio's loop
     else:
         # app_kit runs on uvloop when installed (app_kit.eventloop); grpclib gets the same.
