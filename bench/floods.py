@@ -1,0 +1,126 @@
+"""Full-size flood attacks against ``python -m app_kit run``: ``python bench/floods.py``.
+
+For each attack: what the server answered, and what it cost the server in CPU time and
+memory. The test suite runs the same attacks at a size that keeps it fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import hpack  # noqa: E402
+
+from tests.frames import (  # noqa: E402
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    HANDSHAKE,
+    HEADERS,
+    PING,
+    RST_STREAM,
+    SETTINGS,
+    RawPeer,
+    frame,
+    process_cpu_seconds,
+    process_rss_bytes,
+    request_block,
+)
+from tests.process import AppProcess  # noqa: E402
+
+MiB = 1 << 20
+
+
+def attack(kind: str, count: int) -> bytes:
+    encoder = hpack.Encoder()
+    parts = [HANDSHAKE]
+    if kind == "rapid reset":
+        for index in range(count):
+            stream_id = 2 * index + 1
+            parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder)))
+            parts.append(frame(RST_STREAM, 0, stream_id, b"\x00\x00\x00\x08"))
+    elif kind == "PING":
+        parts += [frame(PING, 0, 0, index.to_bytes(8, "big")) for index in range(count)]
+    elif kind == "SETTINGS":
+        parts += [frame(SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")] * count
+    elif kind == "empty DATA":
+        parts.append(frame(HEADERS, END_HEADERS, 1, request_block(encoder)))
+        parts += [frame(DATA, 0, 1)] * count
+    return b"".join(parts)
+
+
+async def flood(port: int, data: bytes) -> tuple[str, float]:
+    started = time.perf_counter()
+    async with RawPeer(port) as peer:
+        for start in range(0, len(data), 1 << 16):
+            if not await peer.send(data[start : start + (1 << 16)]):
+                break
+        await peer.wait_closed(30)
+    answer = ", ".join(f"GOAWAY {g.error_code} {g.additional_data!r}" for g in peer.goaways) or "no GOAWAY"
+    return answer, time.perf_counter() - started
+
+
+async def continuation_flood(port: int, limit: int) -> tuple[str, float]:
+    started = time.perf_counter()
+    sent = 0
+    async with RawPeer(port) as peer:
+        await peer.send(HANDSHAKE + frame(HEADERS, 0, 1, request_block()))
+        chunk = frame(CONTINUATION, 0, 1, b"\x00" * 16384) * 64
+        while sent < limit and not peer.goaways and await peer.send(chunk):
+            sent += len(chunk)
+            await asyncio.sleep(0)
+        await peer.wait_closed(30)
+    answer = ", ".join(f"GOAWAY {g.error_code}" for g in peer.goaways) or "no GOAWAY"
+    return f"{answer} after {sent / MiB:.0f} MiB sent", time.perf_counter() - started
+
+
+async def idle_connections(port: int, count: int) -> tuple[str, float]:
+    started = time.perf_counter()
+    writers = []
+    for _ in range(count):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HANDSHAKE)
+        writers.append(writer)
+    await asyncio.sleep(1)
+    for writer in writers:
+        writer.close()
+    return f"{count} connections held", time.perf_counter() - started
+
+
+async def main() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    async with AppProcess("examples.cafe.app:app", "--port", "0") as app:
+        port = await app.ready()
+        pid = app.process.pid
+        print(f"{'attack':<34}{'server CPU':>12}{'memory growth':>16}  answer")
+        cases = [
+            ("rapid reset x 100,000", flood(port, attack("rapid reset", 100_000))),
+            ("PING x 1,000,000", flood(port, attack("PING", 1_000_000))),
+            ("SETTINGS x 200,000", flood(port, attack("SETTINGS", 200_000))),
+            ("empty DATA x 1,000,000", flood(port, attack("empty DATA", 1_000_000))),
+            ("CONTINUATION, up to 1 GiB", continuation_flood(port, 1 << 30)),
+            ("idle connections x 2,000", idle_connections(port, 2000)),
+        ]
+        for name, run in cases:
+            cpu, rss = process_cpu_seconds(pid), process_rss_bytes(pid)
+            answer, elapsed = await run
+            await asyncio.sleep(0.2)
+            print(
+                f"{name:<34}{process_cpu_seconds(pid) - cpu:>10.2f} s"
+                f"{(process_rss_bytes(pid) - rss) / MiB:>13.1f} MiB  {answer} ({elapsed:.1f} s)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    asyncio.run(main())
