@@ -18,7 +18,7 @@ def _plugin(directory: pathlib.Path, name: str, module: str) -> pathlib.Path:
     return script
 
 
-def generate() -> pathlib.Path:
+def generate(with_grpclib: bool = True) -> pathlib.Path:
     """(Re)create bench/_gen with bench_pb2 and one directory of stubs per implementation."""
     if GEN.exists():
         shutil.rmtree(GEN)

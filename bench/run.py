@@ -274,7 +274,7 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from generate import generate
 
-    generate()
+    generate(with_grpclib=not args.smoke)
     sys.path[:0] = [str(HERE / "_gen"), str(HERE / "_gen" / "grpcio")]
     import bench_pb2
 

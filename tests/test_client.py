@@ -356,6 +356,7 @@ async def test_generated_stub_against_our_server_tcp_unix_tls() -> None:
         async with running_server([CoffeeMachine()], path=path), Channel(path=path) as channel:
             await exercise(channel)
     import trustme
+
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_context)

@@ -266,6 +266,7 @@ async def test_ipv6() -> None:
 
 async def test_tls_with_alpn_and_client_certificate() -> None:
     import trustme
+
     ca = trustme.CA()
     server_cert = ca.issue_cert("localhost")
     client_cert = ca.issue_cert("client@example")
