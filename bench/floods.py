@@ -15,18 +15,13 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import hpack  # noqa: E402
 
 from tests.frames import (  # noqa: E402
     CONTINUATION,
-    DATA,
-    END_HEADERS,
     HANDSHAKE,
     HEADERS,
-    PING,
-    RST_STREAM,
-    SETTINGS,
     RawPeer,
+    flood,
     frame,
     process_cpu_seconds,
     process_rss_bytes,
@@ -37,25 +32,7 @@ from tests.process import AppProcess  # noqa: E402
 MiB = 1 << 20
 
 
-def attack(kind: str, count: int) -> bytes:
-    encoder = hpack.Encoder()
-    parts = [HANDSHAKE]
-    if kind == "rapid reset":
-        for index in range(count):
-            stream_id = 2 * index + 1
-            parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder)))
-            parts.append(frame(RST_STREAM, 0, stream_id, b"\x00\x00\x00\x08"))
-    elif kind == "PING":
-        parts += [frame(PING, 0, 0, index.to_bytes(8, "big")) for index in range(count)]
-    elif kind == "SETTINGS":
-        parts += [frame(SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")] * count
-    elif kind == "empty DATA":
-        parts.append(frame(HEADERS, END_HEADERS, 1, request_block(encoder)))
-        parts += [frame(DATA, 0, 1)] * count
-    return b"".join(parts)
-
-
-async def flood(port: int, data: bytes) -> tuple[str, float]:
+async def run_flood(port: int, data: bytes) -> tuple[str, float]:
     started = time.perf_counter()
     async with RawPeer(port) as peer:
         for start in range(0, len(data), 1 << 16):
@@ -103,10 +80,10 @@ async def main() -> None:
         pid = app.process.pid
         print(f"{'attack':<34}{'server CPU':>12}{'memory growth':>16}  answer")
         cases = [
-            ("rapid reset x 100,000", flood(port, attack("rapid reset", 100_000))),
-            ("PING x 1,000,000", flood(port, attack("PING", 1_000_000))),
-            ("SETTINGS x 200,000", flood(port, attack("SETTINGS", 200_000))),
-            ("empty DATA x 1,000,000", flood(port, attack("empty DATA", 1_000_000))),
+            ("rapid reset x 100,000", run_flood(port, flood("rapid reset", 100_000))),
+            ("PING x 1,000,000", run_flood(port, flood("PING", 1_000_000))),
+            ("SETTINGS x 200,000", run_flood(port, flood("SETTINGS", 200_000))),
+            ("empty DATA x 1,000,000", run_flood(port, flood("empty DATA", 1_000_000))),
             ("CONTINUATION, up to 1 GiB", continuation_flood(port, 1 << 30)),
             ("idle connections x 2,000", idle_connections(port, 2000)),
         ]

@@ -35,8 +35,12 @@ def generate(with_grpclib: bool = True) -> pathlib.Path:
             f"--python_out={GEN}",
             f"--plugin=protoc-gen-app_kit={app_kit_plugin}",
             f"--app_kit_out={GEN / 'app_kit'}",
-            f"--plugin=protoc-gen-grpclib_python={grpclib_plugin}",
-            f"--grpclib_python_out={GEN / 'grpclib'}",
+            # grpclib's plugin only when grpclib is installed (the --smoke run needs none).
+            *(
+                [f"--plugin=protoc-gen-grpclib_python={grpclib_plugin}", f"--grpclib_python_out={GEN / 'grpclib'}"]
+                if with_grpclib
+                else []
+            ),
             f"--grpc_python_out={GEN / 'grpcio'}",
             "bench.proto",
         ],

@@ -23,28 +23,34 @@ import bench_pb2  # noqa: E402
 COUNTS = {"unary": 0, "stream_messages": 0, "bidi_messages": 0}
 
 
+class BenchMethods:
+    """The service for app_kit and grpclib alike: their Stream APIs are the same."""
+
+    async def Unary(self, stream):  # type: ignore[no-untyped-def]
+        request = await stream.recv_message()
+        COUNTS["unary"] += 1
+        await stream.send_message(request)
+
+    async def ServerStream(self, stream):  # type: ignore[no-untyped-def]
+        request = await stream.recv_message()
+        reply = bench_pb2.Payload(data=b"x" * request.size)
+        for _ in range(request.count):
+            await stream.send_message(reply)
+        COUNTS["stream_messages"] += request.count
+
+    async def BidiStream(self, stream):  # type: ignore[no-untyped-def]
+        async for message in stream:
+            COUNTS["bidi_messages"] += 1
+            await stream.send_message(message)
+
+
 async def serve_app_kit(port: int, stop: asyncio.Event) -> None:
     import bench_grpc
 
     from app_kit import Configuration, Server
 
-    class Bench(bench_grpc.BenchBase):
-        async def Unary(self, stream):  # type: ignore[no-untyped-def]
-            request = await stream.recv_message()
-            COUNTS["unary"] += 1
-            await stream.send_message(request)
-
-        async def ServerStream(self, stream):  # type: ignore[no-untyped-def]
-            request = await stream.recv_message()
-            reply = bench_pb2.Payload(data=b"x" * request.size)
-            for _ in range(request.count):
-                await stream.send_message(reply)
-            COUNTS["stream_messages"] += request.count
-
-        async def BidiStream(self, stream):  # type: ignore[no-untyped-def]
-            async for message in stream:
-                COUNTS["bidi_messages"] += 1
-                await stream.send_message(message)
+    class Bench(BenchMethods, bench_grpc.BenchBase):
+        pass
 
     config = Configuration(max_receive_message_length=8 << 20, max_send_message_length=8 << 20)
     server = Server([Bench()], config=config)
@@ -59,23 +65,8 @@ async def serve_grpclib(port: int, stop: asyncio.Event) -> None:
     import bench_grpc
     from grpclib.server import Server
 
-    class Bench(bench_grpc.BenchBase):
-        async def Unary(self, stream):  # type: ignore[no-untyped-def]
-            request = await stream.recv_message()
-            COUNTS["unary"] += 1
-            await stream.send_message(request)
-
-        async def ServerStream(self, stream):  # type: ignore[no-untyped-def]
-            request = await stream.recv_message()
-            reply = bench_pb2.Payload(data=b"x" * request.size)
-            for _ in range(request.count):
-                await stream.send_message(reply)
-            COUNTS["stream_messages"] += request.count
-
-        async def BidiStream(self, stream):  # type: ignore[no-untyped-def]
-            async for message in stream:
-                COUNTS["bidi_messages"] += 1
-                await stream.send_message(message)
+    class Bench(BenchMethods, bench_grpc.BenchBase):
+        pass
 
     server = Server([Bench()])
     await server.start("127.0.0.1", port)

@@ -34,6 +34,27 @@ def request_block(encoder: hpack.Encoder | None = None, path: str = "/test.Sleep
 HANDSHAKE = PREFACE + frame(SETTINGS, 0, 0)
 
 
+def flood(kind: str, count: int) -> bytes:
+    """A connection that opens with ``count`` frames of one flood: rapid reset, PING, SETTINGS, empty DATA."""
+    encoder = hpack.Encoder()
+    parts = [HANDSHAKE]
+    if kind == "rapid reset":
+        for index in range(count):
+            stream_id = 2 * index + 1
+            parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder)))
+            parts.append(frame(RST_STREAM, 0, stream_id, b"\x00\x00\x00\x08"))
+    elif kind == "PING":
+        parts += [frame(PING, 0, 0, index.to_bytes(8, "big")) for index in range(count)]
+    elif kind == "SETTINGS":
+        parts += [frame(SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")] * count
+    elif kind == "empty DATA":
+        parts.append(frame(HEADERS, END_HEADERS, 1, request_block(encoder)))
+        parts += [frame(DATA, 0, 1)] * count
+    else:
+        raise ValueError(kind)
+    return b"".join(parts)
+
+
 class RawPeer:
     """Writes bytes, collects every frame the server sends until it closes the connection."""
 

@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 import grpc
-import hpack
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue
 
@@ -24,6 +23,7 @@ from .frames import (
     SETTINGS,
     WINDOW_UPDATE,
     RawPeer,
+    flood,
     frame,
     process_cpu_seconds,
     process_rss_bytes,
@@ -108,24 +108,6 @@ async def server_process():  # type: ignore[no-untyped-def]
         yield app
 
 
-def _attack(kind: str, count: int) -> bytes:
-    encoder = hpack.Encoder()
-    parts = [HANDSHAKE]
-    if kind == "rapid reset":
-        for index in range(count):
-            stream_id = 2 * index + 1
-            parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder)))
-            parts.append(frame(RST_STREAM, 0, stream_id, b"\x00\x00\x00\x08"))
-    elif kind == "PING":
-        parts += [frame(PING, 0, 0, index.to_bytes(8, "big")) for index in range(count)]
-    elif kind == "SETTINGS":
-        parts += [frame(SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")] * count
-    elif kind == "empty DATA":
-        parts.append(frame(HEADERS, END_HEADERS, 1, request_block(encoder)))
-        parts += [frame(DATA, 0, 1)] * count
-    return b"".join(parts)
-
-
 @pytest.mark.parametrize(
     ("kind", "count", "debug"),
     [
@@ -137,7 +119,7 @@ def _attack(kind: str, count: int) -> bytes:
 )
 async def test_floods_are_cut_off_cheaply(server_process, kind: str, count: int, debug: bytes) -> None:  # type: ignore[no-untyped-def]
     pid = server_process.process.pid
-    attack = _attack(kind, count)
+    attack = flood(kind, count)
     cpu_before, rss_before = process_cpu_seconds(pid), process_rss_bytes(pid)
     async with RawPeer(server_process.port) as peer:
         for start in range(0, len(attack), 1 << 16):
@@ -174,7 +156,7 @@ async def test_continuation_flood_is_cut_off_at_the_header_limit(server_process)
 
 async def test_rejected_peers_are_logged_once_each_without_tracebacks(server_process) -> None:  # type: ignore[no-untyped-def]
     async with RawPeer(server_process.port) as peer:
-        await peer.send(_attack("PING", 2000))
+        await peer.send(flood("PING", 2000))
         await peer.wait_closed()
     await asyncio.sleep(0.2)
     lines = [line for line in server_process.lines if "more than 500 PING frames" in line]

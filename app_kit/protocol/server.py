@@ -109,14 +109,8 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
                 raise _Malformed(f"invalid header name {name!r}")
             if name in _CONNECTION_SPECIFIC:
                 raise _Malformed(f"connection-specific header {name!r}")
-            if name[:5] != b"grpc-":
+            if name[:5] != b"grpc-":  # other grpc- names belong to the protocol, not the app
                 metadata.append((name, value))
-            elif name == b"grpc-timeout":
-                timeout = value
-            elif name == b"grpc-encoding":
-                encoding = value
-            elif name == b"grpc-accept-encoding":
-                accept = value
             continue
         if name == b"content-type":
             content_type = value
