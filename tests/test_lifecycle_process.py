@@ -199,3 +199,32 @@ async def test_cafe_app_process_serves_and_reflects() -> None:
             app.signal(signal.SIGTERM)
             assert await app.wait() == 0
         assert "order store closed" in app.log
+
+
+async def test_env_file_and_help(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env_file = tmp_path / "settings.env"
+    env_file.write_text("APP_GRACE_PERIOD=soon\nAPP_LOG_LEVEL=INFO\n")
+    async with AppProcess(APP, "--port", "0", "--env-file", str(env_file)) as app:
+        assert await app.wait() == 3
+    assert "grace_period" in app.log  # read from the file, and reported per field
+
+    env_file.write_text("APP_PORT=1\n")  # the command line still wins
+    async with AppProcess(APP, "--port", "0", "--env-file", str(env_file)) as app:
+        assert await app.ready() > 1
+        app.signal(signal.SIGTERM)
+        assert await app.wait() == 0
+
+    import subprocess
+    import sys
+
+    from .process import ROOT
+
+    for args in (["--help"], ["run", "--help"]):
+        shown = subprocess.run(
+            [sys.executable, "-m", "app_kit", *args], capture_output=True, text=True, cwd=ROOT, timeout=30
+        )
+        assert shown.returncode == 0
+        assert ("run" in shown.stdout) and ("module:app" in shown.stdout or "COMMAND" in shown.stdout)
+    shown = subprocess.run([sys.executable, "-m", "app_kit", "run", "--help"], capture_output=True, text=True, cwd=ROOT)
+    for option in ("--host", "--port", "--path", "--env-file", "--log-level", "--debug", "128+N"):
+        assert option in shown.stdout, option
