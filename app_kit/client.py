@@ -233,6 +233,7 @@ class Channel:
                 factory, self._path, ssl=self._ssl, server_hostname="localhost" if self._ssl else None
             )
         else:
+            assert self._host is not None and self._port is not None  # set whenever path is None
             _, protocol = await loop.create_connection(factory, self._host, self._port, ssl=self._ssl)
         return protocol
 
@@ -464,7 +465,7 @@ class ClientStream(Generic[SendT, RecvT]):
             protocol.connection.acknowledge(self._stream_id, flow_size)
             protocol.schedule_flush()
         try:
-            return self._channel.codec.decode(data, self._reply_type)  # type: ignore[no-any-return]
+            return self._channel.codec.decode(data, self._reply_type)
         except Exception:
             self._abort(Status.INTERNAL, "could not decode the reply message")
             raise GRPCError(Status.INTERNAL, "could not decode the reply message") from None
@@ -631,7 +632,7 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
                 raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
             return reply
 
-        return await self._with_retry(  # type: ignore[no-any-return]
+        return await self._with_retry(
             run, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
         )
 
@@ -658,7 +659,7 @@ class UnaryStreamMethod(_Method[SendT, RecvT]):
             await stream.recv_trailing_metadata()
             return replies
 
-        return await self._with_retry(  # type: ignore[no-any-return]
+        return await self._with_retry(
             run, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
         )
 

@@ -142,7 +142,7 @@ class Health(HealthBase):
         status = await self.status(request.service)
         if status is None:
             raise GRPCError(Status.NOT_FOUND, f"unknown service {request.service!r}")
-        await stream.send_message(HealthCheckResponse(status=status))
+        await stream.send_message(HealthCheckResponse(status=status))  # type: ignore[arg-type]
 
     async def List(self, stream: Stream[HealthListRequest, HealthListResponse]) -> None:
         """The status of every known service."""
@@ -165,7 +165,7 @@ class Health(HealthBase):
             status = await self.status(service)
             current = SERVICE_UNKNOWN if status is None else status
             if current != sent:
-                await stream.send_message(HealthCheckResponse(status=current))
+                await stream.send_message(HealthCheckResponse(status=current))  # type: ignore[arg-type]
                 sent = current
             if self._closed.is_set():
                 return

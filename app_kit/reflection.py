@@ -44,31 +44,31 @@ class DescriptorIndex:
 
     def file_by_name(self, name: str) -> FileDescriptor:
         """The file called ``name``."""
-        return self._first("FindFileByName", name)  # type: ignore[no-any-return]
+        return self._first("FindFileByName", name)
 
     def file_containing_symbol(self, symbol: str) -> FileDescriptor:
         """The file defining a service, method, message, field, enum or extension."""
         try:
-            return self._first("FindFileContainingSymbol", symbol)  # type: ignore[no-any-return]
+            return self._first("FindFileContainingSymbol", symbol)
         except _NotFound:
             # A method: look up its service.
             service, _, method = symbol.rpartition(".")
             if service:
                 descriptor = self._first("FindServiceByName", service)
                 if method in descriptor.methods_by_name:
-                    return descriptor.file  # type: ignore[no-any-return]
+                    return descriptor.file
             raise
 
     def message(self, name: str) -> Descriptor:
         """The message type called ``name``."""
-        return self._first("FindMessageTypeByName", name)  # type: ignore[no-any-return]
+        return self._first("FindMessageTypeByName", name)
 
     def extension(self, containing_type: str, number: int) -> FileDescriptor:
         """The file defining extension ``number`` of ``containing_type``."""
         message = self.message(containing_type)
         for pool in self.pools:
             try:
-                return pool.FindExtensionByNumber(message, number).file  # type: ignore[no-any-return]
+                return pool.FindExtensionByNumber(message, number).file
             except KeyError:
                 continue
         raise _NotFound(f"{containing_type}({number})")

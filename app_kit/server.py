@@ -8,6 +8,7 @@ import logging
 import socket
 import ssl as ssl_module
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from .config import Configuration
@@ -99,19 +100,21 @@ class Server:
                 factory, path, backlog=backlog, ssl=ssl, ssl_handshake_timeout=self._tls_timeout(ssl)
             )
         else:
-            self._listener = await loop.create_server(
-                factory,
-                host,
-                port,
-                family=family,
-                flags=flags,
-                sock=sock,
-                backlog=backlog,
-                ssl=ssl,
-                reuse_address=reuse_address,
-                reuse_port=reuse_port,
-                ssl_handshake_timeout=self._tls_timeout(ssl),
-            )
+            # loop.create_server's own arguments, passed through unchanged (its overloads cannot
+            # express "host and port, or sock").
+            options: dict[str, Any] = {
+                "host": host,
+                "port": port,
+                "family": family,
+                "flags": flags,
+                "sock": sock,
+                "backlog": backlog,
+                "ssl": ssl,
+                "reuse_address": reuse_address,
+                "reuse_port": reuse_port,
+                "ssl_handshake_timeout": self._tls_timeout(ssl),
+            }
+            self._listener = await loop.create_server(factory, **options)
         self._in_use = True
 
     def _tls_timeout(self, ssl: ssl_module.SSLContext | None) -> float | None:

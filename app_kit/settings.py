@@ -88,7 +88,7 @@ def load_settings(settings_type: type[S], *, env_file: str | Path | None = None,
     Raises :class:`SettingsError` with one line per invalid field.
     """
     try:
-        return settings_type(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return settings_type(_env_file=env_file, **overrides)  # type: ignore[call-arg, arg-type]
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

@@ -161,7 +161,7 @@ class Stream(Generic[RecvT, SendT]):
             self._recv_done = True
         request_type = self._handler.request_type
         try:
-            return self._codec.decode(data, request_type)  # type: ignore[no-any-return]
+            return self._codec.decode(data, request_type)
         except Exception:
             name = getattr(request_type, "__name__", repr(request_type))
             raise GRPCError(Status.INTERNAL, f"could not decode the request message as {name}") from None

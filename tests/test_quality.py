@@ -1,4 +1,4 @@
-"""The code base stays ruff-clean (lint rules in pyproject.toml)."""
+"""The code base stays ruff-clean and its typed API mypy-clean (settings in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -16,4 +16,9 @@ def test_ruff_clean() -> None:
     result = subprocess.run(
         [*command, "check", "app_kit", "tests", "examples", "bench", "tools"], cwd=ROOT, capture_output=True, text=True
     )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_clean() -> None:
+    result = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

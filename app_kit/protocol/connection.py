@@ -87,7 +87,7 @@ class _AdvertisedSettings(h2.settings.Settings):
     h2 serializes settings from ``items()``, and only its own check reads this property.
     """
 
-    @property
+    @property  # type: ignore[misc]  # read-only on purpose: h2 must not enforce it
     def max_concurrent_streams(self) -> int:
         return 2**31 - 1
 
@@ -122,7 +122,7 @@ class GoAwayTolerantStateMachine(H2ConnectionStateMachine):
     table differs, so the per-frame cost is h2's own.
     """
 
-    _transitions: ClassVar[dict[tuple[ConnectionState, ConnectionInputs], Any]] = {
+    _transitions: ClassVar[dict[tuple[ConnectionState, ConnectionInputs], Any]] = {  # type: ignore[misc]
         **H2ConnectionStateMachine._transitions,
         **{
             (state, ConnectionInputs.RECV_GOAWAY): (side_effect, state)
@@ -369,7 +369,8 @@ class GrpcConnection:
             # Graceful: streams up to last_stream_id still complete, in both directions.
             events.append(GoAwayReceived(event.last_stream_id or 0))
             return
-        events.extend(self._connection_lost(int(event.error_code), f"peer sent GOAWAY {event.error_code!r}"))
+        code = int(event.error_code or 0)
+        events.extend(self._connection_lost(code, f"peer sent GOAWAY {event.error_code!r}"))
 
     # -- stream bookkeeping ----------------------------------------------------------
 
