@@ -77,9 +77,7 @@ class ClientProtocol(ConnectionProtocol):
                 if call is not None:
                     call._on_outcome(event.status, event.message, event.details, event.trailers)  # type: ignore[attr-defined]
             elif kind is StreamWritable:
-                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
-                if call is not None:
-                    call._on_writable()
+                self.release_writer(event.stream_id)  # type: ignore[attr-defined]
             elif kind is StreamClosed:
                 call = calls.pop(event.stream_id, None)  # type: ignore[attr-defined]
                 if call is not None:
@@ -309,7 +307,6 @@ class ClientStream(Generic[SendT, RecvT]):
         self._outcome: tuple[Status, str | None, bytes | None, list[tuple[bytes, bytes]]] | None = None
         self._retryable = False
         self._waiter: asyncio.Future[None] | None = None
-        self._writable: asyncio.Future[None] | None = None
         self._deadline_handle: asyncio.TimerHandle | None = None
         #: Response headers' metadata, once :meth:`recv_initial_metadata` returned.
         self.initial_metadata: Metadata | None = None
@@ -384,23 +381,16 @@ class ClientStream(Generic[SendT, RecvT]):
         assert protocol is not None and self._stream_id is not None
         self._sent += 1
         try:
-            flushed = protocol.connection.send_message(self._stream_id, data)
+            ready = protocol.connection.send_message(self._stream_id, data)
             if end:
                 self._send_ended = True
                 protocol.connection.end_local(self._stream_id, [])
         except StreamGone:
             self._raise_if_over()
             raise
-        protocol.schedule_flush()
-        if not flushed:
-            self._writable = waiter = protocol.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._writable = None
+        await protocol.drain(self._stream_id, ready)
+        if not ready:
             self._raise_if_over()
-        if protocol.write_paused:
-            await protocol.writable()
 
     async def end(self) -> None:
         """Half-close: no more request messages."""
@@ -517,9 +507,11 @@ class ClientStream(Generic[SendT, RecvT]):
             self._waiter = None
 
     def _wake(self) -> None:
-        for waiter in (self._waiter, self._writable):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._protocol is not None and self._stream_id is not None:
+            self._protocol.release_writer(self._stream_id)
 
     def _on_deadline(self) -> None:
         if self._outcome is None:
@@ -534,11 +526,6 @@ class ClientStream(Generic[SendT, RecvT]):
     def _on_message(self, data: bytes, flow_size: int) -> None:
         self._messages.append((data, flow_size))
         self._wake()
-
-    def _on_writable(self) -> None:
-        writable = self._writable
-        if writable is not None and not writable.done():
-            writable.set_result(None)
 
     def _on_outcome(
         self,

@@ -239,9 +239,7 @@ class ServerProtocol(ConnectionProtocol):
                 if call is not None:
                     call[0]._on_end()
             elif kind is StreamWritable:
-                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
-                if call is not None:
-                    call[0]._on_writable()
+                self.release_writer(event.stream_id)  # type: ignore[attr-defined]
             elif kind is StreamClosed:
                 call = calls.get(event.stream_id)  # type: ignore[attr-defined]
                 if call is not None:

@@ -76,7 +76,6 @@ class Stream(Generic[RecvT, SendT]):
         "_stream_id",
         "_trailers_sent",
         "_waiter",
-        "_writable",
         "deadline",
         "metadata",
         "method",
@@ -122,7 +121,6 @@ class Stream(Generic[RecvT, SendT]):
         self.peer = peer
         self._queue: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._writable: asyncio.Future[None] | None = None
         self._messages_arrived = 0
         self._recv_done = False
         self._sent = 0
@@ -204,23 +202,13 @@ class Stream(Generic[RecvT, SendT]):
         if not self._initial_sent:
             self._send_initial([])
         self._sent += 1
-        protocol = self._protocol
         try:
             ready = self._connection.send_message(self._stream_id, data)
         except StreamGone:
             self._raise_if_closed()
             raise
-        protocol.schedule_flush()
-        if not ready:
-            # Over max_send_buffer_size: wait until the queued bytes are on their way.
-            self._writable = waiter = protocol.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._writable = None
-            self._raise_if_closed()
-        if protocol.write_paused:
-            await protocol.writable()
+        await self._protocol.drain(self._stream_id, ready)
+        self._raise_if_closed()
 
     async def send_trailing_metadata(
         self,
@@ -287,20 +275,16 @@ class Stream(Generic[RecvT, SendT]):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _on_writable(self) -> None:
-        writable = self._writable
-        if writable is not None and not writable.done():
-            writable.set_result(None)
-
     def _on_closed(self, reason: str) -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
         self._wake()
 
     def _wake(self) -> None:
-        for waiter in (self._waiter, self._writable):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._protocol.release_writer(self._stream_id)
 
     def __repr__(self) -> str:
         return f"<Stream {self._stream_id} {self.method}>"

@@ -34,6 +34,8 @@ class ConnectionProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._write_resumed: asyncio.Future[None] | None = None
+        # Senders waiting for their stream's queued bytes to leave, by stream id.
+        self._writers: dict[int, asyncio.Future[None]] = {}
         #: The transport asked us to stop writing (its buffer is over the high-water mark).
         self.write_paused = False
         self._closed = False
@@ -137,6 +139,25 @@ class ConnectionProtocol(asyncio.Protocol):
         data = connection.data_to_send()
         if data and not self._closed and self.transport is not None:
             self.transport.write(data)
+
+    async def drain(self, stream_id: int, ready: bool) -> None:
+        """After a message was queued on a stream: schedule the write, and wait while the
+        stream is over its send buffer (``ready`` False) or the transport is paused."""
+        self.schedule_flush()
+        if not ready:
+            self._writers[stream_id] = waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._writers.pop(stream_id, None)
+        if self.write_paused:
+            await self.writable()
+
+    def release_writer(self, stream_id: int) -> None:
+        """The stream's queued bytes left, or the stream ended: let its sender go on."""
+        waiter = self._writers.get(stream_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def writable(self) -> None:
         """Wait while the transport's write buffer is over its high-water mark."""

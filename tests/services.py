@@ -34,6 +34,7 @@ class EchoService:
             "/test.Echo/ClientStream": Handler(self.client_stream, su, BytesValue, Int64Value),
             "/test.Echo/Bidi": Handler(self.bidi, ss, BytesValue, BytesValue),
             "/test.Echo/Hold": Handler(self.hold, su, BytesValue, Int64Value),
+            "/test.Echo/Big": Handler(self.big_stream, us, Int64Value, BytesValue),
         }
 
     async def unary(self, stream: Stream[BytesValue, BytesValue]) -> None:
@@ -101,6 +102,15 @@ class EchoService:
     async def bidi(self, stream: Stream[BytesValue, BytesValue]) -> None:
         async for message in stream:
             await stream.send_message(BytesValue(value=message.value))
+
+    async def big_stream(self, stream: Stream[Int64Value, BytesValue]) -> None:
+        """Sends ``value`` messages of 16 KiB, counting them as they are handed over."""
+        request = await stream.recv_message()
+        assert request is not None
+        self.observed["sent"] = 0
+        for _ in range(request.value):
+            await stream.send_message(BytesValue(value=b"b" * 16384))
+            self.observed["sent"] += 1  # type: ignore[operator]
 
     async def hold(self, stream: Stream[BytesValue, Int64Value]) -> None:
         """Reads nothing until released: the client must be held back by flow control."""

@@ -376,3 +376,22 @@ async def test_keepalive_ping_and_timeout() -> None:
                 received += chunk
         assert b"\x00\x00\x08\x06\x00\x00\x00\x00\x00keepaliv" in received  # the PING frame
         writer.close()
+
+
+async def test_sender_waits_for_a_client_that_does_not_read() -> None:
+    service = EchoService()
+    async with running_server([service]) as (server, _), RawClient("127.0.0.1", _port(server)) as client:
+        client.auto_ack = False  # no WINDOW_UPDATE: the client's 64 KiB windows stay full
+        stream_id = await client.request("/test.Echo/Big", Int64Value(value=200).SerializeToString())
+        await asyncio.sleep(0.5)
+        held = service.observed["sent"]
+        # The window (64 KiB) plus the send buffer (64 KiB) hold a few messages, not 200.
+        assert isinstance(held, int) and held < 12, held
+        await asyncio.sleep(0.3)
+        assert service.observed["sent"] == held  # blocked, not buffering
+        client.auto_ack = True
+        client.conn.acknowledge_received_data(len(client.responses[stream_id].data), stream_id)
+        client.flush()
+        response = await client.read_response(stream_id, timeout=10)
+        assert response.grpc_status == 0
+        assert len(response.messages()) == 200
