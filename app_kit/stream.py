@@ -207,7 +207,11 @@ class Stream(Generic[RecvT, SendT]):
         except StreamGone:
             self._raise_if_closed()
             raise
-        await self._protocol.drain(self._stream_id, ready)
+        protocol = self._protocol
+        if ready and not protocol.write_paused:
+            protocol.schedule_flush()  # the common case: no second coroutine per message
+            return
+        await protocol.drain(self._stream_id, ready)
         self._raise_if_closed()
 
     async def send_trailing_metadata(
