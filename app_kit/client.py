@@ -9,6 +9,8 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
+import h2.errors
+
 from . import __version__
 from .codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from .compression import SUPPORTED_ENCODINGS
@@ -45,8 +47,7 @@ SendT = TypeVar("SendT")
 RecvT = TypeVar("RecvT")
 
 _USER_AGENT = f"app_kit/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
-_REFUSED_STREAM = 7
-_CANCEL = 8
+_REFUSED_STREAM = int(h2.errors.ErrorCodes.REFUSED_STREAM)
 
 
 class ClientProtocol(ConnectionProtocol):
@@ -417,7 +418,7 @@ class ClientStream(Generic[SendT, RecvT]):
         protocol, stream_id = self._protocol, self._stream_id
         if protocol is not None and stream_id is not None:
             protocol.calls.pop(stream_id, None)
-            protocol.connection.reset_stream(stream_id, _CANCEL)
+            protocol.connection.cancel_stream(stream_id)
             protocol.schedule_flush()
         self._on_outcome(status, message, None, [])
 

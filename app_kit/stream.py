@@ -24,7 +24,6 @@ RecvT = TypeVar("RecvT")
 SendT = TypeVar("SendT")
 
 _END = object()  # queued after the last message: the client half-closed
-_CANCEL = 8  # HTTP/2 error code of RST_STREAM
 
 
 class Peer:
@@ -245,7 +244,7 @@ class Stream(Generic[RecvT, SendT]):
         if self.closed:
             return
         self._closed_reason = "cancelled by the server"
-        self._protocol.connection.reset_stream(self._stream_id, _CANCEL)
+        self._protocol.connection.cancel_stream(self._stream_id)
         self._protocol.schedule_flush()
         self._wake()
 

@@ -27,5 +27,4 @@ def raw_data_repr(data: bytes | None) -> str:
 
 
 if hasattr(hyperframe.frame, "_raw_data_repr"):
-    original = hyperframe.frame._raw_data_repr
     hyperframe.frame._raw_data_repr = raw_data_repr

@@ -15,7 +15,7 @@ from ..deadline import encode_grpc_timeout
 from ..metadata import decode_grpc_message
 from ..status import Status
 from .connection import GrpcConnection, StreamState
-from .events import Event, GoAwayReceived, ResponseEnded, ResponseStarted, StreamClosed
+from .events import Event, ResponseEnded, ResponseStarted, StreamClosed
 
 __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
 
@@ -200,12 +200,10 @@ class ClientConnection(GrpcConnection):
         if state.remote_closed:
             self._release(state)
 
-    def _on_terminated(self, event: h2.events.ConnectionTerminated, events: list[Event]) -> None:
-        super()._on_terminated(event, events)
-        if events and isinstance(events[-1], GoAwayReceived):
-            self.going_away = True
-            last = events[-1].last_stream_id
-            # Streams above last_stream_id were never processed: safe to try again elsewhere.
-            for stream_id in [sid for sid in self._streams if sid > last]:
-                self._release(self._streams[stream_id])
-                events.append(StreamClosed(stream_id, int(_REFUSED_STREAM), "not processed by the server (GOAWAY)"))
+    def _on_goaway(self, last_stream_id: int, events: list[Event]) -> None:
+        super()._on_goaway(last_stream_id, events)
+        self.going_away = True
+        # Streams above last_stream_id were never processed: safe to try again elsewhere.
+        for stream_id in [sid for sid in self._streams if sid > last_stream_id]:
+            self._release(self._streams[stream_id])
+            events.append(StreamClosed(stream_id, int(_REFUSED_STREAM), "not processed by the server (GOAWAY)"))

@@ -367,10 +367,14 @@ class GrpcConnection:
     def _on_terminated(self, event: h2.events.ConnectionTerminated, events: list[Event]) -> None:
         if event.error_code == _NO_ERROR:
             # Graceful: streams up to last_stream_id still complete, in both directions.
-            events.append(GoAwayReceived(event.last_stream_id or 0))
+            self._on_goaway(event.last_stream_id or 0, events)
             return
         code = int(event.error_code or 0)
         events.extend(self._connection_lost(code, f"peer sent GOAWAY {event.error_code!r}"))
+
+    def _on_goaway(self, last_stream_id: int, events: list[Event]) -> None:
+        """The peer sent a graceful GOAWAY (subclasses add what it means for their side)."""
+        events.append(GoAwayReceived(last_stream_id))
 
     # -- stream bookkeeping ----------------------------------------------------------
 
@@ -530,6 +534,10 @@ class GrpcConnection:
         stream = self._h2.streams.get(stream_id)
         if stream is not None and not stream.closed:
             self._h2.reset_stream(stream_id, _NO_ERROR)
+
+    def cancel_stream(self, stream_id: int) -> None:
+        """Abort a call with RST_STREAM CANCEL (the peer sees CANCELLED)."""
+        self.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """Abort a stream with RST_STREAM."""
