@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+from collections.abc import Sequence
 from typing import ClassVar
 
 import h2.errors
@@ -18,6 +19,7 @@ from ..metadata import encode_grpc_message
 from ..status import Status
 from .connection import GrpcConnection, StreamState
 from .events import Event, PingAcknowledged, RequestHead, RequestReceived, StreamClosed
+from .header_block import HeaderBlockEncoder
 
 __all__ = ["SHUTDOWN_PING", "ServerConnection"]
 
@@ -53,6 +55,12 @@ _COMMON_NAMES = frozenset(
 )
 _GRPC_CONTENT_TYPE = b"application/grpc"
 _CONTENT_TYPE_FIELD = (b"content-type", b"application/grpc")
+_ACCEPT_ENCODING_FIELD = (b"grpc-accept-encoding", ACCEPT_ENCODING)
+_OK_FIELD = (b"grpc-status", b"0")
+# The header lists of nearly every response, encoded once per connection (see header_block).
+_PLAIN_HEAD = ((b":status", b"200"), _CONTENT_TYPE_FIELD, _ACCEPT_ENCODING_FIELD)
+_OK_TRAILERS = (_OK_FIELD,)
+_OK_TRAILERS_ONLY = ((b":status", b"200"), _CONTENT_TYPE_FIELD, _OK_FIELD)
 
 
 class _Malformed(Exception):
@@ -182,6 +190,9 @@ class ServerConnection(GrpcConnection):
 
     def __init__(self, config: Configuration, *, content_subtype: str = "proto") -> None:
         super().__init__(config, client_side=False)
+        # Ours encodes every block h2 or we send (one encoder per connection, as HPACK needs).
+        self._encoder = HeaderBlockEncoder(indexed=(_CONTENT_TYPE_FIELD, _ACCEPT_ENCODING_FIELD, _OK_FIELD))
+        self._h2.encoder = self._encoder  # type: ignore[assignment]
         self._content_subtype = content_subtype.encode("ascii")
         #: 0: serving; 1: first GOAWAY and PING sent; 2: final GOAWAY sent.
         self.shutdown_phase = 0
@@ -236,12 +247,16 @@ class ServerConnection(GrpcConnection):
     ) -> None:
         """Send the response HEADERS (initial metadata); ``encoding`` compresses what follows."""
         state = self.stream_state(stream_id)
-        headers = [(b":status", b"200"), _CONTENT_TYPE_FIELD, (b"grpc-accept-encoding", ACCEPT_ENCODING)]
-        if encoding is not None:
-            headers.append((b"grpc-encoding", encoding.encode("ascii")))
-            state.send_encoding = encoding
-        headers.extend(metadata)
-        self._h2.send_headers(stream_id, headers)
+        if encoding is None and not metadata:
+            block = self._encoder.encode_cached(_PLAIN_HEAD)
+        else:
+            headers = list(_PLAIN_HEAD)
+            if encoding is not None:
+                headers.append((b"grpc-encoding", encoding.encode("ascii")))
+                state.send_encoding = encoding
+            headers.extend(metadata)
+            block = self._encoder.encode(headers)
+        self._h2.send_header_block(stream_id, block, end_stream=False)
         state.headers_sent = True
 
     def send_status(
@@ -263,7 +278,12 @@ class ServerConnection(GrpcConnection):
         message: str | None,
         details: bytes | None,
         metadata: list[tuple[bytes, bytes]],
-    ) -> list[tuple[bytes, bytes]]:
+    ) -> Sequence[tuple[bytes, bytes]]:
+        if status is Status.OK and not message and details is None and not metadata:
+            if state.headers_sent:
+                return _OK_TRAILERS
+            state.headers_sent = True
+            return _OK_TRAILERS_ONLY
         fields = [(b"grpc-status", _STATUS_VALUES[status])]
         if message:
             fields.append((b"grpc-message", encode_grpc_message(message)))
@@ -282,6 +302,13 @@ class ServerConnection(GrpcConnection):
         state.pending_trailers = None
         self._end_local_now(state, self._status_fields(state, status, message, None, []))
         events.append(StreamClosed(state.stream_id, 0, message))
+
+    def _send_trailers(self, stream_id: int, trailers: Sequence[tuple[bytes, bytes]]) -> None:
+        if trailers is _OK_TRAILERS or trailers is _OK_TRAILERS_ONLY:
+            block = self._encoder.encode_cached(trailers)
+        else:
+            block = self._encoder.encode(trailers)
+        self._h2.send_header_block(stream_id, block, end_stream=True)
 
     def _local_ended(self, state: StreamState) -> None:
         # The status is out, so the call is over; a client still sending is told to stop
