@@ -305,7 +305,7 @@ class ServerProtocol(ConnectionProtocol):
         """End a call from outside its handler: answer it and cancel the handler."""
         stream, task = self._calls[stream_id]
         if not stream.closed:
-            stream._trailers_sent = True
+            stream._status_sent()
             self.connection.send_status(stream_id, status, message)
         stream._on_closed(message)
         task.cancel()

@@ -61,6 +61,7 @@ class Stream(Generic[RecvT, SendT]):
         "_closed_reason",
         "_codec",
         "_connection",
+        "_encode",
         "_handler",
         "_initial_sent",
         "_max_send",
@@ -69,6 +70,8 @@ class Stream(Generic[RecvT, SendT]):
         "_queue",
         "_recv_done",
         "_reply_encoding",
+        "_reply_type",
+        "_send_refusal",
         "_sent",
         "_server_streaming",
         "_status_details_codec",
@@ -106,6 +109,8 @@ class Stream(Generic[RecvT, SendT]):
         self._client_streaming = handler.cardinality.client_streaming
         self._server_streaming = handler.cardinality.server_streaming
         self._codec = codec
+        self._encode = codec.encode
+        self._reply_type = handler.reply_type
         self._status_details_codec = status_details_codec
         self._reply_encoding = reply_encoding
         #: ``/package.Service/Method`` of the call.
@@ -125,6 +130,8 @@ class Stream(Generic[RecvT, SendT]):
         self._sent = 0
         self._initial_sent = False
         self._trailers_sent = False
+        # Why send_message must refuse (one check per message instead of several).
+        self._send_refusal: str | None = None
         self._closed_reason: str | None = None
 
     # -- receiving -------------------------------------------------------------------
@@ -189,11 +196,9 @@ class Stream(Generic[RecvT, SendT]):
 
     async def send_message(self, message: SendT) -> None:
         """Send one reply message, waiting while the client's flow-control window is full."""
-        if self._trailers_sent:
-            raise ProtocolError("the call is over: trailers were sent")
-        if self._sent and not self._server_streaming:
-            raise ProtocolError(f"{self.method} is unary: it sends exactly one reply message")
-        data = self._codec.encode(message, self._handler.reply_type)
+        if self._send_refusal is not None:
+            raise ProtocolError(self._send_refusal)
+        data = self._encode(message, self._reply_type)
         if len(data) > self._max_send:
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {self._max_send})"
@@ -201,6 +206,8 @@ class Stream(Generic[RecvT, SendT]):
         if not self._initial_sent:
             self._send_initial([])
         self._sent += 1
+        if not self._server_streaming:
+            self._send_refusal = f"{self.method} is unary: it sends exactly one reply message"
         try:
             ready = self._connection.send_message(self._stream_id, data)
         except StreamGone:
@@ -232,7 +239,7 @@ class Stream(Generic[RecvT, SendT]):
         details = None
         if status_details and self._status_details_codec is not None:
             details = self._status_details_codec.encode(status, status_message, status_details)
-        self._trailers_sent = True
+        self._status_sent()
         try:
             self._protocol.connection.send_status(self._stream_id, status, status_message, details, fields)
         except StreamGone:
@@ -254,6 +261,10 @@ class Stream(Generic[RecvT, SendT]):
     def closed(self) -> bool:
         """Whether the call is over: status sent, or the stream reset."""
         return self._trailers_sent or self._closed_reason is not None
+
+    def _status_sent(self) -> None:
+        self._trailers_sent = True
+        self._send_refusal = "the call is over: trailers were sent"
 
     def _raise_if_closed(self) -> None:
         if self._closed_reason is not None:

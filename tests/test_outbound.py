@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from app_kit import Configuration, Status
 from app_kit.protocol.events import RequestReceived
 from app_kit.protocol.framing import frame_message
-from app_kit.protocol.header_block import HeaderBlockEncoder
+from app_kit.protocol.header_block import HeaderBlockEncoder, MemoizingHeaderDecoder
 from app_kit.protocol.server import ServerConnection
 
 INDEXED = ((b"content-type", b"application/grpc"), (b"grpc-status", b"0"), (b"x-long", b"v" * 300))
@@ -229,3 +229,43 @@ def test_closed_streams_are_swept_from_h2() -> None:
         _pump(client, server)
         assert len(server._h2.streams) <= 32
     assert len(server._h2._closed_streams) > 100  # swept streams are still known as closed
+
+
+# -- the memoizing decoder against hpack's own ---------------------------------------------
+
+request_fields = st.one_of(
+    st.sampled_from(
+        [
+            (b":method", b"POST"),
+            (b":path", b"/pkg.Svc/A"),
+            (b":path", b"/pkg.Svc/B"),
+            (b"te", b"trailers"),
+            (b"content-type", b"application/grpc"),
+            (b"user-agent", b"grpc-python/1.0"),
+        ]
+    ),
+    st.tuples(st.sampled_from([b"grpc-timeout", b"x-id", b"x-" + b"n" * 100]), st.binary(min_size=1, max_size=60)),
+)
+# Each step: a header list, sometimes with never-indexed fields, or a table size change.
+decoder_steps = st.one_of(
+    st.tuples(st.just("headers"), st.lists(request_fields, max_size=8), st.booleans()),
+    st.tuples(st.just("resize"), st.sampled_from([0, 64, 256, 4096]), st.just(False)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(decoder_steps, max_size=30))
+def test_memoized_decoding_matches_hpack_and_leaves_the_same_table(script) -> None:  # type: ignore[no-untyped-def]
+    encoder = hpack.Encoder()  # a stateful peer: indexes what it can, like real clients
+    ours, reference = MemoizingHeaderDecoder(1 << 16), hpack.Decoder(1 << 16)
+    for kind, argument, sensitive in script:
+        if kind == "resize":
+            if argument != encoder.header_table_size:  # hpack's encoder mishandles a repeated size
+                encoder.header_table_size = argument
+            continue
+        headers = [hpack.NeverIndexedHeaderTuple(*field) if sensitive else field for field in argument]
+        for _ in range(2):  # again: once indexed, the same bytes, which may come from memory
+            block = encoder.encode(headers)
+            assert ours.decode(block, raw=True) == reference.decode(block, raw=True)
+            assert list(ours.header_table.dynamic_entries) == list(reference.header_table.dynamic_entries)
+            assert ours.header_table.maxsize == reference.header_table.maxsize

@@ -41,6 +41,7 @@ from .events import (
 )
 from .framing import FramingError, MessageDecoder, MessageTooLarge
 from .guard import FrameGuard, PeerMisbehaved
+from .header_block import MemoizingHeaderDecoder
 
 __all__ = ["GoAwayTolerantStateMachine", "GrpcConnection", "StreamGone", "StreamState"]
 
@@ -283,12 +284,13 @@ class GrpcConnection:
             )
         )
         _compact_settings(self._h2.remote_settings)
+        self._h2.decoder = MemoizingHeaderDecoder(config.max_header_list_size)
         for table in (self._h2.encoder.header_table, self._h2.decoder.header_table):
             table.dynamic_entries = _SmallDeque(table.dynamic_entries)  # type: ignore[assignment]
         self._h2.state_machine = GoAwayTolerantStateMachine()
         self._h2.max_inbound_frame_size = config.max_frame_size
-        self._h2.decoder.max_header_list_size = config.max_header_list_size
         self._streams: dict[int, StreamState] = {}
+        self._max_send_buffer = config.max_send_buffer_size
         # Streams with DATA waiting for window, in the order they got blocked.
         self._blocked: dict[int, StreamState] = {}
         # Streams with DATA queued since the last flush, in order.
@@ -508,7 +510,7 @@ class GrpcConnection:
             pending += _MESSAGE_PREFIX.pack(0, len(payload))
         pending += payload
         self._dirty[stream_id] = state
-        if len(pending) > self.config.max_send_buffer_size:
+        if len(pending) > self._max_send_buffer:
             state.over_limit = True
             return False
         return True
