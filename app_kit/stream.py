@@ -76,6 +76,7 @@ class Stream(Generic[RecvT, SendT]):
         "_server_streaming",
         "_status_details_codec",
         "_stream_id",
+        "_streaming_replies",
         "_trailers_sent",
         "_waiter",
         "deadline",
@@ -132,6 +133,8 @@ class Stream(Generic[RecvT, SendT]):
         self._trailers_sent = False
         # Why send_message must refuse (one check per message instead of several).
         self._send_refusal: str | None = None
+        # A server-streaming call past its first reply, and not over: see _before_reply.
+        self._streaming_replies = False
         self._closed_reason: str | None = None
 
     # -- receiving -------------------------------------------------------------------
@@ -196,18 +199,11 @@ class Stream(Generic[RecvT, SendT]):
 
     async def send_message(self, message: SendT) -> None:
         """Send one reply message, waiting while the client's flow-control window is full."""
-        if self._send_refusal is not None:
-            raise ProtocolError(self._send_refusal)
         data = self._encode(message, self._reply_type)
-        if len(data) > self._max_send:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {self._max_send})"
-            )
-        if not self._initial_sent:
-            self._send_initial([])
-        self._sent += 1
-        if not self._server_streaming:
-            self._send_refusal = f"{self.method} is unary: it sends exactly one reply message"
+        if not self._streaming_replies:
+            self._before_reply(data)
+        elif len(data) > self._max_send:
+            self._raise_too_large(data)
         try:
             ready = self._connection.send_message(self._stream_id, data)
         except StreamGone:
@@ -262,9 +258,28 @@ class Stream(Generic[RecvT, SendT]):
         """Whether the call is over: status sent, or the stream reset."""
         return self._trailers_sent or self._closed_reason is not None
 
+    def _before_reply(self, data: bytes) -> None:
+        """What send_message checks and does, except in a server stream past its first reply."""
+        if self._send_refusal is not None:
+            raise ProtocolError(self._send_refusal)
+        if len(data) > self._max_send:
+            self._raise_too_large(data)
+        if not self._initial_sent:
+            self._send_initial([])
+        self._sent += 1
+        if not self._server_streaming:
+            self._send_refusal = f"{self.method} is unary: it sends exactly one reply message"
+        else:
+            # From now on send_message checks one flag: nothing but the status changes this.
+            self._streaming_replies = True
+
+    def _raise_too_large(self, data: bytes) -> None:
+        raise GRPCError(Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {self._max_send})")
+
     def _status_sent(self) -> None:
         self._trailers_sent = True
         self._send_refusal = "the call is over: trailers were sent"
+        self._streaming_replies = False
 
     def _raise_if_closed(self) -> None:
         if self._closed_reason is not None:

@@ -77,7 +77,30 @@ async def main(scenario: str, seconds: float) -> None:
     print(next(line for line in out.decode().splitlines() if "req/s" in line))
     server.close()
     await server.wait_closed()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+    stats = pstats.Stats(profile)
+    stats.sort_stats("tottime").print_stats(30)
+    _by_package(stats, int(out.decode().split(" succeeded")[0].rsplit(" ", 1)[-1]))
+
+
+def _by_package(stats: pstats.Stats, calls: int) -> None:
+    """Own time and Python calls per served call, summed by package (where the time goes)."""
+    totals: dict[str, list[float]] = {}
+    for (filename, _, function), (_, ncalls, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if filename == "~":
+            package = function.strip("<>").split(" ")[-1] if "method" in function else "builtins"
+        elif "site-packages/" in filename:
+            package = filename.split("site-packages/")[1].split("/")[0]
+        elif "/app_kit/" in filename:
+            package = "app_kit"
+        else:
+            package = pathlib.Path(filename).parent.name or filename
+        entry = totals.setdefault(package, [0.0, 0.0])
+        entry[0] += tottime
+        entry[1] += ncalls
+    whole = sum(seconds for seconds, _ in totals.values())
+    print(f"{calls} calls served; per call, by package:")
+    for package, (seconds, ncalls) in sorted(totals.items(), key=lambda item: -item[1][0])[:15]:
+        print(f"  {package:30} {seconds / whole:6.1%} {ncalls / calls:8.1f} Python calls")
 
 
 if __name__ == "__main__":

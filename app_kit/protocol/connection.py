@@ -503,13 +503,15 @@ class GrpcConnection:
         if state is None or state.local_closed:
             raise StreamGone(stream_id)
         pending = state.pending
+        if not pending:
+            # Else the stream is queued already: for this turn's flush, or for window.
+            self._dirty[stream_id] = state
         if state.send_encoding is not None:
             payload = compress(state.send_encoding, payload)
             pending += _MESSAGE_PREFIX.pack(1, len(payload))
         else:
             pending += _MESSAGE_PREFIX.pack(0, len(payload))
         pending += payload
-        self._dirty[stream_id] = state
         if len(pending) > self._max_send_buffer:
             state.over_limit = True
             return False
