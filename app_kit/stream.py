@@ -61,6 +61,7 @@ class Stream(Generic[RecvT, SendT]):
         "_closed_reason",
         "_codec",
         "_connection",
+        "_decode",
         "_encode",
         "_handler",
         "_initial_sent",
@@ -71,6 +72,7 @@ class Stream(Generic[RecvT, SendT]):
         "_recv_done",
         "_reply_encoding",
         "_reply_type",
+        "_request_type",
         "_send_refusal",
         "_sent",
         "_server_streaming",
@@ -111,6 +113,8 @@ class Stream(Generic[RecvT, SendT]):
         self._server_streaming = handler.cardinality.server_streaming
         self._codec = codec
         self._encode = codec.encode
+        self._decode = codec.decode
+        self._request_type = handler.request_type
         self._reply_type = handler.reply_type
         self._status_details_codec = status_details_codec
         self._reply_encoding = reply_encoding
@@ -146,15 +150,36 @@ class Stream(Generic[RecvT, SendT]):
         """
         if self._recv_done:
             return None
-        queue = self._queue
-        while not queue:
+        if not self._queue:
+            await self._arrival()
+        return self._take(self._queue.popleft())
+
+    def __aiter__(self) -> AsyncIterator[RecvT]:
+        return self
+
+    async def __anext__(self) -> RecvT:
+        # recv_message's body again: one coroutine per message instead of an async
+        # generator driving a second one.
+        if not self._recv_done:
+            if not self._queue:
+                await self._arrival()
+            message = self._take(self._queue.popleft())
+            if message is not None:
+                return message
+        raise StopAsyncIteration
+
+    async def _arrival(self) -> None:
+        """Wait until something is queued (or raise if the call ended meanwhile)."""
+        while not self._queue:
             self._raise_if_closed()
             self._waiter = waiter = self._protocol.loop.create_future()
             try:
                 await waiter
             finally:
                 self._waiter = None
-        item = queue.popleft()
+
+    def _take(self, item: Any) -> RecvT | None:
+        """Hand over a queued message: give its window back and decode it."""
         if item is _END:
             self._recv_done = True
             if not self._client_streaming:
@@ -166,19 +191,11 @@ class Stream(Generic[RecvT, SendT]):
         protocol.schedule_flush()
         if not self._client_streaming:
             self._recv_done = True
-        request_type = self._handler.request_type
         try:
-            return self._codec.decode(data, request_type)
+            return self._decode(data, self._request_type)
         except Exception:
-            name = getattr(request_type, "__name__", repr(request_type))
+            name = getattr(self._request_type, "__name__", repr(self._request_type))
             raise GRPCError(Status.INTERNAL, f"could not decode the request message as {name}") from None
-
-    def __aiter__(self) -> AsyncIterator[RecvT]:
-        return self._iter_messages()
-
-    async def _iter_messages(self) -> AsyncIterator[RecvT]:
-        while (message := await self.recv_message()) is not None:
-            yield message
 
     # -- sending ---------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Profile app_kit's bench server under h2load: ``python bench/profile_server.py [unary|stream|big] [SECONDS]``.
+"""Profile app_kit's bench server under h2load: ``python bench/profile_server.py [unary|stream|bidi|big] [SECONDS]``.
 
 Prints the top functions by own time (cProfile) — what the hot path spends per call.
 """
@@ -43,10 +43,12 @@ async def main(scenario: str, seconds: float) -> None:
         body, path, streams = bench_pb2.Payload(data=b"0123456789").SerializeToString(), "Unary", 100
     elif scenario == "big":
         body, path, streams = bench_pb2.Payload(data=b"m" * (1 << 20)).SerializeToString(), "Unary", 2
+    elif scenario == "bidi":
+        body, path, streams = bench_pb2.Payload(data=b"0123456789").SerializeToString(), "BidiStream", 10
     else:
         body, path, streams = bench_pb2.StreamRequest(count=100, size=10).SerializeToString(), "ServerStream", 10
     with tempfile.NamedTemporaryFile() as data:
-        data.write(b"\x00" + len(body).to_bytes(4, "big") + body)
+        data.write((b"\x00" + len(body).to_bytes(4, "big") + body) * (100 if scenario == "bidi" else 1))
         data.flush()
         profile = cProfile.Profile()
         profile.enable()

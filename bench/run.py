@@ -280,11 +280,23 @@ def main() -> int:
 
     small = grpc_frame(bench_pb2.Payload(data=b"0123456789"))
     stream_request = grpc_frame(bench_pb2.StreamRequest(count=100, size=10))
+    # A bidi call whose client sends 100 messages at once and reads the 100 echoes.
+    bidi_request = small * 100
+    # name, connections, streams per connection, path, body, messages per call, server's counter
     h2load_scenarios = [
-        ("h2load unary 1x1", 1, 1, "/bench.Bench/Unary", small, 1),
-        ("h2load unary 1x100", 1, 100, "/bench.Bench/Unary", small, 1),
-        ("h2load unary 10x10", 10, 10, "/bench.Bench/Unary", small, 1),
-        ("h2load server-stream 1x10 (msgs)", 1, 10, "/bench.Bench/ServerStream", stream_request, 100),
+        ("h2load unary 1x1", 1, 1, "/bench.Bench/Unary", small, 1, "unary"),
+        ("h2load unary 1x100", 1, 100, "/bench.Bench/Unary", small, 1, "unary"),
+        ("h2load unary 10x10", 10, 10, "/bench.Bench/Unary", small, 1, "unary"),
+        (
+            "h2load server-stream 1x10 (msgs)",
+            1,
+            10,
+            "/bench.Bench/ServerStream",
+            stream_request,
+            100,
+            "stream_messages",
+        ),
+        ("h2load bidi echo 1x10 (msgs)", 1, 10, "/bench.Bench/BidiStream", bidi_request, 100, "bidi_messages"),
     ]
     loadgen_scenarios = [
         ("grpcio unary 1 in flight", "unary_1", "calls/s"),
@@ -307,14 +319,14 @@ def main() -> int:
         selected_loadgen = [item for item in selected_loadgen if args.only in item[0]]
     for repeat in range(repeats):
         order = implementations[repeat % len(implementations) :] + implementations[: repeat % len(implementations)]
-        for name, clients, streams, path, body, per_request in selected_h2load:
+        for name, clients, streams, path, body, per_request, counter in selected_h2load:
             for implementation in order:
                 with BenchServer(implementation) as server:
                     cpu_before = cpu_seconds(server.process.pid)
                     result = run_h2load(server.port, seconds, clients, streams, path, body)
                     cpu = cpu_seconds(server.process.pid) - cpu_before
                     counts = server.stop()
-                served = counts["unary"] if per_request == 1 else counts["stream_messages"] // per_request
+                served = counts[counter] // per_request
                 # The server served every call h2load saw succeed, and at most those still in
                 # flight when h2load stopped besides.
                 if not result["succeeded"] <= served <= result["succeeded"] + clients * streams + 1000:

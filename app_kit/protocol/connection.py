@@ -205,6 +205,7 @@ class StreamState:
     """Per-stream protocol state."""
 
     __slots__ = (
+        "consumed",
         "decoder",
         "headers_sent",
         "local_closed",
@@ -225,8 +226,10 @@ class StreamState:
         self.recv_encoding = recv_encoding
         #: ``grpc-encoding`` of the messages we send (None: identity).
         self.send_encoding: str | None = None
-        #: Flow-control bytes handed to the application and not yet acknowledged.
+        #: Flow-control bytes handed to the application and not yet consumed by it.
         self.unacked = 0
+        #: Bytes consumed since the last flush: their window goes back then.
+        self.consumed = 0
         #: Outbound DATA not yet handed to h2: queued this loop turn, or waiting for window.
         self.pending = bytearray()
         #: A sender was told to wait until ``pending`` drains (StreamWritable then).
@@ -295,6 +298,8 @@ class GrpcConnection:
         self._blocked: dict[int, StreamState] = {}
         # Streams with DATA queued since the last flush, in order.
         self._dirty: dict[int, StreamState] = {}
+        # Streams whose consumed messages' window is still to be given back.
+        self._consumed: dict[int, StreamState] = {}
         # Frames we write ourselves, behind whatever h2 queued before them.
         self._extra = bytearray()
         self.closed = False
@@ -347,6 +352,7 @@ class GrpcConnection:
         self._streams.clear()
         self._blocked.clear()
         self._dirty.clear()
+        self._consumed.clear()
         return [ConnectionClosed(error_code, reason)]
 
     def _on_data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
@@ -459,11 +465,13 @@ class GrpcConnection:
         self._streams.pop(stream_id, None)
         self._blocked.pop(stream_id, None)
         self._dirty.pop(stream_id, None)
+        self._consumed.pop(stream_id, None)
         state.local_closed = state.remote_closed = True
-        if state.unacked:
-            # The stream is closed, so this only reopens the connection-level window.
-            self._h2.acknowledge_received_data(state.unacked, stream_id)
-            state.unacked = 0
+        returned = state.unacked + state.consumed
+        if returned:
+            # Once the stream is closed, this only reopens the connection-level window.
+            self._h2.acknowledge_received_data(returned, stream_id)
+            state.unacked = state.consumed = 0
 
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
         """End a stream because of something the peer sent; subclasses answer it."""
@@ -489,7 +497,11 @@ class GrpcConnection:
         if state is None or not size:
             return  # released streams returned their window already
         state.unacked -= size
-        self._h2.acknowledge_received_data(size, stream_id)
+        # Handed to h2 at the next flush, together: per message, h2's bookkeeping was a
+        # quarter of a bidi echo's CPU. The WINDOW_UPDATE leaves in the same write as before.
+        if not state.consumed:
+            self._consumed[stream_id] = state
+        state.consumed += size
 
     def send_message(self, stream_id: int, payload: bytes) -> bool:
         """Queue one message for the next :meth:`flush_streams`; False: the sender should wait.
@@ -520,10 +532,16 @@ class GrpcConnection:
     @property
     def has_queued_data(self) -> bool:
         """Whether :meth:`flush_streams` has anything to do."""
-        return bool(self._dirty)
+        return bool(self._dirty or self._consumed)
 
     def flush_streams(self) -> list[Event]:
-        """Hand the DATA queued since the last call to h2, as far as flow control allows."""
+        """Hand the DATA queued since the last call to h2, as far as flow control allows, and
+        give back the window of the messages consumed meanwhile."""
+        if self._consumed:
+            consumed, self._consumed = self._consumed, {}
+            for stream_id, state in consumed.items():
+                size, state.consumed = state.consumed, 0
+                self._h2.acknowledge_received_data(size, stream_id)
         events: list[Event] = []
         dirty, self._dirty = self._dirty, {}
         for state in dirty.values():
