@@ -379,18 +379,17 @@ class GrpcConnection:
         # are bounded by the message size limit, and withholding them would stall any
         # message larger than the window.
         immediate = leftover + flow - len(data)
-        attributed = 0
         for compressed, payload, share in messages:
             if compressed:
                 try:
                     payload = self._decompress(state, payload)
                 except _DecodeFailure as failure:
-                    state.unacked += flow - attributed
+                    # Messages before it were queued, but the abort gives all of it back.
+                    state.unacked += flow
                     self._abort(state, failure.status, failure.message, events)
                     return
-            attributed += share
-            state.unacked += share
             events.append(MessageReceived(stream_id, payload, share))
+        state.unacked += flow - immediate  # the shares of the messages just queued
         if immediate:
             self._h2.acknowledge_received_data(immediate, stream_id)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
 __all__ = ["FramingError", "MessageDecoder", "MessageTooLarge", "frame_message"]
 
 _PREFIX = 5
+_unpack_prefix = struct.Struct(">BI").unpack_from
 
 
 class FramingError(Exception):
@@ -61,6 +64,17 @@ class MessageDecoder:
         size = len(data)
         position = 0
         share_start = 0  # where the share of the next completed message starts in data
+        if self._missing < 0 and not self._prefix:
+            # The common case first: whole messages, back to back from the frame's start.
+            limit = self._max_length
+            while size - position >= _PREFIX:
+                flag, length = _unpack_prefix(data, position)
+                end = position + _PREFIX + length
+                if flag > 1 or length > limit or end > size:
+                    break  # the general loop below reports it, or buffers the partial message
+                messages.append((flag == 1, data[position + _PREFIX : end], end - position))
+                position = end
+            share_start = position
         while position < size:
             if self._missing < 0:
                 if self._prefix or size - position < _PREFIX:
