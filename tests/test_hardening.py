@@ -40,7 +40,15 @@ BLOCK = request_block(path="/test.Echo/Unary")
 
 CONNECTION_ERRORS = {
     "bad preface": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", PROTOCOL_ERROR),
-    "frame larger than MAX_FRAME_SIZE": (HANDSHAKE + frame(DATA, 0, 1, b"x" * 20000), FRAME_SIZE_ERROR),
+    "frame larger than MAX_FRAME_SIZE": (
+        HANDSHAKE + frame(DATA, 0, 1, b"x" * (Configuration().max_frame_size + 1)),
+        FRAME_SIZE_ERROR,
+    ),
+    # Only the 9-byte header of a 16 MiB frame: answered at once, nothing buffered first.
+    "frame header announcing more than MAX_FRAME_SIZE": (
+        HANDSHAKE + (2**24 - 1).to_bytes(3, "big") + bytes((DATA, 0)) + (1).to_bytes(4, "big"),
+        FRAME_SIZE_ERROR,
+    ),
     "DATA on stream 0": (HANDSHAKE + frame(DATA, 0, 0, b"x"), PROTOCOL_ERROR),
     "HEADERS on stream 0": (HANDSHAKE + frame(HEADERS, END_HEADERS, 0, BLOCK), PROTOCOL_ERROR),
     "even (server) stream id": (HANDSHAKE + frame(HEADERS, END_HEADERS, 2, BLOCK), PROTOCOL_ERROR),

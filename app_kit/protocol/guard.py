@@ -53,6 +53,7 @@ class FrameGuard:
         "_header",
         "_limits",
         "_max_block",
+        "_max_frame",
         "_preface_left",
         "_skip",
         "_window",
@@ -67,6 +68,7 @@ class FrameGuard:
         self._block = -1  # size of the header block being assembled, or -1
         # Compressed and decoded sizes differ; twice the list limit bounds the compressed block.
         self._max_block = 2 * config.max_header_list_size
+        self._max_frame = config.max_frame_size
         self._window = config.flood_window
         self._window_start = clock()
         self._counts = [0, 0, 0, 0]
@@ -106,6 +108,9 @@ class FrameGuard:
     def _frame(self, header: bytes) -> int:
         """Check one frame header; return its payload length."""
         length = int.from_bytes(header[0:3], "big")
+        if length > self._max_frame:
+            # RFC 9113 §4.2; said now, before any of it is buffered (h2 would wait for all).
+            raise PeerMisbehaved(_FRAME_SIZE_ERROR, f"frame of {length} bytes, over SETTINGS_MAX_FRAME_SIZE")
         kind = header[3]
         flags = header[4]
         if kind == _DATA:
