@@ -23,7 +23,7 @@ from .protocol.connection import StreamGone
 from .protocol.events import (
     ConnectionClosed,
     Event,
-    MessageReceived,
+    MessagesReceived,
     ResponseEnded,
     ResponseStarted,
     StreamClosed,
@@ -65,10 +65,10 @@ class ClientProtocol(ConnectionProtocol):
         calls = self.calls
         for event in events:
             kind = type(event)
-            if kind is MessageReceived:
+            if kind is MessagesReceived:
                 call = calls.get(event.stream_id)  # type: ignore[attr-defined]
                 if call is not None:
-                    call._on_message(event.data, event.flow_size)  # type: ignore[attr-defined]
+                    call._on_messages(event.messages)  # type: ignore[attr-defined]
             elif kind is ResponseStarted:
                 call = calls.get(event.stream_id)  # type: ignore[attr-defined]
                 if call is not None:
@@ -524,8 +524,8 @@ class ClientStream(Generic[SendT, RecvT]):
         self._headers = headers
         self._wake()
 
-    def _on_message(self, data: bytes, flow_size: int) -> None:
-        self._messages.append((data, flow_size))
+    def _on_messages(self, messages: list[tuple[bytes, int]]) -> None:
+        self._messages.extend(messages)
         self._wake()
 
     def _on_outcome(

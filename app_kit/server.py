@@ -21,7 +21,7 @@ from .protocol.events import (
     EndOfStream,
     Event,
     GoAwayReceived,
-    MessageReceived,
+    MessagesReceived,
     RequestReceived,
     StreamClosed,
     StreamWritable,
@@ -228,9 +228,9 @@ class ServerProtocol(ConnectionProtocol):
         calls = self._calls
         for event in events:
             kind = type(event)
-            if kind is MessageReceived:
+            if kind is MessagesReceived:
                 call = calls.get(event.stream_id)  # type: ignore[attr-defined]
-                if call is not None and not call[0]._on_message(event.data, event.flow_size):  # type: ignore[attr-defined]
+                if call is not None and not call[0]._on_messages(event.messages):  # type: ignore[attr-defined]
                     self._end_call(event.stream_id, Status.INTERNAL, "more than one request message for a unary method")  # type: ignore[attr-defined]
             elif kind is RequestReceived:
                 self._start_call(event)  # type: ignore[arg-type]

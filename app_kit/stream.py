@@ -304,12 +304,12 @@ class Stream(Generic[RecvT, SendT]):
 
     # -- called by the connection ----------------------------------------------------
 
-    def _on_message(self, data: bytes, flow_size: int) -> bool:
-        """Queue a message; False if the cardinality does not allow another one."""
-        self._messages_arrived += 1
+    def _on_messages(self, messages: list[tuple[bytes, int]]) -> bool:
+        """Queue ``(data, flow_size)`` messages; False if the cardinality does not allow them."""
+        self._messages_arrived += len(messages)
         if self._messages_arrived > 1 and not self._client_streaming:
             return False
-        self._queue.append((data, flow_size))
+        self._queue.extend(messages)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from app_kit import Configuration, Status
 from app_kit.protocol.connection import StreamGone
-from app_kit.protocol.events import ConnectionClosed, MessageReceived, RequestReceived
+from app_kit.protocol.events import ConnectionClosed, MessagesReceived, RequestReceived
 from app_kit.protocol.server import ServerConnection
 
 from .frames import HANDSHAKE, frame
@@ -134,9 +134,10 @@ def test_random_frames_never_escape_and_buffers_stay_bounded(
                     connection.send_status(item.stream_id, Status.OK)
                 except StreamGone:
                     pass
-            elif isinstance(item, MessageReceived):
-                assert len(item.data) <= CONFIG.max_receive_message_length
-                connection.acknowledge(item.stream_id, item.flow_size)
+            elif isinstance(item, MessagesReceived):
+                for data, flow_size in item.messages:
+                    assert len(data) <= CONFIG.max_receive_message_length
+                    connection.acknowledge(item.stream_id, flow_size)
             elif isinstance(item, ConnectionClosed):
                 assert connection.closed
         output += len(connection.data_to_send())

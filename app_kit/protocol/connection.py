@@ -34,7 +34,7 @@ from .events import (
     EndOfStream,
     Event,
     GoAwayReceived,
-    MessageReceived,
+    MessagesReceived,
     PingAcknowledged,
     StreamClosed,
     StreamWritable,
@@ -379,17 +379,21 @@ class GrpcConnection:
         # are bounded by the message size limit, and withholding them would stall any
         # message larger than the window.
         immediate = leftover + flow - len(data)
-        for compressed, payload, share in messages:
-            if compressed:
-                try:
-                    payload = self._decompress(state, payload)
-                except _DecodeFailure as failure:
-                    # Messages before it were queued, but the abort gives all of it back.
-                    state.unacked += flow
-                    self._abort(state, failure.status, failure.message, events)
-                    return
-            events.append(MessageReceived(stream_id, payload, share))
-        state.unacked += flow - immediate  # the shares of the messages just queued
+        if messages:
+            received: list[tuple[bytes, int]] = []
+            for compressed, payload, share in messages:
+                if compressed:
+                    try:
+                        payload = self._decompress(state, payload)
+                    except _DecodeFailure as failure:
+                        if received:  # delivered, though the abort gives all the window back
+                            events.append(MessagesReceived(stream_id, received))
+                        state.unacked += flow
+                        self._abort(state, failure.status, failure.message, events)
+                        return
+                received.append((payload, share))
+            events.append(MessagesReceived(stream_id, received))
+            state.unacked += flow - immediate  # the shares of the messages just queued
         if immediate:
             self._h2.acknowledge_received_data(immediate, stream_id)
 

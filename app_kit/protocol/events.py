@@ -9,7 +9,7 @@ __all__ = [
     "EndOfStream",
     "Event",
     "GoAwayReceived",
-    "MessageReceived",
+    "MessagesReceived",
     "PingAcknowledged",
     "RequestHead",
     "RequestReceived",
@@ -70,19 +70,20 @@ class RequestReceived(Event):
         self.head = head
 
 
-class MessageReceived(Event):
-    """One whole (decompressed) message arrived.
+class MessagesReceived(Event):
+    """Whole (decompressed) messages arrived: those one DATA frame completed, in order.
 
-    ``flow_size`` bytes of flow-control window stay taken until the consumer calls
-    ``acknowledge(stream_id, flow_size)``: that is how a slow reader pushes back.
+    ``messages`` holds ``(data, flow_size)`` pairs. The ``flow_size`` bytes of window of each
+    stay taken until the consumer calls ``acknowledge(stream_id, flow_size)``: that is how a
+    slow reader pushes back. One event per frame, not per message: a frame often carries
+    many small messages, and the layers above then queue them in one step.
     """
 
-    __slots__ = ("data", "flow_size", "stream_id")
+    __slots__ = ("messages", "stream_id")
 
-    def __init__(self, stream_id: int, data: bytes, flow_size: int) -> None:
+    def __init__(self, stream_id: int, messages: list[tuple[bytes, int]]) -> None:
         self.stream_id = stream_id
-        self.data = data
-        self.flow_size = flow_size
+        self.messages = messages
 
 
 class EndOfStream(Event):
