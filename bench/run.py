@@ -396,6 +396,11 @@ def main() -> int:
                 )(cafe_pb2.LatteOrder(milk_ml=200, shots=1), timeout=1),
             )
             record("launch to first call (cafe App, CLI)", "ms", "app_kit", seconds_to_call * 1e3, False)
+            # The floor under both launch rows: this interpreter starting with nothing to do
+            # (site hooks of the environment included).
+            started = time.perf_counter()
+            subprocess.run(["taskset", "-c", SERVER_CPU, sys.executable, "-c", "pass"], check=True)
+            record("python -c pass (launch floor)", "ms", "app_kit", (time.perf_counter() - started) * 1e3, False)
 
     report(results, implementations, pathlib.Path(args.out), quick=args.quick or args.smoke)
     return 0
