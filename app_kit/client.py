@@ -453,8 +453,8 @@ class ClientStream(Generic[SendT, RecvT]):
         data, flow_size = self._messages.popleft()
         protocol = self._protocol
         if protocol is not None and self._stream_id is not None:
-            protocol.connection.acknowledge(self._stream_id, flow_size)
-            protocol.schedule_flush()
+            if protocol.connection.acknowledge(self._stream_id, flow_size):
+                protocol.schedule_flush()
         try:
             return self._channel.codec.decode(data, self._reply_type)
         except Exception:

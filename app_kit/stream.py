@@ -186,9 +186,8 @@ class Stream(Generic[RecvT, SendT]):
                 raise GRPCError(Status.INTERNAL, "the client half-closed the call without sending a request")
             return None
         data, flow_size = item
-        protocol = self._protocol
-        protocol.connection.acknowledge(self._stream_id, flow_size)
-        protocol.schedule_flush()
+        if self._connection.acknowledge(self._stream_id, flow_size):
+            self._protocol.schedule_flush()
         if not self._client_streaming:
             self._recv_done = True
         try:

@@ -48,7 +48,7 @@ __all__ = ["GoAwayTolerantStateMachine", "GrpcConnection", "StreamGone", "Stream
 log = logging.getLogger("app_kit.protocol")
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
-_MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
+_pack_prefix = struct.Struct(">BI").pack  # a message's compressed flag and length
 _INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 _SETTINGS = h2.settings.SettingCodes
 # RFC 9113 §4.1: 24-bit length (as a high byte and 16 bits), type, flags, stream id.
@@ -494,17 +494,22 @@ class GrpcConnection:
 
     # -- output ----------------------------------------------------------------------
 
-    def acknowledge(self, stream_id: int, size: int) -> None:
-        """The application consumed a message: give its bytes of window back to the peer."""
+    def acknowledge(self, stream_id: int, size: int) -> bool:
+        """The application consumed a message: give its bytes of window back to the peer.
+
+        They are handed to h2 at the next :meth:`flush_streams`, together (per message, h2's
+        bookkeeping was a quarter of a bidi echo's CPU). True when that flush is still to be
+        arranged; False when an earlier call since the last flush did so already.
+        """
         state = self._streams.get(stream_id)
         if state is None or not size:
-            return  # released streams returned their window already
+            return False  # released streams returned their window already
         state.unacked -= size
-        # Handed to h2 at the next flush, together: per message, h2's bookkeeping was a
-        # quarter of a bidi echo's CPU. The WINDOW_UPDATE leaves in the same write as before.
-        if not state.consumed:
-            self._consumed[stream_id] = state
         state.consumed += size
+        if state.consumed == size:
+            self._consumed[stream_id] = state
+            return True
+        return False
 
     def send_message(self, stream_id: int, payload: bytes) -> bool:
         """Queue one message for the next :meth:`flush_streams`; False: the sender should wait.
@@ -523,9 +528,9 @@ class GrpcConnection:
             self._dirty[stream_id] = state
         if state.send_encoding is not None:
             payload = compress(state.send_encoding, payload)
-            pending += _MESSAGE_PREFIX.pack(1, len(payload))
+            pending += _pack_prefix(1, len(payload))
         else:
-            pending += _MESSAGE_PREFIX.pack(0, len(payload))
+            pending += _pack_prefix(0, len(payload))
         pending += payload
         if len(pending) > self._max_send_buffer:
             state.over_limit = True
