@@ -22,9 +22,9 @@ def test_decoder_handles_any_split_and_accounts_every_byte() -> None:
         received, accounted = [], 0
         for start in range(0, len(wire), cut):
             chunk = wire[start : start + cut]
-            messages, leftover = decoder.feed(chunk)
-            accounted += leftover + sum(share for _, _, share in messages)
-            received += [(flag, payload) for flag, payload, _ in messages]
+            messages, compressed, leftover = decoder.feed(chunk)
+            accounted += leftover + sum(share for _, share in messages)
+            received += [(index in compressed, payload) for index, (payload, _) in enumerate(messages)]
         assert received == [(False, b"first"), (True, b""), (False, b"x" * 300)]
         assert accounted == len(wire)  # every byte is acknowledged exactly once
         assert decoder.buffered == 0

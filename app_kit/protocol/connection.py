@@ -366,7 +366,7 @@ class GrpcConnection:
             return
         data = event.data
         try:
-            messages, leftover = state.decoder.feed(data)
+            messages, compressed, leftover = state.decoder.feed(data)
         except MessageTooLarge as exc:
             state.unacked += flow
             self._abort(state, Status.RESOURCE_EXHAUSTED, str(exc), events)
@@ -380,19 +380,17 @@ class GrpcConnection:
         # message larger than the window.
         immediate = leftover + flow - len(data)
         if messages:
-            received: list[tuple[bytes, int]] = []
-            for compressed, payload, share in messages:
-                if compressed:
-                    try:
-                        payload = self._decompress(state, payload)
-                    except _DecodeFailure as failure:
-                        if received:  # delivered, though the abort gives all the window back
-                            events.append(MessagesReceived(stream_id, received))
-                        state.unacked += flow
-                        self._abort(state, failure.status, failure.message, events)
-                        return
-                received.append((payload, share))
-            events.append(MessagesReceived(stream_id, received))
+            for position in compressed:
+                payload, share = messages[position]
+                try:
+                    messages[position] = (self._decompress(state, payload), share)
+                except _DecodeFailure as failure:
+                    if position:  # delivered, though the abort gives all the window back
+                        events.append(MessagesReceived(stream_id, messages[:position]))
+                    state.unacked += flow
+                    self._abort(state, failure.status, failure.message, events)
+                    return
+            events.append(MessagesReceived(stream_id, messages))
             state.unacked += flow - immediate  # the shares of the messages just queued
         if immediate:
             self._h2.acknowledge_received_data(immediate, stream_id)

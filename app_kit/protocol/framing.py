@@ -52,15 +52,18 @@ class MessageDecoder:
             return len(self._prefix)
         return _PREFIX + sum(len(chunk) for chunk in self._chunks)
 
-    def feed(self, data: bytes) -> tuple[list[tuple[bool, bytes, int]], int]:
+    def feed(self, data: bytes) -> tuple[list[tuple[bytes, int]], list[int], int]:
         """Take one DATA payload; return the messages it completes and the bytes it left over.
 
-        Each message is ``(compressed, payload, share)``, where ``share`` is how many bytes of
-        ``data`` belong to that message (for flow control: they are acknowledged when the
-        application consumes the message). The second value counts the bytes of ``data`` that
-        only went into an incomplete message.
+        Returns ``(messages, compressed, leftover)``. Each message is ``(payload, share)``, where
+        ``share`` is how many bytes of ``data`` belong to it (for flow control: they are
+        acknowledged when the application consumes the message). ``compressed`` lists the
+        positions in ``messages`` of compressed ones (usually none: then the list goes up
+        as it is). ``leftover`` counts the bytes of ``data`` that only went into an
+        incomplete message.
         """
-        messages = []
+        messages: list[tuple[bytes, int]] = []
+        compressed: list[int] = []
         size = len(data)
         position = 0
         share_start = 0  # where the share of the next completed message starts in data
@@ -72,7 +75,9 @@ class MessageDecoder:
                 end = position + _PREFIX + length
                 if flag > 1 or length > limit or end > size:
                     break  # the general loop below reports it, or buffers the partial message
-                messages.append((flag == 1, data[position + _PREFIX : end], end - position))
+                if flag:
+                    compressed.append(len(messages))
+                messages.append((data[position + _PREFIX : end], end - position))
                 position = end
             share_start = position
         while position < size:
@@ -96,7 +101,9 @@ class MessageDecoder:
                 self._compressed = flag == 1
                 self._missing = length
                 if length == 0:
-                    messages.append((self._compressed, b"", position - share_start))
+                    if self._compressed:
+                        compressed.append(len(messages))
+                    messages.append((b"", position - share_start))
                     share_start = position
                     self._missing = -1
                 continue
@@ -113,7 +120,9 @@ class MessageDecoder:
             else:
                 payload = data[position:end]
             position = end
-            messages.append((self._compressed, payload, position - share_start))
+            if self._compressed:
+                compressed.append(len(messages))
+            messages.append((payload, position - share_start))
             share_start = position
             self._missing = -1
-        return messages, size - share_start
+        return messages, compressed, size - share_start
