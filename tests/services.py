@@ -31,6 +31,7 @@ class EchoService:
             "/test.Echo/Sleep": Handler(self.sleep, u, DoubleValue, DoubleValue),
             "/test.Echo/Fail": Handler(self.fail, u, StringValue, StringValue),
             "/test.Echo/ServerStream": Handler(self.server_stream, us, Int64Value, Int64Value),
+            "/test.Echo/StreamThenStatus": Handler(self.stream_then_status, us, Int64Value, Int64Value),
             "/test.Echo/ClientStream": Handler(self.client_stream, su, BytesValue, Int64Value),
             "/test.Echo/Bidi": Handler(self.bidi, ss, BytesValue, BytesValue),
             "/test.Echo/Hold": Handler(self.hold, su, BytesValue, Int64Value),
@@ -92,6 +93,18 @@ class EchoService:
         assert request is not None
         for index in range(request.value):
             await stream.send_message(Int64Value(value=index))
+
+    async def stream_then_status(self, stream: Stream[Int64Value, Int64Value]) -> None:
+        """Streams, ends with a status of its own, then (wrongly) tries to send once more."""
+        request = await stream.recv_message()
+        assert request is not None
+        for index in range(request.value):
+            await stream.send_message(Int64Value(value=index))
+        await stream.send_trailing_metadata(status=Status.OK)
+        try:
+            await stream.send_message(Int64Value(value=-1))
+        except Exception as exc:
+            self.observed["late_send"] = exc
 
     async def client_stream(self, stream: Stream[BytesValue, Int64Value]) -> None:
         total = 0

@@ -14,7 +14,7 @@ from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value, St
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from app_kit import Configuration, GRPCError, Status
+from app_kit import Configuration, GRPCError, ProtocolError, Status
 
 from .conftest import running_server
 from .services import EchoService
@@ -76,6 +76,16 @@ async def test_all_four_cardinalities_with_aio_client() -> None:
         await call.done_writing()
         assert await call.read() == grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_server_stream_past_its_status_refuses_to_send() -> None:
+    service = EchoService()
+    async with running_server([service]) as (_, target), grpc.aio.insecure_channel(target) as channel:
+        ended = _method(channel, "unary_stream", "/test.Echo/StreamThenStatus", Int64Value, Int64Value)
+        call = ended(Int64Value(value=5))
+        assert [m.value async for m in call] == list(range(5))
+        assert await call.code() == grpc.StatusCode.OK
+    assert isinstance(service.observed["late_send"], ProtocolError)
 
 
 async def test_sync_client_in_thread() -> None:
