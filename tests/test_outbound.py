@@ -1,9 +1,10 @@
-"""Our outbound path (HPACK encoder and direct frame writes) against h2 and hpack as references.
+"""The hot path's shortcuts against the libraries they bypass, used as references.
 
 The server writes HEADERS and DATA without h2's frame objects and encodes header blocks
-itself. These tests hold that to the libraries it replaces on the hot path: hpack's
-decoder must read every block back exactly, an h2 client must see the same events as from
-h2's own send path, and h2's stream state on the server must end up the same.
+itself: hpack's decoder must read every block back exactly, an h2 client must see the same
+events as from h2's own send path, and h2's stream state on the server must end up the
+same. Inbound, repeated header blocks and request heads are remembered: what comes from
+memory must equal what decoding and parsing afresh gives.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app_kit import Configuration, Status
-from app_kit.protocol.events import RequestReceived
+from app_kit.protocol.events import RequestHead, RequestReceived
 from app_kit.protocol.framing import frame_message
 from app_kit.protocol.header_block import HeaderBlockEncoder, MemoizingHeaderDecoder
-from app_kit.protocol.server import ServerConnection
+from app_kit.protocol.server import ServerConnection, parse_request
 
 INDEXED = ((b"content-type", b"application/grpc"), (b"grpc-status", b"0"), (b"x-long", b"v" * 300))
 STATIC = [(b":status", b"200"), (b":status", b"404"), (b"accept-encoding", b"gzip, deflate")]
@@ -269,3 +270,30 @@ def test_memoized_decoding_matches_hpack_and_leaves_the_same_table(script) -> No
             assert ours.decode(block, raw=True) == reference.decode(block, raw=True)
             assert list(ours.header_table.dynamic_entries) == list(reference.header_table.dynamic_entries)
             assert ours.header_table.maxsize == reference.header_table.maxsize
+
+
+def test_remembered_request_heads_equal_fresh_ones() -> None:
+    server = ServerConnection(Configuration())
+    server.initiate()
+    client = _client()
+    _pump(client, server)
+    base = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/pkg.Svc/Call"),
+        (b":authority", b"x"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    variants = [[], [], [(b"x-meta", b"1")], [], [(b"grpc-timeout", b"500m")], [(b"grpc-timeout", b"2S")]]
+    for extra in variants * 2:
+        stream_id = client.get_next_available_stream_id()
+        client.send_headers(stream_id, base + extra, end_stream=True)
+        _, events = _pump(client, server)
+        (request,) = [event for event in events if isinstance(event, RequestReceived)]
+        fresh = parse_request(base + extra, b"proto")
+        assert [getattr(request.head, name) for name in RequestHead.__slots__] == [
+            getattr(fresh, name) for name in RequestHead.__slots__
+        ]
+        server.send_status(request.stream_id, Status.OK)
+        _pump(client, server)

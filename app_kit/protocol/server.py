@@ -61,6 +61,7 @@ _OK_FIELD = (b"grpc-status", b"0")
 _PLAIN_HEAD = ((b":status", b"200"), _CONTENT_TYPE_FIELD, _ACCEPT_ENCODING_FIELD)
 _OK_TRAILERS = (_OK_FIELD,)
 _OK_TRAILERS_ONLY = ((b":status", b"200"), _CONTENT_TYPE_FIELD, _OK_FIELD)
+_REMEMBERED_HEADS = 32  # distinct request heads a connection keeps parsed
 
 
 class _Malformed(Exception):
@@ -194,6 +195,7 @@ class ServerConnection(GrpcConnection):
         self._encoder = HeaderBlockEncoder(indexed=(_CONTENT_TYPE_FIELD, _ACCEPT_ENCODING_FIELD, _OK_FIELD))
         self._h2.encoder = self._encoder  # type: ignore[assignment]
         self._content_subtype = content_subtype.encode("ascii")
+        self._heads: dict[tuple[tuple[bytes, bytes], ...], RequestHead] = {}
         #: 0: serving; 1: first GOAWAY and PING sent; 2: final GOAWAY sent.
         self.shutdown_phase = 0
         self._last_stream_id = _MAX_STREAM_ID
@@ -213,7 +215,7 @@ class ServerConnection(GrpcConnection):
             self._h2.reset_stream(stream_id, _REFUSED_STREAM)
             return
         try:
-            head = parse_request(event.headers or [], self._content_subtype)
+            head = self._parse(event.headers or [])
         except _Malformed as exc:
             log.log(logging.INFO, "malformed request on stream %d: %s", stream_id, exc)
             self._h2.reset_stream(stream_id, _PROTOCOL_ERROR)
@@ -231,6 +233,22 @@ class ServerConnection(GrpcConnection):
             return
         self._open_stream(stream_id, head.encoding)
         events.append(RequestReceived(stream_id, head))
+
+    def _parse(self, headers: list[tuple[bytes, bytes]]) -> RequestHead:
+        """:func:`parse_request`, remembered: a client repeats the same head call after call.
+
+        A head is read-only once made, so calls with the same header fields share it. Heads
+        with a timeout are not kept: their ``grpc-timeout`` differs from call to call.
+        """
+        key = tuple(headers)
+        head = self._heads.get(key)
+        if head is None:
+            head = parse_request(headers, self._content_subtype)
+            if head.timeout is None:
+                if len(self._heads) >= _REMEMBERED_HEADS:
+                    self._heads.clear()
+                self._heads[key] = head
+        return head
 
     def _on_ping_ack(self, event: h2.events.PingAckReceived, events: list[Event]) -> None:
         if event.ping_data == SHUTDOWN_PING and self.shutdown_phase == 1:
