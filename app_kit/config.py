@@ -29,6 +29,11 @@ class Configuration:
     #: SETTINGS_MAX_CONCURRENT_STREAMS advertised to the peer; streams beyond it are refused
     #: with REFUSED_STREAM (safe for the peer to retry).
     max_concurrent_streams: int = 1000
+    #: Bytes of incomplete messages one connection may hold across its streams. Their bytes
+    #: are acknowledged as they come (a message may be larger than the window), so flow
+    #: control does not bound them; the stream that goes over gets RESOURCE_EXHAUSTED. One
+    #: message of ``max_receive_message_length`` always fits, whatever this says.
+    max_connection_receive_buffer: int = 64 * _MiB
     #: SETTINGS_INITIAL_WINDOW_SIZE: how much of one stream's data the peer may send before
     #: the handler consumes it. Bounds what a handler that does not read can make us buffer.
     initial_stream_window_size: int = 1 * _MiB
@@ -76,6 +81,7 @@ class Configuration:
             "max_concurrent_streams",
             "max_header_list_size",
             "max_send_buffer_size",
+            "max_connection_receive_buffer",
             "max_pings_per_window",
             "max_settings_per_window",
             "max_empty_frames_per_window",

@@ -6,7 +6,7 @@ import asyncio
 import os
 
 import hpack
-from hyperframe.frame import Frame, GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
@@ -103,6 +103,16 @@ class RawPeer:
     @property
     def goaways(self) -> list[GoAwayFrame]:
         return [f for f in self.frames if isinstance(f, GoAwayFrame)]
+
+    def trailer_statuses(self) -> dict[int, bytes]:
+        """The grpc-status each stream was ended with so far, by stream id."""
+        decoder, statuses = hpack.Decoder(), {}
+        for f in self.frames:  # every header block in order: HPACK state is per connection
+            if isinstance(f, HeadersFrame):
+                for name, value in decoder.decode(f.data, raw=True):
+                    if name == b"grpc-status":
+                        statuses[f.stream_id] = value
+        return statuses
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -144,5 +144,8 @@ def test_random_frames_never_escape_and_buffers_stay_bounded(
         assert connection.open_streams <= CONFIG.max_concurrent_streams
         for state in connection._streams.values():
             assert state.decoder.buffered <= CONFIG.max_receive_message_length + 5
+        # The connection's count of incomplete-message bytes is exactly what its streams hold.
+        if not connection.closed:
+            assert connection._partial_bytes == sum(state.decoder.buffered for state in connection._streams.values())
     # What we write stays proportional to what we were sent (no amplification).
     assert output <= 1024 + 64 * len(data) + 200 * len(sequence)

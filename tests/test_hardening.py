@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import grpc
+import hpack
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue
 
@@ -217,3 +218,31 @@ async def test_peer_errors_log_no_tracebacks(caplog: pytest.LogCaptureFixture) -
                 await peer.wait_closed()
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_incomplete_messages_are_capped_per_connection() -> None:
+    # Bytes of an incomplete message are acknowledged as they come, so only the connection
+    # cap bounds how much of them a peer can park across its streams.
+    config = Configuration(max_receive_message_length=1 * MiB, max_connection_receive_buffer=4 * MiB)
+    async with running_server([EchoService()], config=config) as (server, target):
+        connection_of = lambda: next(iter(server._connections)).connection  # noqa: E731
+        async with RawPeer(server.sockets[0].getsockname()[1]) as peer:
+            encoder = hpack.Encoder()
+            await peer.send(HANDSHAKE)
+            for stream_id in range(1, 41, 2):  # 20 streams, each 900 KB into a 1 MiB message
+                head = frame(HEADERS, END_HEADERS, stream_id, request_block(encoder, "/test.Echo/ClientStream"))
+                body = b"\x00" + (MiB).to_bytes(4, "big") + b"x" * (900 * 1024)
+                parts = [frame(DATA, 0, stream_id, body[start : start + 16384]) for start in range(0, len(body), 16384)]
+                await peer.send(head + b"".join(parts))
+            async with asyncio.timeout(5):
+                while len(peer.trailer_statuses()) < 16:
+                    await asyncio.sleep(0.01)
+                    assert connection_of()._partial_bytes <= 4 * MiB + 16384
+            statuses = peer.trailer_statuses()
+            # The first four fit; every later one went over and was answered on its own stream.
+            assert sorted(statuses) == list(range(9, 41, 2))
+            assert set(statuses.values()) == {b"8"}  # RESOURCE_EXHAUSTED
+            assert not peer.goaways and not peer.closed.is_set()
+        async with grpc.aio.insecure_channel(target) as channel:  # the server serves on
+            unary = channel.unary_unary("/test.Echo/Unary", BytesValue.SerializeToString, BytesValue.FromString)
+            assert (await unary(BytesValue(value=b"still here"))).value == b"still here"

@@ -210,6 +210,7 @@ class StreamState:
         "headers_sent",
         "local_closed",
         "over_limit",
+        "partial",
         "pending",
         "pending_trailers",
         "recv_encoding",
@@ -230,6 +231,8 @@ class StreamState:
         self.unacked = 0
         #: Bytes consumed since the last flush: their window goes back then.
         self.consumed = 0
+        #: Bytes of an incomplete message, as counted for the connection's cap.
+        self.partial = 0
         #: Outbound DATA not yet handed to h2: queued this loop turn, or waiting for window.
         self.pending = bytearray()
         #: A sender was told to wait until ``pending`` drains (StreamWritable then).
@@ -294,6 +297,9 @@ class GrpcConnection:
         self._h2.max_inbound_frame_size = config.max_frame_size
         self._streams: dict[int, StreamState] = {}
         self._max_send_buffer = config.max_send_buffer_size
+        # Bytes of incomplete messages buffered across all streams (see _on_data).
+        self._partial_bytes = 0
+        self._max_partial_bytes = max(config.max_connection_receive_buffer, config.max_receive_message_length + 5)
         # Streams with DATA waiting for window, in the order they got blocked.
         self._blocked: dict[int, StreamState] = {}
         # Streams with DATA queued since the last flush, in order.
@@ -365,8 +371,9 @@ class GrpcConnection:
                 self._h2.acknowledge_received_data(flow, stream_id)
             return
         data = event.data
+        decoder = state.decoder
         try:
-            messages, compressed, leftover = state.decoder.feed(data)
+            messages, compressed, leftover = decoder.feed(data)
         except MessageTooLarge as exc:
             state.unacked += flow
             self._abort(state, Status.RESOURCE_EXHAUSTED, str(exc), events)
@@ -375,9 +382,21 @@ class GrpcConnection:
             state.unacked += flow
             self._abort(state, Status.INTERNAL, str(exc), events)
             return
-        # Padding and bytes of a not yet complete message are acknowledged right away: they
-        # are bounded by the message size limit, and withholding them would stall any
-        # message larger than the window.
+        # Padding and bytes of a not yet complete message are acknowledged right away:
+        # withholding them would stall any message larger than the window. So flow control
+        # does not bound them; the message size limit does per stream, and this per connection.
+        partial = decoder.buffered
+        self._partial_bytes += partial - state.partial
+        state.partial = partial
+        if self._partial_bytes > self._max_partial_bytes:
+            state.unacked += flow
+            self._abort(
+                state,
+                Status.RESOURCE_EXHAUSTED,
+                f"incomplete messages on the connection over max ({self._max_partial_bytes} bytes)",
+                events,
+            )
+            return
         immediate = leftover + flow - len(data)
         if messages:
             for position in compressed:
@@ -463,7 +482,8 @@ class GrpcConnection:
     def _release(self, state: StreamState) -> None:
         """Forget a finished stream, returning any window its unread messages held."""
         stream_id = state.stream_id
-        self._streams.pop(stream_id, None)
+        if self._streams.pop(stream_id, None) is not None:
+            self._partial_bytes -= state.partial
         self._blocked.pop(stream_id, None)
         self._dirty.pop(stream_id, None)
         self._consumed.pop(stream_id, None)

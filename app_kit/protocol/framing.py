@@ -36,13 +36,14 @@ class MessageDecoder:
     they came and joined once, when it is complete: one copy, however large the message.
     """
 
-    __slots__ = ("_chunks", "_compressed", "_max_length", "_missing", "_prefix")
+    __slots__ = ("_chunks", "_compressed", "_length", "_max_length", "_missing", "_prefix")
 
     def __init__(self, max_length: int) -> None:
         self._max_length = max_length
         self._prefix = b""  # an incomplete length prefix
         self._chunks: list[bytes] = []  # the pieces of the message being received
         self._missing = -1  # bytes of that message still to come; -1 while reading a prefix
+        self._length = 0  # the length its prefix announced
         self._compressed = False
 
     @property
@@ -50,7 +51,7 @@ class MessageDecoder:
         """Bytes of an incomplete message received so far (0 exactly between messages)."""
         if self._missing < 0:
             return len(self._prefix)
-        return _PREFIX + sum(len(chunk) for chunk in self._chunks)
+        return _PREFIX + self._length - self._missing
 
     def feed(self, data: bytes) -> tuple[list[tuple[bytes, int]], list[int], int]:
         """Take one DATA payload; return the messages it completes and the bytes it left over.
@@ -99,7 +100,7 @@ class MessageDecoder:
                 if length > self._max_length:
                     raise MessageTooLarge(length, self._max_length)
                 self._compressed = flag == 1
-                self._missing = length
+                self._missing = self._length = length
                 if length == 0:
                     if self._compressed:
                         compressed.append(len(messages))
