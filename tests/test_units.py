@@ -140,3 +140,15 @@ def test_frame_repr_replacement_gives_hyperframes_exact_text() -> None:
         data = bytes(range(256)) * (size // 256 + 1)
         assert _hyperframe_repr.raw_data_repr(data[:size]) == hyperframes(data[:size])
     assert _hyperframe_repr.raw_data_repr(None) == "None"
+
+    # DATA frames: the whole repr as hyperframe's generic body repr makes it, padded or not.
+    from hyperframe.frame import DataFrame, Frame
+
+    for size in [0, 1, 5, 10, 11, 12, 300]:
+        for pad_length in [None, 0, 1, 3, 20]:
+            frame = DataFrame(1, data=bytes(index % 251 + 1 for index in range(size)))
+            if pad_length is not None:
+                frame.flags.add("PADDED")
+                frame.pad_length = pad_length
+            expected = f"DataFrame(stream_id=1, flags={frame.flags!r}): {Frame._body_repr(frame)}"
+            assert repr(frame) == expected, (size, pad_length)
