@@ -682,7 +682,7 @@ class GrpcConnection:
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = error_code
-        self._extra += self._h2.data_to_send()
+        self._extra += self.data_to_send()
         self._extra += frame.serialize()
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
@@ -692,14 +692,19 @@ class GrpcConnection:
         self._h2.close_connection(error_code)
         self._connection_lost(error_code, reason)
 
-    def data_to_send(self) -> bytes:
-        """Everything queued for the peer since the last call."""
+    def data_to_send(self) -> bytearray:
+        """Everything queued for the peer since the last call.
+
+        The buffer itself is handed over, not a copy (h2's ``data_to_send`` copies it, a
+        megabyte per large message): the caller owns it, and nothing here touches it again.
+        """
+        h2conn = self._h2
+        data, h2conn._data_to_send = h2conn._data_to_send, bytearray()
         if self._extra:
-            self._extra += self._h2.data_to_send()
-            data = bytes(self._extra)
-            self._extra.clear()
-            return data
-        return self._h2.data_to_send()
+            extra, self._extra = self._extra, bytearray()
+            extra += data
+            return extra
+        return data
 
 
 class _DecodeFailure(Exception):
