@@ -454,8 +454,9 @@ def chart(payload: dict[str, Any], implementations: tuple[str, ...], path: pathl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(payload["scenarios"])
     baseline = "grpclib" if "grpclib" in implementations else implementations[0]
+    # Only what can be compared: app_kit-only rows (the cafe App, the launch floor) are left out.
+    names = [name for name, scenario in payload["scenarios"].items() if scenario["median"].get(baseline)]
     figure, axis = plt.subplots(figsize=(12, 0.45 * len(names) * len(implementations) + 1.5))
     height = 0.8 / len(implementations)
     for index, implementation in enumerate(implementations):
