@@ -46,6 +46,8 @@ class AppSettings(BaseSettings):
     health_check_timeout: float = 2.0
     max_receive_message_length: int = 4 * _MiB
     max_send_message_length: int = 4 * _MiB
+    #: Bytes of incomplete messages one connection may hold (see :class:`Configuration`).
+    max_connection_receive_buffer: int = 64 * _MiB
 
     @model_validator(mode="after")
     def _check(self) -> AppSettings:
@@ -64,6 +66,7 @@ class AppSettings(BaseSettings):
         return Configuration(
             max_receive_message_length=self.max_receive_message_length,
             max_send_message_length=self.max_send_message_length,
+            max_connection_receive_buffer=self.max_connection_receive_buffer,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:

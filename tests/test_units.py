@@ -8,11 +8,12 @@ import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 from google.rpc import error_details_pb2
 
-from app_kit import GRPCError, ProtoCodec, ProtoStatusDetailsCodec, Status
+from app_kit import AppSettings, GRPCError, ProtoCodec, ProtoStatusDetailsCodec, Status
 from app_kit.compression import DecompressedTooLarge, DecompressionError, compress, decompress
 from app_kit.deadline import Deadline, encode_grpc_timeout, parse_grpc_timeout
 from app_kit.metadata import decode_grpc_message, decode_metadata, encode_grpc_message, encode_metadata
 from app_kit.protocol.framing import FramingError, MessageDecoder, MessageTooLarge, frame_message
+from app_kit.settings import load_settings
 
 
 def test_decoder_handles_any_split_and_accounts_every_byte() -> None:
@@ -152,3 +153,11 @@ def test_frame_repr_replacement_gives_hyperframes_exact_text() -> None:
                 frame.pad_length = pad_length
             expected = f"DataFrame(stream_id=1, flags={frame.flags!r}): {Frame._body_repr(frame)}"
             assert repr(frame) == expected, (size, pad_length)
+
+
+def test_limits_from_the_environment_reach_the_server_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APP_MAX_RECEIVE_MESSAGE_LENGTH", str(2 * 1024 * 1024))
+    monkeypatch.setenv("APP_MAX_CONNECTION_RECEIVE_BUFFER", str(8 * 1024 * 1024))
+    config = load_settings(AppSettings).server_config()
+    assert config.max_receive_message_length == 2 * 1024 * 1024
+    assert config.max_connection_receive_buffer == 8 * 1024 * 1024
