@@ -12,12 +12,16 @@ import pathlib
 import sys
 import time
 
+import hpack
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
 from tests.frames import (  # noqa: E402
     CONTINUATION,
+    DATA,
+    END_HEADERS,
     HANDSHAKE,
     HEADERS,
     RawPeer,
@@ -57,6 +61,27 @@ async def continuation_flood(port: int, limit: int) -> tuple[str, float]:
     return f"{answer} after {sent / MiB:.0f} MiB sent", time.perf_counter() - started
 
 
+async def incomplete_messages(port: int, streams: int, each: int) -> tuple[str, float]:
+    """Streams that each park ``each`` bytes of a 4 MiB message and never finish it."""
+    started = time.perf_counter()
+    encoder = hpack.Encoder()
+    async with RawPeer(port) as peer:
+        await peer.send(HANDSHAKE)
+        for stream_id in range(1, 2 * streams, 2):
+            block = request_block(encoder, "/cafe.CoffeeMachine/OrderRound")
+            body = b"\x00" + (4 * MiB).to_bytes(4, "big") + b"x" * each
+            step = 1 << 16
+            frames = [frame(DATA, 0, stream_id, body[at : at + step]) for at in range(0, len(body), step)]
+            if not await peer.send(frame(HEADERS, END_HEADERS, stream_id, block) + b"".join(frames)):
+                break
+        await asyncio.sleep(1)
+        statuses = peer.trailer_statuses()
+        closed = peer.closed.is_set() or bool(peer.goaways)
+    exhausted = sum(1 for status in statuses.values() if status == b"8")
+    answer = f"{exhausted} of {streams} streams RESOURCE_EXHAUSTED, connection {'closed' if closed else 'kept'}"
+    return answer, time.perf_counter() - started
+
+
 async def idle_connections(port: int, count: int) -> tuple[str, float]:
     started = time.perf_counter()
     writers = []
@@ -85,6 +110,7 @@ async def main() -> None:
             ("SETTINGS x 200,000", run_flood(port, flood("SETTINGS", 200_000))),
             ("empty DATA x 1,000,000", run_flood(port, flood("empty DATA", 1_000_000))),
             ("CONTINUATION, up to 1 GiB", continuation_flood(port, 1 << 30)),
+            ("incomplete messages, 200 x 1 MiB", incomplete_messages(port, 200, MiB)),
             ("idle connections x 2,000", idle_connections(port, 2000)),
         ]
         for name, run in cases:
