@@ -73,7 +73,6 @@ class Stream(Generic[RecvT, SendT]):
         "_reply_encoding",
         "_reply_type",
         "_request_type",
-        "_send_refusal",
         "_sent",
         "_server_streaming",
         "_status_details_codec",
@@ -135,8 +134,6 @@ class Stream(Generic[RecvT, SendT]):
         self._sent = 0
         self._initial_sent = False
         self._trailers_sent = False
-        # Why send_message must refuse (one check per message instead of several).
-        self._send_refusal: str | None = None
         # A server-streaming call past its first reply, and not over: see _before_reply.
         self._streaming_replies = False
         self._closed_reason: str | None = None
@@ -276,25 +273,23 @@ class Stream(Generic[RecvT, SendT]):
 
     def _before_reply(self, data: bytes) -> None:
         """What send_message checks and does, except in a server stream past its first reply."""
-        if self._send_refusal is not None:
-            raise ProtocolError(self._send_refusal)
+        if self._trailers_sent:
+            raise ProtocolError("the call is over: trailers were sent")
+        if self._sent and not self._server_streaming:
+            raise ProtocolError(f"{self.method} is unary: it sends exactly one reply message")
         if len(data) > self._max_send:
             self._raise_too_large(data)
         if not self._initial_sent:
             self._send_initial([])
         self._sent += 1
-        if not self._server_streaming:
-            self._send_refusal = f"{self.method} is unary: it sends exactly one reply message"
-        else:
-            # From now on send_message checks one flag: nothing but the status changes this.
-            self._streaming_replies = True
+        # From now on a server stream checks one flag per message: only the status clears it.
+        self._streaming_replies = self._server_streaming
 
     def _raise_too_large(self, data: bytes) -> None:
         raise GRPCError(Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {self._max_send})")
 
     def _status_sent(self) -> None:
         self._trailers_sent = True
-        self._send_refusal = "the call is over: trailers were sent"
         self._streaming_replies = False
 
     def _raise_if_closed(self) -> None:

@@ -306,8 +306,6 @@ class GrpcConnection:
         self._dirty: dict[int, StreamState] = {}
         # Streams whose consumed messages' window is still to be given back.
         self._consumed: dict[int, StreamState] = {}
-        # Frames we write ourselves, behind whatever h2 queued before them.
-        self._extra = bytearray()
         self.closed = False
         #: The peer's first SETTINGS arrived: the HTTP/2 handshake is done.
         self.handshake_complete = False
@@ -682,8 +680,7 @@ class GrpcConnection:
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = error_code
-        self._extra += self.data_to_send()
-        self._extra += frame.serialize()
+        self._h2._data_to_send += frame.serialize()  # behind what h2 queued, like our other frames
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Close the connection at once with a final GOAWAY."""
@@ -700,10 +697,6 @@ class GrpcConnection:
         """
         h2conn = self._h2
         data, h2conn._data_to_send = h2conn._data_to_send, bytearray()
-        if self._extra:
-            extra, self._extra = self._extra, bytearray()
-            extra += data
-            return extra
         return data
 
 
