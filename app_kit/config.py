@@ -65,8 +65,17 @@ class Configuration:
     #: The window over which the flood limits below count frames from the peer. Over any
     #: limit, the connection is closed at once with GOAWAY ENHANCE_YOUR_CALM.
     flood_window: float = 10.0
-    #: PINGs the peer may send per window (gRPC clients ping for keepalive and BDP probes).
-    max_pings_per_window: int = 500
+    #: gRPC's keepalive enforcement (servers only, as in gRPC): a PING sooner than this after
+    #: the previous one, while calls are open, is a strike, unless one of our HEADERS or DATA
+    #: frames licenses it (peers PING when they receive data, to size their windows).
+    min_ping_interval: float = 5 * 60.0
+    #: The same while the connection has no calls (a client keeping an idle connection alive).
+    min_ping_interval_without_calls: float = 2 * 60 * 60.0
+    #: Strikes tolerated; the next one gets GOAWAY ENHANCE_YOUR_CALM ``too_many_pings``.
+    #: 0 switches the strikes off (the hard cap below still applies).
+    max_ping_strikes: int = 2
+    #: Hard cap on PINGs per window, licensed or not: only a flood reaches it.
+    max_pings_per_window: int = 100_000
     #: SETTINGS frames the peer may send per window.
     max_settings_per_window: int = 100
     #: DATA frames without data or END_STREAM, and empty HEADERS/CONTINUATION, per window.
@@ -96,6 +105,8 @@ class Configuration:
                 raise ValueError(f"{name} must be an int from 65535 to 2**31-1, got {value!r}")
         if not isinstance(self.max_frame_size, int) or not 16384 <= self.max_frame_size <= 2**24 - 1:
             raise ValueError(f"max_frame_size must be from 16384 to 2**24-1, got {self.max_frame_size!r}")
+        if not isinstance(self.max_ping_strikes, int) or self.max_ping_strikes < 0:
+            raise ValueError(f"max_ping_strikes must be an int >= 0, got {self.max_ping_strikes!r}")
         if self.keepalive_time is not None and self.keepalive_time <= 0:
             raise ValueError("keepalive_time must be positive or None")
         if self.idle_timeout is not None and self.idle_timeout <= 0:
@@ -106,6 +117,8 @@ class Configuration:
             "handshake_timeout",
             "flood_window",
             "linger_timeout",
+            "min_ping_interval",
+            "min_ping_interval_without_calls",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -40,7 +40,7 @@ from .events import (
     StreamWritable,
 )
 from .framing import FramingError, MessageDecoder, MessageTooLarge
-from .guard import FrameGuard, PeerMisbehaved
+from .guard import FrameGuard, PeerMisbehaved, PingPolicy
 from .header_block import MemoizingHeaderDecoder
 
 __all__ = ["GoAwayTolerantStateMachine", "GrpcConnection", "StreamGone", "StreamState"]
@@ -110,6 +110,18 @@ class _H2Connection(h2.connection.H2Connection):
 
     #: Closed streams h2 may keep in ``streams`` before they are swept (see below).
     _sweep_at = 16
+    #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
+    frames_sent = 0
+
+    def send_headers(self, *args: Any, **kwargs: Any) -> None:
+        """h2's, counted."""
+        self.frames_sent += 1
+        super().send_headers(*args, **kwargs)
+
+    def end_stream(self, stream_id: int) -> None:
+        """h2's, counted."""
+        self.frames_sent += 1
+        super().end_stream(stream_id)
 
     def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
         # Called by h2 while handling the exception that ends the connection.
@@ -134,6 +146,7 @@ class _H2Connection(h2.connection.H2Connection):
     def send_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         """``send_headers`` on an open stream, with the header block already encoded."""
         stream = self.streams[stream_id]
+        self.frames_sent += 1
         self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_HEADERS)
@@ -161,6 +174,7 @@ class _H2Connection(h2.connection.H2Connection):
     def send_data_frame(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """``send_data`` of one frame that the caller fitted into the windows and frame size."""
         stream = self.streams[stream_id]
+        self.frames_sent += 1
         self.state_machine.process_input(ConnectionInputs.SEND_DATA)
         stream.state_machine.process_input(StreamInputs.SEND_DATA)
         size = len(data)
@@ -263,7 +277,16 @@ class GrpcConnection:
         self, config: Configuration, *, client_side: bool, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config
-        self._guard = FrameGuard(config, clock, expect_preface=not client_side)
+        self._guard = FrameGuard(
+            config,
+            clock,
+            expect_preface=not client_side,
+            ping_context=self._ping_context,
+            # gRPC's keepalive enforcement is a server's: servers PING clients that send data.
+            ping_policy=PingPolicy(config) if not client_side else None,
+        )
+        # How many of h2.frames_sent licensed a PING already.
+        self._pings_licensed = 0
         self._h2 = _H2Connection(
             h2.config.H2Configuration(
                 client_side=client_side,
@@ -350,6 +373,13 @@ class GrpcConnection:
             self._h2.close_connection(_INTERNAL_ERROR)
             return self._connection_lost(int(_INTERNAL_ERROR), f"internal error: {exc!r}")
         return events
+
+    def _ping_context(self) -> tuple[bool, bool]:
+        """For the guard, per PING received: licensed by a frame of ours? Calls open?"""
+        licensed = self._h2.frames_sent > self._pings_licensed
+        if licensed:
+            self._pings_licensed += 1
+        return licensed, bool(self._streams)
 
     def _connection_lost(self, error_code: int, reason: str) -> list[Event]:
         self.closed = True

@@ -5,15 +5,20 @@ empty frames, and it assembles a header block from CONTINUATION frames before an
 checks its size. The guard sees each frame header as the bytes arrive (a few integer
 operations per frame), so a flood is cut off before h2 or the application does any work for
 it, and a header block is refused as soon as it grows past the limit.
+
+PINGs are judged by gRPC's keepalive enforcement (:class:`PingPolicy`) before any flood
+limit: gRPC clients and servers PING whenever they receive data (BDP estimation), so a
+PING that answers our own HEADERS or DATA is ordinary traffic, never abuse.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from ..config import Configuration
 
-__all__ = ["FrameGuard", "PeerMisbehaved"]
+__all__ = ["FrameGuard", "PeerMisbehaved", "PingPolicy"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -43,8 +48,49 @@ class PeerMisbehaved(Exception):
         self.debug = debug
 
 
+class PingPolicy:
+    """gRPC's keepalive enforcement: how a server tells keepalive and BDP PINGs from abuse.
+
+    A PING that comes sooner than the permitted interval since the previous one —
+    ``min_ping_interval`` while calls are open, ``min_ping_interval_without_calls`` when there
+    are none — is a strike, and the strike after ``max_ping_strikes`` ends the connection
+    with GOAWAY ENHANCE_YOUR_CALM ``too_many_pings``. A *licensed* PING is never a strike and
+    clears them: gRPC resets the strikes whenever the server sends HEADERS or DATA; here each
+    HEADERS or DATA frame we send licenses one PING, so a peer that answers every frame it
+    receives with a PING (BDP estimation, eagerly) is served for as long as it likes, and can
+    never make us do more work for PINGs than we chose to do for it.
+    """
+
+    __slots__ = ("_last", "_min_interval", "_min_interval_idle", "_strikes", "max_strikes")
+
+    def __init__(self, config: Configuration) -> None:
+        self._min_interval = config.min_ping_interval
+        self._min_interval_idle = config.min_ping_interval_without_calls
+        self.max_strikes = config.max_ping_strikes
+        self._strikes = 0
+        self._last = -math.inf
+
+    def too_many(self, now: float, *, active: bool, licensed: bool) -> bool:
+        """Judge a PING received at ``now``; True: the peer has used up its strikes."""
+        if not self.max_strikes:
+            return False
+        last, self._last = self._last, now
+        if licensed:
+            self._strikes = 0
+            return False
+        if now - last >= (self._min_interval if active else self._min_interval_idle):
+            return False
+        self._strikes += 1
+        return self._strikes > self.max_strikes
+
+
 class FrameGuard:
-    """Tracks frame boundaries in the incoming byte stream and enforces the flood limits."""
+    """Tracks frame boundaries in the incoming byte stream and enforces the flood limits.
+
+    ``ping_context`` answers, for each PING received, whether one of our HEADERS or DATA
+    frames licenses it and whether calls are open (see :class:`PingPolicy`); ``ping_policy``
+    None leaves out the strikes (gRPC enforces them on servers only).
+    """
 
     __slots__ = (
         "_block",
@@ -54,14 +100,26 @@ class FrameGuard:
         "_limits",
         "_max_block",
         "_max_frame",
+        "_ping_context",
+        "_ping_policy",
         "_preface_left",
         "_skip",
         "_window",
         "_window_start",
     )
 
-    def __init__(self, config: Configuration, clock: Callable[[], float], *, expect_preface: bool) -> None:
+    def __init__(
+        self,
+        config: Configuration,
+        clock: Callable[[], float],
+        *,
+        expect_preface: bool,
+        ping_context: Callable[[], tuple[bool, bool]] = lambda: (False, False),
+        ping_policy: PingPolicy | None = None,
+    ) -> None:
         self._clock = clock
+        self._ping_context = ping_context
+        self._ping_policy = ping_policy
         self._preface_left = PREFACE if expect_preface else b""
         self._header = b""  # an incomplete frame header carried over from the last chunk
         self._skip = 0  # payload bytes of the current frame still to come
@@ -131,7 +189,7 @@ class FrameGuard:
                 self._block = -1
         elif kind == _PING:
             if not flags & _ACK:
-                self._count(_PINGS)
+                self._ping()
         elif kind == _SETTINGS:
             if not flags & _ACK:
                 self._count(_SETTINGS_FRAMES)
@@ -141,6 +199,17 @@ class FrameGuard:
         elif kind == _RST_STREAM:
             self._count(_RESETS)
         return length
+
+    def _ping(self) -> None:
+        licensed, active = self._ping_context()
+        self._count(_PINGS)
+        policy = self._ping_policy
+        if policy is not None and policy.too_many(self._clock(), active=active, licensed=licensed):
+            raise PeerMisbehaved(
+                _ENHANCE_YOUR_CALM,
+                f"more than {policy.max_strikes} PINGs sooner than the permitted interval, with nothing sent to answer",
+                b"too_many_pings",
+            )
 
     def _count(self, what: int) -> None:
         now = self._clock()
