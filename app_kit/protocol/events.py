@@ -59,6 +59,10 @@ class RequestHead:
         self.user_agent = user_agent
         self.authority = authority
 
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"RequestHead({fields})"
+
 
 class RequestReceived(Event):
     """A valid gRPC request opened a stream. Routing is up to the layer above."""

@@ -145,7 +145,8 @@ class FrameGuard:
             position += missing
             if len(self._header) < 9:
                 return
-            self._frame(self._header)
+            # The header was split across reads: its payload follows in this one (or later).
+            position += self._frame(self._header)
             self._header = b""
         while position + 9 <= size:
             end = position + 9
