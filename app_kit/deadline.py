@@ -32,7 +32,10 @@ def parse_grpc_timeout(value: bytes) -> float:
     digits = value[:-1]
     if unit is None or not digits.isdigit():
         raise ValueError(f"invalid grpc-timeout {value!r}: digits then one of H M S m u n expected")
-    return int(digits) * unit
+    count = int(digits)
+    if not count:
+        raise ValueError(f"invalid grpc-timeout {value!r}: the value must be a positive integer")
+    return count * unit
 
 
 def encode_grpc_timeout(seconds: float) -> str:

@@ -255,14 +255,15 @@ class ServerProtocol(ConnectionProtocol):
     def _start_call(self, event: RequestReceived) -> None:
         head = event.head
         stream_id = event.stream_id
+        # The stream may be gone already: reset in the same read as its request.
         handler = self._server.mapping.get(head.path)
         if handler is None:
-            self.connection.send_status(stream_id, Status.UNIMPLEMENTED, f"Method not found: {head.path}")
+            self.connection.end_now(stream_id, Status.UNIMPLEMENTED, f"Method not found: {head.path}")
             return
         try:
             metadata = decode_metadata(head.headers)
         except ValueError as exc:
-            self.connection.send_status(stream_id, Status.INTERNAL, f"invalid request metadata: {exc}")
+            self.connection.end_now(stream_id, Status.INTERNAL, f"invalid request metadata: {exc}")
             return
         server = self._server
         assert self._peer is not None
@@ -302,11 +303,12 @@ class ServerProtocol(ConnectionProtocol):
             self.schedule_flush()
 
     def _end_call(self, stream_id: int, status: Status, message: str) -> None:
-        """End a call from outside its handler: answer it and cancel the handler."""
+        """End a call from outside its handler: answer it at once and cancel the handler."""
         stream, task = self._calls[stream_id]
         if not stream.closed:
             stream._status_sent()
-            self.connection.send_status(stream_id, status, message)
+        # Even with its status sent, a call may still have DATA (and the status) queued.
+        self.connection.end_now(stream_id, status, message)
         stream._on_closed(message)
         task.cancel()
 
@@ -349,10 +351,19 @@ class ServerProtocol(ConnectionProtocol):
         self._close_if_done()
 
     def abort_calls(self, status: Status, message: str) -> None:
-        """Answer every call still running with ``status`` and cancel its handler."""
+        """Answer every call still running with ``status`` and cancel its handler.
+
+        Calls whose handler is done but whose DATA still waits for the client's window are
+        ended too (the data dropped), and no stream is accepted any more: what is left of
+        the connection closes at once, whatever the client does.
+        """
         for stream_id in list(self._calls):
             self._end_call(stream_id, status, message)
+        for stream_id in self.connection.open_stream_ids:
+            self.connection.end_now(stream_id, status, message)
+        self.connection.finish_shutdown()
         self.flush()
+        self._close_if_done()
 
     def _peer_address(self) -> object:
         return self._peer.addr() if self._peer is not None else None
@@ -363,20 +374,30 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     status = Status.OK
     message: str | None = None
     details = None
+    deadline = stream.deadline
     try:
-        if stream.deadline is None:
+        if deadline is None:
             await handler.func(stream)
+        elif deadline.time_remaining() <= 0:
+            # Expired before dispatch (grpc-timeout 1n): a handler that never yields would
+            # otherwise finish before the timeout could cancel it.
+            status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"
         else:
-            async with asyncio.timeout(stream.deadline.time_remaining()) as scope:
+            async with asyncio.timeout(deadline.time_remaining()) as scope:
                 await handler.func(stream)
     except GRPCError as exc:
         status, message, details = exc.status, exc.message, exc.details
     except NotImplementedError:
         status, message = Status.UNIMPLEMENTED, "Method not implemented"
     except asyncio.CancelledError:
-        # Reset by the client or ended by the server: the call is answered already, if
-        # anybody is left to answer.
-        return
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Reset by the client or ended by the server: the call is answered already, if
+            # anybody is left to answer.
+            raise
+        # Not ours: the handler awaited something cancelled elsewhere. Its call still ends.
+        log.error("handler of %s ended in a CancelledError it did not ask for", stream.method, exc_info=True)
+        status, message = Status.UNKNOWN, "Unexpected error"
     except TimeoutError:
         if stream.deadline is not None and scope.expired():
             status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"
@@ -390,7 +411,11 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
         log.exception("error in handler of %s", stream.method)
         status, message = Status.UNKNOWN, "Unexpected error"
     else:
-        if not stream.closed and not stream._sent and not handler.cardinality.server_streaming:
+        if stream.closed or status is not Status.OK:
+            pass
+        elif deadline is not None and deadline.time_remaining() <= 0:
+            status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"  # it never yielded
+        elif not stream._sent and not handler.cardinality.server_streaming:
             log.error("handler of unary method %s returned without sending a reply", stream.method)
             status, message = Status.INTERNAL, "The handler sent no reply"
     if stream.closed:
@@ -398,4 +423,7 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     try:
         await stream.send_trailing_metadata(status=status, status_message=message, status_details=details)
     except Exception:
-        log.exception("could not send the status of %s", stream.method)
+        # The outcome cannot be said as raised (details that are no message, status OK from a
+        # unary handler without a reply, ...): the call still ends, with INTERNAL.
+        log.exception("could not send the status of %s; answering INTERNAL", stream.method)
+        stream._end_now(Status.INTERNAL, "Internal error: the status could not be sent")

@@ -244,6 +244,9 @@ class Stream(Generic[RecvT, SendT]):
         if status is Status.OK and not self._sent and not self._server_streaming:
             raise ProtocolError(f"{self.method} is unary: a reply message must be sent before status OK")
         self._raise_if_closed()
+        if status_message is not None and not isinstance(status_message, str):
+            raise TypeError(f"status_message must be a str, not {type(status_message).__name__}")
+        # Everything that can fail is done before the call counts as answered.
         fields = encode_metadata(metadata)
         details = None
         if status_details and self._status_details_codec is not None:
@@ -284,6 +287,14 @@ class Stream(Generic[RecvT, SendT]):
         self._sent += 1
         # From now on a server stream checks one flag per message: only the status clears it.
         self._streaming_replies = self._server_streaming
+
+    def _end_now(self, status: Status, message: str) -> None:
+        """End the call with a status that cannot fail to encode, dropping what is queued."""
+        if self._closed_reason is not None:
+            return
+        self._status_sent()
+        self._connection.end_now(self._stream_id, status, message)
+        self._protocol.flush_call_end()
 
     def _raise_too_large(self, data: bytes) -> None:
         raise GRPCError(Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {self._max_send})")

@@ -19,6 +19,7 @@ __all__ = ["ConnectionProtocol"]
 log = logging.getLogger("app_kit.transport")
 
 _KEEPALIVE_PING = b"keepaliv"
+_INTERNAL_ERROR = 0x2
 
 
 class ConnectionProtocol(asyncio.Protocol):
@@ -68,7 +69,13 @@ class ConnectionProtocol(asyncio.Protocol):
             self._handshake_handle.cancel()
             self._handshake_handle = None
         if events:
-            self.handle_events(events)
+            try:
+                self.handle_events(events)
+            except Exception:
+                # Our bug, not the peer's: end this connection with GOAWAY INTERNAL_ERROR rather
+                # than letting asyncio drop it (and every call on it) without a word.
+                log.exception("unexpected error handling peer events; closing the connection")
+                self.connection.close(_INTERNAL_ERROR, "internal error")
         self.flush()
         if self.connection.closed:
             self.close_transport()

@@ -21,9 +21,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
-from h2.stream import StreamInputs
+from h2.stream import StreamClosedBy, StreamInputs
 from hpack.exceptions import HPACKError
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from ..compression import DecompressedTooLarge, DecompressionError, compress, decompress
 from ..config import Configuration
@@ -112,6 +112,18 @@ class _H2Connection(h2.connection.H2Connection):
     _sweep_at = 16
     #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
     frames_sent = 0
+
+    def _handle_data_on_closed_stream(
+        self, events: list[Any], exc: h2.exceptions.StreamClosedError, frame: Any
+    ) -> tuple[list[Any], list[Any]]:
+        # h2 answers every DATA frame on a closed stream with RST_STREAM STREAM_CLOSED. On a
+        # stream we reset ourselves, RFC 9113 §5.1 says to ignore them: the peer sent them
+        # before our RST_STREAM reached it (61 resets for one rejected 8 MiB upload). The
+        # connection window they used still goes back.
+        frames, events = super()._handle_data_on_closed_stream(events, exc, frame)
+        if self._stream_closed_by(exc.stream_id) is StreamClosedBy.SEND_RST_STREAM:
+            frames = [item for item in frames if not isinstance(item, RstStreamFrame)]
+        return frames, events
 
     def send_headers(self, *args: Any, **kwargs: Any) -> None:
         """h2's, counted."""

@@ -313,12 +313,30 @@ class ServerConnection(GrpcConnection):
             fields[:0] = [(b":status", b"200"), _CONTENT_TYPE_FIELD]
         return fields
 
-    def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
-        log.log(logging.INFO, "ending stream %d: %s", state.stream_id, message)
-        # Whatever the handler queued is dropped: the status must go out now.
+    def end_now(self, stream_id: int, status: Status, message: str) -> bool:
+        """End a call at once with ``status``; False if its stream is gone already.
+
+        DATA still queued is dropped, and so is a status parked behind it: trailers are not
+        flow-controlled, so they go out even to a peer whose window is shut.
+        """
+        state = self._streams.get(stream_id)
+        if state is None:
+            return False
         state.pending = bytearray()
         state.pending_trailers = None
+        self._blocked.pop(stream_id, None)
+        self._dirty.pop(stream_id, None)
         self._end_local_now(state, self._status_fields(state, status, message, None, []))
+        return True
+
+    @property
+    def open_stream_ids(self) -> list[int]:
+        """The streams still in progress (a status may be queued behind their DATA)."""
+        return list(self._streams)
+
+    def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
+        log.log(logging.INFO, "ending stream %d: %s", state.stream_id, message)
+        self.end_now(state.stream_id, status, message)
         events.append(StreamClosed(state.stream_id, 0, message))
 
     def _send_trailers(self, stream_id: int, trailers: Sequence[tuple[bytes, bytes]]) -> None:
