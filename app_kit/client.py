@@ -91,6 +91,13 @@ class ClientProtocol(ConnectionProtocol):
         if self.connection.going_away and not self.calls:
             self.close_transport()
 
+    def data_received(self, data: bytes) -> None:
+        """Feed the core; calls waiting for a stream slot may start once the server's SETTINGS
+        arrive (they come without an event of their own)."""
+        super().data_received(data)
+        if self._slot_waiters:
+            self._wake_slot_waiters()
+
     def on_connection_lost(self, exc: Exception | None) -> None:
         """Every call still on the connection fails with UNAVAILABLE."""
         self._fail_all("connection lost" + (f": {exc}" if exc else ""))
@@ -420,6 +427,7 @@ class ClientStream(Generic[SendT, RecvT]):
             protocol.calls.pop(stream_id, None)
             protocol.connection.cancel_stream(stream_id)
             protocol.schedule_flush()
+            protocol._wake_slot_waiters()  # its slot is free now
         self._on_outcome(status, message, None, [])
 
     # -- receiving -------------------------------------------------------------------

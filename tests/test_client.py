@@ -384,3 +384,102 @@ async def test_channel_for_in_memory() -> None:
                     stages.append(status.stage)
         assert info.value.status is Status.DEADLINE_EXCEEDED
         assert 1 <= len(stages) < 5
+
+
+class _LateSettingsServer(asyncio.Protocol):
+    """An h2 server that sends its SETTINGS (MAX_CONCURRENT_STREAMS 100) only after a delay
+    and refuses streams over 100 as grpcio does."""
+
+    def __init__(
+        self, refused: list[int], limit: int = 100, settings_delay: float = 0.2, answer_first: bool = True
+    ) -> None:
+        import h2.config
+        import h2.connection
+
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        from app_kit.protocol.connection import _AdvertisedSettings  # advertised; refused by us, not h2
+
+        self.conn.local_settings = _AdvertisedSettings(client=False, initial_values={3: limit})
+        self.limit, self.settings_delay, self.answer_first = limit, settings_delay, answer_first
+        self.refused = refused
+        self.open: set[int] = set()
+        self.settings_sent = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.conn.initiate_connection()
+        asyncio.get_running_loop().call_later(self.settings_delay, self._settings_out)  # late, like a busy server
+
+    def _settings_out(self) -> None:
+        self.settings_sent = True
+        self._send()
+
+    def _send(self) -> None:
+        if self.settings_sent:
+            self.transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                if len(self.open) >= self.limit:
+                    self.conn.reset_stream(event.stream_id, 7)
+                    self.refused.append(event.stream_id)
+                else:
+                    self.open.add(event.stream_id)
+            elif isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.open.discard(event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded) and event.stream_id in self.open:
+                if event.stream_id == 1 and not self.answer_first:
+                    continue
+                asyncio.get_running_loop().call_later(0.05, self._reply, event.stream_id)  # calls take a while
+        self._send()
+
+    def _reply(self, stream_id: int) -> None:
+        self.open.discard(stream_id)
+        payload = BytesValue(value=b"ok").SerializeToString()
+        self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        self.conn.send_data(stream_id, b"\x00" + len(payload).to_bytes(4, "big") + payload)
+        self.conn.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
+        self._send()
+
+
+async def test_calls_before_the_servers_settings_assume_a_limit_of_100() -> None:
+    # Until the server's SETTINGS arrive its limit is unknown (h2 assumes 2^32): a burst of
+    # 500 calls on a fresh channel must not go past the 100 every gRPC server allows.
+    refused: list[int] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _LateSettingsServer(refused), "127.0.0.1", 0)
+    try:
+        async with Channel("127.0.0.1", server.sockets[0].getsockname()[1]) as channel:
+            unary = methods(channel)["Unary"]
+            replies = await asyncio.wait_for(asyncio.gather(*(unary(BytesValue()) for _ in range(500))), 20)
+        assert all(reply.value == b"ok" for reply in replies)
+        assert refused == [], len(refused)
+    finally:
+        server.close()
+
+
+async def test_a_call_ended_by_its_deadline_frees_its_slot_for_a_waiting_call() -> None:
+    # One stream allowed; the first call is never answered. When its deadline ends it, the call
+    # waiting for the slot must start at once, not wait for an event from the server.
+    refused: list[int] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _LateSettingsServer(refused, 1, 0.0, answer_first=False), "127.0.0.1", 0)
+    try:
+        async with Channel("127.0.0.1", server.sockets[0].getsockname()[1]) as channel:
+            unary = methods(channel)["Unary"]
+            await channel._connection()
+            await asyncio.sleep(0.1)  # the server's SETTINGS (limit 1) are in
+            first = asyncio.ensure_future(unary(BytesValue(), timeout=0.3))
+            await asyncio.sleep(0.05)
+            assert (await unary(BytesValue(), timeout=2)).value == b"ok"
+            with pytest.raises(GRPCError) as info:
+                await first
+            assert info.value.status is Status.DEADLINE_EXCEEDED
+        assert refused == []
+    finally:
+        server.close()

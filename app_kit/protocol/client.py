@@ -20,6 +20,7 @@ from .events import Event, ResponseEnded, ResponseStarted, StreamClosed
 __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+_LIMIT_BEFORE_SETTINGS = 100
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 
@@ -74,11 +75,12 @@ class ClientConnection(GrpcConnection):
     def can_start_call(self) -> bool:
         """Whether a new call may start now (open, and under the peer's stream limit)."""
         h2conn = self._h2
-        return (
-            not self.closed
-            and not self.going_away
-            and h2conn.open_outbound_streams < h2conn.remote_settings.max_concurrent_streams
-        )
+        limit = h2conn.remote_settings.max_concurrent_streams
+        if not self.handshake_complete:
+            # h2 assumes no limit until the server's SETTINGS arrive; gRPC clients assume 100,
+            # which every gRPC server allows, so a burst on a new connection is not refused.
+            limit = min(limit, _LIMIT_BEFORE_SETTINGS)
+        return not self.closed and not self.going_away and h2conn.open_outbound_streams < limit
 
     def start_call(
         self,
