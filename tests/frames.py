@@ -17,7 +17,11 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
 
 
-def request_block(encoder: hpack.Encoder | None = None, path: str = "/test.Sleeper/Sleep") -> bytes:
+def request_block(
+    encoder: hpack.Encoder | None = None,
+    path: str = "/test.Sleeper/Sleep",
+    extra: list[tuple[str, str]] | None = None,
+) -> bytes:
     encoder = encoder or hpack.Encoder()
     return encoder.encode(
         [
@@ -27,6 +31,7 @@ def request_block(encoder: hpack.Encoder | None = None, path: str = "/test.Sleep
             (":authority", "localhost"),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
+            *(extra or []),
         ]
     )
 

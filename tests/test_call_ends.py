@@ -20,8 +20,9 @@ from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value
 from hyperframe.frame import RstStreamFrame
 
 from app_kit import Cardinality, Configuration, GRPCError, Handler, Server, ServiceLike, Status, Stream
+from app_kit.protocol.framing import frame_message
 
-from .frames import DATA, END_HEADERS, END_STREAM, HANDSHAKE, HEADERS, RST_STREAM, RawPeer, frame
+from .frames import DATA, END_HEADERS, END_STREAM, HANDSHAKE, HEADERS, RST_STREAM, RawPeer, frame, request_block
 from .h2client import RawClient
 from .services import EchoService
 
@@ -77,25 +78,6 @@ async def answer(client: RawClient, stream_id: int, timeout: float = ANSWER_TIME
         return await client.read_response(stream_id, timeout)
     except TimeoutError:
         raise AssertionError(f"stream {stream_id} was never answered within {timeout}s (the call hangs)") from None
-
-
-def message(payload: bytes) -> bytes:
-    """One length-prefixed gRPC message."""
-    return b"\x00" + len(payload).to_bytes(4, "big") + payload
-
-
-def header_block(encoder: hpack.Encoder, path: str, extra: list[tuple[str, str]] | None = None) -> bytes:
-    return encoder.encode(
-        [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "localhost"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-            *(extra or []),
-        ]
-    )
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -185,13 +167,13 @@ UNARY = BytesValue(value=b"b").SerializeToString()
 # Stream B of test 1: path, extra metadata, DATA payload. The server layer sees RequestReceived
 # only after the core has already released the stream for the RST_STREAM in the same batch.
 STREAM_B = {
-    "known method": ("/test.Echo/Unary", [], message(UNARY)),
+    "known method": ("/test.Echo/Unary", [], frame_message(UNARY)),
     # Answered by the server itself in _start_call: UNIMPLEMENTED via send_status.
-    "unknown method": ("/test.Nope/Nope", [], message(UNARY)),
+    "unknown method": ("/test.Nope/Nope", [], frame_message(UNARY)),
     # Answered by the server itself in _start_call: INTERNAL via send_status.
-    "invalid metadata": ("/test.Echo/Unary", [("x-data-bin", "!!!")], message(UNARY)),
+    "invalid metadata": ("/test.Echo/Unary", [("x-data-bin", "!!!")], frame_message(UNARY)),
     # Answered by the server itself from MessagesReceived (_end_call): INTERNAL.
-    "two requests on a unary method": ("/test.Echo/Unary", [], message(UNARY) * 2),
+    "two requests on a unary method": ("/test.Echo/Unary", [], frame_message(UNARY) * 2),
 }
 
 
@@ -207,14 +189,14 @@ async def test_reset_in_the_same_read_as_the_request_harms_no_other_call(
         # Call A: a unary call that takes 0.5 s.
         await peer.send(
             HANDSHAKE
-            + frame(HEADERS, END_HEADERS, 1, header_block(encoder, "/test.Echo/Sleep"))
-            + frame(DATA, END_STREAM, 1, message(DoubleValue(value=0.5).SerializeToString()))
+            + frame(HEADERS, END_HEADERS, 1, request_block(encoder, "/test.Echo/Sleep"))
+            + frame(DATA, END_STREAM, 1, frame_message(DoubleValue(value=0.5).SerializeToString()))
         )
         await asyncio.wait_for(service.started.wait(), 2)
         with loop_errors() as reported:
             # Stream B, whole life in one write: HEADERS, DATA with END_STREAM, RST_STREAM CANCEL.
             await peer.send(
-                frame(HEADERS, END_HEADERS, 3, header_block(encoder, path, extra))
+                frame(HEADERS, END_HEADERS, 3, request_block(encoder, path, extra))
                 + frame(DATA, END_STREAM, 3, payload)
                 + frame(RST_STREAM, 0, 3, CANCEL.to_bytes(4, "big"))
             )
@@ -225,8 +207,8 @@ async def test_reset_in_the_same_read_as_the_request_harms_no_other_call(
         assert not peer.goaways
         # The connection still serves new calls.
         await peer.send(
-            frame(HEADERS, END_HEADERS, 5, header_block(encoder, "/test.Echo/Unary"))
-            + frame(DATA, END_STREAM, 5, message(UNARY))
+            frame(HEADERS, END_HEADERS, 5, request_block(encoder, "/test.Echo/Unary"))
+            + frame(DATA, END_STREAM, 5, frame_message(UNARY))
         )
         await wait_until(lambda: 5 in peer.trailer_statuses() or peer.closed.is_set(), 2, "a new call's status")
         assert peer.trailer_statuses().get(5) == b"0"
@@ -332,7 +314,7 @@ async def test_data_after_an_oversized_request_gets_one_reset_only() -> None:
         # trailers-only RESOURCE_EXHAUSTED and RST_STREAM NO_ERROR.
         await peer.send(
             HANDSHAKE
-            + frame(HEADERS, END_HEADERS, 1, header_block(encoder, "/test.Echo/ClientStream"))
+            + frame(HEADERS, END_HEADERS, 1, request_block(encoder, "/test.Echo/ClientStream"))
             + frame(DATA, 0, 1, b"\x00" + (100000).to_bytes(4, "big") + b"x" * 995)
         )
         await wait_until(lambda: 1 in peer.trailer_statuses(), 2, "the RESOURCE_EXHAUSTED status")
@@ -342,8 +324,8 @@ async def test_data_after_an_oversized_request_gets_one_reset_only() -> None:
         await peer.send(b"".join(frame(DATA, 0, 1, b"x" * 1000) for _ in range(60)))
         # The connection serves on (and once this is answered, every frame above was read).
         await peer.send(
-            frame(HEADERS, END_HEADERS, 3, header_block(encoder, "/test.Echo/Unary"))
-            + frame(DATA, END_STREAM, 3, message(UNARY))
+            frame(HEADERS, END_HEADERS, 3, request_block(encoder, "/test.Echo/Unary"))
+            + frame(DATA, END_STREAM, 3, frame_message(UNARY))
         )
         await wait_until(lambda: 3 in peer.trailer_statuses() or peer.closed.is_set(), 2, "a new call's status")
         assert peer.trailer_statuses().get(3) == b"0"

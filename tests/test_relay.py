@@ -23,12 +23,12 @@ from google.protobuf.wrappers_pb2 import BytesValue, Int64Value, StringValue
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from app_kit import Cardinality, Channel, GRPCError, Status
-from app_kit.client import method_for
+from app_kit import Channel, GRPCError, Status
 
 from .conftest import running_server
 from .relay import MSS, SegmentingRelay, segmenting_relay
 from .services import EchoService
+from .test_client import methods
 
 pytestmark = pytest.mark.anyio
 
@@ -270,20 +270,9 @@ async def test_two_thousand_20k_unary_calls_fifty_in_flight() -> None:
 # Our own client through the relay: both directions cut for our code.
 
 
-def _our_methods(channel: Channel):  # type: ignore[no-untyped-def]
-    p, c = "/test.Echo/", Cardinality
-    return {
-        "Unary": method_for(channel, p + "Unary", c.UNARY_UNARY, BytesValue, BytesValue),
-        "Fail": method_for(channel, p + "Fail", c.UNARY_UNARY, StringValue, StringValue),
-        "ServerStream": method_for(channel, p + "ServerStream", c.UNARY_STREAM, Int64Value, Int64Value),
-        "ClientStream": method_for(channel, p + "ClientStream", c.STREAM_UNARY, BytesValue, Int64Value),
-        "Bidi": method_for(channel, p + "Bidi", c.STREAM_STREAM, BytesValue, BytesValue),
-    }
-
-
 async def test_our_channel_through_the_relay() -> None:
     async with relayed_server() as (relay, _), Channel("127.0.0.1", relay.port) as channel:
-        m = _our_methods(channel)
+        m = methods(channel)
         with anyio.fail_after(20):
             async with m["Unary"].open(metadata={"x-text": ASCII_VALUE, "x-data-bin": BINARY_VALUE}) as stream:
                 await stream.send_message(BytesValue(value=b"hello"), end=True)
