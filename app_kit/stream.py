@@ -256,6 +256,9 @@ class Stream(Generic[RecvT, SendT]):
             self._protocol.connection.send_status(self._stream_id, status, status_message, details, fields)
         except StreamGone:
             return  # reset meanwhile: nobody is there to read the status
+        except Exception:
+            self._end_now(Status.INTERNAL, "Internal error: the status could not be sent")
+            raise
         self._protocol.flush_call_end()
 
     async def cancel(self) -> None:

@@ -55,6 +55,7 @@ _SETTINGS = h2.settings.SettingCodes
 _FRAME_HEADER = struct.Struct(">BHBBL")
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
 _END_STREAM, _END_HEADERS = 0x1, 0x4
+_PING_LICENCES = 1024  # well above the DATA frames of one write to many streams
 
 
 class StreamGone(Exception):
@@ -388,9 +389,10 @@ class GrpcConnection:
 
     def _ping_context(self) -> tuple[bool, bool]:
         """For the guard, per PING received: licensed by a frame of ours? Calls open?"""
-        licensed = self._h2.frames_sent > self._pings_licensed
-        if licensed:
-            self._pings_licensed += 1
+        # Frames licence PINGs for a while, not forever: at most _PING_LICENCES in stock.
+        used = max(self._pings_licensed, self._h2.frames_sent - _PING_LICENCES)
+        licensed = self._h2.frames_sent > used
+        self._pings_licensed = used + licensed
         return licensed, bool(self._streams)
 
     def _connection_lost(self, error_code: int, reason: str) -> list[Event]:

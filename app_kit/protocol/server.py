@@ -228,8 +228,10 @@ class ServerConnection(GrpcConnection):
                 (b"grpc-message", encode_grpc_message(exc.message)),
                 *exc.extra,
             ]
-            self._h2.send_headers(stream_id, headers, end_stream=True)
-            self._stop_peer_sending(stream_id)
+            stream = self._h2.streams.get(stream_id)
+            if stream is not None and not stream.closed:  # else reset in this very read
+                self._h2.send_headers(stream_id, headers, end_stream=True)
+                self._stop_peer_sending(stream_id)
             return
         self._open_stream(stream_id, head.encoding)
         events.append(RequestReceived(stream_id, head))
@@ -322,10 +324,13 @@ class ServerConnection(GrpcConnection):
         state = self._streams.get(stream_id)
         if state is None:
             return False
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.closed:
+            # Reset by the peer in the very read whose events are being handled.
+            self._release(state)
+            return False
         state.pending = bytearray()
         state.pending_trailers = None
-        self._blocked.pop(stream_id, None)
-        self._dirty.pop(stream_id, None)
         self._end_local_now(state, self._status_fields(state, status, message, None, []))
         return True
 
