@@ -1,32 +1,55 @@
-"""app_kit: gRPC services on h2 whose whole life is one AsyncExitStack."""
+"""app_kit: gRPC services on h2 whose whole life is one AsyncExitStack.
 
-__version__ = "0.1.0"
+The package's folders are its layers, each importing only those below it: ``wire`` (sans-IO
+HTTP/2) → ``rpc`` (sans-IO gRPC) → ``aio`` (the asyncio adapter) → ``services`` (health,
+reflection) → ``app`` (lifecycle, settings, signals, CLI). This module re-exports the public API.
+The app layer (pydantic) and the client load on first use, so a process that only serves with
+:class:`Server` never imports them.
+"""
 
-from .codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
-from .config import Configuration
-from .deadline import Deadline
-from .handlers import Cardinality, Handler, ServiceLike
-from .health import Health
-from .lifecycle import App, RunningApp, StartupError
-from .metadata import Metadata, MetadataLike
-from .server import Server
-from .settings import AppSettings, SettingsError
-from .signals import graceful_exit
-from .status import GRPCError, ProtocolError, Status
-from .stream import Peer, Stream
+from __future__ import annotations
 
-# The client is loaded on first use: a server process never pays for importing it.
-_LAZY = {"Channel": "client", "ClientStream": "client"}
+from typing import TYPE_CHECKING
+
+from ._version import __version__
+from .aio.server import Server
+from .aio.stream import Peer, Stream
+from .rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
+from .rpc.deadline import Deadline
+from .rpc.handlers import Cardinality, Handler, ServiceLike
+from .rpc.metadata import Metadata, MetadataLike
+from .rpc.status import GRPCError, ProtocolError, Status
+from .wire.config import Configuration
+
+if TYPE_CHECKING:  # what __getattr__ below loads on first use, as the type checker sees it
+    from .aio.client import Channel, ClientStream
+    from .app.lifecycle import App, RunningApp, StartupError
+    from .app.settings import AppSettings, SettingsError
+    from .app.signals import graceful_exit
+    from .services.health import Health
+
+_LAZY = {
+    "Channel": "aio.client",
+    "ClientStream": "aio.client",
+    "App": "app.lifecycle",
+    "RunningApp": "app.lifecycle",
+    "StartupError": "app.lifecycle",
+    "AppSettings": "app.settings",
+    "SettingsError": "app.settings",
+    "graceful_exit": "app.signals",
+    "Health": "services.health",
+}
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [
@@ -56,4 +79,5 @@ __all__ = [
     "Status",
     "StatusDetailsCodecBase",
     "Stream",
+    "__version__",
 ]

@@ -10,7 +10,7 @@ import h2.config
 import h2.connection
 import h2.events
 
-from app_kit.protocol.framing import frame_message
+from app_kit.rpc.framing import frame_message
 
 
 class FakeConnection(asyncio.Protocol):

@@ -11,8 +11,8 @@ import h2.config
 import h2.connection
 import h2.events
 
-from app_kit.protocol.connection import GoAwayTolerantStateMachine
-from app_kit.protocol.framing import frame_message
+from app_kit.rpc.framing import frame_message
+from app_kit.wire.h2_internals import GoAwayTolerantStateMachine
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Response:
 
     @property
     def grpc_message(self) -> str | None:
-        from app_kit.metadata import decode_grpc_message
+        from app_kit.rpc.metadata import decode_grpc_message
 
         value = self.header(b"grpc-message")
         return decode_grpc_message(value) if value is not None else None

@@ -86,8 +86,8 @@ async def test_resources_are_injected_by_type_in_dependency_order() -> None:
         async with running.channel() as channel:
             from google.protobuf.wrappers_pb2 import BytesValue
 
-            from app_kit.client import method_for
-            from app_kit.handlers import Cardinality
+            from app_kit.aio.client import method_for
+            from app_kit.rpc.handlers import Cardinality
 
             unary = method_for(channel, "/test.Echo/Unary", Cardinality.UNARY_UNARY, BytesValue, BytesValue)
             assert (await unary(BytesValue(value=b"in-process"))).value == b"in-process"
@@ -137,7 +137,7 @@ async def test_stop_during_startup_aborts_and_unwinds() -> None:
         finally:
             events.append("exit slow")
 
-    from app_kit.lifecycle import _StartupAborted
+    from app_kit.app.lifecycle import _StartupAborted
 
     with pytest.raises(_StartupAborted):
         async with app.serve(settings(), stop=stop):

@@ -20,7 +20,7 @@ from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value
 from hyperframe.frame import RstStreamFrame
 
 from app_kit import Cardinality, Configuration, GRPCError, Handler, Server, ServiceLike, Status, Stream
-from app_kit.protocol.framing import frame_message
+from app_kit.rpc.framing import frame_message
 
 from .frames import DATA, END_HEADERS, END_STREAM, HANDSHAKE, HEADERS, RST_STREAM, RawPeer, frame, request_block
 from .h2client import RawClient

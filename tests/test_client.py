@@ -17,8 +17,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from app_kit import Cardinality, Channel, Configuration, Deadline, GRPCError, Status
-from app_kit.client import method_for
-from app_kit.testing import ChannelFor
+from app_kit.aio.client import method_for
+from app_kit.aio.testing import ChannelFor
 from examples.cafe.cafe_grpc import CoffeeMachineStub
 from examples.cafe.cafe_pb2 import LatteOrder, TastingNote
 from examples.cafe.service import CoffeeMachine
@@ -397,7 +397,7 @@ class _LateSettingsServer(asyncio.Protocol):
         import h2.connection
 
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        from app_kit.protocol.connection import _AdvertisedSettings  # advertised; refused by us, not h2
+        from app_kit.wire.h2_internals import _AdvertisedSettings  # advertised; refused by us, not h2
 
         self.conn.local_settings = _AdvertisedSettings(client=False, initial_values={3: limit})
         self.limit, self.settings_delay, self.answer_first = limit, settings_delay, answer_first

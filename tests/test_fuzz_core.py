@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from app_kit import Configuration, Status
-from app_kit.protocol.connection import StreamGone
-from app_kit.protocol.events import ConnectionClosed, MessagesReceived, RequestReceived
-from app_kit.protocol.server import ServerConnection
+from app_kit.rpc.connection import StreamGone
+from app_kit.rpc.events import ConnectionClosed, MessagesReceived, RequestReceived
+from app_kit.rpc.server import ServerConnection
 
 from .frames import HANDSHAKE, frame
 

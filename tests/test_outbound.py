@@ -18,10 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app_kit import Configuration, Status
-from app_kit.protocol.events import RequestHead, RequestReceived
-from app_kit.protocol.framing import frame_message
-from app_kit.protocol.header_block import HeaderBlockEncoder, MemoizingHeaderDecoder
-from app_kit.protocol.server import ServerConnection, parse_request
+from app_kit.rpc.events import RequestHead, RequestReceived
+from app_kit.rpc.framing import frame_message
+from app_kit.rpc.server import ServerConnection, parse_request
+from app_kit.wire.h2_internals import MemoizingHeaderDecoder
+from app_kit.wire.header_block import HeaderBlockEncoder
 
 INDEXED = ((b"content-type", b"application/grpc"), (b"grpc-status", b"0"), (b"x-long", b"v" * 300))
 STATIC = [(b":status", b"200"), (b":status", b"404"), (b"accept-encoding", b"gzip, deflate")]

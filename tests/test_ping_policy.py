@@ -19,7 +19,7 @@ import pytest
 from google.protobuf.wrappers_pb2 import BytesValue
 
 from app_kit import Channel, Configuration
-from app_kit.protocol.guard import PingPolicy
+from app_kit.wire.guard import PingPolicy
 
 from .conftest import running_server
 from .fake_server import FakeConnection, fake_server

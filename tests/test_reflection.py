@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from app_kit import Health, Stream
 from app_kit.protos.grpc.reflection.v1 import reflection_pb2 as v1
-from app_kit.reflection import Reflection
+from app_kit.services.reflection import Reflection
 from examples.cafe.service import CoffeeMachine
 
 from .conftest import running_server

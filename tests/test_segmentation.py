@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app_kit import Configuration, Status
-from app_kit.protocol.client import ClientConnection
-from app_kit.protocol.events import EndOfStream, MessagesReceived, RequestReceived
-from app_kit.protocol.guard import FrameGuard
-from app_kit.protocol.server import ServerConnection
+from app_kit.rpc.client import ClientConnection
+from app_kit.rpc.events import EndOfStream, MessagesReceived, RequestReceived
+from app_kit.rpc.server import ServerConnection
+from app_kit.wire.guard import FrameGuard
 
 from .frames import (
     CONTINUATION,

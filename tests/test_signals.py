@@ -11,8 +11,8 @@ import pytest
 from google.protobuf.wrappers_pb2 import DoubleValue
 
 from app_kit import Channel, Server, graceful_exit
-from app_kit.client import method_for
-from app_kit.handlers import Cardinality
+from app_kit.aio.client import method_for
+from app_kit.rpc.handlers import Cardinality
 
 from .services import EchoService
 

@@ -9,11 +9,11 @@ from google.protobuf.wrappers_pb2 import StringValue
 from google.rpc import error_details_pb2
 
 from app_kit import AppSettings, GRPCError, ProtoCodec, ProtoStatusDetailsCodec, Status
-from app_kit.compression import DecompressedTooLarge, DecompressionError, compress, decompress
-from app_kit.deadline import Deadline, encode_grpc_timeout, parse_grpc_timeout
-from app_kit.metadata import decode_grpc_message, decode_metadata, encode_grpc_message, encode_metadata
-from app_kit.protocol.framing import FramingError, MessageDecoder, MessageTooLarge, frame_message
-from app_kit.settings import load_settings
+from app_kit.app.settings import load_settings
+from app_kit.rpc.compression import DecompressedTooLarge, DecompressionError, compress, decompress
+from app_kit.rpc.deadline import Deadline, encode_grpc_timeout, parse_grpc_timeout
+from app_kit.rpc.framing import FramingError, MessageDecoder, MessageTooLarge, frame_message
+from app_kit.rpc.metadata import decode_grpc_message, decode_metadata, encode_grpc_message, encode_metadata
 
 
 def test_decoder_handles_any_split_and_accounts_every_byte() -> None:
@@ -127,7 +127,7 @@ def test_grpc_error() -> None:
 def test_frame_repr_replacement_gives_hyperframes_exact_text() -> None:
     import binascii
 
-    from app_kit.protocol import _hyperframe_repr
+    from app_kit.wire import h2_internals
 
     def hyperframes(data: bytes | None) -> str:  # hyperframe's definition, for comparison
         if not data:
@@ -139,8 +139,8 @@ def test_frame_repr_replacement_gives_hyperframes_exact_text() -> None:
 
     for size in [*range(0, 30), 16384, 1 << 20]:
         data = bytes(range(256)) * (size // 256 + 1)
-        assert _hyperframe_repr.raw_data_repr(data[:size]) == hyperframes(data[:size])
-    assert _hyperframe_repr.raw_data_repr(None) == "None"
+        assert h2_internals.raw_data_repr(data[:size]) == hyperframes(data[:size])
+    assert h2_internals.raw_data_repr(None) == "None"
 
     # DATA frames: the whole repr as hyperframe's generic body repr makes it, padded or not.
     from hyperframe.frame import DataFrame, Frame

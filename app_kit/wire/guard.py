@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ..config import Configuration
+from .config import Configuration
 
 __all__ = ["FrameGuard", "PeerMisbehaved", "PingPolicy"]
 

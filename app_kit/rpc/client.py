@@ -9,13 +9,13 @@ from typing import ClassVar
 import h2.errors
 import h2.events
 
-from ..compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
-from ..config import Configuration
-from ..deadline import encode_grpc_timeout
-from ..metadata import decode_grpc_message
-from ..status import Status
+from ..wire.config import Configuration
+from .compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
 from .connection import GrpcConnection, StreamState
+from .deadline import encode_grpc_timeout
 from .events import Event, ResponseEnded, ResponseStarted, StreamClosed
+from .metadata import decode_grpc_message
+from .status import Status
 
 __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
 

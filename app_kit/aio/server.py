@@ -10,13 +10,9 @@ import ssl as ssl_module
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
-from .config import Configuration
-from .deadline import Deadline
-from .handlers import Handler, ServiceLike, collect_handlers
-from .logs import RateLimitedLogger
-from .metadata import decode_metadata
-from .protocol.events import (
+from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
+from ..rpc.deadline import Deadline
+from ..rpc.events import (
     ConnectionClosed,
     EndOfStream,
     Event,
@@ -26,8 +22,12 @@ from .protocol.events import (
     StreamClosed,
     StreamWritable,
 )
-from .protocol.server import ServerConnection
-from .status import GRPCError, ProtocolError, Status
+from ..rpc.handlers import Handler, ServiceLike, collect_handlers
+from ..rpc.metadata import decode_metadata
+from ..rpc.server import ServerConnection
+from ..rpc.status import GRPCError, ProtocolError, Status
+from ..wire.config import Configuration
+from ..wire.logs import RateLimitedLogger
 from .stream import Peer, Stream
 from .transport import ConnectionProtocol
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..status import Status
+from .status import Status
 
 __all__ = [
     "ConnectionClosed",

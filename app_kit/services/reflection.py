@@ -9,14 +9,14 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 
-from . import protos
-from .handlers import ServiceLike
-from .protos.grpc.reflection.v1 import reflection_pb2 as v1_pb2
-from .protos.grpc.reflection.v1.reflection_grpc import ServerReflectionBase as V1Base
-from .protos.grpc.reflection.v1alpha import reflection_pb2 as v1alpha_pb2
-from .protos.grpc.reflection.v1alpha.reflection_grpc import ServerReflectionBase as V1AlphaBase
-from .status import Status
-from .stream import Stream
+from .. import protos
+from ..aio.stream import Stream
+from ..protos.grpc.reflection.v1 import reflection_pb2 as v1_pb2
+from ..protos.grpc.reflection.v1.reflection_grpc import ServerReflectionBase as V1Base
+from ..protos.grpc.reflection.v1alpha import reflection_pb2 as v1alpha_pb2
+from ..protos.grpc.reflection.v1alpha.reflection_grpc import ServerReflectionBase as V1AlphaBase
+from ..rpc.handlers import ServiceLike
+from ..rpc.status import Status
 
 __all__ = ["DescriptorIndex", "Reflection", "ReflectionV1", "ReflectionV1Alpha"]
 

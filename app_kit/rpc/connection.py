@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import logging
 import struct
-import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
-from h2.stream import StreamClosedBy, StreamInputs
-from hpack.exceptions import HPACKError
-from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
-from ..compression import DecompressedTooLarge, DecompressionError, compress, decompress
-from ..config import Configuration
-from ..status import Status
-from . import _hyperframe_repr  # noqa: F401 - installs the constant-cost frame repr
+from ..wire.config import Configuration
+from ..wire.guard import FrameGuard, PeerMisbehaved, PingPolicy
+from ..wire.h2_internals import is_compression_error, new_h2_connection
+from .compression import DecompressedTooLarge, DecompressionError, compress, decompress
 from .events import (
     ConnectionClosed,
     EndOfStream,
@@ -40,10 +33,9 @@ from .events import (
     StreamWritable,
 )
 from .framing import FramingError, MessageDecoder, MessageTooLarge
-from .guard import FrameGuard, PeerMisbehaved, PingPolicy
-from .header_block import MemoizingHeaderDecoder
+from .status import Status
 
-__all__ = ["GoAwayTolerantStateMachine", "GrpcConnection", "StreamGone", "StreamState"]
+__all__ = ["GrpcConnection", "StreamGone", "StreamState"]
 
 log = logging.getLogger("app_kit.protocol")
 
@@ -51,181 +43,11 @@ _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _pack_prefix = struct.Struct(">BI").pack  # a message's compressed flag and length
 _INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 _SETTINGS = h2.settings.SettingCodes
-# RFC 9113 §4.1: 24-bit length (as a high byte and 16 bits), type, flags, stream id.
-_FRAME_HEADER = struct.Struct(">BHBBL")
-_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
-_END_STREAM, _END_HEADERS = 0x1, 0x4
 _PING_LICENCES = 1024  # well above the DATA frames of one write to many streams
 
 
 class StreamGone(Exception):
     """The stream is closed (reset, finished or aborted); nothing more can be sent on it."""
-
-
-class _SmallDeque(list[Any]):
-    """The deque operations h2 and hpack use, on a list.
-
-    h2 keeps each setting's pending values, and hpack each header table, in a
-    ``collections.deque`` of 760 bytes: 18 of them were most of an idle connection's memory.
-    They hold a handful of items (a header table at most ~128), where a list does the same
-    in about 80 bytes and moving a few pointers costs nothing.
-    """
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-    def appendleft(self, item: Any) -> None:
-        self.insert(0, item)
-
-
-def _compact_settings(settings: h2.settings.Settings) -> h2.settings.Settings:
-    settings._settings = {key: _SmallDeque(values) for key, values in settings._settings.items()}  # type: ignore[misc]
-    return settings
-
-
-class _AdvertisedSettings(h2.settings.Settings):
-    """Our SETTINGS, with the concurrent-streams limit enforced by us, not by h2.
-
-    h2 treats one stream over SETTINGS_MAX_CONCURRENT_STREAMS as a connection error and
-    tears every call down; RFC 9113 §5.1.2 lets us refuse just that stream with
-    REFUSED_STREAM, which a client may safely retry. The limit is still advertised:
-    h2 serializes settings from ``items()``, and only its own check reads this property.
-    """
-
-    @property  # type: ignore[misc]  # read-only on purpose: h2 must not enforce it
-    def max_concurrent_streams(self) -> int:
-        return 2**31 - 1
-
-
-class _H2Connection(h2.connection.H2Connection):
-    """h2's connection, plus the hot path of sending without h2's per-frame objects.
-
-    h2 builds, validates and serializes a frame object (and logs) for every frame it sends;
-    for a unary call that was a quarter of the server's CPU. The two methods below make
-    exactly the state and window changes h2's ``send_headers``/``send_data`` make on an
-    existing stream, and write the frames directly. h2 still receives and parses every
-    frame, and the tests compare both paths on the wire and in h2's stream state.
-    """
-
-    #: Closed streams h2 may keep in ``streams`` before they are swept (see below).
-    _sweep_at = 16
-    #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
-    frames_sent = 0
-
-    def _handle_data_on_closed_stream(
-        self, events: list[Any], exc: h2.exceptions.StreamClosedError, frame: Any
-    ) -> tuple[list[Any], list[Any]]:
-        # h2 answers every DATA frame on a closed stream with RST_STREAM STREAM_CLOSED. On a
-        # stream we reset ourselves, RFC 9113 §5.1 says to ignore them: the peer sent them
-        # before our RST_STREAM reached it (61 resets for one rejected 8 MiB upload). The
-        # connection window they used still goes back.
-        frames, events = super()._handle_data_on_closed_stream(events, exc, frame)
-        if self._stream_closed_by(exc.stream_id) is StreamClosedBy.SEND_RST_STREAM:
-            frames = [item for item in frames if not isinstance(item, RstStreamFrame)]
-        return frames, events
-
-    def send_headers(self, *args: Any, **kwargs: Any) -> None:
-        """h2's, counted."""
-        self.frames_sent += 1
-        super().send_headers(*args, **kwargs)
-
-    def end_stream(self, stream_id: int) -> None:
-        """h2's, counted."""
-        self.frames_sent += 1
-        super().end_stream(stream_id)
-
-    def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
-        # Called by h2 while handling the exception that ends the connection.
-        if _is_compression_error(sys.exc_info()[1]):
-            error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
-        super()._terminate_connection(error_code)
-
-    @property
-    def open_inbound_streams(self) -> int:
-        """What h2 asks before accepting a stream: also where it sweeps out closed streams.
-
-        h2 walks every stream for it on each new inbound stream. We enforce the concurrency
-        limit ourselves (see :class:`_AdvertisedSettings`), so the walk is only needed for
-        the sweep, and doing it whenever the stream count doubles keeps it O(1) per stream.
-        """
-        if len(self.streams) < self._sweep_at:
-            return 0
-        count = self._open_streams(int(not self.config.client_side))
-        self._sweep_at = max(16, 2 * len(self.streams))
-        return count
-
-    def send_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        """``send_headers`` on an open stream, with the header block already encoded."""
-        stream = self.streams[stream_id]
-        self.frames_sent += 1
-        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
-        machine = stream.state_machine
-        machine.process_input(StreamInputs.SEND_HEADERS)
-        flags = 0
-        if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
-            flags = _END_STREAM
-        out = self._data_to_send
-        size = len(block)
-        limit = self.max_outbound_frame_size
-        if size <= limit:
-            out += _FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _HEADERS, flags | _END_HEADERS, stream_id)
-            out += block
-            return
-        # RFC 9113 §6.10: the rest of the block follows in CONTINUATION frames.
-        kind = _HEADERS
-        for start in range(0, size, limit):
-            chunk = block[start : start + limit]
-            if start + limit >= size:
-                flags |= _END_HEADERS
-            out += _FRAME_HEADER.pack(len(chunk) >> 16, len(chunk) & 0xFFFF, kind, flags, stream_id)
-            out += chunk
-            kind, flags = _CONTINUATION, 0
-
-    def send_data_frame(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        """``send_data`` of one frame that the caller fitted into the windows and frame size."""
-        stream = self.streams[stream_id]
-        self.frames_sent += 1
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        stream.state_machine.process_input(StreamInputs.SEND_DATA)
-        size = len(data)
-        stream.outbound_flow_control_window -= size
-        self.outbound_flow_control_window -= size
-        out = self._data_to_send
-        out += _FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id)
-        out += data
-
-
-def _is_compression_error(exc: BaseException | None) -> bool:
-    """RFC 9113 §4.3: a field block that cannot be decoded is a COMPRESSION_ERROR (h2 says
-    PROTOCOL_ERROR); an oversized one stays h2's ENHANCE_YOUR_CALM."""
-    return (
-        type(exc) is h2.exceptions.ProtocolError
-        and isinstance(exc.__cause__, HPACKError)
-        and not isinstance(exc, h2.exceptions.DenialOfServiceError)
-    )
-
-
-class GoAwayTolerantStateMachine(H2ConnectionStateMachine):
-    """h2's connection state machine, except that a received GOAWAY does not close it.
-
-    h2 moves to CLOSED on any GOAWAY and then rejects every frame, even those of the streams
-    the GOAWAY lets finish (and the PING that follows it in the same read). RFC 9113 §6.8
-    keeps those streams alive, so stay in the current state; the gRPC layer stops opening new
-    streams and closes the connection once the remaining ones are done. Only the transition
-    table differs, so the per-frame cost is h2's own.
-    """
-
-    _transitions: ClassVar[dict[tuple[ConnectionState, ConnectionInputs], Any]] = {  # type: ignore[misc]
-        **H2ConnectionStateMachine._transitions,
-        **{
-            (state, ConnectionInputs.RECV_GOAWAY): (side_effect, state)
-            for (state, event), (side_effect, _) in H2ConnectionStateMachine._transitions.items()
-            if event is ConnectionInputs.RECV_GOAWAY and state is not ConnectionState.CLOSED
-        },
-    }
 
 
 class StreamState:
@@ -300,37 +122,7 @@ class GrpcConnection:
         )
         # How many of h2.frames_sent licensed a PING already.
         self._pings_licensed = 0
-        self._h2 = _H2Connection(
-            h2.config.H2Configuration(
-                client_side=client_side,
-                header_encoding=None,
-                # We build outbound headers ourselves and validate inbound ones in the gRPC
-                # layer, where a malformed request can be answered on its own stream
-                # instead of h2's connection error.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
-        self._h2.local_settings = _compact_settings(
-            _AdvertisedSettings(
-                client=client_side,
-                initial_values={
-                    _SETTINGS.MAX_CONCURRENT_STREAMS: config.max_concurrent_streams,
-                    _SETTINGS.MAX_HEADER_LIST_SIZE: config.max_header_list_size,
-                    _SETTINGS.INITIAL_WINDOW_SIZE: config.initial_stream_window_size,
-                    _SETTINGS.MAX_FRAME_SIZE: config.max_frame_size,
-                    _SETTINGS.ENABLE_PUSH: 0,
-                },
-            )
-        )
-        _compact_settings(self._h2.remote_settings)
-        self._h2.decoder = MemoizingHeaderDecoder(config.max_header_list_size)
-        for table in (self._h2.encoder.header_table, self._h2.decoder.header_table):
-            table.dynamic_entries = _SmallDeque(table.dynamic_entries)  # type: ignore[assignment]
-        self._h2.state_machine = GoAwayTolerantStateMachine()
-        self._h2.max_inbound_frame_size = config.max_frame_size
+        self._h2 = new_h2_connection(config, client_side=client_side)
         self._streams: dict[int, StreamState] = {}
         self._max_send_buffer = config.max_send_buffer_size
         # Bytes of incomplete messages buffered across all streams (see _on_data).
@@ -368,7 +160,7 @@ class GrpcConnection:
             return self._connection_lost(exc.error_code, exc.reason)
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued a GOAWAY with the matching error code.
-            code = h2.errors.ErrorCodes.COMPRESSION_ERROR if _is_compression_error(exc) else exc.error_code
+            code = h2.errors.ErrorCodes.COMPRESSION_ERROR if is_compression_error(exc) else exc.error_code
             return self._connection_lost(int(code), f"protocol error: {exc}")
         except Exception as exc:  # a peer must never crash us; log it as our bug
             log.exception("unexpected error processing peer data")
@@ -721,10 +513,7 @@ class GrpcConnection:
         h2's ``close_connection()`` would leave it unable to serve the streams a graceful
         GOAWAY promises to finish, so the frame is built and queued by hand.
         """
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last_stream_id
-        frame.error_code = error_code
-        self._h2._data_to_send += frame.serialize()  # behind what h2 queued, like our other frames
+        self._h2.queue_goaway(last_stream_id, error_code)
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Close the connection at once with a final GOAWAY."""
@@ -739,9 +528,7 @@ class GrpcConnection:
         The buffer itself is handed over, not a copy (h2's ``data_to_send`` copies it, a
         megabyte per large message): the caller owns it, and nothing here touches it again.
         """
-        h2conn = self._h2
-        data, h2conn._data_to_send = h2conn._data_to_send, bytearray()
-        return data
+        return self._h2.take_output()
 
 
 class _DecodeFailure(Exception):

@@ -11,8 +11,8 @@ import logging
 from collections.abc import Sequence
 from typing import cast
 
-from .protocol.connection import GrpcConnection
-from .protocol.events import ConnectionClosed, Event
+from ..rpc.connection import GrpcConnection
+from ..rpc.events import ConnectionClosed, Event
 
 __all__ = ["ConnectionProtocol"]
 

@@ -20,21 +20,20 @@ price of Python work on every one.
 
 **Decoder.** Clients send the same request headers again and again, and once their fields
 are in the dynamic table the block is the same bytes every time: a handful of indices.
-:class:`MemoizingHeaderDecoder` is hpack's decoder that remembers what such a block
-decoded to, as long as the table is the one it was decoded against.
+:class:`~app_kit.wire.h2_internals.MemoizingHeaderDecoder` (it works on hpack's internals,
+so it lives with the rest of them) remembers what such a block decoded to, as long as the
+table is the one it was decoded against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
-import hpack
-from hpack.table import HeaderTable
+from .h2_internals import HPACK_STATIC_TABLE
 
-__all__ = ["HeaderBlockEncoder", "MemoizingHeaderDecoder"]
+__all__ = ["HeaderBlockEncoder"]
 
-_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HPACK_STATIC_TABLE
 #: (name, value) -> index of the static entry holding both.
 _STATIC_FIELDS = {field: index for index, field in enumerate(_STATIC_TABLE, 1)}
 #: name -> index of the first static entry with that name.
@@ -141,40 +140,3 @@ class HeaderBlockEncoder:
 
     def _fits(self, name: bytes, value: bytes) -> bool:
         return self._table_used + len(name) + len(value) + _ENTRY_OVERHEAD <= self._table_size
-
-
-class MemoizingHeaderDecoder(hpack.Decoder):
-    """hpack's decoder, answering a block it has seen from memory when that gives the same result.
-
-    A block's result depends only on its bytes and the dynamic table. Only blocks that left
-    the table as they found it (indices and literals without indexing) are remembered, with
-    the table they were decoded against; the memory is used only while the table is still
-    that one. The table changes only by insertions, which put a new entry object first, and
-    by evictions, which shorten it, so its newest entry (by identity), its length and its
-    size limit tell the table apart from any other.
-    """
-
-    def __init__(self, max_header_list_size: int) -> None:
-        super().__init__(max_header_list_size)
-        self._remembered: dict[bytes, tuple[Any, int, int, tuple[Any, ...]]] = {}
-
-    def decode(self, data: bytes, raw: bool = False) -> Any:
-        """The header list of a block (as hpack's :meth:`hpack.Decoder.decode`)."""
-        table = self.header_table
-        entries = table.dynamic_entries
-        newest = entries[0] if entries else None
-        length, size = len(entries), table.maxsize
-        if raw:
-            if type(data) is not bytes:
-                data = bytes(data)
-            known = self._remembered.get(data)
-            if known is not None and known[0] is newest and known[1] == length and known[2] == size:
-                self._assert_valid_table_size()
-                return list(known[3])
-        headers = super().decode(data, raw)
-        entries = table.dynamic_entries
-        if raw and (entries[0] if entries else None) is newest and len(entries) == length and table.maxsize == size:
-            if len(self._remembered) >= _CACHE_LIMIT:
-                self._remembered.clear()  # blocks that vary (say, a grpc-timeout) come and go
-            self._remembered[data] = (newest, length, size, tuple(headers))
-        return headers

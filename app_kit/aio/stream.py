@@ -6,17 +6,15 @@ import asyncio
 import collections
 import ssl
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from .codecs import CodecBase, StatusDetailsCodecBase
-from .deadline import Deadline
-from .handlers import Handler
-from .metadata import Metadata, MetadataLike, encode_metadata
-from .protocol.connection import StreamGone
-from .status import GRPCError, ProtocolError, Status
-
-if TYPE_CHECKING:
-    from .server import ServerProtocol
+from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
+from ..rpc.connection import StreamGone
+from ..rpc.deadline import Deadline
+from ..rpc.handlers import Handler
+from ..rpc.metadata import Metadata, MetadataLike, encode_metadata
+from ..rpc.server import ServerConnection
+from ..rpc.status import GRPCError, ProtocolError, Status
 
 __all__ = ["Peer", "Stream"]
 
@@ -24,6 +22,29 @@ RecvT = TypeVar("RecvT")
 SendT = TypeVar("SendT")
 
 _END = object()  # queued after the last message: the client half-closed
+
+
+class CallHost(Protocol):
+    """What a :class:`Stream` needs of the connection it runs on (the server's protocol)."""
+
+    loop: asyncio.AbstractEventLoop
+    connection: ServerConnection
+    write_paused: bool
+
+    def schedule_flush(self) -> None:
+        """Write what is queued at the end of this loop turn."""
+
+    def flush_call_end(self) -> None:
+        """A call's status is queued: write it now, or with others this turn."""
+
+    async def writable(self) -> None:
+        """Wait while the transport's buffer is full."""
+
+    async def drain(self, stream_id: int, ready: bool) -> None:
+        """Wait while the stream is over its send buffer or the transport is full."""
+
+    def release_writer(self, stream_id: int) -> None:
+        """Let the stream's sender go on."""
 
 
 class Peer:
@@ -89,7 +110,7 @@ class Stream(Generic[RecvT, SendT]):
 
     def __init__(
         self,
-        protocol: ServerProtocol,
+        protocol: CallHost,
         stream_id: int,
         handler: Handler,
         *,

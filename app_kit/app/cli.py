@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import eventloop
-from .lifecycle import App, StartupError
-from .settings import AppSettings, SettingsError, load_settings
+from .lifecycle import EXIT_STARTUP_FAILED, App
 
-__all__ = ["load_app", "main", "run_app"]
-
-log = logging.getLogger("app_kit")
-
-#: Exit code of a process whose start-up failed (bad settings, a resource, the port, ...).
-EXIT_STARTUP_FAILED = 3
+__all__ = ["load_app", "main"]
 _TARGET = re.compile(r"(?P<module>[\w.]+):(?P<attr>[\w.]+)(?P<call>\(\))?\Z")
 
 
@@ -58,39 +50,6 @@ def load_app(target: str) -> App[Any]:
     return value
 
 
-def configure_logging(level: str) -> None:
-    """One line per record on stderr."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-
-
-def run_app(
-    app: App[Any],
-    settings: AppSettings | None = None,
-    *,
-    env_file: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    log_level: str | None = None,
-) -> int:
-    """Load settings, configure logging, run ``app`` until a signal; return the exit code."""
-    try:
-        if settings is None:
-            settings = load_settings(app.settings_type, env_file=env_file, **(overrides or {}))
-    except SettingsError as exc:
-        print(f"app_kit: {exc}", file=sys.stderr)
-        return EXIT_STARTUP_FAILED
-    level = log_level or settings.log_level
-    configure_logging(level)
-    try:
-        eventloop.run(app.run(settings))
-    except StartupError as exc:
-        # One clear line; the traceback of the cause only when debugging.
-        log.error("start-up failed: %s", exc, exc_info=exc if level == "DEBUG" else None)
-        return EXIT_STARTUP_FAILED
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: ``python -m app_kit run module:app [options]``."""
     parser = argparse.ArgumentParser(
@@ -125,6 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {name: getattr(args, name) for name in ("host", "port", "path") if getattr(args, name) is not None}
     if args.log_level is not None:
         overrides["log_level"] = args.log_level
-    return run_app(
-        app, env_file=args.env_file, overrides=overrides, log_level="DEBUG" if args.debug else args.log_level
+    return app.run_sync(
+        env_file=args.env_file, overrides=overrides, log_level="DEBUG" if args.debug else args.log_level
     )

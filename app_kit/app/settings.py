@@ -9,7 +9,7 @@ from typing import Literal, TypeVar
 from pydantic import ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .config import Configuration
+from ..wire.config import Configuration
 
 __all__ = ["AppSettings", "SettingsError", "load_settings"]
 

@@ -8,15 +8,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .protos.grpc.health.v1.health_grpc import HealthBase
-from .protos.grpc.health.v1.health_pb2 import (
+from ..aio.stream import Stream
+from ..protos.grpc.health.v1.health_grpc import HealthBase
+from ..protos.grpc.health.v1.health_pb2 import (
     HealthCheckRequest,
     HealthCheckResponse,
     HealthListRequest,
     HealthListResponse,
 )
-from .status import GRPCError, Status
-from .stream import Stream
+from ..rpc.status import GRPCError, Status
 
 __all__ = ["Health", "HealthCheck", "ServingStatus"]
 

@@ -11,15 +11,15 @@ from typing import ClassVar
 import h2.errors
 import h2.events
 
-from ..compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
-from ..config import Configuration
-from ..deadline import parse_grpc_timeout
-from ..logs import RateLimitedLogger
-from ..metadata import encode_grpc_message
-from ..status import Status
+from ..wire.config import Configuration
+from ..wire.header_block import HeaderBlockEncoder
+from ..wire.logs import RateLimitedLogger
+from .compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
 from .connection import GrpcConnection, StreamState
+from .deadline import parse_grpc_timeout
 from .events import Event, PingAcknowledged, RequestHead, RequestReceived, StreamClosed
-from .header_block import HeaderBlockEncoder
+from .metadata import encode_grpc_message
+from .status import Status
 
 __all__ = ["SHUTDOWN_PING", "ServerConnection"]
 
@@ -193,7 +193,7 @@ class ServerConnection(GrpcConnection):
         super().__init__(config, client_side=False)
         # Ours encodes every block h2 or we send (one encoder per connection, as HPACK needs).
         self._encoder = HeaderBlockEncoder(indexed=(_CONTENT_TYPE_FIELD, _ACCEPT_ENCODING_FIELD, _OK_FIELD))
-        self._h2.encoder = self._encoder  # type: ignore[assignment]
+        self._h2.use_encoder(self._encoder)
         self._content_subtype = content_subtype.encode("ascii")
         self._heads: dict[tuple[tuple[bytes, bytes], ...], RequestHead] = {}
         #: 0: serving; 1: first GOAWAY and PING sent; 2: final GOAWAY sent.

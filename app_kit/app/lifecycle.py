@@ -6,24 +6,37 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import sys
 import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .handlers import ServiceLike
-from .health import Health, HealthCheck
-from .server import Server
-from .settings import AppSettings, load_settings
+from ..aio import eventloop
+from ..aio.server import Server
+from ..rpc.handlers import ServiceLike
+from ..services.health import Health, HealthCheck
+from .settings import AppSettings, SettingsError, load_settings
 from .signals import graceful_exit
 
 if TYPE_CHECKING:
-    from .client import Channel
+    from ..aio.client import Channel
 
 __all__ = ["App", "RunningApp", "StartupError"]
 
 log = logging.getLogger("app_kit.app")
+
+#: Exit code of a process whose start-up failed (bad settings, a resource, the port, ...).
+EXIT_STARTUP_FAILED = 3
+
+
+def configure_logging(level: str) -> None:
+    """One line per record on stderr."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+
 
 S = TypeVar("S", bound=AppSettings)
 T = TypeVar("T")
@@ -78,7 +91,7 @@ class RunningApp(Generic[S]):
 
     def channel(self, **options: Any) -> Channel:
         """A client Channel to this app's server."""
-        from .client import Channel
+        from ..aio.client import Channel
 
         if self.settings.path is not None:
             return Channel(path=self.settings.path, **options)
@@ -181,7 +194,7 @@ class App(Generic[S]):
                 services.append(service)
             extra: list[ServiceLike] = [health]
             if settings.reflection:
-                from .reflection import Reflection
+                from ..services.reflection import Reflection
 
                 extra.extend(Reflection.for_services([*services, health]))
             try:
@@ -236,11 +249,34 @@ class App(Generic[S]):
             except _StartupAborted:
                 log.info("shutdown requested during start-up; everything started was stopped")
 
-    def run_sync(self, settings: S | None = None) -> int:
-        """:meth:`run` in a new event loop; return the process exit code (0, or 3 on failure)."""
-        from .cli import run_app
+    def run_sync(
+        self,
+        settings: S | None = None,
+        *,
+        env_file: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        log_level: str | None = None,
+    ) -> int:
+        """:meth:`run` in a new event loop; return the process exit code (0, or 3 on failure).
 
-        return run_app(self, settings)
+        Without ``settings``, they are read from the environment (and ``env_file``), with
+        ``overrides`` winning; logging is set up at ``log_level`` (default: the settings').
+        """
+        try:
+            if settings is None:
+                settings = load_settings(self.settings_type, env_file=env_file, **(overrides or {}))
+        except SettingsError as exc:
+            print(f"app_kit: {exc}", file=sys.stderr)
+            return EXIT_STARTUP_FAILED
+        level = log_level or settings.log_level
+        configure_logging(level)
+        try:
+            eventloop.run(self.run(settings))
+        except StartupError as exc:
+            # One clear line; the traceback of the cause only when debugging.
+            logging.getLogger("app_kit").error("start-up failed: %s", exc, exc_info=exc if level == "DEBUG" else None)
+            return EXIT_STARTUP_FAILED
+        return 0
 
     # -- helpers ---------------------------------------------------------------------
 

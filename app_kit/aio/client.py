@@ -1,0 +1,723 @@
+"""The gRPC client: a Channel (one HTTP/2 connection, many calls), call streams, stub methods."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl as ssl_module
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
+
+import h2.errors
+
+from .._version import __version__
+from ..rpc.client import ClientConnection, status_for_reset
+from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
+from ..rpc.compression import SUPPORTED_ENCODINGS
+from ..rpc.connection import StreamGone
+from ..rpc.deadline import Deadline
+from ..rpc.events import (
+    ConnectionClosed,
+    Event,
+    MessagesReceived,
+    ResponseEnded,
+    ResponseStarted,
+    StreamClosed,
+    StreamWritable,
+)
+from ..rpc.handlers import Cardinality
+from ..rpc.metadata import Metadata, MetadataLike, decode_metadata, encode_metadata
+from ..rpc.status import GRPCError, ProtocolError, Status
+from ..wire.config import Configuration
+from .stream import Peer
+from .transport import ConnectionProtocol
+
+__all__ = [
+    "Channel",
+    "ClientStream",
+    "StreamStreamMethod",
+    "StreamUnaryMethod",
+    "UnaryStreamMethod",
+    "UnaryUnaryMethod",
+    "method_for",
+]
+
+SendT = TypeVar("SendT")
+RecvT = TypeVar("RecvT")
+
+_USER_AGENT = f"app_kit/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
+_REFUSED_STREAM = int(h2.errors.ErrorCodes.REFUSED_STREAM)
+
+
+class ClientProtocol(ConnectionProtocol):
+    """One connection of a Channel: routes events to the calls on it."""
+
+    connection: ClientConnection
+
+    def __init__(self, connection: ClientConnection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(connection, loop)
+        self.calls: dict[int, ClientStream[Any, Any]] = {}
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def handle_events(self, events: Sequence[Event]) -> None:
+        """Deliver each event to the call it concerns."""
+        calls = self.calls
+        for event in events:
+            kind = type(event)
+            if kind is MessagesReceived:
+                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
+                if call is not None:
+                    call._on_messages(event.messages)  # type: ignore[attr-defined]
+            elif kind is ResponseStarted:
+                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
+                if call is not None:
+                    call._on_headers(event.headers)  # type: ignore[attr-defined]
+            elif kind is ResponseEnded:
+                call = calls.pop(event.stream_id, None)  # type: ignore[attr-defined]
+                if call is not None:
+                    call._on_outcome(event.status, event.message, event.details, event.trailers)  # type: ignore[attr-defined]
+            elif kind is StreamWritable:
+                self.release_writer(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is StreamClosed:
+                call = calls.pop(event.stream_id, None)  # type: ignore[attr-defined]
+                if call is not None:
+                    code = event.error_code  # type: ignore[attr-defined]
+                    call._on_outcome(status_for_reset(code), event.reason, None, [], retryable=code == _REFUSED_STREAM)  # type: ignore[attr-defined]
+            elif kind is ConnectionClosed:
+                self._fail_all(f"connection closed: {event.reason}")  # type: ignore[attr-defined]
+                self.close_transport()
+        self._wake_slot_waiters()
+        if self.connection.going_away and not self.calls:
+            self.close_transport()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the core; calls waiting for a stream slot may start once the server's SETTINGS
+        arrive (they come without an event of their own)."""
+        super().data_received(data)
+        if self._slot_waiters:
+            self._wake_slot_waiters()
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        """Every call still on the connection fails with UNAVAILABLE."""
+        self._fail_all("connection lost" + (f": {exc}" if exc else ""))
+        self._wake_slot_waiters()
+
+    def _fail_all(self, reason: str) -> None:
+        calls, self.calls = self.calls, {}
+        for call in calls.values():
+            call._on_outcome(Status.UNAVAILABLE, reason, None, [])
+
+    def _wake_slot_waiters(self) -> None:
+        while self._slot_waiters and (self.connection.can_start_call or self.is_closed or self.connection.going_away):
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_for_slot(self) -> bool:
+        """Wait until the server's stream limit lets a call start; False if it never will here."""
+        connection = self.connection
+        while not connection.can_start_call:
+            if self.is_closed or connection.closed or connection.going_away:
+                return False
+            waiter = self.loop.create_future()
+            self._slot_waiters.append(waiter)
+            await waiter
+        return True
+
+
+class Channel:
+    """One HTTP/2 connection to a server, opened on the first call, shared by every call.
+
+    After the connection is lost or the server sent GOAWAY, the next call opens a new one.
+    ``ssl=True`` uses a default TLS context; either way ALPN ``h2`` is required.
+    ``compression="gzip"`` compresses requests; compressed responses are always accepted.
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        path: str | None = None,
+        ssl: ssl_module.SSLContext | bool | None = None,
+        codec: CodecBase | None = None,
+        status_details_codec: StatusDetailsCodecBase | None = None,
+        config: Configuration | None = None,
+        compression: str | None = None,
+    ) -> None:
+        if path is not None and (host is not None or port is not None):
+            raise ValueError("path and host/port are mutually exclusive")
+        if compression is not None and compression not in SUPPORTED_ENCODINGS:
+            raise ValueError(f"unsupported compression {compression!r}")
+        self._host = host if host is not None or path is not None else "127.0.0.1"
+        self._port = port if port is not None else (None if path is not None else 50051)
+        self._path = path
+        if ssl is True:
+            ssl = ssl_module.create_default_context()
+        self._ssl: ssl_module.SSLContext | None = ssl or None
+        if self._ssl is not None:
+            self._ssl.set_alpn_protocols(["h2"])
+        self.codec = codec if codec is not None else ProtoCodec()
+        if status_details_codec is None and isinstance(self.codec, ProtoCodec):
+            status_details_codec = ProtoStatusDetailsCodec()
+        self.status_details_codec = status_details_codec
+        self.config = config if config is not None else Configuration()
+        self.compression = None if compression == "identity" else compression
+        self._protocol: ClientProtocol | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+        subtype = self.codec.content_subtype
+        self._content_type = f"application/grpc+{subtype}".encode("ascii") if subtype else b"application/grpc"
+
+    def __repr__(self) -> str:
+        return f"<Channel {self._target()}>"
+
+    def _target(self) -> str:
+        return f"unix:{self._path}" if self._path is not None else f"{self._host}:{self._port}"
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection; calls still on it fail with UNAVAILABLE."""
+        self._closed = True
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and not protocol.is_closed:
+            protocol.connection.close(0, "channel closed")
+            protocol.close_transport()
+
+    async def _connection(self) -> ClientProtocol:
+        """The current connection, opening one if there is none usable."""
+        if self._closed:
+            raise GRPCError(Status.UNAVAILABLE, "the channel is closed")
+        protocol = self._protocol
+        if protocol is not None and _usable(protocol):
+            return protocol
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            protocol = self._protocol
+            if protocol is None or not _usable(protocol):
+                protocol = self._protocol = await self._connect()
+        return protocol
+
+    async def _connect(self) -> ClientProtocol:
+        loop = asyncio.get_running_loop()
+        authority = self._host if self._path is None else "localhost"
+        if self._path is None and self._port is not None:
+            authority = f"[{authority}]:{self._port}" if ":" in str(authority) else f"{authority}:{self._port}"
+
+        def factory() -> ClientProtocol:
+            connection = ClientConnection(
+                self.config,
+                authority=str(authority),
+                scheme="https" if self._ssl is not None else "http",
+                user_agent=_USER_AGENT,
+            )
+            return ClientProtocol(connection, loop)
+
+        try:
+            protocol = await self._open_transport(factory)
+        except OSError as exc:
+            raise GRPCError(Status.UNAVAILABLE, f"cannot connect to {self._target()}: {exc}") from None
+        if self._ssl is not None:
+            assert protocol.transport is not None
+            ssl_object = protocol.transport.get_extra_info("ssl_object")
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+                protocol.close_transport()
+                raise GRPCError(Status.UNAVAILABLE, f"{self._target()} did not negotiate HTTP/2 (ALPN h2)")
+        return protocol
+
+    async def _open_transport(self, factory: Callable[[], ClientProtocol]) -> ClientProtocol:
+        loop = asyncio.get_running_loop()
+        if self._path is not None:
+            _, protocol = await loop.create_unix_connection(
+                factory, self._path, ssl=self._ssl, server_hostname="localhost" if self._ssl else None
+            )
+        else:
+            assert self._host is not None and self._port is not None  # set whenever path is None
+            _, protocol = await loop.create_connection(factory, self._host, self._port, ssl=self._ssl)
+        return protocol
+
+    def request(
+        self,
+        path: str,
+        cardinality: Cardinality,
+        request_type: Any,
+        reply_type: Any,
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: MetadataLike | None = None,
+        compression: str | None = None,
+    ) -> ClientStream[Any, Any]:
+        """A call to ``path``, used as ``async with channel.request(...) as stream``."""
+        if timeout is not None:
+            from_timeout = Deadline.from_timeout(timeout)
+            deadline = from_timeout if deadline is None or from_timeout < deadline else deadline
+        return ClientStream(
+            self,
+            path,
+            cardinality,
+            request_type,
+            reply_type,
+            metadata=encode_metadata(metadata),
+            deadline=deadline,
+            compression=compression if compression is not None else self.compression,
+        )
+
+
+def _usable(protocol: ClientProtocol) -> bool:
+    connection = protocol.connection
+    return not protocol.is_closed and not connection.closed and not connection.going_away
+
+
+class ClientStream(Generic[SendT, RecvT]):
+    """One call on the client side.
+
+    Use it as ``async with``: leaving the block cancels the call if it is not finished.
+    Request headers go out with the first message (or :meth:`send_request`); a non-OK status
+    is raised as :class:`GRPCError` from :meth:`recv_message`, :meth:`recv_trailing_metadata`
+    or :meth:`recv_initial_metadata`.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        path: str,
+        cardinality: Cardinality,
+        request_type: Any,
+        reply_type: Any,
+        *,
+        metadata: list[tuple[bytes, bytes]],
+        deadline: Deadline | None,
+        compression: str | None,
+    ) -> None:
+        self._channel = channel
+        self.path = path
+        self._cardinality = cardinality
+        self._request_type = request_type
+        self._reply_type = reply_type
+        self._metadata = metadata
+        #: When the call gives up with DEADLINE_EXCEEDED.
+        self.deadline = deadline
+        self._compression = compression
+        self._protocol: ClientProtocol | None = None
+        self._stream_id: int | None = None
+        self._sent = 0
+        self._send_ended = False
+        self._headers: list[tuple[bytes, bytes]] | None = None
+        self._messages: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._outcome: tuple[Status, str | None, bytes | None, list[tuple[bytes, bytes]]] | None = None
+        self._retryable = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        #: Response headers' metadata, once :meth:`recv_initial_metadata` returned.
+        self.initial_metadata: Metadata | None = None
+        #: Trailers' metadata, once :meth:`recv_trailing_metadata` returned.
+        self.trailing_metadata: Metadata | None = None
+
+    async def __aenter__(self) -> ClientStream[SendT, RecvT]:
+        if self.deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._deadline_handle = loop.call_later(self.deadline.time_remaining(), self._on_deadline)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+        if self._outcome is None:
+            await self.cancel()
+
+    @property
+    def peer(self) -> Peer | None:
+        """The server's end of the connection, once the call started."""
+        if self._protocol is None or self._protocol.transport is None:
+            return None
+        return Peer(self._protocol.transport)
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send_request(self, *, end: bool = False) -> None:
+        """Send the request headers (implicit with the first message); ``end`` half-closes too."""
+        if self._stream_id is not None:
+            raise ProtocolError("the request was sent already")
+        self._raise_if_over()
+        try:
+            async with asyncio.timeout(self.deadline.time_remaining() if self.deadline else None):
+                protocol = await self._channel._connection()
+                while not await protocol.wait_for_slot():
+                    protocol = await self._channel._connection()
+        except TimeoutError:
+            self._on_deadline()
+            self._raise_if_over()
+            raise
+        self._raise_if_over()
+        connection = protocol.connection
+        self._stream_id = connection.start_call(
+            self.path,
+            self._metadata,
+            timeout=self.deadline.time_remaining() if self.deadline else None,
+            encoding=self._compression,
+            content_type=self._channel._content_type,
+        )
+        self._protocol = protocol
+        protocol.calls[self._stream_id] = self
+        if end:
+            self._send_ended = True
+            connection.end_local(self._stream_id, [])
+        protocol.schedule_flush()
+
+    async def send_message(self, message: SendT, *, end: bool = False) -> None:
+        """Send one request message; ``end=True`` half-closes the stream after it."""
+        if self._send_ended:
+            raise ProtocolError("the request stream was ended already")
+        if self._sent and not self._cardinality.client_streaming:
+            raise ProtocolError(f"{self.path} takes exactly one request message")
+        data = self._channel.codec.encode(message, self._request_type)
+        limit = self._channel.config.max_send_message_length
+        if len(data) > limit:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, f"request message larger than max ({len(data)} vs. {limit})")
+        if self._stream_id is None:
+            await self.send_request()
+        self._raise_if_over()
+        protocol = self._protocol
+        assert protocol is not None and self._stream_id is not None
+        self._sent += 1
+        try:
+            ready = protocol.connection.send_message(self._stream_id, data)
+            if end:
+                self._send_ended = True
+                protocol.connection.end_local(self._stream_id, [])
+        except StreamGone:
+            self._raise_if_over()
+            raise
+        await protocol.drain(self._stream_id, ready)
+        if not ready:
+            self._raise_if_over()
+
+    async def end(self) -> None:
+        """Half-close: no more request messages."""
+        if self._send_ended:
+            return
+        if self._stream_id is None:
+            await self.send_request(end=True)
+            return
+        self._send_ended = True
+        if self._outcome is None and self._protocol is not None:
+            try:
+                self._protocol.connection.end_local(self._stream_id, [])
+            except StreamGone:
+                return
+            self._protocol.schedule_flush()
+
+    async def cancel(self) -> None:
+        """Abort the call (RST_STREAM CANCEL); it ends with CANCELLED."""
+        if self._outcome is not None:
+            return
+        self._abort(Status.CANCELLED, "cancelled by the client")
+
+    def _abort(self, status: Status, message: str) -> None:
+        protocol, stream_id = self._protocol, self._stream_id
+        if protocol is not None and stream_id is not None:
+            protocol.calls.pop(stream_id, None)
+            protocol.connection.cancel_stream(stream_id)
+            protocol.schedule_flush()
+            protocol._wake_slot_waiters()  # its slot is free now
+        self._on_outcome(status, message, None, [])
+
+    # -- receiving -------------------------------------------------------------------
+
+    async def recv_initial_metadata(self) -> Metadata:
+        """Wait for the response headers and return their metadata."""
+        if self.initial_metadata is not None:
+            return self.initial_metadata
+        if self._stream_id is None:
+            await self.send_request()
+        while self._headers is None and self._outcome is None:
+            await self._wait()
+        if self._headers is None:
+            self._raise_outcome()
+            self._headers = []
+        try:
+            self.initial_metadata = decode_metadata(self._headers)
+        except ValueError as exc:
+            raise GRPCError(Status.INTERNAL, f"invalid response metadata: {exc}") from None
+        return self.initial_metadata
+
+    async def recv_message(self) -> RecvT | None:
+        """The next reply, or None after the last one (a non-OK status is raised)."""
+        if self.initial_metadata is None:
+            await self.recv_initial_metadata()
+        while not self._messages:
+            if self._outcome is not None:
+                self._raise_outcome()
+                return None
+            await self._wait()
+        data, flow_size = self._messages.popleft()
+        protocol = self._protocol
+        if protocol is not None and self._stream_id is not None:
+            if protocol.connection.acknowledge(self._stream_id, flow_size):
+                protocol.schedule_flush()
+        try:
+            return self._channel.codec.decode(data, self._reply_type)
+        except Exception:
+            self._abort(Status.INTERNAL, "could not decode the reply message")
+            raise GRPCError(Status.INTERNAL, "could not decode the reply message") from None
+
+    def __aiter__(self) -> AsyncIterator[RecvT]:
+        return self._iter_messages()
+
+    async def _iter_messages(self) -> AsyncIterator[RecvT]:
+        while (message := await self.recv_message()) is not None:
+            yield message
+
+    async def recv_trailing_metadata(self) -> Metadata:
+        """Wait for the end of the call; return the trailers' metadata (a non-OK status is raised)."""
+        if self._stream_id is None and self._outcome is None:
+            await self.send_request()
+        while self._outcome is None:
+            await self._wait()
+        self._raise_outcome()
+        return self.trailing_metadata  # type: ignore[return-value]
+
+    # -- outcome ---------------------------------------------------------------------
+
+    def _raise_outcome(self) -> None:
+        assert self._outcome is not None
+        status, message, details, _ = self._outcome
+        if status is Status.OK:
+            return
+        decoded = None
+        codec = self._channel.status_details_codec
+        if details is not None and codec is not None:
+            try:
+                decoded = codec.decode(status, message, details)
+            except Exception:
+                decoded = None
+        raise GRPCError(status, message, decoded)
+
+    def _raise_if_over(self) -> None:
+        if self._outcome is not None:
+            self._raise_outcome()
+            raise ProtocolError("the call is finished")
+
+    async def _wait(self) -> None:
+        assert self._protocol is not None or self._outcome is not None
+        loop = self._protocol.loop if self._protocol is not None else asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._protocol is not None and self._stream_id is not None:
+            self._protocol.release_writer(self._stream_id)
+
+    def _on_deadline(self) -> None:
+        if self._outcome is None:
+            self._abort(Status.DEADLINE_EXCEEDED, "Deadline exceeded")
+
+    # -- called by the connection ----------------------------------------------------
+
+    def _on_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self._headers = headers
+        self._wake()
+
+    def _on_messages(self, messages: list[tuple[bytes, int]]) -> None:
+        self._messages.extend(messages)
+        self._wake()
+
+    def _on_outcome(
+        self,
+        status: Status,
+        message: str | None,
+        details: bytes | None,
+        trailers: list[tuple[bytes, bytes]],
+        *,
+        retryable: bool = False,
+    ) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = (status, message, details, trailers)
+        # Refused or never processed, and nothing came back: a retry cannot run it twice.
+        self._retryable = retryable and self._headers is None
+        try:
+            self.trailing_metadata = decode_metadata(trailers)
+        except ValueError:
+            self.trailing_metadata = decode_metadata([])
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+        self._wake()
+
+
+class _Method(Generic[SendT, RecvT]):
+    """A method of a stub: ``open()`` a call, or call it directly."""
+
+    cardinality: Cardinality
+
+    def __init__(self, channel: Channel, path: str, request_type: Any, reply_type: Any) -> None:
+        self.channel = channel
+        self.path = path
+        self.request_type = request_type
+        self.reply_type = reply_type
+
+    def open(
+        self,
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: MetadataLike | None = None,
+        compression: str | None = None,
+    ) -> ClientStream[SendT, RecvT]:
+        """A call to use as ``async with method.open(...) as stream``."""
+        return self.channel.request(
+            self.path,
+            self.cardinality,
+            self.request_type,
+            self.reply_type,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+            compression=compression,
+        )
+
+    async def _with_retry(self, run: Callable[[ClientStream[SendT, RecvT]], Awaitable[Any]], **options: Any) -> Any:
+        # A call the server refused (REFUSED_STREAM) or never processed (above a GOAWAY's
+        # last-stream-id) is run once more, on a new connection if need be.
+        for attempt in (1, 2):
+            async with self.open(**options) as stream:
+                try:
+                    return await run(stream)
+                except GRPCError:
+                    if attempt == 1 and stream._retryable:
+                        continue
+                    raise
+        raise AssertionError("unreachable")
+
+
+class UnaryUnaryMethod(_Method[SendT, RecvT]):
+    """One request, one reply: ``reply = await stub.Method(request)``."""
+
+    cardinality = Cardinality.UNARY_UNARY
+
+    async def __call__(
+        self,
+        request: SendT,
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: MetadataLike | None = None,
+        compression: str | None = None,
+    ) -> RecvT:
+        """Make the call; a non-OK status raises :class:`GRPCError`."""
+
+        async def run(stream: ClientStream[SendT, RecvT]) -> RecvT:
+            await stream.send_message(request, end=True)
+            reply = await stream.recv_message()
+            await stream.recv_trailing_metadata()
+            if reply is None:
+                raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
+            return reply
+
+        return await self._with_retry(
+            run, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
+        )
+
+
+class UnaryStreamMethod(_Method[SendT, RecvT]):
+    """One request, a stream of replies: ``replies = await stub.Method(request)``, or ``open()``."""
+
+    cardinality = Cardinality.UNARY_STREAM
+
+    async def __call__(
+        self,
+        request: SendT,
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: MetadataLike | None = None,
+        compression: str | None = None,
+    ) -> list[RecvT]:
+        """Make the call and collect every reply."""
+
+        async def run(stream: ClientStream[SendT, RecvT]) -> list[RecvT]:
+            await stream.send_message(request, end=True)
+            replies = [reply async for reply in stream]
+            await stream.recv_trailing_metadata()
+            return replies
+
+        return await self._with_retry(
+            run, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
+        )
+
+
+class StreamUnaryMethod(_Method[SendT, RecvT]):
+    """A stream of requests, one reply: ``reply = await stub.Method(requests)``, or ``open()``."""
+
+    cardinality = Cardinality.STREAM_UNARY
+
+    async def __call__(
+        self,
+        requests: Iterable[SendT],
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: MetadataLike | None = None,
+        compression: str | None = None,
+    ) -> RecvT:
+        """Send every request, then return the reply."""
+        async with self.open(timeout=timeout, deadline=deadline, metadata=metadata, compression=compression) as stream:
+            for request in requests:
+                await stream.send_message(request)
+            await stream.end()
+            reply = await stream.recv_message()
+            await stream.recv_trailing_metadata()
+            if reply is None:
+                raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
+            return reply
+
+
+class StreamStreamMethod(_Method[SendT, RecvT]):
+    """Streams both ways: ``async with stub.Method.open() as stream``, or collect with a call."""
+
+    cardinality = Cardinality.STREAM_STREAM
+
+    async def __call__(
+        self,
+        requests: Iterable[SendT],
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: MetadataLike | None = None,
+        compression: str | None = None,
+    ) -> list[RecvT]:
+        """Send every request, then collect every reply."""
+        async with self.open(timeout=timeout, deadline=deadline, metadata=metadata, compression=compression) as stream:
+            for request in requests:
+                await stream.send_message(request)
+            await stream.end()
+            replies = [reply async for reply in stream]
+            await stream.recv_trailing_metadata()
+            return replies
+
+
+_METHOD_CLASSES: dict[Cardinality, type[_Method[Any, Any]]] = {
+    Cardinality.UNARY_UNARY: UnaryUnaryMethod,
+    Cardinality.UNARY_STREAM: UnaryStreamMethod,
+    Cardinality.STREAM_UNARY: StreamUnaryMethod,
+    Cardinality.STREAM_STREAM: StreamStreamMethod,
+}
+
+
+def method_for(channel: Channel, path: str, cardinality: Cardinality, request_type: Any, reply_type: Any) -> Any:
+    """The stub method object for a method of the given cardinality (used by generated stubs)."""
+    return _METHOD_CLASSES[cardinality](channel, path, request_type, reply_type)

@@ -1,0 +1,1 @@
+"""The app: declarations and injection, lifecycle, settings (pydantic-settings), signals, CLI."""

@@ -1,0 +1,362 @@
+"""Every use of h2's, hpack's and hyperframe's internals, in one place, for tested versions only.
+
+app_kit drives h2's state machine but writes its hot-path frames itself, keeps h2's
+per-connection memory small, and mends a few behaviours that RFC 9113 and gRPC need otherwise.
+All of that touches attributes and methods those libraries do not promise to keep, so it all
+lives here, and importing this module checks the installed versions against the ranges the
+test suite runs with (the lowest and the newest are both run in CI). Outside this module the
+code base uses only their public API.
+"""
+
+from __future__ import annotations
+
+import binascii
+import importlib.metadata
+import struct
+import sys
+from typing import Any, ClassVar
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.exceptions
+import h2.settings
+import hpack
+import hyperframe.frame
+from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.stream import StreamClosedBy, StreamInputs
+from hpack.exceptions import HPACKError
+from hpack.table import HeaderTable
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
+
+from .config import Configuration
+
+_CACHE_LIMIT = 64  # header blocks the decoder remembers
+#: RFC 7541's static table, as hpack holds it.
+HPACK_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+__all__ = [
+    "TESTED_VERSIONS",
+    "HPACK_STATIC_TABLE",
+    "GoAwayTolerantStateMachine",
+    "H2Connection",
+    "MemoizingHeaderDecoder",
+    "check_versions",
+    "is_compression_error",
+    "new_h2_connection",
+]
+
+#: (lowest, first untested) version of each library; pyproject.toml pins the same ranges.
+TESTED_VERSIONS = {"h2": ((4, 2), (4, 5)), "hpack": ((4, 1), (4, 3)), "hyperframe": ((6, 1), (6, 2))}
+
+
+def check_versions() -> None:
+    """Refuse to run on versions whose internals the tests have not checked."""
+    for name, (lowest, untested) in TESTED_VERSIONS.items():
+        version = importlib.metadata.version(name)
+        parts = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+        if not lowest <= parts < untested:
+            raise ImportError(
+                f"app_kit supports {name} {'.'.join(map(str, lowest))} to before "
+                f"{'.'.join(map(str, untested))}, not {version}: it relies on {name}'s internals"
+            )
+
+
+check_versions()
+
+_SETTINGS = h2.settings.SettingCodes
+# RFC 9113 §4.1: 24-bit length (as a high byte and 16 bits), type, flags, stream id.
+_FRAME_HEADER = struct.Struct(">BHBBL")
+_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+
+
+class _SmallDeque(list[Any]):
+    """The deque operations h2 and hpack use, on a list.
+
+    h2 keeps each setting's pending values, and hpack each header table, in a
+    ``collections.deque`` of 760 bytes: 18 of them were most of an idle connection's memory.
+    They hold a handful of items (a header table at most ~128), where a list does the same
+    in about 80 bytes and moving a few pointers costs nothing.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+
+def _compact_settings(settings: h2.settings.Settings) -> h2.settings.Settings:
+    settings._settings = {key: _SmallDeque(values) for key, values in settings._settings.items()}  # type: ignore[misc]
+    return settings
+
+
+class _AdvertisedSettings(h2.settings.Settings):
+    """Our SETTINGS, with the concurrent-streams limit enforced by us, not by h2.
+
+    h2 treats one stream over SETTINGS_MAX_CONCURRENT_STREAMS as a connection error and
+    tears every call down; RFC 9113 §5.1.2 lets us refuse just that stream with
+    REFUSED_STREAM, which a client may safely retry. The limit is still advertised:
+    h2 serializes settings from ``items()``, and only its own check reads this property.
+    """
+
+    @property  # type: ignore[misc]  # read-only on purpose: h2 must not enforce it
+    def max_concurrent_streams(self) -> int:
+        return 2**31 - 1
+
+
+class H2Connection(h2.connection.H2Connection):
+    """h2's connection, plus the hot path of sending without h2's per-frame objects.
+
+    h2 builds, validates and serializes a frame object (and logs) for every frame it sends;
+    for a unary call that was a quarter of the server's CPU. The two methods below make
+    exactly the state and window changes h2's ``send_headers``/``send_data`` make on an
+    existing stream, and write the frames directly. h2 still receives and parses every
+    frame, and the tests compare both paths on the wire and in h2's stream state.
+    """
+
+    #: Closed streams h2 may keep in ``streams`` before they are swept (see below).
+    _sweep_at = 16
+    #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
+    frames_sent = 0
+
+    def _handle_data_on_closed_stream(
+        self, events: list[Any], exc: h2.exceptions.StreamClosedError, frame: Any
+    ) -> tuple[list[Any], list[Any]]:
+        # h2 answers every DATA frame on a closed stream with RST_STREAM STREAM_CLOSED. On a
+        # stream we reset ourselves, RFC 9113 §5.1 says to ignore them: the peer sent them
+        # before our RST_STREAM reached it (61 resets for one rejected 8 MiB upload). The
+        # connection window they used still goes back.
+        frames, events = super()._handle_data_on_closed_stream(events, exc, frame)
+        if self._stream_closed_by(exc.stream_id) is StreamClosedBy.SEND_RST_STREAM:
+            frames = [item for item in frames if not isinstance(item, RstStreamFrame)]
+        return frames, events
+
+    def send_headers(self, *args: Any, **kwargs: Any) -> None:
+        """h2's, counted."""
+        self.frames_sent += 1
+        super().send_headers(*args, **kwargs)
+
+    def end_stream(self, stream_id: int) -> None:
+        """h2's, counted."""
+        self.frames_sent += 1
+        super().end_stream(stream_id)
+
+    def _terminate_connection(self, error_code: h2.errors.ErrorCodes) -> None:
+        # Called by h2 while handling the exception that ends the connection.
+        if is_compression_error(sys.exc_info()[1]):
+            error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+        super()._terminate_connection(error_code)
+
+    @property
+    def open_inbound_streams(self) -> int:
+        """What h2 asks before accepting a stream: also where it sweeps out closed streams.
+
+        h2 walks every stream for it on each new inbound stream. We enforce the concurrency
+        limit ourselves (see :class:`_AdvertisedSettings`), so the walk is only needed for
+        the sweep, and doing it whenever the stream count doubles keeps it O(1) per stream.
+        """
+        if len(self.streams) < self._sweep_at:
+            return 0
+        count = self._open_streams(int(not self.config.client_side))
+        self._sweep_at = max(16, 2 * len(self.streams))
+        return count
+
+    def send_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
+        """``send_headers`` on an open stream, with the header block already encoded."""
+        stream = self.streams[stream_id]
+        self.frames_sent += 1
+        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        flags = 0
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+            flags = _END_STREAM
+        out = self._data_to_send
+        size = len(block)
+        limit = self.max_outbound_frame_size
+        if size <= limit:
+            out += _FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _HEADERS, flags | _END_HEADERS, stream_id)
+            out += block
+            return
+        # RFC 9113 §6.10: the rest of the block follows in CONTINUATION frames.
+        kind = _HEADERS
+        for start in range(0, size, limit):
+            chunk = block[start : start + limit]
+            if start + limit >= size:
+                flags |= _END_HEADERS
+            out += _FRAME_HEADER.pack(len(chunk) >> 16, len(chunk) & 0xFFFF, kind, flags, stream_id)
+            out += chunk
+            kind, flags = _CONTINUATION, 0
+
+    def send_data_frame(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """``send_data`` of one frame that the caller fitted into the windows and frame size."""
+        stream = self.streams[stream_id]
+        self.frames_sent += 1
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        stream.state_machine.process_input(StreamInputs.SEND_DATA)
+        size = len(data)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        out = self._data_to_send
+        out += _FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id)
+        out += data
+
+    def queue_goaway(self, last_stream_id: int, error_code: int) -> None:
+        """Queue a GOAWAY without closing h2's state machine (``close_connection`` would, and
+        then refuse to serve the streams a graceful GOAWAY promises to finish)."""
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = error_code
+        self._data_to_send += frame.serialize()  # behind what h2 queued, like our other frames
+
+    def take_output(self) -> bytearray:
+        """Everything queued since the last call: the buffer itself (h2's ``data_to_send``
+        copies it, a megabyte per large message); the caller owns it from now on."""
+        data, self._data_to_send = self._data_to_send, bytearray()
+        return data
+
+    def use_encoder(self, encoder: Any) -> None:
+        """Encode every header block h2 sends with ``encoder`` (one per connection, as HPACK
+        needs, shared with the blocks we encode ourselves)."""
+        self.encoder = encoder
+
+
+def is_compression_error(exc: BaseException | None) -> bool:
+    """RFC 9113 §4.3: a field block that cannot be decoded is a COMPRESSION_ERROR (h2 says
+    PROTOCOL_ERROR); an oversized one stays h2's ENHANCE_YOUR_CALM."""
+    return (
+        type(exc) is h2.exceptions.ProtocolError
+        and isinstance(exc.__cause__, HPACKError)
+        and not isinstance(exc, h2.exceptions.DenialOfServiceError)
+    )
+
+
+class GoAwayTolerantStateMachine(H2ConnectionStateMachine):
+    """h2's connection state machine, except that a received GOAWAY does not close it.
+
+    h2 moves to CLOSED on any GOAWAY and then rejects every frame, even those of the streams
+    the GOAWAY lets finish (and the PING that follows it in the same read). RFC 9113 §6.8
+    keeps those streams alive, so stay in the current state; the gRPC layer stops opening new
+    streams and closes the connection once the remaining ones are done. Only the transition
+    table differs, so the per-frame cost is h2's own.
+    """
+
+    _transitions: ClassVar[dict[tuple[ConnectionState, ConnectionInputs], Any]] = {  # type: ignore[misc]
+        **H2ConnectionStateMachine._transitions,
+        **{
+            (state, ConnectionInputs.RECV_GOAWAY): (side_effect, state)
+            for (state, event), (side_effect, _) in H2ConnectionStateMachine._transitions.items()
+            if event is ConnectionInputs.RECV_GOAWAY and state is not ConnectionState.CLOSED
+        },
+    }
+
+
+def new_h2_connection(config: Configuration, *, client_side: bool) -> H2Connection:
+    """An h2 connection set up for gRPC: our settings and limits, our decoder, small tables."""
+    connection = H2Connection(
+        h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            # We build outbound headers ourselves and validate inbound ones in the gRPC layer,
+            # where a malformed request can be answered on its own stream instead of h2's
+            # connection error.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+        )
+    )
+    connection.local_settings = _compact_settings(
+        _AdvertisedSettings(
+            client=client_side,
+            initial_values={
+                _SETTINGS.MAX_CONCURRENT_STREAMS: config.max_concurrent_streams,
+                _SETTINGS.MAX_HEADER_LIST_SIZE: config.max_header_list_size,
+                _SETTINGS.INITIAL_WINDOW_SIZE: config.initial_stream_window_size,
+                _SETTINGS.MAX_FRAME_SIZE: config.max_frame_size,
+                _SETTINGS.ENABLE_PUSH: 0,
+            },
+        )
+    )
+    _compact_settings(connection.remote_settings)
+    connection.decoder = MemoizingHeaderDecoder(config.max_header_list_size)
+    for table in (connection.encoder.header_table, connection.decoder.header_table):
+        table.dynamic_entries = _SmallDeque(table.dynamic_entries)  # type: ignore[assignment]
+    connection.state_machine = GoAwayTolerantStateMachine()
+    connection.max_inbound_frame_size = config.max_frame_size
+    return connection
+
+
+class MemoizingHeaderDecoder(hpack.Decoder):
+    """hpack's decoder, answering a block it has seen from memory when that gives the same result.
+
+    A block's result depends only on its bytes and the dynamic table. Only blocks that left
+    the table as they found it (indices and literals without indexing) are remembered, with
+    the table they were decoded against; the memory is used only while the table is still
+    that one. The table changes only by insertions, which put a new entry object first, and
+    by evictions, which shorten it, so its newest entry (by identity), its length and its
+    size limit tell the table apart from any other.
+    """
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size)
+        self._remembered: dict[bytes, tuple[Any, int, int, tuple[Any, ...]]] = {}
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        """The header list of a block (as hpack's :meth:`hpack.Decoder.decode`)."""
+        table = self.header_table
+        entries = table.dynamic_entries
+        newest = entries[0] if entries else None
+        length, size = len(entries), table.maxsize
+        if raw:
+            if type(data) is not bytes:
+                data = bytes(data)
+            known = self._remembered.get(data)
+            if known is not None and known[0] is newest and known[1] == length and known[2] == size:
+                self._assert_valid_table_size()
+                return list(known[3])
+        headers = super().decode(data, raw)
+        entries = table.dynamic_entries
+        if raw and (entries[0] if entries else None) is newest and len(entries) == length and table.maxsize == size:
+            if len(self._remembered) >= _CACHE_LIMIT:
+                self._remembered.clear()  # blocks that vary (say, a grpc-timeout) come and go
+            self._remembered[data] = (newest, length, size, tuple(headers))
+        return headers
+
+
+# -- hyperframe: same-output, constant-cost frame reprs ------------------------------------
+#
+# h2 formats ``repr(frame)`` for a trace log on every frame it receives, whether or not
+# anything logs it. For a DATA frame hyperframe first serializes the whole body again (a copy
+# of the payload) and then hex-encodes all of it, only to keep its first 20 hex digits: for
+# large messages that was a quarter of the server's CPU. These versions look at only the
+# bytes they show, so the text is identical (a test pins that). Installed at import; worth
+# removing when h2 stops formatting unused log arguments.
+
+
+def raw_data_repr(data: bytes | None) -> str:
+    """What ``hyperframe.frame._raw_data_repr`` returns, at the cost of 11 bytes."""
+    if not data:
+        return "None"
+    shown = binascii.hexlify(data[:11]).decode("ascii")
+    if len(shown) > 20:
+        shown = shown[:20] + "..."
+    return "<hex:" + shown + ">"
+
+
+def data_body_repr(frame: hyperframe.frame.DataFrame) -> str:
+    """What ``Frame._body_repr`` gives for a DATA frame, without re-serializing its payload."""
+    head = frame.serialize_padding_data() + bytes(frame.data[:11])
+    if len(head) < 11 and frame.pad_length:
+        head += b"\0" * min(frame.pad_length, 11 - len(head))  # the padding follows the data
+    return raw_data_repr(head)
+
+
+if hasattr(hyperframe.frame, "_raw_data_repr"):
+    hyperframe.frame._raw_data_repr = raw_data_repr
+if "_body_repr" not in vars(hyperframe.frame.DataFrame):
+    hyperframe.frame.DataFrame._body_repr = data_body_repr  # type: ignore[method-assign,assignment]
