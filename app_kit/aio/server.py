@@ -305,10 +305,8 @@ class ServerProtocol(ConnectionProtocol):
     def _end_call(self, stream_id: int, status: Status, message: str) -> None:
         """End a call from outside its handler: answer it at once and cancel the handler."""
         stream, task = self._calls[stream_id]
-        if not stream.closed:
-            stream._status_sent()
         # Even with its status sent, a call may still have DATA (and the status) queued.
-        self.connection.end_now(stream_id, status, message)
+        stream._end_now(status, message)
         stream._on_closed(message)
         task.cancel()
 

@@ -8,6 +8,7 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any, Generic, Protocol, TypeVar
 
+from ..rpc.call_state import TERMINAL, CallInput, CallState, transition
 from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
 from ..rpc.connection import StreamGone
 from ..rpc.deadline import Deadline
@@ -85,7 +86,6 @@ class Stream(Generic[RecvT, SendT]):
         "_decode",
         "_encode",
         "_handler",
-        "_initial_sent",
         "_max_send",
         "_messages_arrived",
         "_protocol",
@@ -96,10 +96,9 @@ class Stream(Generic[RecvT, SendT]):
         "_request_type",
         "_sent",
         "_server_streaming",
+        "_state",
         "_status_details_codec",
         "_stream_id",
-        "_streaming_replies",
-        "_trailers_sent",
         "_waiter",
         "deadline",
         "metadata",
@@ -153,10 +152,8 @@ class Stream(Generic[RecvT, SendT]):
         self._messages_arrived = 0
         self._recv_done = False
         self._sent = 0
-        self._initial_sent = False
-        self._trailers_sent = False
-        # A server-streaming call past its first reply, and not over: see _before_reply.
-        self._streaming_replies = False
+        self._state = CallState.OPEN
+        #: Why a CANCELLED call ended (said to a handler that goes on using it).
         self._closed_reason: str | None = None
 
     # -- receiving -------------------------------------------------------------------
@@ -218,23 +215,16 @@ class Stream(Generic[RecvT, SendT]):
 
     async def send_initial_metadata(self, *, metadata: MetadataLike | None = None) -> None:
         """Send the response headers with ``metadata``, ahead of any message."""
-        if self._initial_sent:
-            raise ProtocolError("initial metadata was sent already")
-        self._send_initial(encode_metadata(metadata))
+        fields = encode_metadata(metadata)
+        self._state = transition(self._state, CallInput.SEND_HEADERS, self._closed_reason)
+        self._connection.send_response_headers(self._stream_id, fields, self._reply_encoding)
         self._protocol.schedule_flush()
         await self._protocol.writable()
-
-    def _send_initial(self, fields: list[tuple[bytes, bytes]]) -> None:
-        self._raise_if_closed()
-        if self._trailers_sent:
-            raise ProtocolError("the call is over: trailers were sent")
-        self._initial_sent = True
-        self._protocol.connection.send_response_headers(self._stream_id, fields, self._reply_encoding)
 
     async def send_message(self, message: SendT) -> None:
         """Send one reply message, waiting while the client's flow-control window is full."""
         data = self._encode(message, self._reply_type)
-        if not self._streaming_replies:
+        if self._state is not CallState.STREAMING:
             self._before_reply(data)
         elif len(data) > self._max_send:
             self._raise_too_large(data)
@@ -259,12 +249,10 @@ class Stream(Generic[RecvT, SendT]):
         metadata: MetadataLike | None = None,
     ) -> None:
         """End the call with ``status`` (and its message, rich details and trailing metadata)."""
-        if self._trailers_sent:
-            raise ProtocolError("trailers were sent already")
+        ended = transition(self._state, CallInput.SEND_STATUS, self._closed_reason)
         status = Status(status)
         if status is Status.OK and not self._sent and not self._server_streaming:
             raise ProtocolError(f"{self.method} is unary: a reply message must be sent before status OK")
-        self._raise_if_closed()
         if status_message is not None and not isinstance(status_message, str):
             raise TypeError(f"status_message must be a str, not {type(status_message).__name__}")
         # Everything that can fail is done before the call counts as answered.
@@ -272,9 +260,9 @@ class Stream(Generic[RecvT, SendT]):
         details = None
         if status_details and self._status_details_codec is not None:
             details = self._status_details_codec.encode(status, status_message, status_details)
-        self._status_sent()
+        self._state = ended
         try:
-            self._protocol.connection.send_status(self._stream_id, status, status_message, details, fields)
+            self._connection.send_status(self._stream_id, status, status_message, details, fields)
         except StreamGone:
             return  # reset meanwhile: nobody is there to read the status
         except Exception:
@@ -286,49 +274,45 @@ class Stream(Generic[RecvT, SendT]):
         """Abort the call with RST_STREAM CANCEL; the client sees CANCELLED."""
         if self.closed:
             return
-        self._closed_reason = "cancelled by the server"
-        self._protocol.connection.cancel_stream(self._stream_id)
+        self._on_closed("cancelled by the server")
+        self._connection.cancel_stream(self._stream_id)
         self._protocol.schedule_flush()
-        self._wake()
 
     # -- state -----------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
         """Whether the call is over: status sent, or the stream reset."""
-        return self._trailers_sent or self._closed_reason is not None
+        return self._state in TERMINAL
 
     def _before_reply(self, data: bytes) -> None:
         """What send_message checks and does, except in a server stream past its first reply."""
-        if self._trailers_sent:
-            raise ProtocolError("the call is over: trailers were sent")
+        state = self._state
+        replying = transition(state, CallInput.SEND_REPLY, self._closed_reason)
         if self._sent and not self._server_streaming:
             raise ProtocolError(f"{self.method} is unary: it sends exactly one reply message")
         if len(data) > self._max_send:
             self._raise_too_large(data)
-        if not self._initial_sent:
-            self._send_initial([])
+        if state is CallState.OPEN:
+            self._connection.send_response_headers(self._stream_id, [], self._reply_encoding)
         self._sent += 1
-        # From now on a server stream checks one flag per message: only the status clears it.
-        self._streaming_replies = self._server_streaming
+        # From now on a server stream checks one state per message: only its end changes it.
+        self._state = transition(replying, CallInput.STREAM) if self._server_streaming else replying
 
     def _end_now(self, status: Status, message: str) -> None:
-        """End the call with a status that cannot fail to encode, dropping what is queued."""
-        if self._closed_reason is not None:
+        """End the call at once with a status that cannot fail to encode (dropping what is
+        queued), unless it was cancelled; also after its own status failed to go out."""
+        if self._state is CallState.CANCELLED:
             return
-        self._status_sent()
+        self._state = CallState.ENDED
         self._connection.end_now(self._stream_id, status, message)
         self._protocol.flush_call_end()
 
     def _raise_too_large(self, data: bytes) -> None:
         raise GRPCError(Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {self._max_send})")
 
-    def _status_sent(self) -> None:
-        self._trailers_sent = True
-        self._streaming_replies = False
-
     def _raise_if_closed(self) -> None:
-        if self._closed_reason is not None:
+        if self._state is CallState.CANCELLED:
             raise GRPCError(Status.CANCELLED, f"the call is over: {self._closed_reason}")
 
     # -- called by the connection ----------------------------------------------------
@@ -351,8 +335,10 @@ class Stream(Generic[RecvT, SendT]):
             waiter.set_result(None)
 
     def _on_closed(self, reason: str) -> None:
-        if self._closed_reason is None:
+        """The call is over from outside its handler (reset, deadline, the connection's end)."""
+        if self._state is not CallState.ENDED and self._closed_reason is None:
             self._closed_reason = reason
+        self._state = transition(self._state, CallInput.CANCEL)
         self._wake()
 
     def _wake(self) -> None:
