@@ -120,7 +120,7 @@ if __name__ == "__main__":
     if IMPLEMENTATION == "grpcio" or os.environ.get("BENCH_LOOP") == "asyncio":
         asyncio.run(main(int(sys.argv[2])))  # grpc.aio drives its own core; asyncio's loop
     else:
-        # app_kit runs on uvloop when installed (app_kit.eventloop); grpclib gets the same.
-        from app_kit import eventloop
+        # app_kit runs on uvloop when installed (app_kit.aio.eventloop); grpclib gets the same.
+        from app_kit.aio import eventloop
 
         eventloop.run(main(int(sys.argv[2])))

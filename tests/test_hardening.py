@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import grpc
 import hpack
@@ -17,6 +18,7 @@ from .frames import (
     CONTINUATION,
     DATA,
     END_HEADERS,
+    END_STREAM,
     HANDSHAKE,
     HEADERS,
     PING,
@@ -121,6 +123,7 @@ async def server_process():  # type: ignore[no-untyped-def]
     ("kind", "count", "debug"),
     [
         ("rapid reset", 20000, b"flood"),
+        ("malformed requests", 20000, b"flood"),
         ("PING", 100000, b"too_many_pings"),
         ("SETTINGS", 50000, b"flood"),
         ("empty DATA", 100000, b"flood"),
@@ -246,3 +249,105 @@ async def test_incomplete_messages_are_capped_per_connection() -> None:
         async with grpc.aio.insecure_channel(target) as channel:  # the server serves on
             unary = channel.unary_unary("/test.Echo/Unary", BytesValue.SerializeToString, BytesValue.FromString)
             assert (await unary(BytesValue(value=b"still here"))).value == b"still here"
+
+
+async def test_a_flood_of_refused_streams_is_cut_off(server_process) -> None:  # type: ignore[no-untyped-def]
+    # 200,000 requests of 15 bytes (HPACK-indexed) to an unknown method, without reading: the
+    # server used to answer them all and queue the answers without bound. Streams over the
+    # concurrency limit are refused, and a refusal costs the peer's reset budget like a reset
+    # it sends ("MadeYouReset"): the connection is closed within the first reads.
+    pid = server_process.process.pid
+    encoder = hpack.Encoder()
+    block = b"".join(
+        frame(HEADERS, END_HEADERS | END_STREAM, 2 * n + 1, request_block(encoder, path="/x.y/z"))
+        for n in range(200000)
+    )
+    cpu_before, rss_before = process_cpu_seconds(pid), process_rss_bytes(pid)
+    async with RawPeer(server_process.port) as peer:
+        await peer.send(HANDSHAKE)
+        for start in range(0, len(block), 1 << 16):
+            if not await peer.send(block[start : start + (1 << 16)]):
+                break
+        await peer.wait_closed()
+    await asyncio.sleep(0.1)
+    assert [(g.error_code, g.additional_data) for g in peer.goaways] == [(ENHANCE_YOUR_CALM, b"flood")]
+    assert process_cpu_seconds(pid) - cpu_before < 0.5
+    assert process_rss_bytes(pid) - rss_before < 24 * MiB
+    await _sleeper_call_succeeds(server_process.port)
+
+
+async def test_a_peer_that_never_reads_is_no_longer_read_from() -> None:
+    # Requests answered at once (trailers-only), sent in batches the concurrency limit allows,
+    # by a peer that reads nothing: over max_connection_send_buffer of answers queued, the
+    # server stops reading it (and its requests wait in TCP) instead of answering on.
+    # (No refusals here: the concurrency limit is out of the way, the send buffer is small.)
+    config = Configuration(max_connection_send_buffer=64 * 1024, max_concurrent_streams=10**6)
+    async with asyncio.timeout(30):  # without the limit the peer is read on and on
+        async with running_server([EchoService()], config=config) as (server, target):
+            port = server.sockets[0].getsockname()[1]
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a peer that takes nothing
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            _, writer = await asyncio.open_connection(sock=sock)
+            encoder, stream_id, held_back = hpack.Encoder(), 1, False
+            writer.write(HANDSHAKE)
+            for _ in range(2000):
+                batch = []
+                for _ in range(200):
+                    batch.append(frame(HEADERS, END_HEADERS | END_STREAM, stream_id, request_block(encoder, "/x.y/z")))
+                    stream_id += 2
+                writer.write(b"".join(batch))
+                try:
+                    await asyncio.wait_for(writer.drain(), 0.5)
+                except TimeoutError:
+                    held_back = True
+                    break
+            (protocol,) = server._connections
+            assert held_back and protocol.transport is not None and not protocol.transport.is_reading()
+            assert protocol.transport.get_write_buffer_size() < 2 * config.max_connection_send_buffer
+            await _call_succeeds(target)  # everyone else is served meanwhile
+            writer.transport.abort()
+
+
+async def test_answers_do_not_echo_unbounded_peer_input() -> None:
+    async with running_server([EchoService()]) as (server, _):
+        from .h2client import RawClient
+
+        async with RawClient("127.0.0.1", server.sockets[0].getsockname()[1]) as client:
+            path = "/x." + "\u00e9" * 3000 + "/z"
+            response = await client.read_response(await client.request(path, b""))
+    assert response.grpc_status == 12
+    message = response.header(b"grpc-message")
+    assert message is not None and len(message) < 400, len(message or b"")
+    assert response.grpc_message is not None and response.grpc_message.startswith("Method not found: /x.")
+
+
+async def test_a_client_cancelling_its_own_calls_keeps_its_connection() -> None:
+    # Deadline-cancelled calls (each reset by the client once its handler runs) at 300 a second,
+    # mixed with long calls on one connection: far past the rapid-reset budget of 1000 resets in
+    # 10 s, yet every one of them cancels a call that was served, so none counts against it.
+    from app_kit import Channel, GRPCError, Status
+
+    from .test_client import methods
+
+    async with running_server([EchoService()]) as (_, target), Channel(*target.rsplit(":", 1)) as channel:
+        sleep = methods(channel)["Sleep"]
+        first = await channel._connection()
+        cancelled = 0
+
+        async def impatient() -> None:
+            nonlocal cancelled
+            for _ in range(300):
+                with pytest.raises(GRPCError) as info:
+                    await sleep(DoubleValue(value=1.0), timeout=0.02)
+                assert info.value.status is Status.DEADLINE_EXCEEDED
+                cancelled += 1
+
+        async def patient() -> None:
+            for _ in range(5):
+                assert (await sleep(DoubleValue(value=0.5), timeout=5)).value == 0.5
+
+        await asyncio.wait_for(asyncio.gather(*(impatient() for _ in range(6)), patient(), patient()), 30)
+        assert cancelled == 1800
+        assert channel._protocol is first and not first.is_closed  # the same connection throughout

@@ -23,7 +23,7 @@ from ..rpc.events import (
     StreamWritable,
 )
 from ..rpc.handlers import Handler, ServiceLike, collect_handlers
-from ..rpc.metadata import decode_metadata
+from ..rpc.metadata import decode_metadata, excerpt
 from ..rpc.server import ServerConnection
 from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
@@ -243,6 +243,8 @@ class ServerProtocol(ConnectionProtocol):
             elif kind is StreamClosed:
                 call = calls.get(event.stream_id)  # type: ignore[attr-defined]
                 if call is not None:
+                    if event.by_peer and call[0]._dispatched:  # type: ignore[attr-defined]
+                        self.connection.forgive_reset()  # a cancelled call, not a rapid reset
                     call[0]._on_closed(event.reason)  # type: ignore[attr-defined]
                     call[1].cancel()
             elif kind is GoAwayReceived:
@@ -258,12 +260,12 @@ class ServerProtocol(ConnectionProtocol):
         # The stream may be gone already: reset in the same read as its request.
         handler = self._server.mapping.get(head.path)
         if handler is None:
-            self.connection.end_now(stream_id, Status.UNIMPLEMENTED, f"Method not found: {head.path}")
+            self.connection.end_now(stream_id, Status.UNIMPLEMENTED, f"Method not found: {excerpt(head.path)}")
             return
         try:
             metadata = decode_metadata(head.headers)
         except ValueError as exc:
-            self.connection.end_now(stream_id, Status.INTERNAL, f"invalid request metadata: {exc}")
+            self.connection.end_now(stream_id, Status.INTERNAL, f"invalid request metadata: {excerpt(str(exc), 128)}")
             return
         server = self._server
         assert self._peer is not None
@@ -373,6 +375,7 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     message: str | None = None
     details = None
     deadline = stream.deadline
+    stream._dispatched = True
     try:
         if deadline is None:
             await handler.func(stream)

@@ -84,6 +84,7 @@ class Stream(Generic[RecvT, SendT]):
         "_codec",
         "_connection",
         "_decode",
+        "_dispatched",
         "_encode",
         "_handler",
         "_max_send",
@@ -153,6 +154,8 @@ class Stream(Generic[RecvT, SendT]):
         self._recv_done = False
         self._sent = 0
         self._state = CallState.OPEN
+        #: Its handler started running (a reset now is a cancellation, not a rapid reset).
+        self._dispatched = False
         #: Why a CANCELLED call ended (said to a handler that goes on using it).
         self._closed_reason: str | None = None
 

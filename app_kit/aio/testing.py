@@ -52,6 +52,9 @@ class _MemoryTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": (self._name, 0), "sockname": (self._name, 0)}.get(name, default)
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Nothing is buffered: every write is delivered at once."""
+
     def get_write_buffer_size(self) -> int:
         return 0
 

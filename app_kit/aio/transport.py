@@ -53,6 +53,8 @@ class ConnectionProtocol(asyncio.Protocol):
         # Not an isinstance check: uvloop's transports implement the interface without
         # subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        limit = self.connection.config.max_connection_send_buffer
+        self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self.connection.initiate()
         self.flush()
         self._handshake_handle = self.loop.call_later(self.connection.config.handshake_timeout, self._handshake_expired)
@@ -100,16 +102,21 @@ class ConnectionProtocol(asyncio.Protocol):
         self.on_connection_lost(exc)
 
     def pause_writing(self) -> None:
-        """The transport buffer is full: senders wait in :meth:`writable`."""
+        """The peer does not take what we send: senders wait in :meth:`writable`, and nothing
+        more is read from it (new work would only queue more answers) until it catches up."""
         self.write_paused = True
         if self._write_resumed is None or self._write_resumed.done():
             self._write_resumed = self.loop.create_future()
+        if self.transport is not None and not self._closed:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        """The transport buffer drained: release waiting senders."""
+        """The transport buffer drained: release waiting senders, read the peer again."""
         self.write_paused = False
         if self._write_resumed is not None and not self._write_resumed.done():
             self._write_resumed.set_result(None)
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
 
     # -- for the layer above ---------------------------------------------------------
 

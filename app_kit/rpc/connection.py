@@ -173,6 +173,9 @@ class GrpcConnection:
                 handler = handlers.get(type(event))
                 if handler is not None:
                     getattr(self, handler)(event, events)
+        except PeerMisbehaved as exc:  # over a budget because of what these frames made us do
+            self._h2.close_connection(exc.error_code, additional_data=exc.debug or None)
+            return self._connection_lost(exc.error_code, exc.reason)
         except Exception as exc:  # our bug, but the peer must not be able to crash the server
             log.exception("unexpected error handling peer events")
             self._h2.close_connection(_INTERNAL_ERROR)
@@ -276,7 +279,7 @@ class GrpcConnection:
             return
         self._release(state)
         code = int(event.error_code) if event.error_code is not None else 0
-        events.append(StreamClosed(event.stream_id, code, f"reset by peer (error code {code})"))
+        events.append(StreamClosed(event.stream_id, code, f"reset by peer (error code {code})", by_peer=True))
 
     def _on_window_updated(self, event: h2.events.WindowUpdated, events: list[Event]) -> None:
         if event.stream_id:
@@ -490,6 +493,15 @@ class GrpcConnection:
         stream = self._h2.streams.get(stream_id)
         if stream is not None and not stream.closed:
             self._h2.reset_stream(stream_id, _NO_ERROR)
+
+    def reset_for_peer_fault(self, stream_id: int, error_code: int) -> None:
+        """RST_STREAM for a request the peer got wrong; counted like a reset the peer sends."""
+        self._h2.reset_stream(stream_id, error_code)
+        self._guard.count_reset()
+
+    def forgive_reset(self) -> None:
+        """The peer's last reset cancelled a call that was served: see FrameGuard.forgive_reset."""
+        self._guard.forgive_reset()
 
     def cancel_stream(self, stream_id: int) -> None:
         """Abort a call with RST_STREAM CANCEL (the peer sees CANCELLED)."""

@@ -27,7 +27,7 @@ def parse_grpc_timeout(value: bytes) -> float:
     ``H M S m u n``; anything else raises :class:`ValueError`.
     """
     if not 2 <= len(value) <= _MAX_DIGITS + 1:
-        raise ValueError(f"invalid grpc-timeout {value!r}: 1 to 8 digits and a unit expected")
+        raise ValueError(f"invalid grpc-timeout {value[:12]!r}: 1 to 8 digits and a unit expected")
     unit = _UNIT_SECONDS.get(value[-1])
     digits = value[:-1]
     if unit is None or not digits.isdigit():

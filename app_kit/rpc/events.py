@@ -102,16 +102,17 @@ class EndOfStream(Event):
 class StreamClosed(Event):
     """The stream ended abnormally: reset by the peer, or aborted by the core.
 
-    ``error_code`` is the HTTP/2 error code of the RST_STREAM; ``reason`` says why, for logs.
-    Nothing more can be sent on the stream.
+    ``error_code`` is the HTTP/2 error code of the RST_STREAM; ``reason`` says why, for logs;
+    ``by_peer``: the peer sent the RST_STREAM. Nothing more can be sent on the stream.
     """
 
-    __slots__ = ("error_code", "reason", "stream_id")
+    __slots__ = ("by_peer", "error_code", "reason", "stream_id")
 
-    def __init__(self, stream_id: int, error_code: int, reason: str) -> None:
+    def __init__(self, stream_id: int, error_code: int, reason: str, *, by_peer: bool = False) -> None:
         self.stream_id = stream_id
         self.error_code = error_code
         self.reason = reason
+        self.by_peer = by_peer
 
 
 class StreamWritable(Event):

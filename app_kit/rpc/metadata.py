@@ -18,6 +18,7 @@ __all__ = [
     "decode_metadata",
     "encode_grpc_message",
     "encode_metadata",
+    "excerpt",
 ]
 
 #: Received metadata: lower-case keys; ``-bin`` values are bytes, all others str.
@@ -112,6 +113,14 @@ def encode_metadata(metadata: MetadataLike | None) -> list[tuple[bytes, bytes]]:
 
 # grpc-message carries UTF-8, percent-encoding every byte outside printable ASCII and '%'.
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != ord("%"))
+
+
+def excerpt(text: str, limit: int = 64) -> str:
+    """Peer-supplied text fit for a status message: escaped to ASCII, at most ``limit``
+    characters of it, so that an answer never echoes (and amplifies) what a peer sent."""
+    shown = text[:limit].encode("ascii", "backslashreplace").decode("ascii")
+    shown = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in shown)
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 
 def encode_grpc_message(message: str) -> bytes:

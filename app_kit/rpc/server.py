@@ -18,7 +18,7 @@ from .compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
 from .connection import GrpcConnection, StreamState
 from .deadline import parse_grpc_timeout
 from .events import Event, PingAcknowledged, RequestHead, RequestReceived, StreamClosed
-from .metadata import encode_grpc_message
+from .metadata import encode_grpc_message, excerpt
 from .status import Status
 
 __all__ = ["SHUTDOWN_PING", "ServerConnection"]
@@ -139,11 +139,11 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
         raise _Rejected(
             405,
             Status.UNIMPLEMENTED,
-            f"HTTP method {method.decode('latin-1')} not allowed: gRPC requires POST",
+            f"HTTP method {excerpt(method.decode('latin-1'))} not allowed: gRPC requires POST",
             ((b"allow", b"POST"),),
         )
     if not _is_grpc_content_type(content_type, content_subtype):
-        shown = "none" if content_type is None else content_type.decode("latin-1")
+        shown = "none" if content_type is None else excerpt(content_type.decode("latin-1"))
         raise _Rejected(415, Status.INTERNAL, f"unsupported content-type {shown}: application/grpc expected")
     seconds = None
     if timeout is not None:
@@ -158,7 +158,7 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
             raise _Rejected(
                 200,
                 Status.UNIMPLEMENTED,
-                f"grpc-encoding {recv_encoding} is not supported; accepted: gzip, identity",
+                f"grpc-encoding {excerpt(recv_encoding)} is not supported; accepted: gzip, identity",
                 ((b"grpc-accept-encoding", ACCEPT_ENCODING),),
             )
     accepted = frozenset(item.strip() for item in accept.decode("latin-1").split(",")) if accept else frozenset()
@@ -205,20 +205,21 @@ class ServerConnection(GrpcConnection):
     def _on_request(self, event: h2.events.RequestReceived, events: list[Event]) -> None:
         stream_id = event.stream_id
         if stream_id > self._last_stream_id:
-            # After our final GOAWAY: the client knows this stream was not processed.
+            # After our final GOAWAY: the client knows this stream was not processed (it sent it
+            # before it saw the GOAWAY: no fault of its own).
             self._h2.reset_stream(stream_id, _REFUSED_STREAM)
             return
         if len(self._streams) >= self.config.max_concurrent_streams:
             log.log(
                 logging.INFO, "refusing stream %d: max_concurrent_streams (%d) reached", stream_id, len(self._streams)
             )
-            self._h2.reset_stream(stream_id, _REFUSED_STREAM)
+            self.reset_for_peer_fault(stream_id, _REFUSED_STREAM)
             return
         try:
             head = self._parse(event.headers or [])
         except _Malformed as exc:
             log.log(logging.INFO, "malformed request on stream %d: %s", stream_id, exc)
-            self._h2.reset_stream(stream_id, _PROTOCOL_ERROR)
+            self.reset_for_peer_fault(stream_id, _PROTOCOL_ERROR)
             return
         except _Rejected as exc:
             headers = [

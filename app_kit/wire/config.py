@@ -26,6 +26,10 @@ class Configuration:
     #: Bytes one stream may have queued for sending before ``send_message`` waits for them
     #: to leave (bounds what a fast producer buffers when the peer or the socket is slow).
     max_send_buffer_size: int = 64 * 1024
+    #: Bytes queued for one peer (written, not yet taken by the socket) over which senders
+    #: wait and the peer is no longer read from, until the queue drains to a quarter of it: a
+    #: peer that sends requests without reading the answers holds itself back, not our memory.
+    max_connection_send_buffer: int = 1 * _MiB
     #: SETTINGS_MAX_CONCURRENT_STREAMS advertised to the peer; streams beyond it are refused
     #: with REFUSED_STREAM (safe for the peer to retry).
     max_concurrent_streams: int = 1000
@@ -91,6 +95,7 @@ class Configuration:
             "max_header_list_size",
             "max_send_buffer_size",
             "max_connection_receive_buffer",
+            "max_connection_send_buffer",
             "max_pings_per_window",
             "max_settings_per_window",
             "max_empty_frames_per_window",

@@ -201,6 +201,18 @@ class FrameGuard:
             self._count(_RESETS)
         return length
 
+    def count_reset(self) -> None:
+        """A stream reset the peer made us send (a refused or malformed request: "MadeYouReset",
+        CVE-2025-8671): it costs the same budget as one the peer sends."""
+        self._count(_RESETS)
+
+    def forgive_reset(self) -> None:
+        """A reset the peer sent was a cancellation of a call that was served (its handler ran):
+        it does not count towards the rapid-reset budget, which is for streams opened and
+        abandoned. Counted when its frame arrived, it is taken back now."""
+        if self._counts[_RESETS]:
+            self._counts[_RESETS] -= 1
+
     def _ping(self) -> None:
         licensed, active = self._ping_context()
         self._count(_PINGS)
