@@ -118,3 +118,24 @@ async def test_check_functions_ttl_timeout_and_errors() -> None:
         state["up"] = False
         assert (await asyncio.wait_for(watch.read(), 2)).status == NOT_SERVING
         watch.cancel()
+
+
+async def test_watchers_of_a_service_hear_of_a_check_added_later_once_it_ran() -> None:
+    runs = 0
+
+    async def ok() -> bool:
+        nonlocal runs
+        runs += 1
+        return True
+
+    health = Health()
+    async with running_server([health]) as (_, target), grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="late.Service"))
+        assert (await watch.read()).status == SERVICE_UNKNOWN
+        health.add_check("late.Service", ok, ttl=60)
+        # Straight to the check's result: no NOT_SERVING while the first run is under way.
+        assert (await asyncio.wait_for(watch.read(), 2)).status == SERVING
+        assert runs == 1
+        watch.cancel()
+        health.close()

@@ -196,7 +196,13 @@ class App(Generic[S]):
             if settings.reflection:
                 from ..services.reflection import Reflection
 
-                extra.extend(Reflection.for_services([*services, health]))
+                extra.extend(
+                    Reflection.for_services(
+                        [*services, health],
+                        max_requests_per_second=settings.reflection_max_requests_per_second or None,
+                        max_response_bytes_per_second=settings.reflection_max_response_bytes_per_second or None,
+                    )
+                )
             try:
                 server = Server([*services, *extra], config=settings.server_config())
             except (TypeError, ValueError) as exc:
@@ -204,10 +210,11 @@ class App(Generic[S]):
             names = sorted({path.split("/")[1] for path in server.mapping})
             for name in ["", *names]:
                 health.set_status(name, False)
-                if checks:
-                    health.add_check(
-                        name, _all_of(checks), ttl=settings.health_check_ttl, timeout=settings.health_check_timeout
-                    )
+            if checks:
+                # One check for the server and every service: it runs once per TTL for all of them.
+                health.add_check(
+                    ["", *names], _all_of(checks), ttl=settings.health_check_ttl, timeout=settings.health_check_timeout
+                )
             check_stop()
             try:
                 if settings.path is not None:

@@ -41,6 +41,10 @@ class AppSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     #: Serve gRPC server reflection (grpcurl, grpcui).
     reflection: bool = True
+    #: Per reflection stream: requests answered, and response bytes sent, per second (0: no limit).
+    #: The defaults are ``ReflectionV1``'s.
+    reflection_max_requests_per_second: float = 100.0
+    reflection_max_response_bytes_per_second: int = 1 * _MiB
     #: Resource health checks: how long a result is reused, and how long one may take.
     health_check_ttl: float = 5.0
     health_check_timeout: float = 2.0
@@ -57,6 +61,8 @@ class AppSettings(BaseSettings):
             raise ValueError("grace_period and drain_delay cannot be negative")
         if self.health_check_ttl < 0 or self.health_check_timeout <= 0:
             raise ValueError("health_check_ttl cannot be negative, health_check_timeout must be positive")
+        if self.reflection_max_requests_per_second < 0 or self.reflection_max_response_bytes_per_second < 0:
+            raise ValueError("reflection limits cannot be negative (0: no limit)")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be from 0 to 65535")
         return self

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 
 from ..aio.stream import Stream
 from ..protos.grpc.health.v1.health_grpc import HealthBase
@@ -18,7 +18,7 @@ from ..protos.grpc.health.v1.health_pb2 import (
 )
 from ..rpc.status import GRPCError, Status
 
-__all__ = ["Health", "HealthCheck", "ServingStatus"]
+__all__ = ["MIN_RECHECK_INTERVAL", "Health", "HealthCheck", "ServingStatus"]
 
 log = logging.getLogger("app_kit.health")
 
@@ -31,15 +31,45 @@ SERVICE_UNKNOWN = HealthCheckResponse.SERVICE_UNKNOWN
 #: An async check: True while the thing it checks (a database, a downstream service) works.
 HealthCheck = Callable[[], Awaitable[bool]]
 
+#: Seconds between two background runs of a watched check, however short its ``ttl`` (0 included).
+MIN_RECHECK_INTERVAL = 0.1
 
-@dataclass
+
+@dataclass(eq=False)
 class _Check:
+    """One check function, shared by every service whose status it decides."""
+
     func: HealthCheck
     ttl: float
     timeout: float
+    services: set[str] = field(default_factory=set)
     result: int = NOT_SERVING
     checked_at: float = float("-inf")
+    #: The run in progress, which every caller that needs a fresh result awaits.
     running: asyncio.Task[int] | None = None
+    #: Re-runs the check every ``ttl`` while one of its services is watched.
+    refresher: asyncio.Task[None] | None = None
+
+    def ran(self) -> bool:
+        return self.checked_at != float("-inf")
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.checked_at >= self.ttl
+
+    def describe(self) -> str:
+        names = sorted(self.services)
+        shown = ", ".join(repr(name) for name in names[:3])
+        return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+class _Watchers:
+    """The Watch streams of one service: woken together, only when its status changes."""
+
+    __slots__ = ("changed", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = asyncio.Event()
 
 
 class Health(HealthBase):
@@ -47,91 +77,179 @@ class Health(HealthBase):
 
     The status under ``""`` is the server's as a whole. A service's status is what
     :meth:`set_status` said, or, for a service with a check (:meth:`add_check`), the check's
-    result, computed at most once per ``ttl`` (a check that raises or overruns its
-    ``timeout`` means NOT_SERVING). :meth:`enter_graceful_shutdown` makes every status
-    NOT_SERVING for good. Watch streams send the status at once and after every change:
-    a slow watcher may skip intermediate states, never the latest one.
+    result (a check that raises or overruns its ``timeout`` means NOT_SERVING).
+    :meth:`enter_graceful_shutdown` makes every status NOT_SERVING for good.
+
+    A check runs at most once per ``ttl`` for the whole server, however many services it
+    decides and however many clients ask: Check and List calls reuse a result younger than
+    ``ttl`` and share a run in progress; while a service it decides is watched, one
+    background task re-runs it every ``ttl`` (at least :data:`MIN_RECHECK_INTERVAL` apart).
+    Watch streams send the status at once and then only when it changes; an unchanging
+    status costs them nothing. A slow watcher may skip intermediate states, never the
+    latest one.
     """
 
     def __init__(self) -> None:
         self._statuses: dict[str, int] = {}
         self._checks: dict[str, _Check] = {}
-        self._changed = asyncio.Event()
+        self._watchers: dict[str, _Watchers] = {}
         self._shutting_down = False
-        self._closed = asyncio.Event()
+        self._closed = False
 
     # -- the application's side --------------------------------------------------------
 
     def set_status(self, service: str, status: int | bool) -> None:
-        """Set ``service``'s status (``""``: the whole server); ignored after shutdown began."""
+        """Set ``service``'s status (``""``: the whole server); ignored after shutdown began.
+
+        For a service with a check, the check's result is what clients see.
+        """
         if self._shutting_down:
             return
         value = (SERVING if status else NOT_SERVING) if isinstance(status, bool) else int(status)
-        if self._statuses.get(service) != value:
-            self._statuses[service] = value
-            self._notify()
+        before = self._effective(service)
+        self._statuses[service] = value
+        if self._effective(service) != before:
+            self._notify(service)
 
-    def add_check(self, service: str, check: HealthCheck, *, ttl: float = 5.0, timeout: float = 2.0) -> None:
-        """Derive ``service``'s status from ``check``, run at most once per ``ttl`` seconds."""
-        self._checks[service] = _Check(check, ttl, timeout)
-        self._statuses.setdefault(service, NOT_SERVING)
-        self._notify()
+    def add_check(
+        self, service: str | Iterable[str], check: HealthCheck, *, ttl: float = 5.0, timeout: float = 2.0
+    ) -> None:
+        """Derive the status of ``service`` (a name, or several) from ``check``, run at most once per ``ttl``.
+
+        The services share one result: the check runs once per ``ttl`` for all of them. Adding
+        the same ``check`` (with the same ``ttl`` and ``timeout``) for another service shares it too.
+        """
+        names = [service] if isinstance(service, str) else list(service)
+        shared = next(
+            (c for c in self._checks.values() if c.func is check and c.ttl == ttl and c.timeout == timeout), None
+        )
+        if shared is None:
+            shared = _Check(check, ttl, timeout)
+        for name in names:
+            before = self._effective(name)
+            replaced = self._checks.get(name)
+            if replaced is not None and replaced is not shared:
+                replaced.services.discard(name)
+                self._stop_refresher_if_unwatched(replaced)
+            self._checks[name] = shared
+            shared.services.add(name)
+            self._statuses.setdefault(name, NOT_SERVING)
+            # Watchers hear of a check that never ran once it has (the refresher runs it at once).
+            if shared.ran() and self._effective(name) != before:
+                self._notify(name)
+        if self._is_watched(shared):
+            self._start_refresher(shared)
 
     def enter_graceful_shutdown(self) -> None:
         """Every service NOT_SERVING from now on; Watch streams are told at once."""
         if self._shutting_down:
             return
+        before = {service: self._effective(service) for service in self._watchers}
         self._shutting_down = True
         for service in self._statuses:
             self._statuses[service] = NOT_SERVING
-        self._notify()
+        for check in {id(c): c for c in self._checks.values()}.values():
+            self._stop_refresher(check)
+        for service, status in before.items():
+            if self._effective(service) != status:
+                self._notify(service)
 
     def close(self) -> None:
         """End every Watch stream (with status OK), so that the server can drain."""
         self.enter_graceful_shutdown()
-        self._closed.set()
-        self._notify()
+        self._closed = True
+        for service in list(self._watchers):
+            self._notify(service)
 
     async def status(self, service: str) -> int | None:
-        """The current status of ``service``, or None if it is unknown."""
+        """The current status of ``service``, or None if it is unknown.
+
+        For a service with a check whose result is older than its ``ttl``, the check is run
+        first (or the run in progress awaited).
+        """
+        if service not in self._statuses:
+            return None
+        check = self._checks.get(service)
+        if check is not None and not self._shutting_down and check.stale():
+            await self._fresh_result(check)
+        return self._effective(service)
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _effective(self, service: str) -> int | None:
+        """What clients are told now, without running anything."""
         if service not in self._statuses:
             return None
         if self._shutting_down:
             return NOT_SERVING
         check = self._checks.get(service)
-        if check is None:
-            return self._statuses[service]
-        if time.monotonic() - check.checked_at >= check.ttl:
-            if check.running is None:
-                check.running = asyncio.ensure_future(self._run_check(service, check))
-            # Shielded: one caller going away must not cancel the check others wait for.
-            await asyncio.shield(check.running)
-        return check.result
+        return check.result if check is not None else self._statuses[service]
 
-    async def _run_check(self, service: str, check: _Check) -> int:
+    async def _fresh_result(self, check: _Check) -> int:
+        if check.running is None:
+            check.running = asyncio.ensure_future(self._run_check(check))
+        # Shielded: one caller going away must not cancel the run others wait for.
+        return await asyncio.shield(check.running)
+
+    async def _run_check(self, check: _Check) -> int:
         try:
             async with asyncio.timeout(check.timeout):
                 healthy = await check.func()
             result = SERVING if healthy else NOT_SERVING
         except TimeoutError:
-            log.warning("health check of %r took longer than %ss", service, check.timeout)
+            log.warning("health check of %s took longer than %ss", check.describe(), check.timeout)
             result = NOT_SERVING
         except Exception:
-            log.warning("health check of %r failed", service, exc_info=True)
+            log.warning("health check of %s failed", check.describe(), exc_info=True)
             result = NOT_SERVING
         finally:
             check.running = None
+        first = not check.ran()
         check.checked_at = time.monotonic()
-        if result != check.result:
+        if result != check.result or first:
+            before = {service: self._effective(service) for service in check.services}
             check.result = result
-            self._statuses[service] = result
-            self._notify()
+            for service, status in before.items():
+                if first or self._effective(service) != status:
+                    self._notify(service)
         return result
 
-    def _notify(self) -> None:
-        # Wake every watcher; each compares with what it last sent.
-        self._changed.set()
-        self._changed = asyncio.Event()
+    async def _refresh(self, check: _Check) -> None:
+        """Keep a watched check's result fresh: one run per ``ttl``, whoever watches."""
+        interval = max(check.ttl, MIN_RECHECK_INTERVAL)
+        try:
+            while True:
+                delay = check.checked_at + interval - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                else:
+                    await self._fresh_result(check)
+        finally:
+            if check.refresher is asyncio.current_task():
+                check.refresher = None
+
+    def _start_refresher(self, check: _Check) -> None:
+        if check.refresher is None and not self._shutting_down:
+            check.refresher = asyncio.ensure_future(self._refresh(check))
+
+    def _stop_refresher(self, check: _Check) -> None:
+        if check.refresher is not None:
+            check.refresher.cancel()
+            check.refresher = None
+
+    def _stop_refresher_if_unwatched(self, check: _Check) -> None:
+        if not self._is_watched(check):
+            self._stop_refresher(check)
+
+    def _is_watched(self, check: _Check) -> bool:
+        return any(service in self._watchers for service in check.services)
+
+    def _notify(self, service: str) -> None:
+        # Wake the watchers of this service only; each compares with what it last sent.
+        watchers = self._watchers.get(service)
+        if watchers is not None:
+            watchers.changed.set()
+            watchers.changed = asyncio.Event()
 
     # -- the service ---------------------------------------------------------------------
 
@@ -141,7 +259,7 @@ class Health(HealthBase):
         assert request is not None
         status = await self.status(request.service)
         if status is None:
-            raise GRPCError(Status.NOT_FOUND, f"unknown service {request.service!r}")
+            raise GRPCError(Status.NOT_FOUND, f"unknown service {_shown(request.service)}")
         await stream.send_message(HealthCheckResponse(status=status))  # type: ignore[arg-type]
 
     async def List(self, stream: Stream[HealthListRequest, HealthListResponse]) -> None:
@@ -159,20 +277,39 @@ class Health(HealthBase):
         request = await stream.recv_message()
         assert request is not None
         service = request.service
-        sent: int | None = None
-        while True:
-            changed = self._changed
-            status = await self.status(service)
-            current = SERVICE_UNKNOWN if status is None else status
-            if current != sent:
-                await stream.send_message(HealthCheckResponse(status=current))  # type: ignore[arg-type]
-                sent = current
-            if self._closed.is_set():
-                return
+        watchers = self._watchers.get(service)
+        if watchers is None:
+            watchers = self._watchers[service] = _Watchers()
+        watchers.count += 1
+        try:
             check = self._checks.get(service)
-            try:
-                # A service with a check is re-checked when its result goes stale.
-                async with asyncio.timeout(check.ttl if check is not None and not self._shutting_down else None):
-                    await changed.wait()
-            except TimeoutError:
-                pass
+            if check is not None:
+                self._start_refresher(check)
+            status = await self.status(service)
+            sent = SERVICE_UNKNOWN if status is None else status
+            await stream.send_message(HealthCheckResponse(status=sent))  # type: ignore[arg-type]
+            while True:
+                changed = watchers.changed
+                status = self._effective(service)
+                current = SERVICE_UNKNOWN if status is None else status
+                if current != sent:
+                    await stream.send_message(HealthCheckResponse(status=current))  # type: ignore[arg-type]
+                    sent = current
+                    continue
+                if self._closed:
+                    return
+                await changed.wait()
+        finally:
+            watchers.count -= 1
+            if watchers.count == 0 and self._watchers.get(service) is watchers:
+                del self._watchers[service]
+                check = self._checks.get(service)
+                if check is not None:
+                    self._stop_refresher_if_unwatched(check)
+
+
+def _shown(name: str, limit: int = 100) -> str:
+    """``name`` quoted and escaped, cut to ``limit`` characters: safe to put in a status message."""
+    if len(name) <= limit:
+        return ascii(name)
+    return f"{name[:limit]!a}... ({len(name)} characters)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -18,9 +19,26 @@ from ..protos.grpc.reflection.v1alpha.reflection_grpc import ServerReflectionBas
 from ..rpc.handlers import ServiceLike
 from ..rpc.status import Status
 
-__all__ = ["DescriptorIndex", "Reflection", "ReflectionV1", "ReflectionV1Alpha"]
+__all__ = [
+    "DEFAULT_MAX_ECHO_LENGTH",
+    "DEFAULT_MAX_REQUESTS_PER_SECOND",
+    "DEFAULT_MAX_RESPONSE_BYTES_PER_SECOND",
+    "DescriptorIndex",
+    "Reflection",
+    "ReflectionV1",
+    "ReflectionV1Alpha",
+]
 
 _REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
+
+#: Largest request (serialized bytes) echoed back in ``original_request`` and ``valid_host``.
+DEFAULT_MAX_ECHO_LENGTH = 512
+#: Requests one ``ServerReflectionInfo`` stream may have answered per second (a burst of one second's worth).
+DEFAULT_MAX_REQUESTS_PER_SECOND = 100.0
+#: Response bytes one ``ServerReflectionInfo`` stream may be sent per second (a burst of one second's worth).
+DEFAULT_MAX_RESPONSE_BYTES_PER_SECOND = 1024 * 1024
+#: Characters of a name quoted in an error message.
+_MAX_NAME_IN_MESSAGE = 100
 
 
 class _NotFound(Exception):
@@ -33,6 +51,7 @@ class DescriptorIndex:
     def __init__(self, service_names: Iterable[str], pools: Sequence[descriptor_pool.DescriptorPool] = ()) -> None:
         self.service_names = sorted(set(service_names))
         self.pools = [*pools, descriptor_pool.Default(), protos.POOL]
+        self._serialized: dict[FileDescriptor, bytes] = {}
 
     def _first(self, lookup: str, name: Any) -> Any:
         for pool in self.pools:
@@ -84,38 +103,115 @@ class DescriptorIndex:
                 continue
         return sorted(numbers)
 
-    @staticmethod
-    def serialized_with_dependencies(file: FileDescriptor) -> list[bytes]:
-        """``file`` and every file it depends on, transitively, each once (``file`` first)."""
+    def serialized(self, file: FileDescriptor) -> bytes:
+        """``file`` as a serialized ``FileDescriptorProto`` (computed once per file)."""
+        data = self._serialized.get(file)
+        if data is None:
+            proto = descriptor_pb2.FileDescriptorProto()
+            file.CopyToProto(proto)
+            data = self._serialized[file] = proto.SerializeToString()
+        return data
+
+    def serialized_with_dependencies(self, file: FileDescriptor, sent: set[str] | None = None) -> list[bytes]:
+        """``file`` and every file it depends on, transitively, each once (``file`` first).
+
+        Files named in ``sent`` are left out, except ``file`` itself; the names of the files
+        returned are added to it (so one stream is sent each dependency once, as grpc-go does).
+        """
+        sent = set() if sent is None else sent
         result, seen, pending = [], set(), [file]
         while pending:
             current = pending.pop(0)
             if current.name in seen:
                 continue
             seen.add(current.name)
-            proto = descriptor_pb2.FileDescriptorProto()
-            current.CopyToProto(proto)
-            result.append(proto.SerializeToString())
+            if current is file or current.name not in sent:
+                result.append(self.serialized(current))
+                sent.add(current.name)
             pending.extend(current.dependencies)
         return result
 
 
+class _Budget:
+    """A token bucket: ``rate`` per second, holding at most one second's worth; in debt, wait it off."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.tokens = rate or 0.0
+        self.updated = asyncio.get_running_loop().time()
+
+    async def spend(self, amount: float) -> None:
+        if not self.rate:
+            return
+        now = asyncio.get_running_loop().time()
+        self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate) - amount
+        self.updated = now
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.rate)
+
+
+def _shown(name: str) -> str:
+    """``name`` quoted and escaped, cut short: safe and small in an error message."""
+    if len(name) <= _MAX_NAME_IN_MESSAGE:
+        return ascii(name)
+    return f"{name[:_MAX_NAME_IN_MESSAGE]!a}... ({len(name)} characters)"
+
+
 class _ReflectionMixin:
-    """The bidi ``ServerReflectionInfo`` over a :class:`DescriptorIndex`, for one proto version."""
+    """The bidi ``ServerReflectionInfo`` over a :class:`DescriptorIndex`, for one proto version.
+
+    Limits:
+
+    - ``max_echo_length``: a request of up to this many bytes is echoed in ``original_request``
+      (and its ``host`` in ``valid_host``); a larger one is not echoed at all, and names in
+      error messages are escaped and cut to 100 characters, so a reply never repeats a large input;
+    - ``max_requests_per_second``, ``max_response_bytes_per_second`` (``None``: no limit): past a
+      burst of one second's worth, each ``ServerReflectionInfo`` stream is answered no faster than
+      this (the next request is read only when the budget allows; nothing is refused, so normal
+      clients just wait).
+    """
 
     pb2: ModuleType
 
-    def __init__(self, index: DescriptorIndex) -> None:
+    def __init__(
+        self,
+        index: DescriptorIndex,
+        *,
+        max_echo_length: int = DEFAULT_MAX_ECHO_LENGTH,
+        max_requests_per_second: float | None = DEFAULT_MAX_REQUESTS_PER_SECOND,
+        max_response_bytes_per_second: float | None = DEFAULT_MAX_RESPONSE_BYTES_PER_SECOND,
+    ) -> None:
+        if max_echo_length < 0:
+            raise ValueError("max_echo_length cannot be negative")
+        for name, rate in (
+            ("max_requests_per_second", max_requests_per_second),
+            ("max_response_bytes_per_second", max_response_bytes_per_second),
+        ):
+            if rate is not None and rate <= 0:
+                raise ValueError(f"{name} must be positive (None: no limit)")
         self.index = index
+        self.max_echo_length = max_echo_length
+        self.max_requests_per_second = max_requests_per_second
+        self.max_response_bytes_per_second = max_response_bytes_per_second
 
     async def ServerReflectionInfo(self, stream: Stream[Any, Any]) -> None:
         """One response per request, in order, until the client ends the stream."""
+        requests = _Budget(self.max_requests_per_second)
+        response_bytes = _Budget(self.max_response_bytes_per_second)
+        sent_files: set[str] = set()
         async for request in stream:
-            await stream.send_message(self._answer(request))
+            await requests.spend(1)
+            response = self._answer(request, sent_files)
+            await response_bytes.spend(response.ByteSize())
+            await stream.send_message(response)
 
-    def _answer(self, request: Any) -> Any:
+    def _answer(self, request: Any, sent_files: set[str] | None = None) -> Any:
         pb2, index = self.pb2, self.index
-        response = pb2.ServerReflectionResponse(valid_host=request.host, original_request=request)
+        if request.ByteSize() <= self.max_echo_length:
+            response = pb2.ServerReflectionResponse(valid_host=request.host, original_request=request)
+        else:
+            response = pb2.ServerReflectionResponse()
+        sent = set() if sent_files is None else sent_files
         kind = request.WhichOneof("message_request")
         try:
             if kind == "list_services":
@@ -124,25 +220,32 @@ class _ReflectionMixin:
                 )
             elif kind == "file_by_filename":
                 file = index.file_by_name(request.file_by_filename)
-                response.file_descriptor_response.file_descriptor_proto.extend(index.serialized_with_dependencies(file))
+                response.file_descriptor_response.file_descriptor_proto.extend(
+                    index.serialized_with_dependencies(file, sent)
+                )
             elif kind == "file_containing_symbol":
                 file = index.file_containing_symbol(request.file_containing_symbol)
-                response.file_descriptor_response.file_descriptor_proto.extend(index.serialized_with_dependencies(file))
+                response.file_descriptor_response.file_descriptor_proto.extend(
+                    index.serialized_with_dependencies(file, sent)
+                )
             elif kind == "file_containing_extension":
                 wanted = request.file_containing_extension
                 file = index.extension(wanted.containing_type, wanted.extension_number)
-                response.file_descriptor_response.file_descriptor_proto.extend(index.serialized_with_dependencies(file))
+                response.file_descriptor_response.file_descriptor_proto.extend(
+                    index.serialized_with_dependencies(file, sent)
+                )
             elif kind == "all_extension_numbers_of_type":
                 name = request.all_extension_numbers_of_type
+                numbers = index.extension_numbers(name)
                 response.all_extension_numbers_response.base_type_name = name
-                response.all_extension_numbers_response.extension_number.extend(index.extension_numbers(name))
+                response.all_extension_numbers_response.extension_number.extend(numbers)
             else:
                 response.error_response.error_code = Status.UNIMPLEMENTED.value
                 response.error_response.error_message = f"unsupported request {kind or '(empty)'}"
         except _NotFound as missing:
             response.ClearField("message_response")
             response.error_response.error_code = Status.NOT_FOUND.value
-            response.error_response.error_message = f"not found: {missing.args[0]}"
+            response.error_response.error_message = f"not found: {_shown(str(missing.args[0]))}"
         return response
 
 
@@ -163,13 +266,23 @@ class Reflection:
 
     @staticmethod
     def for_services(
-        services: Iterable[ServiceLike], pools: Sequence[descriptor_pool.DescriptorPool] = ()
+        services: Iterable[ServiceLike],
+        pools: Sequence[descriptor_pool.DescriptorPool] = (),
+        *,
+        max_echo_length: int = DEFAULT_MAX_ECHO_LENGTH,
+        max_requests_per_second: float | None = DEFAULT_MAX_REQUESTS_PER_SECOND,
+        max_response_bytes_per_second: float | None = DEFAULT_MAX_RESPONSE_BYTES_PER_SECOND,
     ) -> list[ServiceLike]:
         """Both reflection services, describing ``services`` and themselves.
 
         ``pools`` adds descriptor pools to search besides protobuf's default one (for codecs
-        whose messages live elsewhere).
+        whose messages live elsewhere). The limits are :class:`ReflectionV1`'s, per stream.
         """
         names = {path.split("/")[1] for service in services for path in service.__mapping__()}
         index = DescriptorIndex([*names, *_REFLECTION_SERVICES], pools)
-        return [ReflectionV1(index), ReflectionV1Alpha(index)]
+        limits: dict[str, Any] = {
+            "max_echo_length": max_echo_length,
+            "max_requests_per_second": max_requests_per_second,
+            "max_response_bytes_per_second": max_response_bytes_per_second,
+        }
+        return [ReflectionV1(index, **limits), ReflectionV1Alpha(index, **limits)]
