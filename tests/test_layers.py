@@ -143,6 +143,7 @@ PROTOCOL_TESTS = [
     "tests/test_call_ends.py",
     "tests/test_relay.py",
     "tests/test_client.py",
+    "tests/test_header_limits.py",
 ]
 
 

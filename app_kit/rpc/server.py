@@ -6,6 +6,7 @@ import base64
 import logging
 import re
 from collections.abc import Sequence
+from itertools import chain
 from typing import ClassVar
 
 import h2.errors
@@ -62,6 +63,7 @@ _PLAIN_HEAD = ((b":status", b"200"), _CONTENT_TYPE_FIELD, _ACCEPT_ENCODING_FIELD
 _OK_TRAILERS = (_OK_FIELD,)
 _OK_TRAILERS_ONLY = ((b":status", b"200"), _CONTENT_TYPE_FIELD, _OK_FIELD)
 _REMEMBERED_HEADS = 32  # distinct request heads a connection keeps parsed
+_FIELD_OVERHEAD = 32  # RFC 9113 §6.5.2: each field counts its name, its value and 32 bytes
 
 
 class _Malformed(Exception):
@@ -77,12 +79,16 @@ class _Rejected(Exception):
         status: Status,
         message: str,
         extra: tuple[tuple[bytes, bytes], ...] = (),
+        *,
+        peer_fault: bool = False,
     ) -> None:
         super().__init__(message)
         self.http_status = http_status
         self.status = status
         self.message = message
         self.extra = extra
+        #: The peer broke a limit it was told of: counted like a reset we send because of it.
+        self.peer_fault = peer_fault
 
 
 def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) -> RequestHead:
@@ -222,6 +228,9 @@ class ServerConnection(GrpcConnection):
             self.reset_for_peer_fault(stream_id, _PROTOCOL_ERROR)
             return
         except _Rejected as exc:
+            if exc.peer_fault:
+                log.log(logging.INFO, "refusing stream %d: %s", stream_id, exc.message)
+                self._guard.count_reset()  # may end the connection: over max_resets_per_window
             headers = [
                 (b":status", str(exc.http_status).encode("ascii")),
                 _CONTENT_TYPE_FIELD,
@@ -242,10 +251,24 @@ class ServerConnection(GrpcConnection):
 
         A head is read-only once made, so calls with the same header fields share it. Heads
         with a timeout are not kept: their ``grpc-timeout`` differs from call to call.
+
+        A header list over ``max_header_list_size`` (SETTINGS_MAX_HEADER_LIST_SIZE, which RFC
+        9113 §10.5.1 calls advisory) is refused with RESOURCE_EXHAUSTED on its own stream, as
+        grpc-core does; the HPACK decoder took in the whole block (see ``new_h2_connection``),
+        so the connection and its other calls go on. A remembered head was within the limit.
         """
         key = tuple(headers)
         head = self._heads.get(key)
         if head is None:
+            size = sum(map(len, chain.from_iterable(headers))) + _FIELD_OVERHEAD * len(headers)
+            if size > self.config.max_header_list_size:
+                raise _Rejected(
+                    200,
+                    Status.RESOURCE_EXHAUSTED,
+                    f"request header list of {size} bytes is over the limit of "
+                    f"{self.config.max_header_list_size} (SETTINGS_MAX_HEADER_LIST_SIZE)",
+                    peer_fault=True,
+                )
             head = parse_request(headers, self._content_subtype)
             if head.timeout is None:
                 if len(self._heads) >= _REMEMBERED_HEADS:

@@ -43,8 +43,16 @@ class Configuration:
     initial_stream_window_size: int = 1 * _MiB
     #: The connection-level receive window, shared by all streams of a connection.
     initial_connection_window_size: int = 16 * _MiB
-    #: SETTINGS_MAX_HEADER_LIST_SIZE: the largest header block (metadata) accepted.
+    #: SETTINGS_MAX_HEADER_LIST_SIZE: the largest header list (metadata) accepted, counted as
+    #: RFC 9113 §6.5.2 and gRPC do (each field's name and value plus 32 bytes). A request over
+    #: it is refused on its own stream with RESOURCE_EXHAUSTED; the connection goes on.
     max_header_list_size: int = 16 * 1024
+    #: Hard cap on one header block, both as it arrives (HEADERS and CONTINUATION frames,
+    #: checked from their frame headers) and decoded. A block has to be decoded whole whatever
+    #: becomes of its stream, or HPACK's table falls out of step with the peer's (RFC 9113
+    #: §10.5.1), so past this cap the connection is closed with GOAWAY ENHANCE_YOUR_CALM. At
+    #: least ``max_header_list_size``.
+    max_header_block_size: int = 32 * 1024
     #: SETTINGS_MAX_FRAME_SIZE: the largest frame payload the peer may send us. Every frame
     #: costs h2 the same Python work whatever its size, so large messages want large frames:
     #: a 1 MiB echo with a grpcio client went from ~270 to ~500 calls/s going from the RFC's
@@ -93,6 +101,7 @@ class Configuration:
             "max_send_message_length",
             "max_concurrent_streams",
             "max_header_list_size",
+            "max_header_block_size",
             "max_send_buffer_size",
             "max_connection_receive_buffer",
             "max_connection_send_buffer",
@@ -104,6 +113,11 @@ class Configuration:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_header_block_size < self.max_header_list_size:
+            raise ValueError(
+                f"max_header_block_size ({self.max_header_block_size}) must be at least "
+                f"max_header_list_size ({self.max_header_list_size})"
+            )
         for name in ("initial_stream_window_size", "initial_connection_window_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 65535 <= value <= _MAX_WINDOW:

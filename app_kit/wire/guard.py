@@ -4,7 +4,7 @@ h2 validates every frame, but it accepts any number of PINGs, SETTINGS, RST_STRE
 empty frames, and it assembles a header block from CONTINUATION frames before anything
 checks its size. The guard sees each frame header as the bytes arrive (a few integer
 operations per frame), so a flood is cut off before h2 or the application does any work for
-it, and a header block is refused as soon as it grows past the limit.
+it, and a header block is refused as soon as it grows past ``max_header_block_size``.
 
 PINGs are judged by gRPC's keepalive enforcement (:class:`PingPolicy`) before any flood
 limit: gRPC clients and servers PING whenever they receive data (BDP estimation), so a
@@ -124,8 +124,9 @@ class FrameGuard:
         self._header = b""  # an incomplete frame header carried over from the last chunk
         self._skip = 0  # payload bytes of the current frame still to come
         self._block = -1  # size of the header block being assembled, or -1
-        # Compressed and decoded sizes differ; twice the list limit bounds the compressed block.
-        self._max_block = 2 * config.max_header_list_size
+        # The hard cap, on the compressed block here (h2_internals caps the decoded list); a list
+        # over max_header_list_size but within it only costs its stream (see rpc/server.py).
+        self._max_block = config.max_header_block_size
         self._max_frame = config.max_frame_size
         self._window = config.flood_window
         self._window_start = clock()
@@ -184,7 +185,9 @@ class FrameGuard:
                 self._count(_EMPTY_FRAMES)
             if self._block > self._max_block:
                 raise PeerMisbehaved(
-                    _ENHANCE_YOUR_CALM, f"header block over {self._max_block} bytes", b"header_block_too_large"
+                    _ENHANCE_YOUR_CALM,
+                    f"header block over {self._max_block} bytes (max_header_block_size)",
+                    b"header_block_too_large",
                 )
             if flags & _END_HEADERS:
                 self._block = -1

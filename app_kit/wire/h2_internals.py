@@ -283,7 +283,14 @@ def new_h2_connection(config: Configuration, *, client_side: bool) -> H2Connecti
         )
     )
     _compact_settings(connection.remote_settings)
-    connection.decoder = MemoizingHeaderDecoder(config.max_header_list_size)
+    # hpack enforces its list limit by raising in the middle of a block, with the entries before
+    # that point already in the dynamic table and those after it not: h2 can only end the
+    # connection then, every call on it with it. So a server decodes each request block whole
+    # up to the hard cap, keeping its table in step with the peer's encoder (RFC 9113 §10.5.1),
+    # and the gRPC layer refuses a list over the advertised limit on its own stream. A client
+    # keeps the advertised limit here: a response over it still ends the connection.
+    limit = config.max_header_list_size if client_side else config.max_header_block_size
+    connection.decoder = MemoizingHeaderDecoder(limit)
     for table in (connection.encoder.header_table, connection.decoder.header_table):
         table.dynamic_entries = _SmallDeque(table.dynamic_entries)  # type: ignore[assignment]
     connection.state_machine = GoAwayTolerantStateMachine()
@@ -300,11 +307,25 @@ class MemoizingHeaderDecoder(hpack.Decoder):
     that one. The table changes only by insertions, which put a new entry object first, and
     by evictions, which shorten it, so its newest entry (by identity), its length and its
     size limit tell the table apart from any other.
+
+    Its list limit (hpack's ``max_header_list_size``) is the one it was made with: h2 sets the
+    advertised SETTINGS_MAX_HEADER_LIST_SIZE there once the peer acknowledges our SETTINGS,
+    which would put the list limit back in hpack's hands (see :func:`new_h2_connection`).
     """
 
     def __init__(self, max_header_list_size: int) -> None:
+        self._limit = max_header_list_size
         super().__init__(max_header_list_size)
         self._remembered: dict[bytes, tuple[Any, int, int, tuple[Any, ...]]] = {}
+
+    @property
+    def max_header_list_size(self) -> int:
+        """The decoded size (RFC 9113 §6.5.2) past which hpack refuses a block."""
+        return self._limit
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, value: int) -> None:
+        pass  # h2 (on SETTINGS ACK) and hpack's __init__: the limit stays as constructed
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
         """The header list of a block (as hpack's :meth:`hpack.Decoder.decode`)."""
