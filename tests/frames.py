@@ -52,6 +52,10 @@ def flood(kind: str, count: int) -> bytes:
         for index in range(count):
             block = request_block(encoder, extra=[("X-Upper-Case", "1")])
             parts.append(frame(HEADERS, END_HEADERS | END_STREAM, 2 * index + 1, block))
+    elif kind == "unknown method":  # each answered at once; over the concurrency limit, refused
+        for index in range(count):
+            block = request_block(encoder, path="/x.y/z")
+            parts.append(frame(HEADERS, END_HEADERS | END_STREAM, 2 * index + 1, block))
     elif kind == "PING":
         parts += [frame(PING, 0, 0, index.to_bytes(8, "big")) for index in range(count)]
     elif kind == "SETTINGS":
@@ -136,3 +140,17 @@ def process_rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start measuring the peak RSS (VmHWM) of ``pid`` afresh (Linux: clear_refs 5)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as file:
+        file.write("5")
+
+
+def process_peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as file:
+        for line in file:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")

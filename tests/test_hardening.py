@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import zlib
 
 import grpc
 import hpack
@@ -29,8 +30,10 @@ from .frames import (
     flood,
     frame,
     process_cpu_seconds,
+    process_peak_rss_bytes,
     process_rss_bytes,
     request_block,
+    reset_peak_rss,
 )
 from .process import AppProcess
 from .services import EchoService
@@ -351,3 +354,38 @@ async def test_a_client_cancelling_its_own_calls_keeps_its_connection() -> None:
         await asyncio.wait_for(asyncio.gather(*(impatient() for _ in range(6)), patient(), patient()), 30)
         assert cancelled == 1800
         assert channel._protocol is first and not first.is_closed  # the same connection throughout
+
+
+def _gzip_bomb_request(encoder: hpack.Encoder, stream_id: int, messages: int) -> bytes:
+    """A request on /test.Sleeper/Hold: ``messages`` gzip messages of ~4 KiB that inflate to 4 MiB."""
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    payload = bomb.compress(BytesValue(value=bytes(4 * MiB - 16)).SerializeToString()) + bomb.flush()
+    block = request_block(encoder, path="/test.Sleeper/Hold", extra=[("grpc-encoding", "gzip")])
+    body = (b"\x01" + len(payload).to_bytes(4, "big") + payload) * messages
+    return frame(HEADERS, END_HEADERS, stream_id, block) + frame(DATA, END_STREAM, stream_id, body)
+
+
+@pytest.mark.parametrize(("streams", "per_stream"), [(60, 1), (1, 60)])
+async def test_gzip_bombs_are_inflated_on_demand_within_the_budget(
+    server_process, streams: int, per_stream: int
+) -> None:  # type: ignore[no-untyped-def]
+    # 60 messages of ~4 KiB inflating to 4 MiB each: on 60 calls at once, or queued on one call
+    # whose handler takes one every 0.5 s. Inflated as they arrived they cost ~244 MiB; inflated
+    # when a handler takes them, and counted against max_connection_receive_buffer (64 MiB) while
+    # its call holds them, the calls over the budget get RESOURCE_EXHAUSTED instead.
+    pid = server_process.process.pid
+    encoder = hpack.Encoder()
+    attack = HANDSHAKE + b"".join(_gzip_bomb_request(encoder, 2 * n + 1, per_stream) for n in range(streams))
+    reset_peak_rss(pid)
+    rss_before = process_rss_bytes(pid)
+    async with RawPeer(server_process.port) as peer:
+        await peer.send(attack)
+        await asyncio.sleep(1.5)
+        peak = process_peak_rss_bytes(pid) - rss_before
+        await _sleeper_call_succeeds(server_process.port)
+        assert not peer.goaways, peer.goaways  # the connection itself is fine
+        if streams > 1:  # each call answered: served, or over the budget
+            statuses = peer.trailer_statuses()
+            assert len(statuses) == streams and set(statuses.values()) == {b"0", b"8"}, statuses
+    print(f"gzip bombs {streams}x{per_stream}: peak RSS +{peak / MiB:.0f} MiB")
+    assert peak < 96 * MiB, f"peak RSS grew by {peak / MiB:.0f} MiB"

@@ -15,7 +15,7 @@ from .._version import __version__
 from ..rpc.client import ClientConnection, status_for_reset
 from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from ..rpc.compression import SUPPORTED_ENCODINGS
-from ..rpc.connection import StreamGone
+from ..rpc.connection import Compressed, MessageRejected, StreamGone
 from ..rpc.deadline import Deadline
 from ..rpc.events import (
     ConnectionClosed,
@@ -463,6 +463,13 @@ class ClientStream(Generic[SendT, RecvT]):
         if protocol is not None and self._stream_id is not None:
             if protocol.connection.acknowledge(self._stream_id, flow_size):
                 protocol.schedule_flush()
+            if type(data) is Compressed:
+                try:
+                    data = protocol.connection.inflate(self._stream_id, data)
+                except (MessageRejected, StreamGone) as exc:
+                    status = exc.status if isinstance(exc, MessageRejected) else Status.CANCELLED
+                    self._abort(status, str(exc))
+                    raise GRPCError(status, str(exc)) from None
         try:
             return self._channel.codec.decode(data, self._reply_type)
         except Exception:

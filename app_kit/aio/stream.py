@@ -10,7 +10,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..rpc.call_state import TERMINAL, CallInput, CallState, transition
 from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
-from ..rpc.connection import StreamGone
+from ..rpc.connection import Compressed, MessageRejected, StreamGone
 from ..rpc.deadline import Deadline
 from ..rpc.handlers import Handler
 from ..rpc.metadata import Metadata, MetadataLike, encode_metadata
@@ -208,11 +208,23 @@ class Stream(Generic[RecvT, SendT]):
             self._protocol.schedule_flush()
         if not self._client_streaming:
             self._recv_done = True
+        if type(data) is Compressed:
+            data = self._inflate(data)
         try:
             return self._decode(data, self._request_type)
         except Exception:
             name = getattr(self._request_type, "__name__", repr(self._request_type))
             raise GRPCError(Status.INTERNAL, f"could not decode the request message as {name}") from None
+
+    def _inflate(self, data: Compressed) -> bytes:
+        try:
+            return self._connection.inflate(self._stream_id, data)
+        except MessageRejected as exc:
+            self._end_now(exc.status, exc.message)  # the call ends here, whatever the handler does
+            raise GRPCError(exc.status, exc.message) from None
+        except StreamGone:
+            self._raise_if_closed()
+            raise GRPCError(Status.CANCELLED, "the call is over") from None
 
     # -- sending ---------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from .events import (
 from .framing import FramingError, MessageDecoder, MessageTooLarge
 from .status import Status
 
-__all__ = ["GrpcConnection", "StreamGone", "StreamState"]
+__all__ = ["Compressed", "GrpcConnection", "MessageRejected", "StreamGone", "StreamState"]
 
 log = logging.getLogger("app_kit.protocol")
 
@@ -57,6 +57,7 @@ class StreamState:
         "consumed",
         "decoder",
         "headers_sent",
+        "inflated",
         "local_closed",
         "over_limit",
         "partial",
@@ -82,6 +83,8 @@ class StreamState:
         self.consumed = 0
         #: Bytes of an incomplete message, as counted for the connection's cap.
         self.partial = 0
+        #: Bytes of the last message inflated for the application, as counted for the cap.
+        self.inflated = 0
         #: Outbound DATA not yet handed to h2: queued this loop turn, or waiting for window.
         self.pending = bytearray()
         #: A sender was told to wait until ``pending`` drains (StreamWritable then).
@@ -125,8 +128,10 @@ class GrpcConnection:
         self._h2 = new_h2_connection(config, client_side=client_side)
         self._streams: dict[int, StreamState] = {}
         self._max_send_buffer = config.max_send_buffer_size
-        # Bytes of incomplete messages buffered across all streams (see _on_data).
+        # Bytes of incomplete messages buffered across all streams (see _on_data), and of
+        # inflated messages the application holds (see inflate).
         self._partial_bytes = 0
+        self._inflated_bytes = 0
         self._max_partial_bytes = max(config.max_connection_receive_buffer, config.max_receive_message_length + 5)
         # Streams with DATA waiting for window, in the order they got blocked.
         self._blocked: dict[int, StreamState] = {}
@@ -236,30 +241,50 @@ class GrpcConnection:
             return
         immediate = leftover + flow - len(data)
         if messages:
-            for position in compressed:
-                payload, share = messages[position]
-                try:
-                    messages[position] = (self._decompress(state, payload), share)
-                except _DecodeFailure as failure:
-                    if position:  # delivered, though the abort gives all the window back
-                        events.append(MessagesReceived(stream_id, messages[:position]))
+            if compressed:
+                if state.recv_encoding is None:
                     state.unacked += flow
-                    self._abort(state, failure.status, failure.message, events)
+                    self._abort(state, Status.INTERNAL, "compressed message received without grpc-encoding", events)
                     return
+                # Inflated only when the application takes them (inflate()): until then they
+                # are the compressed bytes flow control bounds.
+                for position in compressed:
+                    payload, share = messages[position]
+                    messages[position] = (Compressed(payload), share)
             events.append(MessagesReceived(stream_id, messages))
             state.unacked += flow - immediate  # the shares of the messages just queued
         if immediate:
             self._h2.acknowledge_received_data(immediate, stream_id)
 
-    def _decompress(self, state: StreamState, payload: bytes) -> bytes:
-        if state.recv_encoding is None:
-            raise _DecodeFailure(Status.INTERNAL, "compressed message received without grpc-encoding")
+    def inflate(self, stream_id: int, payload: Compressed) -> bytes:
+        """Inflate a message the application takes from ``stream_id``, within the budgets.
+
+        At most ``max_receive_message_length`` comes out of one message. What comes out
+        counts, with the incomplete messages, against ``max_connection_receive_buffer`` until
+        the stream inflates its next message or ends: a handler holds what it took. Raises
+        :class:`MessageRejected` with the status the call ends with.
+        """
+        state = self._streams.get(stream_id)
+        if state is None:
+            raise StreamGone(stream_id)
+        assert state.recv_encoding is not None  # checked when the message arrived
+        self._inflated_bytes -= state.inflated
+        state.inflated = 0
+        room = self._max_partial_bytes - self._partial_bytes - self._inflated_bytes
+        limit = max(0, min(self.config.max_receive_message_length, room))
         try:
-            return decompress(state.recv_encoding, payload, self.config.max_receive_message_length)
-        except DecompressedTooLarge as exc:
-            raise _DecodeFailure(Status.RESOURCE_EXHAUSTED, str(exc)) from None
+            data = decompress(state.recv_encoding, payload, limit)
+        except DecompressedTooLarge:
+            if limit < self.config.max_receive_message_length:
+                message = f"inflated messages on the connection over max ({self._max_partial_bytes} bytes)"
+            else:
+                message = f"decompressed message larger than max ({limit} bytes)"
+            raise MessageRejected(Status.RESOURCE_EXHAUSTED, message) from None
         except DecompressionError as exc:
-            raise _DecodeFailure(Status.INTERNAL, str(exc)) from None
+            raise MessageRejected(Status.INTERNAL, str(exc)) from None
+        state.inflated = len(data)
+        self._inflated_bytes += state.inflated
+        return data
 
     def _on_stream_ended(self, event: h2.events.StreamEnded, events: list[Event]) -> None:
         state = self._streams.get(event.stream_id)
@@ -321,6 +346,7 @@ class GrpcConnection:
         stream_id = state.stream_id
         if self._streams.pop(stream_id, None) is not None:
             self._partial_bytes -= state.partial
+            self._inflated_bytes -= state.inflated
         self._blocked.pop(stream_id, None)
         self._dirty.pop(stream_id, None)
         self._consumed.pop(stream_id, None)
@@ -543,7 +569,16 @@ class GrpcConnection:
         return self._h2.take_output()
 
 
-class _DecodeFailure(Exception):
+class Compressed(bytes):
+    """A received message still compressed: :meth:`GrpcConnection.inflate` it to read it."""
+
+    __slots__ = ()
+
+
+class MessageRejected(Exception):
+    """A received message cannot be handed over; the call ends with ``status``."""
+
     def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
         self.status = status
         self.message = message

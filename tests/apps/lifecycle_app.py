@@ -10,7 +10,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
-from google.protobuf.wrappers_pb2 import DoubleValue
+from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value
 from pydantic import Field
 
 from app_kit import App, AppSettings, Cardinality, Handler, Stream
@@ -82,7 +82,16 @@ class Sleeper:
         self.journal = journal
 
     def __mapping__(self) -> dict[str, Handler]:
-        return {"/test.Sleeper/Sleep": Handler(self.sleep, Cardinality.UNARY_UNARY, DoubleValue, DoubleValue)}
+        return {
+            "/test.Sleeper/Sleep": Handler(self.sleep, Cardinality.UNARY_UNARY, DoubleValue, DoubleValue),
+            "/test.Sleeper/Hold": Handler(self.hold, Cardinality.STREAM_STREAM, BytesValue, Int64Value),
+        }
+
+    async def hold(self, stream: Stream[BytesValue, Int64Value]) -> None:
+        """Holds each request message for a while, then says how large it was."""
+        async for request in stream:
+            await asyncio.sleep(0.5)
+            await stream.send_message(Int64Value(value=len(request.value)))
 
     async def sleep(self, stream: Stream[DoubleValue, DoubleValue]) -> None:
         request = await stream.recv_message()
