@@ -12,6 +12,8 @@ import h2.events
 
 from app_kit.rpc.framing import frame_message
 
+from .frames import GOAWAY, frame
+
 
 class FakeConnection(asyncio.Protocol):
     def __init__(
@@ -23,6 +25,10 @@ class FakeConnection(asyncio.Protocol):
         # Like grpc-go's BDP estimation, only more eager: a PING for every DATA frame received.
         self.ping_on_data = ping_on_data
         self.pings_sent = 0
+        # What the client sent, per stream: its request headers, its DATA; and its resets.
+        self.request_headers: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.request_data: dict[int, bytearray] = {}
+        self.resets: list[tuple[int, int]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -31,7 +37,12 @@ class FakeConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.request_headers[event.stream_id] = list(event.headers or [])
+            elif isinstance(event, h2.events.StreamReset):
+                self.resets.append((event.stream_id, int(event.error_code or 0)))
             if isinstance(event, h2.events.DataReceived):
+                self.request_data.setdefault(event.stream_id, bytearray()).extend(event.data or b"")
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if self.ping_on_data:
                     self.conn.ping(self.pings_sent.to_bytes(8, "big"))
@@ -40,6 +51,17 @@ class FakeConnection(asyncio.Protocol):
                 self.log.append(event.stream_id)
                 self.script(self, event.stream_id, len(self.log))
         self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    def flush(self) -> None:
+        """Write what h2 queued (for replies sent outside :meth:`data_received`)."""
+        if not self.transport.is_closing():  # type: ignore[attr-defined]
+            self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    def send_goaway(self, last_stream_id: int) -> None:
+        """A graceful GOAWAY (NO_ERROR) built by hand: h2's ``close_connection`` would stop it
+        from answering the streams up to ``last_stream_id``, which the GOAWAY promises to finish."""
+        self.flush()
+        self.transport.write(frame(GOAWAY, 0, 0, last_stream_id.to_bytes(4, "big") + bytes(4)))  # type: ignore[attr-defined]
 
     def reply(self, stream_id: int, payload: bytes, status: int = 0) -> None:
         self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])

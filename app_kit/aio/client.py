@@ -256,9 +256,7 @@ class Channel:
         compression: str | None = None,
     ) -> ClientStream[Any, Any]:
         """A call to ``path``, used as ``async with channel.request(...) as stream``."""
-        if timeout is not None:
-            from_timeout = Deadline.from_timeout(timeout)
-            deadline = from_timeout if deadline is None or from_timeout < deadline else deadline
+        deadline = _earliest(timeout, deadline)
         return ClientStream(
             self,
             path,
@@ -269,6 +267,14 @@ class Channel:
             deadline=deadline,
             compression=compression if compression is not None else self.compression,
         )
+
+
+def _earliest(timeout: float | None, deadline: Deadline | None) -> Deadline | None:
+    """The sooner of ``timeout`` seconds from now and ``deadline``."""
+    if timeout is None:
+        return deadline
+    from_timeout = Deadline.from_timeout(timeout)
+    return from_timeout if deadline is None or from_timeout < deadline else deadline
 
 
 def _usable(protocol: ClientProtocol) -> bool:
@@ -597,11 +603,20 @@ class _Method(Generic[SendT, RecvT]):
             compression=compression,
         )
 
-    async def _with_retry(self, run: Callable[[ClientStream[SendT, RecvT]], Awaitable[Any]], **options: Any) -> Any:
+    async def _with_retry(
+        self,
+        run: Callable[[ClientStream[SendT, RecvT]], Awaitable[Any]],
+        *,
+        timeout: float | None,
+        deadline: Deadline | None,
+        **options: Any,
+    ) -> Any:
         # A call the server refused (REFUSED_STREAM) or never processed (above a GOAWAY's
-        # last-stream-id) is run once more, on a new connection if need be.
+        # last-stream-id) is run once more, on a new connection if need be. The deadline is the
+        # call's, fixed once: the retry gets what is left of it, not a new timeout.
+        deadline = _earliest(timeout, deadline)
         for attempt in (1, 2):
-            async with self.open(**options) as stream:
+            async with self.open(deadline=deadline, **options) as stream:
                 try:
                     return await run(stream)
                 except GRPCError:

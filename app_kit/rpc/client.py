@@ -171,6 +171,14 @@ class ClientConnection(GrpcConnection):
                 details = None
         self._end_response(state, Status(int(raw_status)), message, details, headers, events)
 
+    def _on_stream_ended(self, event: h2.events.StreamEnded, events: list[Event]) -> None:
+        # Trailers and trailers-only responses ended the call already (the stream is gone): this
+        # is END_STREAM on DATA, a response without trailers, so without a status (as grpc-go).
+        state = self._streams.get(event.stream_id)
+        if state is not None:
+            message = "the server closed the stream without sending trailers"
+            self._end_response(state, Status.INTERNAL, message, None, [], events)
+
     def _end_response(
         self,
         state: StreamState,
