@@ -9,7 +9,7 @@ import hpack
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 2, 3, 4, 6, 7, 8, 9
 END_STREAM, END_HEADERS = 0x1, 0x4
 
 
@@ -56,6 +56,14 @@ def flood(kind: str, count: int) -> bytes:
         for index in range(count):
             block = request_block(encoder, path="/x.y/z")
             parts.append(frame(HEADERS, END_HEADERS | END_STREAM, 2 * index + 1, block))
+    elif kind == "WINDOW_UPDATE":
+        parts += [frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big"))] * count
+    elif kind == "PRIORITY":
+        parts.append(frame(HEADERS, END_HEADERS, 1, request_block(encoder)))
+        parts += [frame(PRIORITY, 0, 1, b"\x00\x00\x00\x00\x10")] * count
+    elif kind == "padded empty DATA":  # 1 byte of padding each, no data
+        parts.append(frame(HEADERS, END_HEADERS, 1, request_block(encoder)))
+        parts += [frame(DATA, 0x8, 1, b"\x00")] * count
     elif kind == "PING":
         parts += [frame(PING, 0, 0, index.to_bytes(8, "big")) for index in range(count)]
     elif kind == "SETTINGS":

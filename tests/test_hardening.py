@@ -130,6 +130,9 @@ async def server_process():  # type: ignore[no-untyped-def]
         ("PING", 100000, b"too_many_pings"),
         ("SETTINGS", 50000, b"flood"),
         ("empty DATA", 100000, b"flood"),
+        ("WINDOW_UPDATE", 100000, b"flood"),
+        ("PRIORITY", 100000, b"flood"),
+        ("padded empty DATA", 100000, b"flood"),
     ],
 )
 async def test_floods_are_cut_off_cheaply(server_process, kind: str, count: int, debug: bytes) -> None:  # type: ignore[no-untyped-def]

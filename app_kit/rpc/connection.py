@@ -120,11 +120,13 @@ class GrpcConnection:
             clock,
             expect_preface=not client_side,
             ping_context=self._ping_context,
+            update_licensed=self._update_licensed,
             # gRPC's keepalive enforcement is a server's: servers PING clients that send data.
             ping_policy=PingPolicy(config) if not client_side else None,
         )
-        # How many of h2.frames_sent licensed a PING already.
+        # How many of h2.frames_sent licensed a PING already, and WINDOW_UPDATEs (two each).
         self._pings_licensed = 0
+        self._updates_licensed = 0
         self._h2 = new_h2_connection(config, client_side=client_side)
         self._streams: dict[int, StreamState] = {}
         self._max_send_buffer = config.max_send_buffer_size
@@ -195,6 +197,13 @@ class GrpcConnection:
         self._pings_licensed = used + licensed
         return licensed, bool(self._streams)
 
+    def _update_licensed(self) -> bool:
+        """For the guard, per WINDOW_UPDATE received: called for by our DATA (and HEADERS)?"""
+        used = max(self._updates_licensed, 2 * (self._h2.frames_sent - _PING_LICENCES))
+        licensed = 2 * self._h2.frames_sent > used
+        self._updates_licensed = used + licensed
+        return licensed
+
     def _connection_lost(self, error_code: int, reason: str) -> list[Event]:
         self.closed = True
         self._streams.clear()
@@ -213,6 +222,8 @@ class GrpcConnection:
                 self._h2.acknowledge_received_data(flow, stream_id)
             return
         data = event.data
+        if not data and flow and not event.stream_ended:
+            self._guard.count_empty()  # padding only: a frame that carries nothing
         decoder = state.decoder
         try:
             messages, compressed, leftover = decoder.feed(data)

@@ -22,7 +22,8 @@ __all__ = ["FrameGuard", "PeerMisbehaved", "PingPolicy"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x9
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PING = 0x0, 0x1, 0x2, 0x3, 0x4, 0x6
+_WINDOW_UPDATE, _CONTINUATION = 0x8, 0x9
 _END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
 _PROTOCOL_ERROR, _FRAME_SIZE_ERROR, _ENHANCE_YOUR_CALM = 0x1, 0x6, 0xB
 
@@ -87,7 +88,11 @@ class PingPolicy:
 class FrameGuard:
     """Tracks frame boundaries in the incoming byte stream and enforces the flood limits.
 
-    ``ping_context`` answers, for each PING received, whether one of our HEADERS or DATA
+    Frames that carry nothing for us — empty DATA, HEADERS and CONTINUATION, PRIORITY (which
+    gRPC never uses), and WINDOW_UPDATEs that no DATA frame of ours called for — share the
+    ``max_empty_frames_per_window`` budget. ``update_licensed`` answers, for each WINDOW_UPDATE,
+    whether our DATA licenses it (a peer may send two per DATA frame it gets: stream and
+    connection). ``ping_context`` answers, for each PING received, whether one of our HEADERS or DATA
     frames licenses it and whether calls are open (see :class:`PingPolicy`); ``ping_policy``
     None leaves out the strikes (gRPC enforces them on servers only).
     """
@@ -104,6 +109,7 @@ class FrameGuard:
         "_ping_policy",
         "_preface_left",
         "_skip",
+        "_update_licensed",
         "_window",
         "_window_start",
     )
@@ -115,10 +121,12 @@ class FrameGuard:
         *,
         expect_preface: bool,
         ping_context: Callable[[], tuple[bool, bool]] = lambda: (False, False),
+        update_licensed: Callable[[], bool] = lambda: False,
         ping_policy: PingPolicy | None = None,
     ) -> None:
         self._clock = clock
         self._ping_context = ping_context
+        self._update_licensed = update_licensed
         self._ping_policy = ping_policy
         self._preface_left = PREFACE if expect_preface else b""
         self._header = b""  # an incomplete frame header carried over from the last chunk
@@ -202,7 +210,16 @@ class FrameGuard:
                 raise PeerMisbehaved(_FRAME_SIZE_ERROR, "SETTINGS acknowledgement with a payload")
         elif kind == _RST_STREAM:
             self._count(_RESETS)
+        elif kind == _WINDOW_UPDATE:
+            if not self._update_licensed():
+                self._count(_EMPTY_FRAMES)
+        elif kind == _PRIORITY:
+            self._count(_EMPTY_FRAMES)
         return length
+
+    def count_empty(self) -> None:
+        """A frame that carried nothing, found out after parsing (DATA of padding only)."""
+        self._count(_EMPTY_FRAMES)
 
     def count_reset(self) -> None:
         """A stream reset the peer made us send (a refused or malformed request: "MadeYouReset",
