@@ -392,3 +392,24 @@ async def test_gzip_bombs_are_inflated_on_demand_within_the_budget(
             assert len(statuses) == streams and set(statuses.values()) == {b"0", b"8"}, statuses
     print(f"gzip bombs {streams}x{per_stream}: peak RSS +{peak / MiB:.0f} MiB")
     assert peak < 96 * MiB, f"peak RSS grew by {peak / MiB:.0f} MiB"
+
+
+async def test_rapid_reset_spread_over_many_connections_is_cut_off(server_process) -> None:  # type: ignore[no-untyped-def]
+    # 25 connections x 800 rapid resets: each under max_resets_per_window (1000), together far
+    # over max_resets_per_window_per_address (4000), which every connection from 127.0.0.1 shares.
+    pid = server_process.process.pid
+    cpu_before = process_cpu_seconds(pid)
+    peers = [RawPeer(server_process.port) for _ in range(25)]
+    for peer in peers:
+        await peer.__aenter__()
+    try:
+        for peer in peers:
+            await peer.send(flood("rapid reset", 800))
+        await asyncio.sleep(1.0)
+        cut = [peer for peer in peers if [g.additional_data for g in peer.goaways] == [b"flood"]]
+        await _sleeper_call_succeeds(server_process.port)  # a new connection is served meanwhile
+    finally:
+        for peer in peers:
+            await peer.__aexit__(None, None, None)
+    assert len(cut) >= 19, f"only {len(cut)} of 25 connections were cut off"
+    assert process_cpu_seconds(pid) - cpu_before < 2.5

@@ -27,6 +27,7 @@ from ..rpc.metadata import decode_metadata, excerpt
 from ..rpc.server import ServerConnection
 from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
+from ..wire.guard import AddressBudget
 from ..wire.logs import RateLimitedLogger
 from .stream import Peer, Stream
 from .transport import ConnectionProtocol
@@ -62,6 +63,8 @@ class Server:
         self._listener: asyncio.AbstractServer | None = None
         self._connections: set[ServerProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Reset budgets shared by the connections from one address (while any is open).
+        self._address_budgets: dict[str, AddressBudget] = {}
         self._closing = False
         self._grace_handle: asyncio.TimerHandle | None = None
         self._closed_event = asyncio.Event()
@@ -182,6 +185,20 @@ class Server:
         self._connections.discard(connection)
         self._check_closed()
 
+    def _address_budget(self, address: str) -> AddressBudget:
+        budget = self._address_budgets.get(address)
+        if budget is None:
+            budget = self._address_budgets[address] = AddressBudget()
+        budget.connections += 1
+        return budget
+
+    def _address_left(self, address: str) -> None:
+        budget = self._address_budgets.get(address)
+        if budget is not None:
+            budget.connections -= 1
+            if not budget.connections:
+                del self._address_budgets[address]
+
     def _task_started(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
 
@@ -205,11 +222,16 @@ class ServerProtocol(ConnectionProtocol):
         self._shutdown_handle: asyncio.TimerHandle | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
+        self._address: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._peer = Peer(transport)
         self._server._connection_opened(self)
+        address = self._peer.addr()
+        if isinstance(address, tuple) and address:  # TCP: resets also count per peer address
+            self._address = address[0]
+            self.connection.share_reset_budget(self._server._address_budget(self._address))
         idle_timeout = self.connection.config.idle_timeout
         if idle_timeout is not None:
             self._idle_since = self.loop.time()
@@ -222,6 +244,8 @@ class ServerProtocol(ConnectionProtocol):
         for stream, task in self._calls.values():
             stream._on_closed("the connection was lost")
             task.cancel()
+        if self._address is not None:
+            self._server._address_left(self._address)
         self._server._connection_closed(self)
 
     def handle_events(self, events: Sequence[Event]) -> None:

@@ -19,7 +19,7 @@ import h2.exceptions
 import h2.settings
 
 from ..wire.config import Configuration
-from ..wire.guard import FrameGuard, PeerMisbehaved, PingPolicy
+from ..wire.guard import AddressBudget, FrameGuard, PeerMisbehaved, PingPolicy
 from ..wire.h2_internals import is_compression_error, new_h2_connection
 from .compression import DecompressedTooLarge, DecompressionError, compress, decompress
 from .events import (
@@ -535,6 +535,10 @@ class GrpcConnection:
         """RST_STREAM for a request the peer got wrong; counted like a reset the peer sends."""
         self._h2.reset_stream(stream_id, error_code)
         self._guard.count_reset()
+
+    def share_reset_budget(self, budget: AddressBudget) -> None:
+        """Count this connection's resets in its peer address's ``budget`` too."""
+        self._guard.share_resets(budget)
 
     def forgive_reset(self) -> None:
         """The peer's last reset cancelled a call that was served: see FrameGuard.forgive_reset."""

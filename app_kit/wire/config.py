@@ -94,6 +94,9 @@ class Configuration:
     max_empty_frames_per_window: int = 1000
     #: RST_STREAM frames per window: the bound on the "rapid reset" attack (CVE-2023-44487).
     max_resets_per_window: int = 1000
+    #: The same, across every connection from one peer address (server side): an attacker
+    #: opening many connections stays under each one's limit, not under this one.
+    max_resets_per_window_per_address: int = 4000
 
     def __post_init__(self) -> None:
         for name in (
@@ -109,6 +112,7 @@ class Configuration:
             "max_settings_per_window",
             "max_empty_frames_per_window",
             "max_resets_per_window",
+            "max_resets_per_window_per_address",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

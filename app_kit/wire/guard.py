@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from .config import Configuration
 
-__all__ = ["FrameGuard", "PeerMisbehaved", "PingPolicy"]
+__all__ = ["AddressBudget", "FrameGuard", "PeerMisbehaved", "PingPolicy"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -85,6 +85,20 @@ class PingPolicy:
         return self._strikes > self.max_strikes
 
 
+class AddressBudget:
+    """Stream resets counted across every connection from one peer address: an attacker that
+    spreads a rapid reset over many connections stays under each one's limit, not under this
+    (``max_resets_per_window_per_address``). Shared by those connections' guards."""
+
+    __slots__ = ("connections", "count", "window_start")
+
+    def __init__(self) -> None:
+        #: Connections from the address that share it (it is dropped with the last).
+        self.connections = 0
+        self.count = 0
+        self.window_start = -math.inf
+
+
 class FrameGuard:
     """Tracks frame boundaries in the incoming byte stream and enforces the flood limits.
 
@@ -98,6 +112,8 @@ class FrameGuard:
     """
 
     __slots__ = (
+        "_address_budget",
+        "_address_limit",
         "_block",
         "_clock",
         "_counts",
@@ -125,6 +141,8 @@ class FrameGuard:
         ping_policy: PingPolicy | None = None,
     ) -> None:
         self._clock = clock
+        self._address_budget: AddressBudget | None = None
+        self._address_limit = config.max_resets_per_window_per_address
         self._ping_context = ping_context
         self._update_licensed = update_licensed
         self._ping_policy = ping_policy
@@ -232,6 +250,13 @@ class FrameGuard:
         abandoned. Counted when its frame arrived, it is taken back now."""
         if self._counts[_RESETS]:
             self._counts[_RESETS] -= 1
+        budget = self._address_budget
+        if budget is not None and budget.count:
+            budget.count -= 1
+
+    def share_resets(self, budget: AddressBudget) -> None:
+        """Count resets in ``budget`` too (every connection from the peer's address shares it)."""
+        self._address_budget = budget
 
     def _ping(self) -> None:
         licensed, active = self._ping_context()
@@ -244,6 +269,19 @@ class FrameGuard:
                 b"too_many_pings",
             )
 
+    def _count_address_reset(self, now: float) -> None:
+        budget = self._address_budget
+        assert budget is not None
+        if now - budget.window_start >= self._window:
+            budget.window_start, budget.count = now, 0
+        budget.count += 1
+        if budget.count > self._address_limit:
+            raise PeerMisbehaved(
+                _ENHANCE_YOUR_CALM,
+                f"more than {self._address_limit} stream resets in {self._window:g}s from this address",
+                b"flood",
+            )
+
     def _count(self, what: int) -> None:
         now = self._clock()
         counts = self._counts
@@ -251,6 +289,8 @@ class FrameGuard:
             self._window_start = now
             counts[:] = [0, 0, 0, 0]
         counts[what] += 1
+        if what == _RESETS and self._address_budget is not None:
+            self._count_address_reset(now)
         if counts[what] > self._limits[what]:
             debug = b"too_many_pings" if what == _PINGS else b"flood"
             raise PeerMisbehaved(
