@@ -483,3 +483,22 @@ async def test_a_call_ended_by_its_deadline_frees_its_slot_for_a_waiting_call() 
         assert refused == []
     finally:
         server.close()
+
+
+async def test_a_compressed_reply_with_its_trailers_in_the_same_read() -> None:
+    # The message is inflated when the call takes it, which is after the trailers (same read)
+    # ended the stream: it must still be read, not end the call CANCELLED.
+    import zlib
+
+    def gzip_reply(connection: FakeConnection, stream_id: int, number: int) -> None:
+        packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+        payload = packer.compress(BytesValue(value=b"squeezed" * 100).SerializeToString()) + packer.flush()
+        head = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-encoding", b"gzip")]
+        connection.conn.send_headers(stream_id, head)
+        connection.conn.send_data(stream_id, b"\x01" + len(payload).to_bytes(4, "big") + payload)
+        connection.conn.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
+
+    async with fake_server(gzip_reply) as (port, _), Channel("127.0.0.1", port) as channel:
+        unary = methods(channel)["Unary"]
+        for _ in range(3):
+            assert (await unary(BytesValue(), timeout=5)).value == b"squeezed" * 100

@@ -313,6 +313,9 @@ async def test_a_peer_that_never_reads_is_no_longer_read_from() -> None:
             assert held_back and protocol.transport is not None and not protocol.transport.is_reading()
             assert protocol.transport.get_write_buffer_size() < 2 * config.max_connection_send_buffer
             await _call_succeeds(target)  # everyone else is served meanwhile
+            # Shutdown is not held by it either: within grace + linger the connection is gone.
+            server.close(grace=0.2)
+            await asyncio.wait_for(server.wait_closed(), 0.2 + config.linger_timeout + 2)
             writer.transport.abort()
 
 

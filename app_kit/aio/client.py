@@ -469,13 +469,13 @@ class ClientStream(Generic[SendT, RecvT]):
         if protocol is not None and self._stream_id is not None:
             if protocol.connection.acknowledge(self._stream_id, flow_size):
                 protocol.schedule_flush()
-            if type(data) is Compressed:
-                try:
-                    data = protocol.connection.inflate(self._stream_id, data)
-                except (MessageRejected, StreamGone) as exc:
-                    status = exc.status if isinstance(exc, MessageRejected) else Status.CANCELLED
-                    self._abort(status, str(exc))
-                    raise GRPCError(status, str(exc)) from None
+        if type(data) is Compressed:
+            assert protocol is not None and self._stream_id is not None  # it came on the call's stream
+            try:
+                data = protocol.connection.inflate(self._stream_id, data)
+            except MessageRejected as exc:
+                self._abort(exc.status, exc.message)
+                raise GRPCError(exc.status, exc.message) from None
         try:
             return self._channel.codec.decode(data, self._reply_type)
         except Exception:

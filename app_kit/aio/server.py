@@ -212,6 +212,7 @@ class ServerProtocol(ConnectionProtocol):
     """One client connection: routes its requests to handlers, one task per call."""
 
     connection: ServerConnection
+    pause_reading_while_full = True
 
     def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(ServerConnection(server.config, content_subtype=server.codec.content_subtype), loop)

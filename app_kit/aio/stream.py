@@ -222,9 +222,6 @@ class Stream(Generic[RecvT, SendT]):
         except MessageRejected as exc:
             self._end_now(exc.status, exc.message)  # the call ends here, whatever the handler does
             raise GRPCError(exc.status, exc.message) from None
-        except StreamGone:
-            self._raise_if_closed()
-            raise GRPCError(Status.CANCELLED, "the call is over") from None
 
     # -- sending ---------------------------------------------------------------------
 

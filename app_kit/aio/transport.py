@@ -101,13 +101,18 @@ class ConnectionProtocol(asyncio.Protocol):
             self._write_resumed.set_result(None)
         self.on_connection_lost(exc)
 
+    #: Stop reading a peer that does not take what we send (servers: new requests would only
+    #: queue more answers). Not for clients: two peers that both stopped reading would wait
+    #: for each other for ever.
+    pause_reading_while_full = False
+
     def pause_writing(self) -> None:
-        """The peer does not take what we send: senders wait in :meth:`writable`, and nothing
-        more is read from it (new work would only queue more answers) until it catches up."""
+        """The peer does not take what we send: senders wait in :meth:`writable` (and, see
+        :attr:`pause_reading_while_full`, nothing more is read from it) until it catches up."""
         self.write_paused = True
         if self._write_resumed is None or self._write_resumed.done():
             self._write_resumed = self.loop.create_future()
-        if self.transport is not None and not self._closed:
+        if self.pause_reading_while_full and self.transport is not None and not self._closed:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -115,7 +120,7 @@ class ConnectionProtocol(asyncio.Protocol):
         self.write_paused = False
         if self._write_resumed is not None and not self._write_resumed.done():
             self._write_resumed.set_result(None)
-        if self.transport is not None and not self._closed:
+        if self.pause_reading_while_full and self.transport is not None and not self._closed:
             self.transport.resume_reading()
 
     # -- for the layer above ---------------------------------------------------------
@@ -196,7 +201,18 @@ class ConnectionProtocol(asyncio.Protocol):
             except OSError:  # the peer is gone already: nothing to linger for
                 transport.close()
                 return
-            self._linger_handle = self.loop.call_later(self.connection.config.linger_timeout, transport.close)
+            if self.write_paused and self.pause_reading_while_full:
+                transport.resume_reading()  # what the peer still sends is discarded, not left unread
+        else:
+            transport.close()  # TLS: it flushes what is queued first
+        self._linger_handle = self.loop.call_later(self.connection.config.linger_timeout, self._linger_over)
+
+    def _linger_over(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()  # a peer that does not read would hold close() for ever
         else:
             transport.close()
 

@@ -261,7 +261,7 @@ class GrpcConnection:
                 # are the compressed bytes flow control bounds.
                 for position in compressed:
                     payload, share = messages[position]
-                    messages[position] = (Compressed(payload), share)
+                    messages[position] = (Compressed(payload, state.recv_encoding), share)
             events.append(MessagesReceived(stream_id, messages))
             state.unacked += flow - immediate  # the shares of the messages just queued
         if immediate:
@@ -273,18 +273,19 @@ class GrpcConnection:
         At most ``max_receive_message_length`` comes out of one message. What comes out
         counts, with the incomplete messages, against ``max_connection_receive_buffer`` until
         the stream inflates its next message or ends: a handler holds what it took. Raises
-        :class:`MessageRejected` with the status the call ends with.
+        :class:`MessageRejected` with the status the call ends with. A stream that ended
+        meanwhile (a response's trailers came in the same read) holds nothing here any more:
+        its message is inflated within the message limit alone.
         """
+        limit = self.config.max_receive_message_length
         state = self._streams.get(stream_id)
-        if state is None:
-            raise StreamGone(stream_id)
-        assert state.recv_encoding is not None  # checked when the message arrived
-        self._inflated_bytes -= state.inflated
-        state.inflated = 0
-        room = self._max_partial_bytes - self._partial_bytes - self._inflated_bytes
-        limit = max(0, min(self.config.max_receive_message_length, room))
+        if state is not None:
+            self._inflated_bytes -= state.inflated
+            state.inflated = 0
+            room = self._max_partial_bytes - self._partial_bytes - self._inflated_bytes
+            limit = max(0, min(limit, room))
         try:
-            data = decompress(state.recv_encoding, payload, limit)
+            data = decompress(payload.encoding, payload, limit)
         except DecompressedTooLarge:
             if limit < self.config.max_receive_message_length:
                 message = f"inflated messages on the connection over max ({self._max_partial_bytes} bytes)"
@@ -293,8 +294,9 @@ class GrpcConnection:
             raise MessageRejected(Status.RESOURCE_EXHAUSTED, message) from None
         except DecompressionError as exc:
             raise MessageRejected(Status.INTERNAL, str(exc)) from None
-        state.inflated = len(data)
-        self._inflated_bytes += state.inflated
+        if state is not None:
+            state.inflated = len(data)
+            self._inflated_bytes += state.inflated
         return data
 
     def _on_stream_ended(self, event: h2.events.StreamEnded, events: list[Event]) -> None:
@@ -585,9 +587,16 @@ class GrpcConnection:
 
 
 class Compressed(bytes):
-    """A received message still compressed: :meth:`GrpcConnection.inflate` it to read it."""
+    """A received message still compressed (with ``encoding``): inflate it with
+    :meth:`GrpcConnection.inflate` when the application takes it."""
 
-    __slots__ = ()
+    encoding: str
+
+    def __new__(cls, payload: bytes, encoding: str) -> Compressed:
+        """``payload`` as sent, compressed with ``encoding``."""
+        message = super().__new__(cls, payload)
+        message.encoding = encoding
+        return message
 
 
 class MessageRejected(Exception):
