@@ -11,6 +11,8 @@ import logging
 from collections.abc import Sequence
 from typing import cast
 
+import h2.errors
+
 from ..rpc.connection import GrpcConnection
 from ..rpc.events import ConnectionClosed, Event
 
@@ -19,7 +21,7 @@ __all__ = ["ConnectionProtocol"]
 log = logging.getLogger("app_kit.transport")
 
 _KEEPALIVE_PING = b"keepaliv"
-_INTERNAL_ERROR = 0x2
+_INTERNAL_ERROR = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
 
 
 class ConnectionProtocol(asyncio.Protocol):

@@ -529,9 +529,14 @@ class GrpcConnection:
         Asks h2, not our own flag: END_STREAM may have arrived in the very batch of frames
         whose events are being handled, ahead of the StreamEnded event that tells us.
         """
-        stream = self._h2.streams.get(stream_id)
-        if stream is not None and not stream.closed:
+        if self._h2_open(stream_id):
             self._h2.reset_stream(stream_id, _NO_ERROR)
+
+    def _h2_open(self, stream_id: int) -> bool:
+        """Whether h2 still has the stream open: frames later in the read being handled may
+        have ended or reset it before its events reach us."""
+        stream = self._h2.streams.get(stream_id)
+        return stream is not None and not stream.closed
 
     def reset_for_peer_fault(self, stream_id: int, error_code: int) -> None:
         """RST_STREAM for a request the peer got wrong; counted like a reset the peer sends."""

@@ -238,8 +238,7 @@ class ServerConnection(GrpcConnection):
                 (b"grpc-message", encode_grpc_message(exc.message)),
                 *exc.extra,
             ]
-            stream = self._h2.streams.get(stream_id)
-            if stream is not None and not stream.closed:  # else reset in this very read
+            if self._h2_open(stream_id):  # else reset in this very read
                 self._h2.send_headers(stream_id, headers, end_stream=True)
                 self._stop_peer_sending(stream_id)
             return
@@ -348,8 +347,7 @@ class ServerConnection(GrpcConnection):
         state = self._streams.get(stream_id)
         if state is None:
             return False
-        stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.closed:
+        if not self._h2_open(stream_id):
             # Reset by the peer in the very read whose events are being handled.
             self._release(state)
             return False
