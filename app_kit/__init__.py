@@ -15,6 +15,7 @@ from ._version import __version__
 from .aio.server import Server
 from .aio.stream import Peer, Stream
 from .rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
+from .rpc.compression import Encoding, register_encoding, registered_encodings, unregister_encoding
 from .rpc.deadline import Deadline
 from .rpc.handlers import Cardinality, Handler, ServiceLike
 from .rpc.metadata import Metadata, MetadataLike
@@ -66,6 +67,7 @@ __all__ = [
     "CodecBase",
     "Configuration",
     "Deadline",
+    "Encoding",
     "GRPCError",
     "Handler",
     "Metadata",
@@ -80,4 +82,7 @@ __all__ = [
     "StatusDetailsCodecBase",
     "Stream",
     "__version__",
+    "register_encoding",
+    "registered_encodings",
+    "unregister_encoding",
 ]

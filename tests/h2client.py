@@ -47,10 +47,14 @@ class Response:
         return decode_grpc_message(value) if value is not None else None
 
     def messages(self) -> list[bytes]:
+        return [payload for _, payload in self.framed()]
+
+    def framed(self) -> list[tuple[int, bytes]]:
+        """Each message as sent: its compressed flag and its payload (still compressed)."""
         out, data = [], self.data
         while data:
             length = int.from_bytes(data[1:5], "big")
-            out.append(data[5 : 5 + length])
+            out.append((data[0], data[5 : 5 + length]))
             data = data[5 + length :]
         return out
 

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator
 
 import grpc
+import h2.events
 import pytest
 from google.protobuf import any_pb2
 from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value, StringValue
@@ -502,3 +503,46 @@ async def test_a_compressed_reply_with_its_trailers_in_the_same_read() -> None:
         unary = methods(channel)["Unary"]
         for _ in range(3):
             assert (await unary(BytesValue(), timeout=5)).value == b"squeezed" * 100
+
+
+async def test_a_request_over_the_send_buffer_with_end_is_not_reported_failed() -> None:
+    # A 70,000-byte request with end=True waits for its bytes to leave (over the 64 KiB send
+    # buffer); when the whole response comes back meanwhile, the call succeeded: the wait
+    # must end with it, not raise "the call is finished".
+    from .services import EchoService
+
+    request = BytesValue(value=b"x" * 70_000)
+    service = GrpcioEcho()
+    async with grpcio_server(service) as grpcio, running_server([EchoService()]) as (_, target):
+        for server_port in (grpcio.bound_port, int(target.rsplit(":", 1)[1])):
+            async with Channel("127.0.0.1", server_port) as channel:
+                unary = methods(channel)["Unary"]
+                replies = await asyncio.gather(*(unary(request, timeout=10) for _ in range(40)))
+                assert all(reply.value == request.value for reply in replies)
+                for _ in range(10):
+                    assert (await unary(request, timeout=10)).value == request.value
+
+
+async def test_a_call_answered_while_its_request_waits_for_window_succeeds() -> None:
+    # The server answers (OK, with trailers) as soon as it sees the request's headers, and
+    # grants window in the same write: the sender, still waiting for that window, wakes to
+    # a finished call. That call succeeded; send_message must not raise.
+    class AnswerAtOnce(FakeConnection):
+        def data_received(self, data: bytes) -> None:
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.reply(event.stream_id, BytesValue(value=b"early").SerializeToString())
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id in self.conn.streams:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: AnswerAtOnce(lambda *_: None, []), "127.0.0.1", 0)
+    try:
+        async with Channel("127.0.0.1", server.sockets[0].getsockname()[1]) as channel:
+            unary = methods(channel)["Unary"]
+            for _ in range(5):
+                reply = await unary(BytesValue(value=b"x" * 200_000), timeout=5)
+                assert reply.value == b"early"
+    finally:
+        server.close()

@@ -137,7 +137,7 @@ async def test_grpc_level_rejections() -> None:
         stream_id = await client.request("/test.Echo/Unary", payload, extra=[(b"grpc-encoding", b"br")])
         response = await client.read_response(stream_id)
         assert response.grpc_status == 12
-        assert response.header(b"grpc-accept-encoding") == b"gzip,identity"
+        assert response.header(b"grpc-accept-encoding") == b"gzip,deflate,identity"
         assert "gzip" in (response.grpc_message or "")
 
         # Compressed flag without grpc-encoding.

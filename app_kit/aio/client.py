@@ -14,7 +14,7 @@ import h2.errors
 from .._version import __version__
 from ..rpc.client import ClientConnection, status_for_reset
 from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
-from ..rpc.compression import SUPPORTED_ENCODINGS
+from ..rpc.compression import IDENTITY, get_encoding
 from ..rpc.connection import Compressed, MessageRejected, StreamGone
 from ..rpc.deadline import Deadline
 from ..rpc.events import (
@@ -131,7 +131,8 @@ class Channel:
 
     After the connection is lost or the server sent GOAWAY, the next call opens a new one.
     ``ssl=True`` uses a default TLS context; either way ALPN ``h2`` is required.
-    ``compression="gzip"`` compresses requests; compressed responses are always accepted.
+    ``compression="gzip"`` compresses requests (any registered encoding; a call can say
+    otherwise); responses in every registered encoding are accepted.
     """
 
     def __init__(
@@ -148,8 +149,7 @@ class Channel:
     ) -> None:
         if path is not None and (host is not None or port is not None):
             raise ValueError("path and host/port are mutually exclusive")
-        if compression is not None and compression not in SUPPORTED_ENCODINGS:
-            raise ValueError(f"unsupported compression {compression!r}")
+        compression = _request_encoding(compression)
         self._host = host if host is not None or path is not None else "127.0.0.1"
         self._port = port if port is not None else (None if path is not None else 50051)
         self._path = path
@@ -163,7 +163,8 @@ class Channel:
             status_details_codec = ProtoStatusDetailsCodec()
         self.status_details_codec = status_details_codec
         self.config = config if config is not None else Configuration()
-        self.compression = None if compression == "identity" else compression
+        #: The encoding of requests (None: uncompressed), unless a call says otherwise.
+        self.compression = compression
         self._protocol: ClientProtocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
@@ -265,8 +266,16 @@ class Channel:
             reply_type,
             metadata=encode_metadata(metadata),
             deadline=deadline,
-            compression=compression if compression is not None else self.compression,
+            compression=self.compression if compression is None else _request_encoding(compression),
         )
+
+
+def _request_encoding(name: str | None) -> str | None:
+    """A call's request encoding as sent (None: identity); ValueError if not registered."""
+    if name is None or name == IDENTITY:
+        return None
+    get_encoding(name)
+    return name
 
 
 def _earliest(timeout: float | None, deadline: Deadline | None) -> Deadline | None:
@@ -326,6 +335,8 @@ class ClientStream(Generic[SendT, RecvT]):
         self.initial_metadata: Metadata | None = None
         #: Trailers' metadata, once :meth:`recv_trailing_metadata` returned.
         self.trailing_metadata: Metadata | None = None
+        #: Whether the reply :meth:`recv_message` last returned arrived compressed.
+        self.last_message_compressed = False
 
     async def __aenter__(self) -> ClientStream[SendT, RecvT]:
         if self.deadline is not None:
@@ -338,6 +349,19 @@ class ClientStream(Generic[SendT, RecvT]):
             self._deadline_handle.cancel()
         if self._outcome is None:
             await self.cancel()
+
+    @property
+    def request_encoding(self) -> str:
+        """The encoding of this call's request messages (``"identity"``: uncompressed)."""
+        return self._compression or IDENTITY
+
+    @property
+    def response_encoding(self) -> str:
+        """The server's ``grpc-encoding`` for its replies, once the response headers came."""
+        for name, value in self._headers or ():
+            if name == b"grpc-encoding":
+                return value.decode("latin-1")
+        return IDENTITY
 
     @property
     def peer(self) -> Peer | None:
@@ -378,8 +402,11 @@ class ClientStream(Generic[SendT, RecvT]):
             connection.end_local(self._stream_id, [])
         protocol.schedule_flush()
 
-    async def send_message(self, message: SendT, *, end: bool = False) -> None:
-        """Send one request message; ``end=True`` half-closes the stream after it."""
+    async def send_message(self, message: SendT, *, end: bool = False, compress: bool = True) -> None:
+        """Send one request message; ``end=True`` half-closes the stream after it.
+
+        In a compressed call, ``compress=False`` sends this one message uncompressed.
+        """
         if self._send_ended:
             raise ProtocolError("the request stream was ended already")
         if self._sent and not self._cardinality.client_streaming:
@@ -395,7 +422,7 @@ class ClientStream(Generic[SendT, RecvT]):
         assert protocol is not None and self._stream_id is not None
         self._sent += 1
         try:
-            ready = protocol.connection.send_message(self._stream_id, data)
+            ready = protocol.connection.send_message(self._stream_id, data, compress)
             if end:
                 self._send_ended = True
                 protocol.connection.end_local(self._stream_id, [])
@@ -403,8 +430,10 @@ class ClientStream(Generic[SendT, RecvT]):
             self._raise_if_over()
             raise
         await protocol.drain(self._stream_id, ready)
-        if not ready:
-            self._raise_if_over()
+        if not ready and self._outcome is not None:
+            # The call ended while this message waited to leave: a failure is raised here; a
+            # success is the caller's to read (the whole response may have come meanwhile).
+            self._raise_outcome()
 
     async def end(self) -> None:
         """Half-close: no more request messages."""
@@ -469,6 +498,7 @@ class ClientStream(Generic[SendT, RecvT]):
         if protocol is not None and self._stream_id is not None:
             if protocol.connection.acknowledge(self._stream_id, flow_size):
                 protocol.schedule_flush()
+        self.last_message_compressed = type(data) is Compressed
         if type(data) is Compressed:
             assert protocol is not None and self._stream_id is not None  # it came on the call's stream
             try:

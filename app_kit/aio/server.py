@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
+from ..rpc.compression import IDENTITY, get_encoding
 from ..rpc.deadline import Deadline
 from ..rpc.events import (
     ConnectionClosed,
@@ -44,6 +45,11 @@ class Server:
     ``handlers`` are service objects (generated ``...Base`` subclasses, or anything with a
     ``__mapping__()``); ``codec`` defaults to :class:`~app_kit.ProtoCodec`, and
     ``status_details_codec`` to :class:`~app_kit.ProtoStatusDetailsCodec` with it.
+
+    ``compression`` is how replies are compressed unless a handler says otherwise
+    (:meth:`Stream.set_compression`): None answers in the encoding of the request, ``"identity"``
+    never compresses, an encoding name (``"gzip"``) compresses replies to every client that
+    lists it in ``grpc-accept-encoding``.
     """
 
     def __init__(
@@ -53,7 +59,12 @@ class Server:
         codec: CodecBase | None = None,
         status_details_codec: StatusDetailsCodecBase | None = None,
         config: Configuration | None = None,
+        compression: str | None = None,
     ) -> None:
+        if compression is not None and compression != IDENTITY:
+            get_encoding(compression)  # ValueError now, not at the first call
+        #: The default encoding of replies (see the class docstring).
+        self.compression = compression
         self.mapping: dict[str, Handler] = collect_handlers(handlers)
         self.codec = codec if codec is not None else ProtoCodec()
         if status_details_codec is None and isinstance(self.codec, ProtoCodec):
@@ -279,6 +290,13 @@ class ServerProtocol(ConnectionProtocol):
                 self.close_transport()
         self._close_if_done()
 
+    def _reply_encoding(self, request_encoding: str | None, accepted: frozenset[str]) -> str | None:
+        """How a call's replies are compressed before its handler says otherwise."""
+        default = self._server.compression
+        if default is None:
+            return request_encoding if request_encoding in accepted else None  # as the client wrote
+        return default if default in accepted else None
+
     def _start_call(self, event: RequestReceived) -> None:
         head = event.head
         stream_id = event.stream_id
@@ -305,8 +323,9 @@ class ServerProtocol(ConnectionProtocol):
             peer=self._peer,
             codec=server.codec,
             status_details_codec=server.status_details_codec,
-            # Compress replies the way the client compressed its request, if it accepts that.
-            reply_encoding=head.encoding if head.encoding in head.accept_encoding else None,
+            reply_encoding=self._reply_encoding(head.encoding, head.accept_encoding),
+            request_encoding=head.encoding,
+            accepted_encodings=head.accept_encoding,
         )
         task = self.loop.create_task(_serve_call(stream, handler))
         self._calls[stream_id] = (stream, task)

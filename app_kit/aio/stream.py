@@ -10,6 +10,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..rpc.call_state import TERMINAL, CallInput, CallState, transition
 from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
+from ..rpc.compression import IDENTITY, get_encoding
 from ..rpc.connection import Compressed, MessageRejected, StreamGone
 from ..rpc.deadline import Deadline
 from ..rpc.handlers import Handler
@@ -87,6 +88,7 @@ class Stream(Generic[RecvT, SendT]):
         "_dispatched",
         "_encode",
         "_handler",
+        "_last_compressed",
         "_max_send",
         "_messages_arrived",
         "_protocol",
@@ -101,10 +103,12 @@ class Stream(Generic[RecvT, SendT]):
         "_status_details_codec",
         "_stream_id",
         "_waiter",
+        "accepted_encodings",
         "deadline",
         "metadata",
         "method",
         "peer",
+        "request_encoding",
         "user_agent",
     )
 
@@ -122,6 +126,8 @@ class Stream(Generic[RecvT, SendT]):
         codec: CodecBase,
         status_details_codec: StatusDetailsCodecBase | None,
         reply_encoding: str | None,
+        request_encoding: str | None = None,
+        accepted_encodings: frozenset[str] = frozenset(),
     ) -> None:
         self._protocol = protocol
         self._connection = protocol.connection
@@ -148,6 +154,12 @@ class Stream(Generic[RecvT, SendT]):
         self.deadline = deadline
         #: The client's end of the connection.
         self.peer = peer
+        #: The ``grpc-encoding`` the client compresses its messages with (``"identity"``: none).
+        #: Each message may still come uncompressed: see :attr:`last_message_compressed`.
+        self.request_encoding = request_encoding or IDENTITY
+        #: The encodings the client reads (its ``grpc-accept-encoding``).
+        self.accepted_encodings = accepted_encodings
+        self._last_compressed = False
         self._queue: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._messages_arrived = 0
@@ -209,7 +221,10 @@ class Stream(Generic[RecvT, SendT]):
         if not self._client_streaming:
             self._recv_done = True
         if type(data) is Compressed:
+            self._last_compressed = True
             data = self._inflate(data)
+        else:
+            self._last_compressed = False
         try:
             return self._decode(data, self._request_type)
         except Exception:
@@ -223,7 +238,35 @@ class Stream(Generic[RecvT, SendT]):
             self._end_now(exc.status, exc.message)  # the call ends here, whatever the handler does
             raise GRPCError(exc.status, exc.message) from None
 
+    @property
+    def last_message_compressed(self) -> bool:
+        """Whether the request message last handed over arrived compressed (its flag on the wire)."""
+        return self._last_compressed
+
     # -- sending ---------------------------------------------------------------------
+
+    @property
+    def response_encoding(self) -> str:
+        """The encoding replies are compressed with (``"identity"``: none)."""
+        return self._reply_encoding or IDENTITY
+
+    def set_compression(self, encoding: str | None) -> str:
+        """Compress this call's replies with ``encoding`` (None or ``"identity"``: don't).
+
+        Only before the response headers go out (with the first reply, or
+        :meth:`send_initial_metadata`). An encoding the client did not list in its
+        ``grpc-accept-encoding`` is not used: replies then go uncompressed, as gRPC requires.
+        Returns the encoding in effect; raises :class:`ValueError` for an encoding that is not
+        registered. One message can still be sent uncompressed: ``send_message(m, compress=False)``.
+        """
+        if self._state is not CallState.OPEN:
+            transition(self._state, CallInput.SEND_HEADERS, self._closed_reason)  # raises: headers sent or call over
+        if encoding is None or encoding == IDENTITY:
+            self._reply_encoding = None
+        else:
+            get_encoding(encoding)
+            self._reply_encoding = encoding if encoding in self.accepted_encodings else None
+        return self.response_encoding
 
     async def send_initial_metadata(self, *, metadata: MetadataLike | None = None) -> None:
         """Send the response headers with ``metadata``, ahead of any message."""
@@ -233,15 +276,19 @@ class Stream(Generic[RecvT, SendT]):
         self._protocol.schedule_flush()
         await self._protocol.writable()
 
-    async def send_message(self, message: SendT) -> None:
-        """Send one reply message, waiting while the client's flow-control window is full."""
+    async def send_message(self, message: SendT, *, compress: bool = True) -> None:
+        """Send one reply message, waiting while the client's flow-control window is full.
+
+        In a compressed call (see :meth:`set_compression`), ``compress=False`` sends this
+        message uncompressed (grpcio's ``disable_next_message_compression``).
+        """
         data = self._encode(message, self._reply_type)
         if self._state is not CallState.STREAMING:
             self._before_reply(data)
         elif len(data) > self._max_send:
             self._raise_too_large(data)
         try:
-            ready = self._connection.send_message(self._stream_id, data)
+            ready = self._connection.send_message(self._stream_id, data, compress)
         except StreamGone:
             self._raise_if_closed()
             raise

@@ -204,7 +204,7 @@ class App(Generic[S]):
                     )
                 )
             try:
-                server = Server([*services, *extra], config=settings.server_config())
+                server = Server([*services, *extra], config=settings.server_config(), compression=settings.compression)
             except (TypeError, ValueError) as exc:
                 raise StartupError(f"cannot serve the services: {exc}") from exc
             names = sorted({path.split("/")[1] for path in server.mapping})

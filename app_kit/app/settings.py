@@ -9,6 +9,7 @@ from typing import Literal, TypeVar
 from pydantic import ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..rpc.compression import IDENTITY, is_supported, registered_encodings
 from ..wire.config import Configuration
 
 __all__ = ["AppSettings", "SettingsError", "load_settings"]
@@ -52,6 +53,10 @@ class AppSettings(BaseSettings):
     max_send_message_length: int = 4 * _MiB
     #: Bytes of incomplete messages one connection may hold (see :class:`Configuration`).
     max_connection_receive_buffer: int = 64 * _MiB
+    #: How replies are compressed unless a handler says otherwise: unset answers in the request's
+    #: encoding, ``identity`` never compresses, ``gzip`` (or any registered encoding)
+    #: compresses for every client that accepts it.
+    compression: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> AppSettings:
@@ -65,6 +70,9 @@ class AppSettings(BaseSettings):
             raise ValueError("reflection limits cannot be negative (0: no limit)")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be from 0 to 65535")
+        if self.compression is not None and not is_supported(self.compression):
+            known = ", ".join([*registered_encodings(), IDENTITY])
+            raise ValueError(f"compression {self.compression!r} is not a registered encoding ({known})")
         return self
 
     def server_config(self) -> Configuration:

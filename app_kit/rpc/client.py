@@ -10,7 +10,7 @@ import h2.errors
 import h2.events
 
 from ..wire.config import Configuration
-from .compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
+from .compression import accept_encoding, is_supported
 from .connection import GrpcConnection, StreamState
 from .deadline import encode_grpc_timeout
 from .events import Event, ResponseEnded, ResponseStarted, StreamClosed
@@ -101,7 +101,7 @@ class ClientConnection(GrpcConnection):
             (b"te", b"trailers"),
             (b"content-type", content_type),
             (b"user-agent", self._user_agent),
-            (b"grpc-accept-encoding", ACCEPT_ENCODING),
+            (b"grpc-accept-encoding", accept_encoding()),
         ]
         if timeout is not None:
             headers.append((b"grpc-timeout", encode_grpc_timeout(timeout).encode("ascii")))
@@ -137,7 +137,7 @@ class ClientConnection(GrpcConnection):
         encoding = fields.get(b"grpc-encoding")
         if encoding is not None and encoding != b"identity":
             name = encoding.decode("latin-1")
-            if name not in SUPPORTED_ENCODINGS:
+            if not is_supported(name):
                 self._end_response(state, Status.INTERNAL, f"unsupported grpc-encoding {name}", None, headers, events)
                 return
             state.recv_encoding = name

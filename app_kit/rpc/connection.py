@@ -294,6 +294,8 @@ class GrpcConnection:
             raise MessageRejected(Status.RESOURCE_EXHAUSTED, message) from None
         except DecompressionError as exc:
             raise MessageRejected(Status.INTERNAL, str(exc)) from None
+        except Exception as exc:  # a registered encoding's own failure: still this message's fault
+            raise MessageRejected(Status.INTERNAL, f"could not decompress {payload.encoding} message: {exc}") from None
         if state is not None:
             state.inflated = len(data)
             self._inflated_bytes += state.inflated
@@ -405,8 +407,11 @@ class GrpcConnection:
             return True
         return False
 
-    def send_message(self, stream_id: int, payload: bytes) -> bool:
+    def send_message(self, stream_id: int, payload: bytes, compress_message: bool = True) -> bool:
         """Queue one message for the next :meth:`flush_streams`; False: the sender should wait.
+
+        The message is compressed with the stream's send encoding, if it has one, unless
+        ``compress_message`` is False (then it goes out with the compressed flag clear).
 
         Messages queued in one loop turn leave together, packed into as few DATA frames as
         the frame size allows: streaming costs a few byte appends per message, not an h2
@@ -420,7 +425,7 @@ class GrpcConnection:
         if not pending:
             # Else the stream is queued already: for this turn's flush, or for window.
             self._dirty[stream_id] = state
-        if state.send_encoding is not None:
+        if state.send_encoding is not None and compress_message:
             payload = compress(state.send_encoding, payload)
             pending += _pack_prefix(1, len(payload))
         else:
@@ -481,7 +486,7 @@ class GrpcConnection:
         if state.pending_trailers is not None:
             trailers, state.pending_trailers = state.pending_trailers, None
             self._end_local_now(state, trailers)
-        elif state.over_limit:
+        if state.over_limit:  # also when the end went out behind the data: its sender waits
             state.over_limit = False
             events.append(StreamWritable(stream_id))
         return True

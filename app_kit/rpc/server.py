@@ -15,7 +15,7 @@ import h2.events
 from ..wire.config import Configuration
 from ..wire.header_block import HeaderBlockEncoder
 from ..wire.logs import RateLimitedLogger
-from .compression import ACCEPT_ENCODING, SUPPORTED_ENCODINGS
+from .compression import IDENTITY, accept_encoding, is_supported, registered_encodings
 from .connection import GrpcConnection, StreamState
 from .deadline import parse_grpc_timeout
 from .events import Event, PingAcknowledged, RequestHead, RequestReceived, StreamClosed
@@ -56,10 +56,9 @@ _COMMON_NAMES = frozenset(
 )
 _GRPC_CONTENT_TYPE = b"application/grpc"
 _CONTENT_TYPE_FIELD = (b"content-type", b"application/grpc")
-_ACCEPT_ENCODING_FIELD = (b"grpc-accept-encoding", ACCEPT_ENCODING)
 _OK_FIELD = (b"grpc-status", b"0")
-# The header lists of nearly every response, encoded once per connection (see header_block).
-_PLAIN_HEAD = ((b":status", b"200"), _CONTENT_TYPE_FIELD, _ACCEPT_ENCODING_FIELD)
+# The header lists of nearly every response, encoded once per connection (see header_block);
+# the plain response head also carries grpc-accept-encoding, made per connection.
 _OK_TRAILERS = (_OK_FIELD,)
 _OK_TRAILERS_ONLY = ((b":status", b"200"), _CONTENT_TYPE_FIELD, _OK_FIELD)
 _REMEMBERED_HEADS = 32  # distinct request heads a connection keeps parsed
@@ -160,12 +159,13 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
     recv_encoding = None
     if encoding is not None and encoding != b"identity":
         recv_encoding = encoding.decode("latin-1")
-        if recv_encoding not in SUPPORTED_ENCODINGS:
+        if not is_supported(recv_encoding):
+            known = ", ".join([*registered_encodings(), IDENTITY])
             raise _Rejected(
                 200,
                 Status.UNIMPLEMENTED,
-                f"grpc-encoding {excerpt(recv_encoding)} is not supported; accepted: gzip, identity",
-                ((b"grpc-accept-encoding", ACCEPT_ENCODING),),
+                f"grpc-encoding {excerpt(recv_encoding)} is not supported; accepted: {known}",
+                ((b"grpc-accept-encoding", accept_encoding()),),
             )
     accepted = frozenset(item.strip() for item in accept.decode("latin-1").split(",")) if accept else frozenset()
     return RequestHead(
@@ -198,7 +198,9 @@ class ServerConnection(GrpcConnection):
     def __init__(self, config: Configuration, *, content_subtype: str = "proto") -> None:
         super().__init__(config, client_side=False)
         # Ours encodes every block h2 or we send (one encoder per connection, as HPACK needs).
-        self._encoder = HeaderBlockEncoder(indexed=(_CONTENT_TYPE_FIELD, _ACCEPT_ENCODING_FIELD, _OK_FIELD))
+        accept_field = (b"grpc-accept-encoding", accept_encoding())  # the encodings registered now
+        self._plain_head = ((b":status", b"200"), _CONTENT_TYPE_FIELD, accept_field)
+        self._encoder = HeaderBlockEncoder(indexed=(_CONTENT_TYPE_FIELD, accept_field, _OK_FIELD))
         self._h2.use_encoder(self._encoder)
         self._content_subtype = content_subtype.encode("ascii")
         self._heads: dict[tuple[tuple[bytes, bytes], ...], RequestHead] = {}
@@ -291,9 +293,9 @@ class ServerConnection(GrpcConnection):
         """Send the response HEADERS (initial metadata); ``encoding`` compresses what follows."""
         state = self.stream_state(stream_id)
         if encoding is None and not metadata:
-            block = self._encoder.encode_cached(_PLAIN_HEAD)
+            block = self._encoder.encode_cached(self._plain_head)
         else:
-            headers = list(_PLAIN_HEAD)
+            headers = list(self._plain_head)
             if encoding is not None:
                 headers.append((b"grpc-encoding", encoding.encode("ascii")))
                 state.send_encoding = encoding
