@@ -1,4 +1,4 @@
-"""Regenerate the code of app_kit's own protos (health, reflection) and of the cafe example.
+"""Regenerate the code of app_kit's own protos (health, reflection) and of the examples.
 
 app_kit's own messages live in a private descriptor pool (``app_kit.protos.POOL``): the
 standard services' symbols (``grpc.health.v1.*``) are also registered by grpcio's packages,
@@ -58,6 +58,8 @@ def generate(root: pathlib.Path = ROOT, out_root: pathlib.Path | None = None) ->
         module.write_text(text)
     (out_root / "examples/cafe").mkdir(parents=True, exist_ok=True)
     protoc(root, out_root, ["examples/cafe/cafe.proto"])
+    (out_root / "examples/interop").mkdir(parents=True, exist_ok=True)
+    protoc(root, out_root, [f"examples/interop/{name}.proto" for name in ("empty", "messages", "testing")])
 
 
 if __name__ == "__main__":
