@@ -3,6 +3,7 @@
 from .aio.client import (
     Channel,
     ClientStream,
+    ReplyStream,
     StreamStreamMethod,
     StreamUnaryMethod,
     UnaryStreamMethod,
@@ -13,6 +14,7 @@ from .aio.client import (
 __all__ = [
     "Channel",
     "ClientStream",
+    "ReplyStream",
     "StreamStreamMethod",
     "StreamUnaryMethod",
     "UnaryStreamMethod",

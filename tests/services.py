@@ -71,6 +71,10 @@ class EchoService:
                 field_violations=[error_details_pb2.BadRequest.FieldViolation(field="value", description="bad")]
             )
             raise GRPCError(Status.NOT_FOUND, "no such thing: ünïcode 100%", [detail])
+        if how == "grpc-with-trailers":
+            raise GRPCError(
+                Status.FAILED_PRECONDITION, "stale", trailing_metadata={"x-retry-after": "5", "x-why-bin": b"\x00"}
+            )
         if how == "unimplemented":
             raise NotImplementedError
         if how == "crash":

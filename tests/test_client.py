@@ -546,3 +546,82 @@ async def test_a_call_answered_while_its_request_waits_for_window_succeeds() -> 
                 assert reply.value == b"early"
     finally:
         server.close()
+
+
+async def test_close_during_connect_does_not_leak_the_new_connection() -> None:
+    from .services import EchoService
+
+    async with running_server([EchoService()]) as (server, target):
+        channel = Channel("127.0.0.1", int(target.rsplit(":", 1)[1]))
+        opened = asyncio.Event()
+        real_open = channel._open_transport
+
+        async def slow_open(factory):  # type: ignore[no-untyped-def]
+            # The connect is under way (the server accepts it) when close() is called.
+            protocol = await real_open(factory)
+            opened.set()
+            await asyncio.sleep(0.1)
+            return protocol
+
+        channel._open_transport = slow_open  # type: ignore[method-assign]
+        call = asyncio.ensure_future(methods(channel)["Unary"](BytesValue(value=b"x"), timeout=5))
+        await opened.wait()
+        channel.close()
+        with pytest.raises(GRPCError) as info:
+            await call
+        assert info.value.status is Status.UNAVAILABLE
+        for _ in range(100):  # the server sees the connection go
+            if not server._connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not server._connections
+
+
+async def test_grpc_error_carries_trailing_metadata_both_ways() -> None:
+    # A handler raises GRPCError with trailing metadata: grpcio's client and ours see it,
+    # ours on the GRPCError it raises.
+    from .services import EchoService
+
+    async with running_server([EchoService()]) as (_, target):
+        async with Channel("127.0.0.1", int(target.rsplit(":", 1)[1])) as channel:
+            with pytest.raises(GRPCError) as info:
+                await methods(channel)["Fail"](StringValue(value="grpc-with-trailers"))
+        assert info.value.status is Status.FAILED_PRECONDITION and info.value.message == "stale"
+        trailers = info.value.trailing_metadata
+        assert trailers is not None and trailers["x-retry-after"] == "5" and trailers["x-why-bin"] == b"\x00"
+        assert repr(info.value) == "GRPCError(Status.FAILED_PRECONDITION, 'stale', None)"
+        async with grpc.aio.insecure_channel(target) as grpcio_channel:
+            fail = grpcio_channel.unary_unary(
+                "/test.Echo/Fail",
+                request_serializer=StringValue.SerializeToString,
+                response_deserializer=StringValue.FromString,
+            )
+            call = fail(StringValue(value="grpc-with-trailers"))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call
+            assert ("x-retry-after", "5") in list(await call.trailing_metadata())
+
+
+async def test_standard_error_details_decode_without_importing_their_module() -> None:
+    # A fresh interpreter decodes a BadRequest detail that it never imported the type of.
+    import subprocess
+    import sys
+
+    from app_kit.rpc.codecs import ProtoStatusDetailsCodec
+
+    data = ProtoStatusDetailsCodec().encode(
+        Status.INVALID_ARGUMENT,
+        "bad",
+        [error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(field="f")])],
+    )
+    script = (
+        "import sys\n"
+        "from app_kit.rpc.codecs import ProtoStatusDetailsCodec\n"
+        "from app_kit import Status\n"
+        "assert 'google.rpc.error_details_pb2' not in sys.modules\n"
+        f"(detail,) = ProtoStatusDetailsCodec().decode(Status.INVALID_ARGUMENT, 'bad', {data!r})\n"
+        "print(type(detail).__name__, detail.field_violations[0].field)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["BadRequest", "f"]

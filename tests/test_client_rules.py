@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import h2.errors
+import h2.events
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value
 
@@ -294,3 +295,50 @@ async def test_a_response_ending_without_trailers_fails_at_once() -> None:
             assert loop.time() - started < 1.0
         assert (await bounded(m["Unary"](BytesValue(), timeout=2), 5, "the call did not end")).value == b"fine"
         assert channel._protocol is not None and channel._protocol.connection.open_streams == 0
+
+
+async def test_a_request_ends_with_its_last_data_frame_not_an_empty_one() -> None:
+    # A unary request is HEADERS + DATA(END_STREAM): no third, empty DATA frame to end it. A
+    # request larger than a frame ends with its last piece.
+    frames: list[tuple[int, int, bool]] = []
+
+    class Recording(FakeConnection):
+        def data_received(self, data: bytes) -> None:
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    frames.append((event.stream_id, len(event.data or b""), event.stream_ended is not None))
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if isinstance(event, h2.events.StreamEnded):
+                    self.reply(event.stream_id, BytesValue().SerializeToString())
+            self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Recording(lambda *_: None, []), "127.0.0.1", 0)
+    try:
+        async with Channel("127.0.0.1", server.sockets[0].getsockname()[1]) as channel:
+            unary = methods(channel)["Unary"]
+            await unary(BytesValue(value=b"small"), timeout=5)
+            [(_, size, ended)] = frames
+            assert ended and size > 0
+            frames.clear()
+            await unary(BytesValue(value=b"x" * 100_000), timeout=5)  # over the 16 KiB frame size
+            assert len(frames) > 1 and all(size > 0 for _, size, _ in frames)
+            assert [ended for _, _, ended in frames] == [False] * (len(frames) - 1) + [True]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"), [(b"17", "17"), (b"99999999999999999999", "99999999999999999999"), (b"x", "'x'")]
+)
+async def test_a_status_code_outside_the_known_ones_is_unknown_keeping_code_and_message(raw: bytes, shown: str) -> None:
+    def reply(connection: FakeConnection, stream_id: int, number: int) -> None:
+        connection.conn.send_headers(stream_id, RESPONSE_HEADERS)
+        trailers = [(b"grpc-status", raw), (b"grpc-message", b"from a newer server")]
+        connection.conn.send_headers(stream_id, trailers, end_stream=True)
+
+    async with fake_server(reply) as (port, _), Channel("127.0.0.1", port) as channel:
+        with pytest.raises(GRPCError) as info:
+            await methods(channel)["Unary"](BytesValue(), timeout=5)
+    assert info.value.status is Status.UNKNOWN
+    assert info.value.message == f"grpc-status {shown} from the server: from a newer server"

@@ -244,7 +244,7 @@ async def test_the_servers_default_reply_encoding(
         await server.wait_closed()
 
 
-def test_the_default_reply_encoding_is_checked_when_configured() -> None:
+async def test_the_default_reply_encoding_is_checked_when_configured() -> None:
     with pytest.raises(ValueError, match="unsupported encoding 'brotli'"):
         Server([], compression="brotli")
     with pytest.raises(SettingsError, match="compression 'brotli' is not a registered encoding"):
@@ -347,7 +347,7 @@ async def test_an_unknown_request_encoding_is_unimplemented_with_the_accepted_li
     assert response.grpc_message == "grpc-encoding br is not supported; accepted: gzip, deflate, xz, identity"
 
 
-def test_encoding_names_are_tokens() -> None:
+async def test_encoding_names_are_tokens() -> None:
     noop = Encoding("x", bytes, lambda data, limit: data)
     for name in ("", "Gzip", "a,b", " x", "identity"):
         with pytest.raises(ValueError):

@@ -158,7 +158,10 @@ class _ViaH2(ServerConnection):
             h2conn.send_headers(stream_id, headers, end_stream=end_stream)
 
         h2conn.send_header_block = send_header_block  # type: ignore[method-assign]
-        h2conn.send_data_frame = lambda stream_id, data: h2conn.send_data(stream_id, bytes(data))  # type: ignore[method-assign]
+        def send_data_frame(stream_id: int, data: bytes, end_stream: bool = False) -> None:
+            h2conn.send_data(stream_id, bytes(data), end_stream=end_stream)
+
+        h2conn.send_data_frame = send_data_frame  # type: ignore[method-assign]
         h2conn.encoder = hpack.Encoder()  # its blocks, table and all, for h2's path
         self._encoder = HeaderBlockEncoder()  # literals only: readable by a fresh decoder
 

@@ -84,6 +84,11 @@ def test_metadata_round_trip_and_validation() -> None:
         encode_metadata({"x-text": b"bytes"})
     with pytest.raises(ValueError):
         decode_metadata([(b"x-bad-bin", b"!!")])
+    # RFC 9113 §8.2.1: no whitespace at either end of a field value (a peer rejects the call).
+    for spaced in (" v", "v ", "  "):
+        with pytest.raises(ValueError, match="whitespace"):
+            encode_metadata({"x-spaced": spaced})
+    assert encode_metadata({"x-inner": "a b"}) == [(b"x-inner", b"a b")]
 
 
 def test_grpc_message_percent_encoding() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl as ssl_module
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import h2.errors
@@ -203,7 +204,12 @@ class Channel:
         async with self._connecting:
             protocol = self._protocol
             if protocol is None or not _usable(protocol):
-                protocol = self._protocol = await self._connect()
+                protocol = await self._connect()
+                if self._closed:  # close() ran while we connected: this connection is nobody's
+                    protocol.connection.close(0, "channel closed")
+                    protocol.close_transport()
+                    raise GRPCError(Status.UNAVAILABLE, "the channel is closed")
+                self._protocol = protocol
         return protocol
 
     async def _connect(self) -> ClientProtocol:
@@ -542,7 +548,7 @@ class ClientStream(Generic[SendT, RecvT]):
                 decoded = codec.decode(status, message, details)
             except Exception:
                 decoded = None
-        raise GRPCError(status, message, decoded)
+        raise GRPCError(status, message, decoded, trailing_metadata=self.trailing_metadata)
 
     def _raise_if_over(self) -> None:
         if self._outcome is not None:
@@ -657,7 +663,7 @@ class _Method(Generic[SendT, RecvT]):
 
 
 class UnaryUnaryMethod(_Method[SendT, RecvT]):
-    """One request, one reply: ``reply = await stub.Method(request)``."""
+    """One request, one reply: ``reply = await stub.Method(request)``; ``with_call`` for metadata."""
 
     cardinality = Cardinality.UNARY_UNARY
 
@@ -671,26 +677,12 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
         compression: str | None = None,
     ) -> RecvT:
         """Make the call; a non-OK status raises :class:`GRPCError`."""
-
-        async def run(stream: ClientStream[SendT, RecvT]) -> RecvT:
-            await stream.send_message(request, end=True)
-            reply = await stream.recv_message()
-            await stream.recv_trailing_metadata()
-            if reply is None:
-                raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
-            return reply
-
-        return await self._with_retry(
-            run, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
+        reply, _ = await self.with_call(
+            request, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
         )
+        return reply
 
-
-class UnaryStreamMethod(_Method[SendT, RecvT]):
-    """One request, a stream of replies: ``replies = await stub.Method(request)``, or ``open()``."""
-
-    cardinality = Cardinality.UNARY_STREAM
-
-    async def __call__(
+    async def with_call(
         self,
         request: SendT,
         *,
@@ -698,18 +690,99 @@ class UnaryStreamMethod(_Method[SendT, RecvT]):
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
-    ) -> list[RecvT]:
-        """Make the call and collect every reply."""
+    ) -> tuple[RecvT, ClientStream[SendT, RecvT]]:
+        """Make the call; return the reply and the finished call, whose ``initial_metadata``,
+        ``trailing_metadata``, ``response_encoding`` and ``peer`` tell how it went."""
 
-        async def run(stream: ClientStream[SendT, RecvT]) -> list[RecvT]:
+        async def run(stream: ClientStream[SendT, RecvT]) -> tuple[RecvT, ClientStream[SendT, RecvT]]:
             await stream.send_message(request, end=True)
-            replies = [reply async for reply in stream]
+            reply = await stream.recv_message()
             await stream.recv_trailing_metadata()
-            return replies
+            if reply is None:
+                raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
+            return reply, stream
 
         return await self._with_retry(
             run, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
         )
+
+
+class ReplyStream(Generic[SendT, RecvT]):
+    """The replies of a call that streams them: ``async for reply in stub.Method(...)`` takes
+    each as it arrives; ``await stub.Method(...)`` collects them in a list.
+
+    The call starts when iteration (or the await) does, and runs once. Leaving the ``async
+    for`` early cancels it. After it ended, :attr:`call` is the finished :class:`ClientStream`
+    (its ``initial_metadata``, ``trailing_metadata``...).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[ReplyStream[SendT, RecvT]], AsyncIterator[RecvT]],
+    ) -> None:
+        self._run = run
+        self._started = False
+        #: The call, once it started.
+        self.call: ClientStream[SendT, RecvT] | None = None
+
+    def __aiter__(self) -> AsyncIterator[RecvT]:
+        if self._started:
+            raise ProtocolError("a call's replies can be read once")
+        self._started = True
+        return self._run(self)
+
+    def __await__(self) -> Generator[Any, None, list[RecvT]]:
+        return self._collect().__await__()
+
+    async def _collect(self) -> list[RecvT]:
+        return [reply async for reply in self]
+
+
+async def _send_all(stream: ClientStream[SendT, RecvT], requests: Iterable[SendT] | AsyncIterable[SendT]) -> None:
+    """Send every request (from an iterable or an async iterable), then half-close."""
+    if isinstance(requests, AsyncIterable):
+        async for request in requests:
+            await stream.send_message(request)
+    else:
+        for request in requests:
+            await stream.send_message(request)
+    await stream.end()
+
+
+class UnaryStreamMethod(_Method[SendT, RecvT]):
+    """One request, a stream of replies: ``async for reply in stub.Method(request)``."""
+
+    cardinality = Cardinality.UNARY_STREAM
+
+    def __call__(
+        self,
+        request: SendT,
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        metadata: MetadataLike | None = None,
+        compression: str | None = None,
+    ) -> ReplyStream[SendT, RecvT]:
+        """The call's replies, as they arrive (``async for``), or all of them (``await``)."""
+        fixed = _earliest(timeout, deadline)  # one deadline, a transparent retry included
+
+        async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
+            for attempt in (1, 2):
+                async with self.open(deadline=fixed, metadata=metadata, compression=compression) as stream:
+                    replies.call = stream
+                    try:
+                        await stream.send_message(request, end=True)
+                        async for reply in stream:
+                            yield reply
+                        await stream.recv_trailing_metadata()
+                        return
+                    except GRPCError:
+                        # Retryable only if nothing came back: no reply was yielded.
+                        if attempt == 1 and stream._retryable:
+                            continue
+                        raise
+
+        return ReplyStream(run)
 
 
 class StreamUnaryMethod(_Method[SendT, RecvT]):
@@ -719,18 +792,16 @@ class StreamUnaryMethod(_Method[SendT, RecvT]):
 
     async def __call__(
         self,
-        requests: Iterable[SendT],
+        requests: Iterable[SendT] | AsyncIterable[SendT],
         *,
         timeout: float | None = None,
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
     ) -> RecvT:
-        """Send every request, then return the reply."""
+        """Send every request (an iterable or an async iterable), then return the reply."""
         async with self.open(timeout=timeout, deadline=deadline, metadata=metadata, compression=compression) as stream:
-            for request in requests:
-                await stream.send_message(request)
-            await stream.end()
+            await _send_all(stream, requests)
             reply = await stream.recv_message()
             await stream.recv_trailing_metadata()
             if reply is None:
@@ -739,27 +810,64 @@ class StreamUnaryMethod(_Method[SendT, RecvT]):
 
 
 class StreamStreamMethod(_Method[SendT, RecvT]):
-    """Streams both ways: ``async with stub.Method.open() as stream``, or collect with a call."""
+    """Streams both ways: ``async for reply in stub.Method(requests)``, or ``open()`` to
+    interleave sending and receiving by hand."""
 
     cardinality = Cardinality.STREAM_STREAM
 
-    async def __call__(
+    def __call__(
         self,
-        requests: Iterable[SendT],
+        requests: Iterable[SendT] | AsyncIterable[SendT],
         *,
         timeout: float | None = None,
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
-    ) -> list[RecvT]:
-        """Send every request, then collect every reply."""
-        async with self.open(timeout=timeout, deadline=deadline, metadata=metadata, compression=compression) as stream:
-            for request in requests:
-                await stream.send_message(request)
-            await stream.end()
-            replies = [reply async for reply in stream]
-            await stream.recv_trailing_metadata()
-            return replies
+    ) -> ReplyStream[SendT, RecvT]:
+        """Send ``requests`` (an iterable or an async iterable, consumed in a task of its own)
+        while the replies come: ``async for`` takes them as they arrive, ``await`` collects them.
+
+        If the requests' iterator raises, the call is cancelled and its exception raised here.
+        """
+
+        options = {"timeout": timeout, "deadline": deadline, "metadata": metadata, "compression": compression}
+
+        async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
+            async with self.open(**options) as stream:  # type: ignore[arg-type]
+                replies.call = stream
+                sender = asyncio.ensure_future(_send_all(stream, requests))
+                sender.add_done_callback(functools.partial(_abort_if_requests_failed, stream))
+                try:
+                    async for reply in stream:
+                        yield reply
+                    await stream.recv_trailing_metadata()
+                except GRPCError:
+                    failure = _requests_failure(sender)
+                    if failure is not None:
+                        raise failure from None  # the call was cancelled because of it
+                    raise
+                finally:
+                    if not sender.done():
+                        sender.cancel()  # the call is over: nobody reads what it would send
+                    await asyncio.wait([sender])
+                failure = _requests_failure(sender)
+                if failure is not None:
+                    raise failure
+
+        return ReplyStream(run)
+
+
+def _requests_failure(sender: asyncio.Future[None]) -> BaseException | None:
+    """What the request iterator raised, if it (not the call) failed."""
+    if not sender.done() or sender.cancelled():
+        return None
+    failure = sender.exception()
+    return None if failure is None or isinstance(failure, GRPCError | ProtocolError) else failure
+
+
+def _abort_if_requests_failed(stream: ClientStream[Any, Any], sender: asyncio.Future[None]) -> None:
+    if _requests_failure(sender) is not None and stream._outcome is None:
+        stream._abort(Status.CANCELLED, "the request iterator raised")
 
 
 _METHOD_CLASSES: dict[Cardinality, type[_Method[Any, Any]]] = {

@@ -24,7 +24,7 @@ from ..rpc.events import (
     StreamWritable,
 )
 from ..rpc.handlers import Handler, ServiceLike, collect_handlers
-from ..rpc.metadata import decode_metadata, excerpt
+from ..rpc.metadata import MetadataLike, decode_metadata, excerpt
 from ..rpc.server import ServerConnection
 from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
@@ -418,6 +418,7 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     status = Status.OK
     message: str | None = None
     details = None
+    trailers: MetadataLike | None = None
     deadline = stream.deadline
     stream._dispatched = True
     try:
@@ -431,7 +432,7 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
             async with asyncio.timeout(deadline.time_remaining()) as scope:
                 await handler.func(stream)
     except GRPCError as exc:
-        status, message, details = exc.status, exc.message, exc.details
+        status, message, details, trailers = exc.status, exc.message, exc.details, exc.trailing_metadata
     except NotImplementedError:
         status, message = Status.UNIMPLEMENTED, "Method not implemented"
     except asyncio.CancelledError:
@@ -466,7 +467,9 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     if stream.closed:
         return
     try:
-        await stream.send_trailing_metadata(status=status, status_message=message, status_details=details)
+        await stream.send_trailing_metadata(
+            status=status, status_message=message, status_details=details, metadata=trailers
+        )
     except Exception:
         # The outcome cannot be said as raised (details that are no message, status OK from a
         # unary handler without a reply, ...): the call still ends, with INTERNAL.

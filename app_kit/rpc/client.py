@@ -14,7 +14,7 @@ from .compression import accept_encoding, is_supported
 from .connection import GrpcConnection, StreamState
 from .deadline import encode_grpc_timeout
 from .events import Event, ResponseEnded, ResponseStarted, StreamClosed
-from .metadata import decode_grpc_message
+from .metadata import decode_grpc_message, excerpt
 from .status import Status
 
 __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
@@ -156,12 +156,18 @@ class ClientConnection(GrpcConnection):
     def _on_trailer_fields(self, state: StreamState, headers: list[tuple[bytes, bytes]], events: list[Event]) -> None:
         fields = dict(headers)
         raw_status = fields.get(b"grpc-status")
-        if raw_status is None or not raw_status.isdigit() or int(raw_status) > 16:
-            shown = "missing" if raw_status is None else repr(raw_status.decode("latin-1"))
-            self._end_response(state, Status.UNKNOWN, f"grpc-status {shown} in the trailers", None, headers, events)
-            return
         raw_message = fields.get(b"grpc-message")
         message = decode_grpc_message(raw_message) if raw_message else None
+        if raw_status is None or not raw_status.isdigit() or int(raw_status) > 16:
+            # A code from a newer spec or a broken peer: UNKNOWN, as gRPC says, keeping what came.
+            if raw_status is None:
+                shown = "missing in the trailers"
+            else:
+                text = raw_status.decode("latin-1")
+                shown = (excerpt(text) if text.isdigit() else repr(excerpt(text))) + " from the server"
+            unknown = f"grpc-status {shown}" + (f": {message}" if message else "")
+            self._end_response(state, Status.UNKNOWN, unknown, None, headers, events)
+            return
         details = None
         raw_details = fields.get(b"grpc-status-details-bin")
         if raw_details is not None:

@@ -86,9 +86,12 @@ class ProtoStatusDetailsCodec(StatusDetailsCodecBase):
     def decode(self, status: Status, message: str | None, data: bytes) -> Sequence[Any]:
         """Unpack details whose types are known to the default protobuf symbol database.
 
-        Details of unknown types are returned as ``google.protobuf.Any``.
+        The standard ``google.rpc`` detail types (``BadRequest``, ``RetryInfo``, ...) are
+        always known, without the caller importing their module. Details of other unknown
+        types are returned as ``google.protobuf.Any``.
         """
         from google.protobuf import symbol_database
+        from google.rpc import error_details_pb2  # noqa: F401 - registers the standard detail types
         from google.rpc.status_pb2 import Status as StatusProto
 
         database = symbol_database.Default()

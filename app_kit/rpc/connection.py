@@ -457,23 +457,29 @@ class GrpcConnection:
         return events
 
     def _flush(self, state: StreamState, events: list[Event]) -> bool:
-        """Send as much pending DATA as the windows allow; then the end of the stream, if queued."""
+        """Send as much pending DATA as the windows allow; then the end of the stream, if queued.
+
+        A half-close (the client's end: no trailers) queued behind the data rides on its last
+        frame as END_STREAM, so a unary request is HEADERS + one DATA frame, not a third, empty one.
+        """
         stream_id = state.stream_id
         pending = state.pending
         h2conn = self._h2
         window = min(h2conn.outbound_flow_control_window, h2conn.streams[stream_id].outbound_flow_control_window)
         size = len(pending)
         frame_size = h2conn.max_outbound_frame_size
+        trailers = state.pending_trailers
+        end_with_data = trailers is not None and not trailers and size > 0
         if size <= window and size <= frame_size:
             if size:
-                h2conn.send_data_frame(stream_id, pending)  # the common case: one frame
+                h2conn.send_data_frame(stream_id, pending, end_with_data)  # the common case: one frame
             sent = size
         else:
             sent = 0
             view = memoryview(pending)
             while sent < size and window > 0:
                 chunk = min(size - sent, window, frame_size)
-                h2conn.send_data_frame(stream_id, view[sent : sent + chunk])
+                h2conn.send_data_frame(stream_id, view[sent : sent + chunk], end_with_data and sent + chunk == size)
                 sent += chunk
                 window -= chunk
             view.release()
@@ -483,9 +489,12 @@ class GrpcConnection:
             return False
         state.pending = bytearray()
         self._blocked.pop(stream_id, None)
-        if state.pending_trailers is not None:
-            trailers, state.pending_trailers = state.pending_trailers, None
-            self._end_local_now(state, trailers)
+        if trailers is not None:
+            state.pending_trailers = None
+            if end_with_data:
+                self._local_ended(state)  # END_STREAM went out on the last frame
+            else:
+                self._end_local_now(state, trailers)
         if state.over_limit:  # also when the end went out behind the data: its sender waits
             state.over_limit = False
             events.append(StreamWritable(stream_id))

@@ -107,6 +107,9 @@ def encode_metadata(metadata: MetadataLike | None) -> list[tuple[bytes, bytes]]:
                 raise TypeError(f"metadata {key!r} takes str, got {type(value).__name__}")
             if not (value.isascii() and value.isprintable()):
                 raise ValueError(f"metadata {key!r} must be printable ASCII; use a -bin key for other data")
+            if value[:1] == " " or value[-1:] == " ":
+                # RFC 9113 §8.2.1: a peer must treat such a field as malformed (ours does).
+                raise ValueError(f"metadata {key!r} has whitespace at an end, which HTTP/2 forbids")
             fields.append((raw_key, value.encode("ascii")))
     return fields
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .metadata import MetadataLike
 
 __all__ = ["GRPCError", "ProtocolError", "Status"]
 
@@ -37,7 +40,8 @@ class GRPCError(Exception):
     Raise it from a handler to end the call with ``status``. ``message`` travels as
     ``grpc-message``; ``details`` (a sequence of protobuf messages, such as those of
     ``google.rpc.error_details_pb2``) travel as ``grpc-status-details-bin`` when the server
-    has a status-details codec.
+    has a status-details codec; ``trailing_metadata`` goes out with the status. A client
+    raises it with the same four: the trailers' metadata included, the details decoded.
     """
 
     def __init__(
@@ -45,11 +49,15 @@ class GRPCError(Exception):
         status: Status,
         message: str | None = None,
         details: Sequence[Any] | None = None,
+        *,
+        trailing_metadata: MetadataLike | None = None,
     ) -> None:
         super().__init__(status, message, details)
         self.status = Status(status)
         self.message = message
         self.details = details
+        #: Metadata of the trailers (on a client: what the server sent, lower-case keys).
+        self.trailing_metadata = trailing_metadata
 
     def __str__(self) -> str:
         if self.message:
@@ -57,7 +65,7 @@ class GRPCError(Exception):
         return self.status.name
 
     def __repr__(self) -> str:
-        return f"GRPCError({self.status!s}, {self.message!r}, {self.details!r})"
+        return f"GRPCError(Status.{self.status.name}, {self.message!r}, {self.details!r})"
 
 
 class ProtocolError(Exception):

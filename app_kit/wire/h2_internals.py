@@ -192,17 +192,22 @@ class H2Connection(h2.connection.H2Connection):
             out += chunk
             kind, flags = _CONTINUATION, 0
 
-    def send_data_frame(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        """``send_data`` of one frame that the caller fitted into the windows and frame size."""
+    def send_data_frame(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> None:
+        """``send_data`` of one frame that the caller fitted into the windows and frame size;
+        ``end_stream`` sets END_STREAM on it (our side of the stream ends with this frame)."""
         stream = self.streams[stream_id]
         self.frames_sent += 1
         self.state_machine.process_input(ConnectionInputs.SEND_DATA)
         stream.state_machine.process_input(StreamInputs.SEND_DATA)
+        flags = 0
+        if end_stream:
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+            flags = _END_STREAM
         size = len(data)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         out = self._data_to_send
-        out += _FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id)
+        out += _FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, flags, stream_id)
         out += data
 
     def queue_goaway(self, last_stream_id: int, error_code: int) -> None:
