@@ -252,7 +252,10 @@ async def test_server_goaway_during_call_and_restart_between_calls() -> None:
                 await methods(channel)["Unary"](BytesValue(value=b"x"))
             assert info.value.status is Status.UNAVAILABLE
             async with grpcio_server(GrpcioEcho(), port=port):
-                assert (await methods(channel)["Unary"](BytesValue(value=b"back"))).value == b"back"
+                # The failed attempt put the backend in backoff (1 s): a call that waits for
+                # it to be ready gets through once the backoff is over.
+                reply = await methods(channel)["Unary"](BytesValue(value=b"back"), timeout=5, wait_for_ready=True)
+                assert reply.value == b"back"
 
 
 async def test_five_hundred_concurrent_calls_on_one_channel() -> None:
@@ -556,9 +559,9 @@ async def test_close_during_connect_does_not_leak_the_new_connection() -> None:
         opened = asyncio.Event()
         real_open = channel._open_transport
 
-        async def slow_open(factory):  # type: ignore[no-untyped-def]
+        async def slow_open(factory, address):  # type: ignore[no-untyped-def]
             # The connect is under way (the server accepts it) when close() is called.
-            protocol = await real_open(factory)
+            protocol = await real_open(factory, address)
             opened.set()
             await asyncio.sleep(0.1)
             return protocol

@@ -42,7 +42,7 @@ from examples.interop.messages_pb2 import (
     StreamingOutputCallRequest,
     StreamingOutputCallResponse,
 )
-from examples.interop.server import TestService
+from examples.interop.server import TestService as InteropService
 
 from .conftest import running_server
 from .h2client import RawClient
@@ -90,7 +90,7 @@ def port_of(target: str) -> int:
 
 
 async def test_server_compressed_unary_sets_the_flag_as_asked() -> None:
-    async with running_server([TestService()]) as (_, target):
+    async with running_server([InteropService()]) as (_, target):
         for asked, flag in ((True, 1), (False, 0)):
             request = SimpleRequest(response_size=314159, response_compressed=BoolValue(value=asked))
             response = await raw_call(port_of(target), UNARY, framed(request.SerializeToString(), 0))
@@ -109,7 +109,7 @@ async def test_server_compressed_streaming_clears_the_flag_of_one_message() -> N
             ResponseParameters(size=92653, compressed=BoolValue(value=False)),
         ]
     )
-    async with running_server([TestService()]) as (_, target):
+    async with running_server([InteropService()]) as (_, target):
         response = await raw_call(port_of(target), STREAMING_OUTPUT, framed(request.SerializeToString(), 0))
     assert response.grpc_status == 0 and response.header(b"grpc-encoding") == b"gzip"
     (first_flag, first), (second_flag, second) = response.framed()
@@ -125,7 +125,7 @@ async def test_client_compressed_unary_on_the_wire_probe_compressed_and_plain() 
             response_size=314159, payload=body, expect_compressed=BoolValue(value=expect)
         ).SerializeToString()
 
-    async with running_server([TestService()]) as (_, target):
+    async with running_server([InteropService()]) as (_, target):
         port = port_of(target)
         # The probe: claims to be compressed, is not (flag 0, in a gzip call).
         probe = await raw_call(port, UNARY, framed(request(True), 0), encoding=b"gzip")
@@ -286,7 +286,7 @@ async def test_deflate_both_ways_with_grpcio() -> None:
     async with grpcio_interop_server() as port, Channel("127.0.0.1", port, compression="deflate") as channel:
         await CASES["large_unary"](channel)
         await CASES["client_compressed_streaming_noprobe"](channel)
-    async with running_server([TestService()]) as (_, target):
+    async with running_server([InteropService()]) as (_, target):
         async with grpc.aio.insecure_channel(target, compression=grpc.Compression.Deflate) as grpcio_channel:
             unary = grpcio_channel.unary_unary(
                 UNARY,

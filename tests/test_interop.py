@@ -12,7 +12,7 @@ import pytest
 
 from app_kit import Channel
 from examples.interop.client import CASES, STANDARD_CASES
-from examples.interop.server import TestService
+from examples.interop.server import TestService as InteropService
 
 from .conftest import running_server
 from .interop_grpcio import GRPCIO_CASES, grpcio_interop_server
@@ -30,7 +30,7 @@ AGAINST_GRPCIO = [
 
 @pytest.mark.parametrize("attempt", range(3))
 async def test_our_client_against_our_server(attempt: int) -> None:
-    async with running_server([TestService()]) as (_, target):
+    async with running_server([InteropService()]) as (_, target):
         host, port = target.rsplit(":", 1)
         async with Channel(host, int(port)) as channel:
             for name in STANDARD_CASES:
@@ -38,7 +38,7 @@ async def test_our_client_against_our_server(attempt: int) -> None:
 
 
 async def test_our_client_against_our_server_through_a_relay() -> None:
-    async with running_server([TestService()]) as (_, target):
+    async with running_server([InteropService()]) as (_, target):
         async with segmenting_relay("127.0.0.1", int(target.rsplit(":", 1)[1])) as port:
             async with Channel("127.0.0.1", port) as channel:
                 for name in STANDARD_CASES:
@@ -54,6 +54,6 @@ async def test_our_client_against_grpcio(attempt: int) -> None:
 
 @pytest.mark.parametrize("name", sorted(GRPCIO_CASES))
 async def test_grpcio_client_against_our_server(name: str) -> None:
-    async with running_server([TestService()]) as (_, target):
+    async with running_server([InteropService()]) as (_, target):
         async with grpc.aio.insecure_channel(target) as channel:
             await GRPCIO_CASES[name](channel)

@@ -158,6 +158,7 @@ class _ViaH2(ServerConnection):
             h2conn.send_headers(stream_id, headers, end_stream=end_stream)
 
         h2conn.send_header_block = send_header_block  # type: ignore[method-assign]
+
         def send_data_frame(stream_id: int, data: bytes, end_stream: bool = False) -> None:
             h2conn.send_data(stream_id, bytes(data), end_stream=end_stream)
 

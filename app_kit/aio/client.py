@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
+import socket
 import ssl as ssl_module
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
@@ -32,6 +34,7 @@ from ..rpc.metadata import Metadata, MetadataLike, decode_metadata, encode_metad
 from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
 from .stream import Peer
+from .subchannel import DEFAULT_PORT, Address, Backoff, ConnectivityState, Subchannel, Target, parse_target
 from .transport import ConnectionProtocol
 
 __all__ = [
@@ -60,6 +63,9 @@ class ClientProtocol(ConnectionProtocol):
         super().__init__(connection, loop)
         self.calls: dict[int, ClientStream[Any, Any]] = {}
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: Called when the connection stops taking new calls (lost, or GOAWAY received).
+        self.on_unusable: Callable[[], None] | None = None
+        self._closing_when_idle = False
 
     def handle_events(self, events: Sequence[Event]) -> None:
         """Deliver each event to the call it concerns."""
@@ -89,7 +95,11 @@ class ClientProtocol(ConnectionProtocol):
                 self._fail_all(f"connection closed: {event.reason}")  # type: ignore[attr-defined]
                 self.close_transport()
         self._wake_slot_waiters()
-        if self.connection.going_away and not self.calls:
+        if self.connection.going_away or self.connection.closed:
+            self._unusable()
+            if not self.calls:
+                self.close_transport()
+        elif self._closing_when_idle and not self.calls:
             self.close_transport()
 
     def data_received(self, data: bytes) -> None:
@@ -103,6 +113,34 @@ class ClientProtocol(ConnectionProtocol):
         """Every call still on the connection fails with UNAVAILABLE."""
         self._fail_all("connection lost" + (f": {exc}" if exc else ""))
         self._wake_slot_waiters()
+        self._unusable()
+
+    def _unusable(self) -> None:
+        callback, self.on_unusable = self.on_unusable, None
+        if callback is not None:
+            callback()
+
+    @property
+    def takes_calls(self) -> bool:
+        """Open, and not told to go away: new calls may start here."""
+        connection = self.connection
+        return not self.is_closed and not connection.closed and not connection.going_away
+
+    @property
+    def lost(self) -> bool:
+        """Closed, rather than draining after a GOAWAY."""
+        return self.is_closed or self.connection.closed
+
+    def close_when_idle(self) -> None:
+        """Take no more calls; close once the calls on the connection are done."""
+        self._closing_when_idle = True
+        if not self.calls and not self.is_closed:
+            self.close_transport()
+
+    def call_finished(self) -> None:
+        """A call left the connection (outside an event): close it if it was the last one."""
+        if self._closing_when_idle and not self.calls and not self.is_closed:
+            self.close_transport()
 
     def _fail_all(self, reason: str) -> None:
         calls, self.calls = self.calls, {}
@@ -128,9 +166,25 @@ class ClientProtocol(ConnectionProtocol):
 
 
 class Channel:
-    """One HTTP/2 connection to a server, opened on the first call, shared by every call.
+    """Calls to one server or a fleet of them, over HTTP/2 connections opened as calls need them.
 
-    After the connection is lost or the server sent GOAWAY, the next call opens a new one.
+    What to connect to, as ``Channel(host, port)`` or as ``Channel(target)``:
+
+    - ``Channel("10.0.0.7", 50051)``, ``Channel("api:50051")``, ``Channel(path="/run/api.sock")``
+      or ``Channel("unix:/run/api.sock")``: one backend (a host name is resolved when connecting);
+    - ``Channel("dns:///api.internal:50051")``: every address the name resolves to is a backend,
+      resolved again (at most every ``dns_min_resolution_interval``) when a connection fails or
+      its server sends GOAWAY;
+    - ``Channel(["10.0.0.7:50051", "10.0.0.8:50051"])``: these backends.
+
+    Each backend gets its own connection, opened on demand and reopened after it is lost, with
+    gRPC's exponential backoff between failed attempts (``connect_*`` in :class:`Configuration`).
+    Calls go round-robin over the ready connections; a server's GOAWAY drains its connection
+    while new calls go elsewhere. A call fails at once with UNAVAILABLE when every backend is
+    failing, unless it asks ``wait_for_ready=True``: then it waits (within its deadline) for
+    one to come back. :meth:`get_state`, :meth:`wait_for_state_change` and
+    :meth:`channel_ready` follow the channel's connectivity.
+
     ``ssl=True`` uses a default TLS context; either way ALPN ``h2`` is required.
     ``compression="gzip"`` compresses requests (any registered encoding; a call can say
     otherwise); responses in every registered encoding are accepted.
@@ -138,7 +192,7 @@ class Channel:
 
     def __init__(
         self,
-        host: str | None = None,
+        host: str | Sequence[str] | None = None,
         port: int | None = None,
         *,
         path: str | None = None,
@@ -151,9 +205,21 @@ class Channel:
         if path is not None and (host is not None or port is not None):
             raise ValueError("path and host/port are mutually exclusive")
         compression = _request_encoding(compression)
-        self._host = host if host is not None or path is not None else "127.0.0.1"
-        self._port = port if port is not None else (None if path is not None else 50051)
-        self._path = path
+        if path is not None:
+            self._target = Target(addresses=(Address(path=path),))
+        elif host is None:
+            self._target = Target(addresses=(Address("127.0.0.1", port or DEFAULT_PORT),))
+        elif not isinstance(host, str):
+            if port is not None or not host:
+                raise ValueError("a list of targets takes no port, and cannot be empty")
+            addresses = [parse_target(item) for item in host]
+            if any(target.dns_name is not None for target in addresses):
+                raise ValueError("a list of targets takes addresses (host:port or unix:path), not dns: names")
+            self._target = Target(addresses=tuple(address for target in addresses for address in target.addresses))
+        elif port is not None:
+            self._target = Target(addresses=(Address(host, port),))
+        else:
+            self._target = parse_target(host)
         if ssl is True:
             ssl = ssl_module.create_default_context()
         self._ssl: ssl_module.SSLContext | None = ssl or None
@@ -166,17 +232,29 @@ class Channel:
         self.config = config if config is not None else Configuration()
         #: The encoding of requests (None: uncompressed), unless a call says otherwise.
         self.compression = compression
+        #: The connection the latest call was placed on.
         self._protocol: ClientProtocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._subchannels: list[Subchannel[ClientProtocol]] = []
+        self._resolved_at: float | None = None
+        self._resolve_wanted = True
+        self._resolve_error: str | None = None
+        self._resolving: asyncio.Future[None] | None = None
+        self._resolve_backoff = Backoff(self.config)
+        self._next_pick = 0
+        self._changed: asyncio.Future[None] | None = None
+        self._connect_task: asyncio.Future[None] | None = None
+        self._used = False
         self._closed = False
         subtype = self.codec.content_subtype
         self._content_type = f"application/grpc+{subtype}".encode("ascii") if subtype else b"application/grpc"
 
     def __repr__(self) -> str:
-        return f"<Channel {self._target()}>"
+        return f"<Channel {self._describe_target()}>"
 
-    def _target(self) -> str:
-        return f"unix:{self._path}" if self._path is not None else f"{self._host}:{self._port}"
+    def _describe_target(self) -> str:
+        if self._target.dns_name is not None:
+            return f"dns:///{self._target.authority}"
+        return ",".join(str(address) for address in self._target.addresses)
 
     async def __aenter__(self) -> Channel:
         return self
@@ -185,69 +263,187 @@ class Channel:
         self.close()
 
     def close(self) -> None:
-        """Close the connection; calls still on it fail with UNAVAILABLE."""
+        """Close every connection; calls still on them fail with UNAVAILABLE."""
         self._closed = True
-        protocol, self._protocol = self._protocol, None
-        if protocol is not None and not protocol.is_closed:
-            protocol.connection.close(0, "channel closed")
-            protocol.close_transport()
+        subchannels, self._subchannels = self._subchannels, []
+        for subchannel in subchannels:
+            protocol = subchannel.protocol
+            subchannel.shutdown()
+            if protocol is not None and not protocol.is_closed:
+                protocol.connection.close(0, "channel closed")
+                protocol.close_transport()
+        if self._resolving is not None:
+            self._resolving.cancel()
+        self._protocol = None
+        self._notify()
 
-    async def _connection(self) -> ClientProtocol:
-        """The current connection, opening one if there is none usable."""
+    # -- connectivity ------------------------------------------------------------------
+
+    def get_state(self, try_to_connect: bool = False) -> ConnectivityState:
+        """The channel's connectivity: READY if a connection takes calls, else CONNECTING while
+        one is being opened, IDLE before the first call (or after connections went away),
+        TRANSIENT_FAILURE when every backend is failing, SHUTDOWN once closed.
+        ``try_to_connect`` starts connecting an idle channel."""
         if self._closed:
-            raise GRPCError(Status.UNAVAILABLE, "the channel is closed")
-        protocol = self._protocol
-        if protocol is not None and _usable(protocol):
-            return protocol
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            protocol = self._protocol
-            if protocol is None or not _usable(protocol):
-                protocol = await self._connect()
-                if self._closed:  # close() ran while we connected: this connection is nobody's
-                    protocol.connection.close(0, "channel closed")
-                    protocol.close_transport()
-                    raise GRPCError(Status.UNAVAILABLE, "the channel is closed")
-                self._protocol = protocol
-        return protocol
+            return ConnectivityState.SHUTDOWN
+        if try_to_connect:
+            self._used = True
+            if self._connect_task is None or self._connect_task.done():
+                self._connect_task = asyncio.ensure_future(self._connect_all())
+        for subchannel in self._subchannels:
+            subchannel.ready_protocol()  # a lost or draining connection shows as IDLE
+        states = {subchannel.state for subchannel in self._subchannels}
+        for state in (ConnectivityState.READY, ConnectivityState.CONNECTING, ConnectivityState.IDLE):
+            if state in states:
+                return state
+        if self._resolve_error is not None or states:
+            return ConnectivityState.TRANSIENT_FAILURE
+        return ConnectivityState.IDLE
 
-    async def _connect(self) -> ClientProtocol:
+    async def wait_for_state_change(self, last_state: ConnectivityState) -> ConnectivityState:
+        """Wait until the state is other than ``last_state``; return the new one."""
+        while (state := self.get_state()) is last_state and state is not ConnectivityState.SHUTDOWN:
+            await self._state_change()
+        return state
+
+    async def channel_ready(self) -> None:
+        """Connect if need be, and wait until a connection is READY (or the channel closed)."""
+        while (state := self.get_state(try_to_connect=True)) is not ConnectivityState.READY:
+            if state is ConnectivityState.SHUTDOWN:
+                raise GRPCError(Status.UNAVAILABLE, "the channel is closed")
+            await self._state_change()
+
+    async def _state_change(self) -> None:
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._changed)
+
+    def _notify(self, subchannel: Subchannel[ClientProtocol] | None = None) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+        if subchannel is not None and subchannel.state in (ConnectivityState.TRANSIENT_FAILURE, ConnectivityState.IDLE):
+            self._resolve_wanted = True  # a backend failed or went away: the name may say more now
+
+    # -- picking a connection ----------------------------------------------------------
+
+    async def _connection(self, wait_for_ready: bool = False) -> ClientProtocol:
+        """A READY connection for a new call, round-robin; connect the backends that are idle.
+
+        Fails with UNAVAILABLE when every backend is failing, unless ``wait_for_ready``.
+        """
+        self._used = True
+        while True:
+            if self._closed:
+                raise GRPCError(Status.UNAVAILABLE, "the channel is closed")
+            await self._resolve_if_due(wait_for_ready)
+            ready = []
+            for subchannel in self._subchannels:
+                protocol = subchannel.ready_protocol()
+                if protocol is not None:
+                    ready.append(protocol)
+                else:
+                    subchannel.request_connection()
+            if ready:
+                protocol = ready[self._next_pick % len(ready)]
+                self._next_pick += 1
+                self._protocol = protocol
+                return protocol
+            failing = [s for s in self._subchannels if s.state is ConnectivityState.TRANSIENT_FAILURE]
+            if not wait_for_ready and self._subchannels and len(failing) == len(self._subchannels):
+                raise GRPCError(Status.UNAVAILABLE, failing[-1].last_error or "no backend is reachable")
+            await self._state_change()
+
+    async def _connect_all(self) -> None:
+        with contextlib.suppress(GRPCError):
+            await self._resolve_if_due(True)
+        for subchannel in self._subchannels:
+            subchannel.request_connection()
+
+    async def _resolve_if_due(self, wait_for_ready: bool) -> None:
+        """Turn the target into backends: at once for addresses, by DNS for a dns: name (again
+        when a backend failed, at most every ``dns_min_resolution_interval``)."""
+        target = self._target
+        if target.dns_name is None:
+            if not self._subchannels and not self._closed:
+                self._subchannels = [self._subchannel(address) for address in target.addresses]
+            return
         loop = asyncio.get_running_loop()
-        authority = self._host if self._path is None else "localhost"
-        if self._path is None and self._port is not None:
-            authority = f"[{authority}]:{self._port}" if ":" in str(authority) else f"{authority}:{self._port}"
+        due = self._resolved_at is None or (
+            self._resolve_wanted and loop.time() - self._resolved_at >= self.config.dns_min_resolution_interval
+        )
+        while due or not self._subchannels:
+            if self._resolving is None or self._resolving.done():
+                self._resolving = asyncio.ensure_future(self._resolve(target.dns_name, target.dns_port))
+            await asyncio.shield(self._resolving)
+            if self._subchannels or self._closed:
+                return
+            if not wait_for_ready:
+                raise GRPCError(Status.UNAVAILABLE, self._resolve_error or "the name resolved to no address")
+            await asyncio.sleep(self._resolve_backoff.next_delay())
+            due = True
+
+    async def _resolve(self, name: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._resolve_wanted = False
+        try:
+            infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self._resolved_at = loop.time()
+            self._resolve_error = f"cannot resolve {name}: {exc}"
+            self._notify()
+            return
+        self._resolved_at = loop.time()
+        self._resolve_error = None
+        self._resolve_backoff.reset()
+        addresses = list(dict.fromkeys(Address(str(info[4][0]), int(info[4][1])) for info in infos))
+        kept = {subchannel.address: subchannel for subchannel in self._subchannels}
+        for address, subchannel in kept.items():
+            if address not in addresses:
+                subchannel.shutdown()  # gone from DNS: its calls finish, no new ones
+        if not self._closed:
+            self._subchannels = [kept.get(address) or self._subchannel(address) for address in addresses]
+        self._notify()
+
+    def _subchannel(self, address: Address) -> Subchannel[ClientProtocol]:
+        return Subchannel(address, self._connect, self.config, self._notify)
+
+    async def _connect(self, address: Address) -> ClientProtocol:
+        """Open one connection to ``address`` (OSError, or ConnectionError without ALPN h2)."""
+        loop = asyncio.get_running_loop()
+        authority = self._target.authority
 
         def factory() -> ClientProtocol:
             connection = ClientConnection(
                 self.config,
-                authority=str(authority),
+                authority=authority,
                 scheme="https" if self._ssl is not None else "http",
                 user_agent=_USER_AGENT,
             )
             return ClientProtocol(connection, loop)
 
-        try:
-            protocol = await self._open_transport(factory)
-        except OSError as exc:
-            raise GRPCError(Status.UNAVAILABLE, f"cannot connect to {self._target()}: {exc}") from None
+        protocol = await self._open_transport(factory, address)
         if self._ssl is not None:
             assert protocol.transport is not None
             ssl_object = protocol.transport.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
                 protocol.close_transport()
-                raise GRPCError(Status.UNAVAILABLE, f"{self._target()} did not negotiate HTTP/2 (ALPN h2)")
+                raise ConnectionError(f"{address} did not negotiate HTTP/2 (ALPN h2)")
+        if self._closed:  # close() ran while we connected: this connection is nobody's
+            protocol.connection.close(0, "channel closed")
+            protocol.close_transport()
+            raise ConnectionError("the channel is closed")
         return protocol
 
-    async def _open_transport(self, factory: Callable[[], ClientProtocol]) -> ClientProtocol:
+    async def _open_transport(self, factory: Callable[[], ClientProtocol], address: Address) -> ClientProtocol:
         loop = asyncio.get_running_loop()
-        if self._path is not None:
+        if address.path is not None:
             _, protocol = await loop.create_unix_connection(
-                factory, self._path, ssl=self._ssl, server_hostname="localhost" if self._ssl else None
+                factory, address.path, ssl=self._ssl, server_hostname="localhost" if self._ssl else None
             )
         else:
-            assert self._host is not None and self._port is not None  # set whenever path is None
-            _, protocol = await loop.create_connection(factory, self._host, self._port, ssl=self._ssl)
+            assert address.host is not None and address.port is not None  # set whenever path is None
+            _, protocol = await loop.create_connection(factory, address.host, address.port, ssl=self._ssl)
         return protocol
 
     def request(
@@ -261,8 +457,12 @@ class Channel:
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
+        wait_for_ready: bool = False,
     ) -> ClientStream[Any, Any]:
-        """A call to ``path``, used as ``async with channel.request(...) as stream``."""
+        """A call to ``path``, used as ``async with channel.request(...) as stream``.
+
+        ``wait_for_ready``: while no backend is reachable, wait (within the deadline) instead
+        of failing with UNAVAILABLE at once."""
         deadline = _earliest(timeout, deadline)
         return ClientStream(
             self,
@@ -273,6 +473,7 @@ class Channel:
             metadata=encode_metadata(metadata),
             deadline=deadline,
             compression=self.compression if compression is None else _request_encoding(compression),
+            wait_for_ready=wait_for_ready,
         )
 
 
@@ -290,11 +491,6 @@ def _earliest(timeout: float | None, deadline: Deadline | None) -> Deadline | No
         return deadline
     from_timeout = Deadline.from_timeout(timeout)
     return from_timeout if deadline is None or from_timeout < deadline else deadline
-
-
-def _usable(protocol: ClientProtocol) -> bool:
-    connection = protocol.connection
-    return not protocol.is_closed and not connection.closed and not connection.going_away
 
 
 class ClientStream(Generic[SendT, RecvT]):
@@ -317,8 +513,11 @@ class ClientStream(Generic[SendT, RecvT]):
         metadata: list[tuple[bytes, bytes]],
         deadline: Deadline | None,
         compression: str | None,
+        wait_for_ready: bool = False,
     ) -> None:
         self._channel = channel
+        #: Wait for a backend to be reachable instead of failing UNAVAILABLE at once.
+        self.wait_for_ready = wait_for_ready
         self.path = path
         self._cardinality = cardinality
         self._request_type = request_type
@@ -385,9 +584,9 @@ class ClientStream(Generic[SendT, RecvT]):
         self._raise_if_over()
         try:
             async with asyncio.timeout(self.deadline.time_remaining() if self.deadline else None):
-                protocol = await self._channel._connection()
+                protocol = await self._channel._connection(self.wait_for_ready)
                 while not await protocol.wait_for_slot():
-                    protocol = await self._channel._connection()
+                    protocol = await self._channel._connection(self.wait_for_ready)
         except TimeoutError:
             self._on_deadline()
             self._raise_if_over()
@@ -469,6 +668,7 @@ class ClientStream(Generic[SendT, RecvT]):
             protocol.connection.cancel_stream(stream_id)
             protocol.schedule_flush()
             protocol._wake_slot_waiters()  # its slot is free now
+            protocol.call_finished()
         self._on_outcome(status, message, None, [])
 
     # -- receiving -------------------------------------------------------------------
@@ -626,6 +826,7 @@ class _Method(Generic[SendT, RecvT]):
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
+        wait_for_ready: bool = False,
     ) -> ClientStream[SendT, RecvT]:
         """A call to use as ``async with method.open(...) as stream``."""
         return self.channel.request(
@@ -637,6 +838,7 @@ class _Method(Generic[SendT, RecvT]):
             deadline=deadline,
             metadata=metadata,
             compression=compression,
+            wait_for_ready=wait_for_ready,
         )
 
     async def _with_retry(
@@ -675,10 +877,16 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
+        wait_for_ready: bool = False,
     ) -> RecvT:
         """Make the call; a non-OK status raises :class:`GRPCError`."""
         reply, _ = await self.with_call(
-            request, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
+            request,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+            compression=compression,
+            wait_for_ready=wait_for_ready,
         )
         return reply
 
@@ -690,6 +898,7 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
+        wait_for_ready: bool = False,
     ) -> tuple[RecvT, ClientStream[SendT, RecvT]]:
         """Make the call; return the reply and the finished call, whose ``initial_metadata``,
         ``trailing_metadata``, ``response_encoding`` and ``peer`` tell how it went."""
@@ -703,7 +912,12 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
             return reply, stream
 
         return await self._with_retry(
-            run, timeout=timeout, deadline=deadline, metadata=metadata, compression=compression
+            run,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+            compression=compression,
+            wait_for_ready=wait_for_ready,
         )
 
 
@@ -762,13 +976,16 @@ class UnaryStreamMethod(_Method[SendT, RecvT]):
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
+        wait_for_ready: bool = False,
     ) -> ReplyStream[SendT, RecvT]:
         """The call's replies, as they arrive (``async for``), or all of them (``await``)."""
         fixed = _earliest(timeout, deadline)  # one deadline, a transparent retry included
 
         async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
             for attempt in (1, 2):
-                async with self.open(deadline=fixed, metadata=metadata, compression=compression) as stream:
+                async with self.open(
+                    deadline=fixed, metadata=metadata, compression=compression, wait_for_ready=wait_for_ready
+                ) as stream:
                     replies.call = stream
                     try:
                         await stream.send_message(request, end=True)
@@ -798,9 +1015,16 @@ class StreamUnaryMethod(_Method[SendT, RecvT]):
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
+        wait_for_ready: bool = False,
     ) -> RecvT:
         """Send every request (an iterable or an async iterable), then return the reply."""
-        async with self.open(timeout=timeout, deadline=deadline, metadata=metadata, compression=compression) as stream:
+        async with self.open(
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+            compression=compression,
+            wait_for_ready=wait_for_ready,
+        ) as stream:
             await _send_all(stream, requests)
             reply = await stream.recv_message()
             await stream.recv_trailing_metadata()
@@ -823,6 +1047,7 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
+        wait_for_ready: bool = False,
     ) -> ReplyStream[SendT, RecvT]:
         """Send ``requests`` (an iterable or an async iterable, consumed in a task of its own)
         while the replies come: ``async for`` takes them as they arrive, ``await`` collects them.
@@ -830,7 +1055,13 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
         If the requests' iterator raises, the call is cancelled and its exception raised here.
         """
 
-        options = {"timeout": timeout, "deadline": deadline, "metadata": metadata, "compression": compression}
+        options = {
+            "timeout": timeout,
+            "deadline": deadline,
+            "metadata": metadata,
+            "compression": compression,
+            "wait_for_ready": wait_for_ready,
+        }
 
         async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
             async with self.open(**options) as stream:  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from ..rpc.handlers import ServiceLike
 from ..wire.config import Configuration
 from .client import Channel, ClientProtocol
 from .server import Server, ServerProtocol
+from .subchannel import Address
 
 __all__ = ["ChannelFor"]
 
@@ -67,7 +68,7 @@ class _InMemoryChannel(Channel):
         super().__init__("in-memory", 0, **kwargs)
         self._server = server
 
-    async def _open_transport(self, factory: Callable[[], ClientProtocol]) -> ClientProtocol:
+    async def _open_transport(self, factory: Callable[[], ClientProtocol], address: Address) -> ClientProtocol:
         loop = asyncio.get_running_loop()
         client = factory()
         server = ServerProtocol(self._server, loop)

@@ -74,6 +74,19 @@ class Configuration:
     linger_timeout: float = 1.0
     #: Close (gracefully, with GOAWAY) a connection without calls for this long; None: never.
     idle_timeout: float | None = 30 * 60.0
+    #: Clients: gRPC's connection backoff. After a failed attempt to connect to a backend,
+    #: wait ``connect_initial_backoff``, then ``connect_backoff_multiplier`` times longer
+    #: after each further failure, up to ``connect_max_backoff``, each wait varied at random
+    #: by ``connect_backoff_jitter`` (a fraction) either way; an attempt may take the larger of
+    #: its backoff and ``connect_min_timeout``.
+    connect_initial_backoff: float = 1.0
+    connect_backoff_multiplier: float = 1.6
+    connect_backoff_jitter: float = 0.2
+    connect_max_backoff: float = 120.0
+    connect_min_timeout: float = 20.0
+    #: Clients of a ``dns:`` target: the name is resolved again when a backend fails or sends
+    #: GOAWAY, but not sooner than this after the last resolution.
+    dns_min_resolution_interval: float = 30.0
     #: The window over which the flood limits below count frames from the peer. Over any
     #: limit, the connection is closed at once with GOAWAY ENHANCE_YOUR_CALM.
     flood_window: float = 10.0

@@ -1,0 +1,247 @@
+"""What a Channel is made of: target names, one connection per backend address, and the
+connectivity states and reconnect backoff of gRPC's connectivity and connection-backoff specs.
+
+A :class:`Subchannel` owns the connection to one address. It connects when a call needs it
+(IDLE → CONNECTING → READY); a failed attempt puts it in TRANSIENT_FAILURE until its backoff
+expires (then IDLE again: the next call that needs it tries anew, backing off further); a
+READY connection that is lost or told to go away (GOAWAY) makes it IDLE at once, its calls in
+flight finishing on the old connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import random
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
+
+from ..wire.config import Configuration
+
+__all__ = ["Address", "Backoff", "CallConnection", "ConnectivityState", "Subchannel", "Target", "parse_target"]
+
+DEFAULT_PORT = 50051
+
+
+class CallConnection(Protocol):
+    """What a subchannel needs of a connection (the client's protocol)."""
+
+    #: Called once when the connection stops taking new calls.
+    on_unusable: Callable[[], None] | None
+
+    @property
+    def takes_calls(self) -> bool:
+        """Open, and not told to go away."""
+
+    @property
+    def lost(self) -> bool:
+        """Closed (rather than draining after a GOAWAY)."""
+
+    def close_when_idle(self) -> None:
+        """Take no more calls; close once the calls on it are done."""
+
+
+ConnectionT = TypeVar("ConnectionT", bound=CallConnection)
+
+
+class ConnectivityState(enum.Enum):
+    """gRPC's connectivity states, of a channel or of one of its connections."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    READY = "ready"
+    TRANSIENT_FAILURE = "transient_failure"
+    SHUTDOWN = "shutdown"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Address:
+    """One backend: a TCP host and port, or a Unix socket path."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in str(self.host) else f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    """What a channel connects to: fixed addresses, or a DNS name resolved into addresses."""
+
+    addresses: tuple[Address, ...] = ()
+    dns_name: str | None = None
+    dns_port: int = DEFAULT_PORT
+
+    @property
+    def authority(self) -> str:
+        """The ``:authority`` of requests: the name the caller gave (the first address of a list)."""
+        if self.dns_name is not None:
+            return str(Address(self.dns_name, self.dns_port))
+        first = self.addresses[0]
+        return "localhost" if first.path is not None else str(first)
+
+
+def _host_port(text: str, original: str) -> Address:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (port 50051 if none)."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"invalid target {original!r}")
+        port_text = rest[1:]
+    elif text.count(":") > 1:
+        host, port_text = text, ""  # a bare IPv6 address
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError(f"invalid target {original!r}: no host")
+    if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise ValueError(f"invalid target {original!r}: bad port")
+    return Address(host, int(port_text) if port_text else DEFAULT_PORT)
+
+
+def parse_target(target: str) -> Target:
+    """A gRPC target string: ``host:port``, ``dns:///name:port`` (every address the name
+    resolves to is a backend), ``unix:path`` or ``unix:///absolute/path``."""
+    if target.startswith("unix:"):
+        path = target[len("unix://") :] if target.startswith("unix://") else target[len("unix:") :]
+        if not path:
+            raise ValueError(f"invalid target {target!r}: no path")
+        return Target(addresses=(Address(path=path),))
+    if target.startswith("dns:"):
+        rest = target[len("dns:") :]
+        if rest.startswith("//"):
+            rest = rest[2:].partition("/")[2]  # dns://authority/name: the authority is the DNS server's
+        address = _host_port(rest, target)
+        assert address.host is not None and address.port is not None
+        return Target(dns_name=address.host, dns_port=address.port)
+    return Target(addresses=(_host_port(target, target),))
+
+
+class Backoff:
+    """gRPC's connection backoff: 1 s, then 1.6 times longer per failure up to 120 s, with
+    20 % jitter either way (all set by :class:`Configuration`)."""
+
+    def __init__(self, config: Configuration) -> None:
+        self._config = config
+        self._current = config.connect_initial_backoff
+
+    def reset(self) -> None:
+        """After a success: the next failure waits the initial backoff again."""
+        self._current = self._config.connect_initial_backoff
+
+    def next_delay(self) -> float:
+        """How long to wait after the failure that just happened."""
+        config = self._config
+        delay = self._current
+        jitter = config.connect_backoff_jitter * delay
+        self._current = min(self._current * config.connect_backoff_multiplier, config.connect_max_backoff)
+        return max(0.0, delay + random.uniform(-jitter, jitter))
+
+
+class Subchannel(Generic[ConnectionT]):
+    """The connection to one address (see the module's docstring)."""
+
+    def __init__(
+        self,
+        address: Address,
+        connect: Callable[[Address], Awaitable[ConnectionT]],
+        config: Configuration,
+        on_change: Callable[[Subchannel[ConnectionT]], None],
+    ) -> None:
+        self.address = address
+        self._connect = connect
+        self._config = config
+        self._on_change = on_change
+        self._backoff = Backoff(config)
+        self.state = ConnectivityState.IDLE
+        self.protocol: ConnectionT | None = None
+        #: Why the last attempt (or connection) failed.
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<Subchannel {self.address} {self.state.name}>"
+
+    def ready_protocol(self) -> ConnectionT | None:
+        """The connection if it takes new calls; a lost or draining one makes us IDLE."""
+        protocol = self.protocol
+        if protocol is None:
+            return None
+        if not protocol.takes_calls:
+            self.protocol = None
+            self.last_error = "connection lost" if protocol.lost else "server sent GOAWAY"
+            protocol.close_when_idle()
+            self._set(ConnectivityState.IDLE)
+            return None
+        return protocol
+
+    def request_connection(self) -> None:
+        """Start connecting if IDLE (a call needs a connection)."""
+        self.ready_protocol()
+        if self.state is ConnectivityState.IDLE:
+            self._set(ConnectivityState.CONNECTING)
+            self._task = asyncio.ensure_future(self._attempt())
+
+    async def _attempt(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self._backoff.next_delay()
+        retry_at = loop.time() + delay
+        try:
+            # gRPC's rule: each attempt may take the larger of the backoff and the minimum.
+            async with asyncio.timeout(max(delay, self._config.connect_min_timeout)):
+                protocol = await self._connect(self.address)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # OSError, TimeoutError, a TLS or ALPN failure: all transient
+            if self.state is ConnectivityState.SHUTDOWN:
+                return
+            self.last_error = f"cannot connect to {self.address}: {_describe(exc)}"
+            self._set(ConnectivityState.TRANSIENT_FAILURE)
+            self._retry_handle = loop.call_at(retry_at, self._backoff_over)
+            return
+        finally:
+            self._task = None
+        if self.state is ConnectivityState.SHUTDOWN:  # shut down while connecting: nobody's
+            protocol.close_when_idle()
+            return
+        self._backoff.reset()
+        self.protocol = protocol
+        protocol.on_unusable = self._connection_changed
+        self._set(ConnectivityState.READY)
+
+    def _backoff_over(self) -> None:
+        self._retry_handle = None
+        if self.state is ConnectivityState.TRANSIENT_FAILURE:
+            self._set(ConnectivityState.IDLE)
+
+    def _connection_changed(self) -> None:
+        if self.protocol is not None:
+            self.ready_protocol()
+
+    def _set(self, state: ConnectivityState) -> None:
+        if state is not self.state:
+            self.state = state
+            self._on_change(self)
+
+    def shutdown(self) -> None:
+        """Stop; the connection closes once its calls are done (now, if none). An attempt under
+        way is not cancelled (a connection it made would be left open): it closes what it gets."""
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.close_when_idle()
+        self.state = ConnectivityState.SHUTDOWN
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
