@@ -628,3 +628,25 @@ async def test_standard_error_details_decode_without_importing_their_module() ->
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["BadRequest", "f"]
+
+
+async def test_the_sender_of_a_large_last_message_wakes_when_it_left_not_at_the_reply() -> None:
+    # send_message(70 KB, end=True) waits for its bytes to leave (over the 64 KiB send
+    # buffer); it must return once they left, while the server still holds its reply.
+    from app_kit import Handler, Stream
+
+    release = asyncio.Event()
+
+    async def hold_reply(stream: Stream[BytesValue, Int64Value]) -> None:
+        size = sum([len(message.value) async for message in stream])
+        await release.wait()
+        await stream.send_message(Int64Value(value=size))
+
+    mapping = {"/t.H/Hold": Handler(hold_reply, Cardinality.STREAM_UNARY, BytesValue, Int64Value)}
+    service = type("H", (), {"__mapping__": lambda self: mapping})()
+    async with running_server([service]) as (_, target):
+        async with Channel("127.0.0.1", int(target.rsplit(":", 1)[1])) as channel:
+            async with channel.request("/t.H/Hold", Cardinality.STREAM_UNARY, BytesValue, Int64Value) as call:
+                await asyncio.wait_for(call.send_message(BytesValue(value=b"x" * 70_000), end=True), 5)
+                release.set()
+                assert (await call.recv_message()) == Int64Value(value=70_000)

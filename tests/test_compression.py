@@ -20,6 +20,7 @@ from app_kit import (
     AppSettings,
     Channel,
     Encoding,
+    GRPCError,
     ProtocolError,
     Server,
     SettingsError,
@@ -220,12 +221,13 @@ async def test_set_compression_is_checked_and_only_before_the_headers() -> None:
     assert outcomes[1] == "ProtocolError: cannot send headers: the response headers were sent already"
 
 
+@pytest.mark.parametrize("accept", [b"gzip,deflate", b"identity,deflate,gzip"])
 @pytest.mark.parametrize(
     ("default", "request_encoding", "reply_flag"),
     [(None, None, 0), (None, b"gzip", 1), ("gzip", None, 1), ("identity", b"gzip", 0), ("deflate", None, 1)],
 )
 async def test_the_servers_default_reply_encoding(
-    default: str | None, request_encoding: bytes | None, reply_flag: int
+    default: str | None, request_encoding: bytes | None, reply_flag: int, accept: bytes
 ) -> None:
     server = Server([echo_service()], compression=default)
     await server.start("127.0.0.1", 0)
@@ -233,7 +235,7 @@ async def test_the_servers_default_reply_encoding(
         message = BytesValue().SerializeToString()
         body = framed(gzip(message), 1) if request_encoding else framed(message, 0)
         response = await raw_call(
-            server.sockets[0].getsockname()[1], "/t.E/Echo", body, encoding=request_encoding, accept=b"gzip,deflate"
+            server.sockets[0].getsockname()[1], "/t.E/Echo", body, encoding=request_encoding, accept=accept
         )
         assert response.grpc_status == 0
         assert response.framed()[0][0] == reply_flag
@@ -349,9 +351,43 @@ async def test_an_unknown_request_encoding_is_unimplemented_with_the_accepted_li
 
 async def test_encoding_names_are_tokens() -> None:
     noop = Encoding("x", bytes, lambda data, limit: data)
-    for name in ("", "Gzip", "a,b", " x", "identity"):
+    for name in ("", "Gzip", "a,b", " x", "identity", "a b", "x\x01", "zstd;q=1", "snäppy"):
         with pytest.raises(ValueError):
             register_encoding(Encoding(name, noop.compress, noop.decompress))
+
+
+async def test_an_encoding_that_fails_to_compress_ends_the_call_internal_both_ways() -> None:
+    def failing(data: bytes) -> bytes:
+        raise RuntimeError("compressor bug")
+
+    register_encoding(Encoding("failing", failing, lambda data, limit: data))
+    try:
+        caught: list[str] = []
+
+        async def reply_failing(stream: Stream[BytesValue, BytesValue]) -> None:
+            await stream.recv_message()
+            stream.set_compression("failing")
+            try:
+                await stream.send_message(BytesValue(value=b"x"))
+            except GRPCError as exc:
+                caught.append(str(exc))  # the call is over; returning does not make it OK
+
+        mapping = {"/t.F/Fail": Handler(reply_failing, Cardinality.UNARY_UNARY, BytesValue, BytesValue)}
+        service = type("F", (), {"__mapping__": lambda self: mapping})()
+        async with running_server([service]) as (_, target):
+            response = await raw_call(port_of(target), "/t.F/Fail", framed(b"", 0), accept=b"failing")
+            assert response.grpc_status == Status.INTERNAL.value
+            assert response.grpc_message == "could not compress the message with failing: compressor bug"
+            assert caught == ["INTERNAL: could not compress the message with failing: compressor bug"]
+            async with Channel("127.0.0.1", port_of(target), compression="failing") as channel:
+                async with channel.request("/t.F/Fail", Cardinality.UNARY_UNARY, BytesValue, BytesValue) as call:
+                    with pytest.raises(GRPCError) as info:
+                        await call.send_message(BytesValue(value=b"x"), end=True)
+                    assert info.value.status is Status.INTERNAL
+                    with pytest.raises(GRPCError):
+                        await call.recv_trailing_metadata()
+    finally:
+        unregister_encoding("failing")
 
 
 async def test_a_failing_encoding_fails_the_call_not_the_connection() -> None:

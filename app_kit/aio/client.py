@@ -634,6 +634,9 @@ class ClientStream(Generic[SendT, RecvT]):
         except StreamGone:
             self._raise_if_over()
             raise
+        except MessageRejected as exc:
+            self._abort(exc.status, exc.message)
+            raise GRPCError(exc.status, exc.message) from None
         await protocol.drain(self._stream_id, ready)
         if not ready and self._outcome is not None:
             # The call ended while this message waited to leave: a failure is raised here; a

@@ -295,6 +295,8 @@ class ServerProtocol(ConnectionProtocol):
         default = self._server.compression
         if default is None:
             return request_encoding if request_encoding in accepted else None  # as the client wrote
+        if default == IDENTITY:
+            return None  # sent as no grpc-encoding at all
         return default if default in accepted else None
 
     def _start_call(self, event: RequestReceived) -> None:

@@ -292,6 +292,9 @@ class Stream(Generic[RecvT, SendT]):
         except StreamGone:
             self._raise_if_closed()
             raise
+        except MessageRejected as exc:
+            self._end_now(exc.status, exc.message)  # its headers may be out: end it here
+            raise GRPCError(exc.status, exc.message) from None
         protocol = self._protocol
         if ready and not protocol.write_paused:
             protocol.schedule_flush()  # the common case: no second coroutine per message

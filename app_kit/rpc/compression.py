@@ -10,6 +10,7 @@ channels may compress with it. The core never needs to know its name.
 from __future__ import annotations
 
 import dataclasses
+import re
 import zlib
 from collections.abc import Callable
 
@@ -30,6 +31,8 @@ __all__ = [
 
 #: The name of "no compression".
 IDENTITY = "identity"
+# RFC 9110 §5.6.2 tchar, lower case (names are compared as sent).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")
 
 
 class DecompressionError(Exception):
@@ -106,8 +109,8 @@ def register_encoding(encoding: Encoding) -> None:
     ``grpc-accept-encoding`` they advertised; register before serving.
     """
     name = encoding.name
-    if not name or name != name.strip().lower() or "," in name or not name.isascii():
-        raise ValueError(f"invalid encoding name {name!r}: a lower-case token without commas")
+    if not _TOKEN.match(name):
+        raise ValueError(f"invalid encoding name {name!r}: a lower-case HTTP token (RFC 9110 5.6.2)")
     if name == IDENTITY:
         raise ValueError("identity is built in and cannot be replaced")
     _registry[name] = encoding

@@ -411,7 +411,8 @@ class GrpcConnection:
         """Queue one message for the next :meth:`flush_streams`; False: the sender should wait.
 
         The message is compressed with the stream's send encoding, if it has one, unless
-        ``compress_message`` is False (then it goes out with the compressed flag clear).
+        ``compress_message`` is False (then it goes out with the compressed flag clear); if
+        compressing fails, :class:`MessageRejected` says with what status the call must end.
 
         Messages queued in one loop turn leave together, packed into as few DATA frames as
         the frame size allows: streaming costs a few byte appends per message, not an h2
@@ -421,15 +422,19 @@ class GrpcConnection:
         state = self._streams.get(stream_id)
         if state is None or state.local_closed:
             raise StreamGone(stream_id)
+        flag = 0
+        if state.send_encoding is not None and compress_message:
+            try:
+                payload = compress(state.send_encoding, payload)
+            except Exception as exc:  # unregistered meanwhile, or the encoding's own failure
+                message = f"could not compress the message with {state.send_encoding}: {exc}"
+                raise MessageRejected(Status.INTERNAL, message) from None
+            flag = 1
         pending = state.pending
         if not pending:
             # Else the stream is queued already: for this turn's flush, or for window.
             self._dirty[stream_id] = state
-        if state.send_encoding is not None and compress_message:
-            payload = compress(state.send_encoding, payload)
-            pending += _pack_prefix(1, len(payload))
-        else:
-            pending += _pack_prefix(0, len(payload))
+        pending += _pack_prefix(flag, len(payload))
         pending += payload
         if len(pending) > self._max_send_buffer:
             state.over_limit = True

@@ -45,6 +45,11 @@ def _large_request(**fields: object) -> SimpleRequest:
     return SimpleRequest(response_size=314159, payload=Payload(body=bytes(271828)), **fields)  # type: ignore[arg-type]
 
 
+def _encoding(channel: Channel) -> str:
+    """What the compressed cases compress with: the channel's encoding, else gzip."""
+    return channel.compression or "gzip"
+
+
 def _expect_code(error: GRPCError | None, code: Status, step: str) -> None:
     assert error is not None, f"{step}: the call succeeded; expected {code.name}"
     assert error.status is code, f"{step}: {error.status.name} ({error.message}); expected {code.name}"
@@ -75,7 +80,7 @@ async def _client_compressed_unary(channel: Channel, probe: bool) -> None:
             error = exc
         _expect_code(error, Status.INVALID_ARGUMENT, "the uncompressed probe")
     for compressed in (True, False):
-        async with stub.UnaryCall.open(compression="gzip") as call:
+        async with stub.UnaryCall.open(compression=_encoding(channel)) as call:
             request = _large_request(expect_compressed=BoolValue(value=compressed))
             await call.send_message(request, end=True, compress=compressed)
             reply = await call.recv_message()
@@ -133,7 +138,7 @@ async def _client_compressed_streaming(channel: Channel, probe: bool) -> None:
         except GRPCError as exc:
             error = exc
         _expect_code(error, Status.INVALID_ARGUMENT, "the uncompressed probe")
-    async with stub.StreamingInputCall.open(compression="gzip") as call:
+    async with stub.StreamingInputCall.open(compression=_encoding(channel)) as call:
         first = StreamingInputCallRequest(payload=Payload(body=bytes(27182)), expect_compressed=BoolValue(value=True))
         await call.send_message(first, compress=True)
         second = StreamingInputCallRequest(payload=Payload(body=bytes(45904)), expect_compressed=BoolValue(value=False))

@@ -112,8 +112,9 @@ class TestService(TestServiceBase):
         await _end(stream)  # type: ignore[arg-type]
 
     async def CacheableUnaryCall(self, stream: Stream[SimpleRequest, SimpleResponse]) -> None:
-        """The current time in nanoseconds, as the payload (the caching proxy part is the proxy's)."""
+        """The current time in nanoseconds as the payload, marked cacheable for 60 s."""
         await stream.recv_message()
+        await stream.send_initial_metadata(metadata={"cache-control": "max-age=60, public"})
         await stream.send_message(SimpleResponse(payload=Payload(body=str(time.time_ns()).encode())))
 
     async def StreamingOutputCall(
@@ -139,13 +140,14 @@ class TestService(TestServiceBase):
         await _end(stream)  # type: ignore[arg-type]
 
     async def FullDuplexCall(self, stream: Stream[StreamingOutputCallRequest, StreamingOutputCallResponse]) -> None:
-        """Replies to each request as it arrives; a ``response_status`` ends the call."""
+        """Replies to each request as it arrives; a ``response_status`` ends the call at once
+        (Echo Status: nothing more of the stream is processed)."""
         await _echo_initial(stream)  # type: ignore[arg-type]
         async for request in stream:
-            await _send_replies(stream, list(request.response_parameters))
             if request.response_status.code:
                 await _end(stream, request.response_status)  # type: ignore[arg-type]
                 return
+            await _send_replies(stream, list(request.response_parameters))
         await _end(stream)  # type: ignore[arg-type]
 
     async def HalfDuplexCall(self, stream: Stream[StreamingOutputCallRequest, StreamingOutputCallResponse]) -> None:
@@ -153,10 +155,10 @@ class TestService(TestServiceBase):
         requests = [request async for request in stream]
         await _echo_initial(stream)  # type: ignore[arg-type]
         for request in requests:
-            await _send_replies(stream, list(request.response_parameters))
             if request.response_status.code:
                 await _end(stream, request.response_status)  # type: ignore[arg-type]
                 return
+            await _send_replies(stream, list(request.response_parameters))
         await _end(stream)  # type: ignore[arg-type]
 
     async def UnimplementedCall(self, stream: Stream[Empty, Empty]) -> None:
