@@ -19,11 +19,13 @@ from .rpc.compression import Encoding, register_encoding, registered_encodings, 
 from .rpc.deadline import Deadline
 from .rpc.handlers import Cardinality, Handler, ServiceLike
 from .rpc.metadata import Metadata, MetadataLike
+from .rpc.retry import RetryPolicy
 from .rpc.status import GRPCError, ProtocolError, Status
 from .wire.config import Configuration
 
 if TYPE_CHECKING:  # what __getattr__ below loads on first use, as the type checker sees it
     from .aio.client import Channel, ClientStream
+    from .aio.subchannel import ConnectivityState
     from .app.lifecycle import App, RunningApp, StartupError
     from .app.settings import AppSettings, SettingsError
     from .app.signals import graceful_exit
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # what __getattr__ below loads on first use, as the type chec
 _LAZY = {
     "Channel": "aio.client",
     "ClientStream": "aio.client",
+    "ConnectivityState": "aio.subchannel",
     "App": "app.lifecycle",
     "RunningApp": "app.lifecycle",
     "StartupError": "app.lifecycle",
@@ -66,6 +69,7 @@ __all__ = [
     "ClientStream",
     "CodecBase",
     "Configuration",
+    "ConnectivityState",
     "Deadline",
     "Encoding",
     "GRPCError",
@@ -76,6 +80,7 @@ __all__ = [
     "ProtoCodec",
     "ProtoStatusDetailsCodec",
     "ProtocolError",
+    "RetryPolicy",
     "Server",
     "ServiceLike",
     "Status",

@@ -9,7 +9,7 @@ import functools
 import socket
 import ssl as ssl_module
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import h2.errors
@@ -31,6 +31,7 @@ from ..rpc.events import (
 )
 from ..rpc.handlers import Cardinality
 from ..rpc.metadata import Metadata, MetadataLike, decode_metadata, encode_metadata
+from ..rpc.retry import RetryPolicies, RetryPolicy, pushback_delay
 from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
 from .stream import Peer
@@ -185,6 +186,11 @@ class Channel:
     one to come back. :meth:`get_state`, :meth:`wait_for_state_change` and
     :meth:`channel_ready` follow the channel's connectivity.
 
+    Failed calls are retried by ``retry_policy`` (a :class:`~app_kit.RetryPolicy` for every
+    method) or by the ``retryPolicy`` entries of a gRPC ``service_config`` (a dict in its JSON
+    shape, per service or method): only calls whose request is a single message, only before
+    response headers came back, always within the call's deadline.
+
     ``ssl=True`` uses a default TLS context; either way ALPN ``h2`` is required.
     ``compression="gzip"`` compresses requests (any registered encoding; a call can say
     otherwise); responses in every registered encoding are accepted.
@@ -201,6 +207,8 @@ class Channel:
         status_details_codec: StatusDetailsCodecBase | None = None,
         config: Configuration | None = None,
         compression: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+        service_config: Mapping[str, Any] | None = None,
     ) -> None:
         if path is not None and (host is not None or port is not None):
             raise ValueError("path and host/port are mutually exclusive")
@@ -232,6 +240,7 @@ class Channel:
         self.config = config if config is not None else Configuration()
         #: The encoding of requests (None: uncompressed), unless a call says otherwise.
         self.compression = compression
+        self._retry_policies = RetryPolicies(service_config, default=retry_policy)
         #: The connection the latest call was placed on.
         self._protocol: ClientProtocol | None = None
         self._subchannels: list[Subchannel[ClientProtocol]] = []
@@ -852,19 +861,54 @@ class _Method(Generic[SendT, RecvT]):
         deadline: Deadline | None,
         **options: Any,
     ) -> Any:
-        # A call the server refused (REFUSED_STREAM) or never processed (above a GOAWAY's
-        # last-stream-id) is run once more, on a new connection if need be. The deadline is the
-        # call's, fixed once: the retry gets what is left of it, not a new timeout.
+        # The deadline is the call's, fixed once: a retry gets what is left of it.
         deadline = _earliest(timeout, deadline)
-        for attempt in (1, 2):
+        attempts = _Attempts(self.channel._retry_policies.for_method(self.path), deadline)
+        while True:
             async with self.open(deadline=deadline, **options) as stream:
                 try:
                     return await run(stream)
-                except GRPCError:
-                    if attempt == 1 and stream._retryable:
-                        continue
-                    raise
-        raise AssertionError("unreachable")
+                except GRPCError as exc:
+                    delay = attempts.retry_delay(stream, exc)
+                    if delay is None:
+                        raise
+            await asyncio.sleep(delay)
+
+
+class _Attempts:
+    """Whether (and after how long) a failed attempt of a call is made again.
+
+    Transparently, once and at once: a call the server refused (REFUSED_STREAM) or never
+    processed (above a GOAWAY's last-stream-id). By the retry policy: a retryable status
+    while the call is not committed (no response headers came back), within the attempts
+    allowed, the server's pushback and the call's deadline.
+    """
+
+    def __init__(self, policy: RetryPolicy | None, deadline: Deadline | None) -> None:
+        self._policy = policy
+        self._deadline = deadline
+        self._transparent_used = False
+        self._attempts = 1
+
+    def retry_delay(self, stream: ClientStream[Any, Any], error: GRPCError) -> float | None:
+        """Seconds to wait before the next attempt, or None: raise ``error``."""
+        if stream._retryable and not self._transparent_used:
+            self._transparent_used = True  # not counted as an attempt, as gRFC A6 says
+            return 0.0
+        policy = self._policy
+        if policy is None or self._attempts >= policy.max_attempts or stream._headers:
+            return None  # no policy, out of attempts, or committed (response headers came)
+        if error.status not in policy.retryable_status_codes:
+            return None
+        raw = stream._outcome[3] if stream._outcome is not None else []
+        pushback = pushback_delay(value.decode("latin-1") for name, value in raw if name == b"grpc-retry-pushback-ms")
+        if pushback is None:
+            return None  # the server says: do not retry
+        self._attempts += 1
+        delay = pushback or policy.backoff(self._attempts - 1)
+        if self._deadline is not None and self._deadline.time_remaining() <= delay:
+            return None  # no time left for another attempt
+        return delay
 
 
 class UnaryUnaryMethod(_Method[SendT, RecvT]):
@@ -985,7 +1029,8 @@ class UnaryStreamMethod(_Method[SendT, RecvT]):
         fixed = _earliest(timeout, deadline)  # one deadline, a transparent retry included
 
         async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
-            for attempt in (1, 2):
+            attempts = _Attempts(self.channel._retry_policies.for_method(self.path), fixed)
+            while True:
                 async with self.open(
                     deadline=fixed, metadata=metadata, compression=compression, wait_for_ready=wait_for_ready
                 ) as stream:
@@ -996,11 +1041,12 @@ class UnaryStreamMethod(_Method[SendT, RecvT]):
                             yield reply
                         await stream.recv_trailing_metadata()
                         return
-                    except GRPCError:
-                        # Retryable only if nothing came back: no reply was yielded.
-                        if attempt == 1 and stream._retryable:
-                            continue
-                        raise
+                    except GRPCError as exc:
+                        # Never once a reply was yielded: its headers committed the call.
+                        delay = attempts.retry_delay(stream, exc)
+                        if delay is None:
+                            raise
+                await asyncio.sleep(delay)
 
         return ReplyStream(run)
 

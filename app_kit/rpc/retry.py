@@ -1,0 +1,132 @@
+"""Retry policies in the shape of gRPC's service config (gRFC A6), without the I/O.
+
+A policy says how often a failed call may be tried again (``max_attempts`` in all, at most
+5 as the spec caps it), on which status codes, and how long to wait between attempts: a random
+time up to ``initial_backoff``, growing by ``backoff_multiplier`` per attempt up to
+``max_backoff`` — or what the server asks for in ``grpc-retry-pushback-ms`` (a negative or
+malformed value: do not retry). A call is retried only while it is not committed: no response
+headers or messages came back (a Trailers-Only answer does not commit it), and always within
+the call's original deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .status import Status
+
+__all__ = ["RetryPolicy", "RetryPolicies", "pushback_delay"]
+
+_MAX_ATTEMPTS_CAP = 5  # gRFC A6: larger values are treated as 5
+_DURATION = re.compile(r"\A(\d+(?:\.\d*)?)s\Z")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a call that failed with a retryable status is tried again (see the module)."""
+
+    #: Attempts in all, the first included (2 to 5).
+    max_attempts: int = 3
+    #: Seconds: the waits before retries are random up to this, then grow.
+    initial_backoff: float = 0.1
+    #: Seconds: the cap on how much the waits grow.
+    max_backoff: float = 1.0
+    #: How much the cap on the wait grows per attempt.
+    backoff_multiplier: float = 2.0
+    #: Statuses that may be retried.
+    retryable_status_codes: frozenset[Status] = frozenset({Status.UNAVAILABLE})
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 2:
+            raise ValueError("max_attempts must be at least 2 (the first attempt and a retry)")
+        if self.initial_backoff <= 0 or self.max_backoff <= 0 or self.backoff_multiplier <= 0:
+            raise ValueError("initial_backoff, max_backoff and backoff_multiplier must be positive")
+        if not self.retryable_status_codes or Status.OK in self.retryable_status_codes:
+            raise ValueError("retryable_status_codes must name at least one error status")
+        object.__setattr__(self, "max_attempts", min(self.max_attempts, _MAX_ATTEMPTS_CAP))
+        object.__setattr__(self, "retryable_status_codes", frozenset(map(Status, self.retryable_status_codes)))
+
+    def backoff(self, retry: int) -> float:
+        """The wait before retry number ``retry`` (1 for the first): random, up to the cap."""
+        cap = min(self.initial_backoff * self.backoff_multiplier ** (retry - 1), self.max_backoff)
+        return random.uniform(0, cap)
+
+    @classmethod
+    def from_json(cls, policy: Mapping[str, Any]) -> RetryPolicy:
+        """A policy from a service config's ``retryPolicy`` object (durations as ``"0.1s"``)."""
+        try:
+            codes = frozenset(_status(code) for code in policy["retryableStatusCodes"])
+            return cls(
+                max_attempts=int(policy["maxAttempts"]),
+                initial_backoff=_seconds(policy["initialBackoff"]),
+                max_backoff=_seconds(policy["maxBackoff"]),
+                backoff_multiplier=float(policy["backoffMultiplier"]),
+                retryable_status_codes=codes,
+            )
+        except KeyError as exc:
+            raise ValueError(f"retryPolicy needs {exc.args[0]}") from None
+
+
+class RetryPolicies:
+    """Which policy applies to which method: a service config's ``methodConfig`` list.
+
+    Each entry names methods (``{"service": "pkg.Svc", "method": "M"}``, a whole service
+    without ``method``, or every method with ``{}``); the most specific name wins.
+    """
+
+    def __init__(self, service_config: Mapping[str, Any] | None = None, *, default: RetryPolicy | None = None) -> None:
+        self._methods: dict[str, RetryPolicy] = {}
+        self._services: dict[str, RetryPolicy] = {}
+        #: For methods no entry names.
+        self._default = default
+        for entry in (service_config or {}).get("methodConfig", []):
+            raw = entry.get("retryPolicy")
+            if raw is None:
+                continue
+            policy = RetryPolicy.from_json(raw)
+            for name in entry.get("name", []):
+                service, method = name.get("service", ""), name.get("method", "")
+                if method:
+                    self._methods[f"/{service}/{method}"] = policy
+                elif service:
+                    self._services[service] = policy
+                else:
+                    self._default = policy
+
+    def for_method(self, path: str) -> RetryPolicy | None:
+        """The policy of ``/package.Service/Method``, if any."""
+        policy = self._methods.get(path)
+        if policy is None:
+            policy = self._services.get(path[1:].partition("/")[0], self._default)
+        return policy
+
+
+def pushback_delay(values: Iterable[str]) -> float | None:
+    """``grpc-retry-pushback-ms`` as seconds to wait; None: the server says do not retry."""
+    for value in values:
+        if not value.isdigit():
+            return None  # negative or malformed: no retry, as gRFC A6 says
+        return int(value) / 1000
+    return 0.0  # no pushback: the policy's own backoff applies (0 marks "none given")
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if match is None:
+        raise ValueError(f"invalid duration {value!r}: seconds with an s, as in 0.1s")
+    return float(match.group(1))
+
+
+def _status(code: object) -> Status:
+    if isinstance(code, int):
+        return Status(code)
+    try:
+        return Status[str(code).upper()]
+    except KeyError:
+        raise ValueError(f"unknown status code {code!r}") from None
