@@ -26,6 +26,7 @@ from .wire.config import Configuration
 if TYPE_CHECKING:  # what __getattr__ below loads on first use, as the type checker sees it
     from .aio.client import Channel, ClientStream
     from .aio.subchannel import ConnectivityState
+    from .aio.tls import client_tls
     from .app.lifecycle import App, RunningApp, StartupError
     from .app.settings import AppSettings, SettingsError
     from .app.signals import graceful_exit
@@ -35,6 +36,7 @@ _LAZY = {
     "Channel": "aio.client",
     "ClientStream": "aio.client",
     "ConnectivityState": "aio.subchannel",
+    "client_tls": "aio.tls",
     "App": "app.lifecycle",
     "RunningApp": "app.lifecycle",
     "StartupError": "app.lifecycle",
@@ -87,6 +89,7 @@ __all__ = [
     "StatusDetailsCodecBase",
     "Stream",
     "__version__",
+    "client_tls",
     "register_encoding",
     "registered_encodings",
     "unregister_encoding",

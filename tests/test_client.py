@@ -366,6 +366,7 @@ async def test_generated_stub_against_our_server_tcp_unix_tls() -> None:
     ca.issue_cert("localhost").configure_cert(server_context)
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
+    client_context.set_alpn_protocols(["h2"])  # a context of the caller's: Channel does not change it
     async with running_server([CoffeeMachine()], ssl=server_context) as (server, _):
         async with Channel("localhost", server.sockets[0].getsockname()[1], ssl=client_context) as channel:
             await exercise(channel)

@@ -36,6 +36,7 @@ from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
 from .stream import Peer
 from .subchannel import DEFAULT_PORT, Address, Backoff, ConnectivityState, Subchannel, Target, parse_target
+from .tls import client_tls
 from .transport import ConnectionProtocol
 
 __all__ = [
@@ -191,7 +192,10 @@ class Channel:
     shape, per service or method): only calls whose request is a single message, only before
     response headers came back, always within the call's deadline.
 
-    ``ssl=True`` uses a default TLS context; either way ALPN ``h2`` is required.
+    ``ssl=True`` uses a default TLS context (:func:`~app_kit.client_tls` makes one with your
+    roots and a client certificate, for mutual TLS); a context of your own is used as given,
+    never changed, and must offer ALPN ``h2``. ``server_hostname`` is the name the server's
+    certificate is checked against (and sent as SNI), when it is not the host connected to.
     ``compression="gzip"`` compresses requests (any registered encoding; a call can say
     otherwise); responses in every registered encoding are accepted.
     """
@@ -209,6 +213,7 @@ class Channel:
         compression: str | None = None,
         retry_policy: RetryPolicy | None = None,
         service_config: Mapping[str, Any] | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         if path is not None and (host is not None or port is not None):
             raise ValueError("path and host/port are mutually exclusive")
@@ -229,10 +234,11 @@ class Channel:
         else:
             self._target = parse_target(host)
         if ssl is True:
-            ssl = ssl_module.create_default_context()
-        self._ssl: ssl_module.SSLContext | None = ssl or None
-        if self._ssl is not None:
-            self._ssl.set_alpn_protocols(["h2"])
+            ssl = client_tls()
+        self._ssl: ssl_module.SSLContext | None = ssl or None  # used as given, never changed
+        if server_hostname is not None and self._ssl is None:
+            raise ValueError("server_hostname is for TLS: pass ssl= too")
+        self._server_hostname = server_hostname
         self.codec = codec if codec is not None else ProtoCodec()
         if status_details_codec is None and isinstance(self.codec, ProtoCodec):
             status_details_codec = ProtoStatusDetailsCodec()
@@ -437,7 +443,10 @@ class Channel:
             ssl_object = protocol.transport.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
                 protocol.close_transport()
-                raise ConnectionError(f"{address} did not negotiate HTTP/2 (ALPN h2)")
+                raise ConnectionError(
+                    f"{address} did not negotiate HTTP/2 (ALPN h2); a TLS context of your own must offer it:"
+                    ' context.set_alpn_protocols(["h2"]), or make it with app_kit.client_tls()'
+                )
         if self._closed:  # close() ran while we connected: this connection is nobody's
             protocol.connection.close(0, "channel closed")
             protocol.close_transport()
@@ -447,12 +456,15 @@ class Channel:
     async def _open_transport(self, factory: Callable[[], ClientProtocol], address: Address) -> ClientProtocol:
         loop = asyncio.get_running_loop()
         if address.path is not None:
+            hostname = self._server_hostname or ("localhost" if self._ssl else None)
             _, protocol = await loop.create_unix_connection(
-                factory, address.path, ssl=self._ssl, server_hostname="localhost" if self._ssl else None
+                factory, address.path, ssl=self._ssl, server_hostname=hostname
             )
         else:
             assert address.host is not None and address.port is not None  # set whenever path is None
-            _, protocol = await loop.create_connection(factory, address.host, address.port, ssl=self._ssl)
+            _, protocol = await loop.create_connection(
+                factory, address.host, address.port, ssl=self._ssl, server_hostname=self._server_hostname
+            )
         return protocol
 
     def request(
