@@ -155,6 +155,32 @@ def run_h2load(port: int, seconds: float, clients: int, streams: int, path: str,
     return {"rate": float(rate.group(1)), "succeeded": succeeded}
 
 
+def run_client(implementation: str, port: int, scenario: str, seconds: float) -> dict[str, Any]:
+    """One client implementation as the load (bench/clients.py): its own CPU per call."""
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            sys.executable,
+            str(HERE / "clients.py"),
+            implementation,
+            scenario,
+            str(port),
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
+    if out.returncode != 0:
+        raise GateFailed(f"{implementation} client {scenario} failed: {out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["errors"]:
+        raise GateFailed(f"{implementation} client {scenario}: {result['errors']} wrong or failed replies")
+    return result
+
+
 def run_loadgen(port: int, scenario: str, seconds: float) -> dict[str, Any]:
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPU, sys.executable, str(HERE / "loadgen.py"), scenario, str(port), str(seconds)],
@@ -366,6 +392,24 @@ def main() -> int:
                     record("unary p50 latency (1 in flight)", "ms", implementation, result["p50_ms"], False)
                     record("unary p99 latency (1 in flight)", "ms", implementation, result["p99_ms"], False)
                 print(f"  {name:<36} {implementation:<8} {value:>12,.1f} {unit}", flush=True)
+        # The clients, each as the load against the same server (grpcio's, on the server CPU):
+        # what each spends per call on the client CPU.
+        client_scenarios = [
+            ("client CPU per unary call (100 in flight)", "unary_100", "µs/call"),
+            ("client CPU per streamed reply", "server_stream", "µs/msg"),
+        ]
+        for name, scenario, unit in client_scenarios:
+            if args.smoke or (args.only and args.only not in name):
+                continue
+            for implementation in order:
+                with BenchServer("grpcio") as server:
+                    result = run_client(implementation, server.port, scenario, seconds)
+                    counts = server.stop()
+                served = counts["unary"] if scenario == "unary_100" else counts["stream_messages"]
+                if served < result["count"]:
+                    raise GateFailed(f"{name} {implementation}: server served {served} < {result['count']}")
+                record(name, unit, implementation, result["cpu_us"], False, rate=result["rate"])
+                print(f"  {name:<36} {implementation:<8} {result['cpu_us']:>12.1f} {unit}", flush=True)
         if not args.smoke and (not args.only or args.only in "memory per idle connection"):
             for implementation in order:
                 kib = idle_memory(implementation, 1000)

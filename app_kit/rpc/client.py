@@ -80,7 +80,7 @@ class ClientConnection(GrpcConnection):
             # h2 assumes no limit until the server's SETTINGS arrive; gRPC clients assume 100,
             # which every gRPC server allows, so a burst on a new connection is not refused.
             limit = min(limit, _LIMIT_BEFORE_SETTINGS)
-        return not self.closed and not self.going_away and h2conn.open_outbound_streams < limit
+        return not self.closed and not self.going_away and len(self._streams) < limit  # h2's count walks every stream
 
     def start_call(
         self,

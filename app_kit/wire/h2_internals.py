@@ -164,6 +164,16 @@ class H2Connection(h2.connection.H2Connection):
         self._sweep_at = max(16, 2 * len(self.streams))
         return count
 
+    @property
+    def open_outbound_streams(self) -> int:
+        """The same walk for the streams we open (a client's): the client enforces the peer's
+        stream limit itself, from its own count of calls."""
+        if len(self.streams) < self._sweep_at:
+            return 0
+        count = self._open_streams(int(self.config.client_side))
+        self._sweep_at = max(16, 2 * len(self.streams))
+        return count
+
     def send_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         """``send_headers`` on an open stream, with the header block already encoded."""
         stream = self.streams[stream_id]
