@@ -210,3 +210,24 @@ def test_ping_policy_counts_strikes_as_grpc_defines_them() -> None:
     # max_ping_strikes=0 switches the policy off (the hard cap still applies).
     policy = PingPolicy(Configuration(max_ping_strikes=0))
     assert not any(policy.too_many(float(n) / 1000, active=False, licensed=False) for n in range(100))
+
+
+async def test_a_client_told_too_many_pings_doubles_its_keepalive_time() -> None:
+    # The server allows a PING every 0.2 s (beyond those our frames license). An idle client
+    # pings once per keepalive_time + keepalive_timeout: every 0.15 s here, so its connection
+    # ends with too_many_pings; it doubles its keepalive_time, and at 0.25 s between PINGs the
+    # next connection lives on.
+    server_config = Configuration(min_ping_interval=0.2, min_ping_interval_without_calls=0.2, max_ping_strikes=1)
+    client_config = Configuration(keepalive_time=0.1, keepalive_timeout=0.05)
+    async with running_server([EchoService()], config=server_config) as (_, target):
+        async with Channel(target, config=client_config) as channel:
+            unary = methods(channel)["Unary"]
+            lost = []
+            for idle in (1.5, 1.5):
+                await unary(BytesValue(value=b"x"), timeout=5)
+                protocol = channel._protocol
+                await asyncio.sleep(idle)
+                assert protocol is not None
+                lost.append(protocol.is_closed)
+            assert lost == [True, False]
+            assert channel.keepalive_time == pytest.approx(0.2)

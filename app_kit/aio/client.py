@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
+import logging
 import socket
 import ssl as ssl_module
 import sys
@@ -52,8 +54,10 @@ __all__ = [
 SendT = TypeVar("SendT")
 RecvT = TypeVar("RecvT")
 
+log = logging.getLogger("app_kit.client")
 _USER_AGENT = f"app_kit/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
 _REFUSED_STREAM = int(h2.errors.ErrorCodes.REFUSED_STREAM)
+_ENHANCE_YOUR_CALM = int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 
 class ClientProtocol(ConnectionProtocol):
@@ -67,6 +71,8 @@ class ClientProtocol(ConnectionProtocol):
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         #: Called when the connection stops taking new calls (lost, or GOAWAY received).
         self.on_unusable: Callable[[], None] | None = None
+        #: Called if the server ends the connection for pinging too often.
+        self.on_too_many_pings: Callable[[], None] | None = None
         self._closing_when_idle = False
 
     def handle_events(self, events: Sequence[Event]) -> None:
@@ -94,7 +100,12 @@ class ClientProtocol(ConnectionProtocol):
                     code = event.error_code  # type: ignore[attr-defined]
                     call._on_outcome(status_for_reset(code), event.reason, None, [], retryable=code == _REFUSED_STREAM)  # type: ignore[attr-defined]
             elif kind is ConnectionClosed:
-                self._fail_all(f"connection closed: {event.reason}")  # type: ignore[attr-defined]
+                reason = event.reason  # type: ignore[attr-defined]
+                if event.error_code == _ENHANCE_YOUR_CALM and "too_many_pings" in reason:  # type: ignore[attr-defined]
+                    callback, self.on_too_many_pings = self.on_too_many_pings, None
+                    if callback is not None:
+                        callback()
+                self._fail_all(f"connection closed: {reason}")
                 self.close_transport()
         self._wake_slot_waiters()
         if self.connection.going_away or self.connection.closed:
@@ -246,6 +257,9 @@ class Channel:
         self.config = config if config is not None else Configuration()
         #: The encoding of requests (None: uncompressed), unless a call says otherwise.
         self.compression = compression
+        #: Our keepalive interval: doubled each time a server ends a connection because we
+        #: pinged too often (GOAWAY ENHANCE_YOUR_CALM "too_many_pings"), as gRPC clients do.
+        self.keepalive_time = self.config.keepalive_time
         self._retry_policies = RetryPolicies(service_config, default=retry_policy)
         #: The connection the latest call was placed on.
         self._protocol: ClientProtocol | None = None
@@ -428,9 +442,13 @@ class Channel:
         loop = asyncio.get_running_loop()
         authority = self._target.authority
 
+        config = self.config
+        if config.keepalive_time != self.keepalive_time:
+            config = dataclasses.replace(config, keepalive_time=self.keepalive_time)
+
         def factory() -> ClientProtocol:
             connection = ClientConnection(
-                self.config,
+                config,
                 authority=authority,
                 scheme="https" if self._ssl is not None else "http",
                 user_agent=_USER_AGENT,
@@ -451,7 +469,13 @@ class Channel:
             protocol.connection.close(0, "channel closed")
             protocol.close_transport()
             raise ConnectionError("the channel is closed")
+        protocol.on_too_many_pings = self._back_off_keepalive
         return protocol
+
+    def _back_off_keepalive(self) -> None:
+        if self.keepalive_time is not None:
+            self.keepalive_time *= 2
+            log.warning("server said too_many_pings: keepalive_time doubled to %ss", self.keepalive_time)
 
     async def _open_transport(self, factory: Callable[[], ClientProtocol], address: Address) -> ClientProtocol:
         loop = asyncio.get_running_loop()

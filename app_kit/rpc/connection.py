@@ -33,6 +33,7 @@ from .events import (
     StreamWritable,
 )
 from .framing import FramingError, MessageDecoder, MessageTooLarge
+from .metadata import excerpt
 from .status import Status
 
 __all__ = ["Compressed", "GrpcConnection", "MessageRejected", "StreamGone", "StreamState"]
@@ -343,7 +344,10 @@ class GrpcConnection:
             self._on_goaway(event.last_stream_id or 0, events)
             return
         code = int(event.error_code or 0)
-        events.extend(self._connection_lost(code, f"peer sent GOAWAY {event.error_code!r}"))
+        reason = f"peer sent GOAWAY {event.error_code!r}"
+        if event.additional_data:  # what gRPC peers put there: "too_many_pings", ...
+            reason += f" ({excerpt(event.additional_data.decode('latin-1'))})"
+        events.extend(self._connection_lost(code, reason))
 
     def _on_goaway(self, last_stream_id: int, events: list[Event]) -> None:
         """The peer sent a graceful GOAWAY (subclasses add what it means for their side)."""
