@@ -39,6 +39,14 @@ PROTOS = {
         }
         service Audit { rpc Log(Receipt) returns (Receipt); }
     """,
+    "acme/clock/v1/clock.proto": """
+        syntax = "proto3";
+        package acme.clock.v1;
+        import "google/protobuf/empty.proto";
+        import "google/protobuf/timestamp.proto";
+        // No messages of its own: only the service is in this file.
+        service Clock { rpc Now(google.protobuf.Empty) returns (google.protobuf.Timestamp); }
+    """,
     "nopkg.proto": """
         syntax = "proto3";
         message Pong { optional int32 n = 1; }
@@ -81,6 +89,7 @@ def generate_into(tmp: pathlib.Path) -> Iterator[dict[str, Any]]:
             "billing_pb2": importlib.import_module("acme.billing.billing_api_pb2"),
             "types_pb2": importlib.import_module("acme.common.types_pb2"),
             "nopkg": importlib.import_module("nopkg_grpc"),
+            "clock": importlib.import_module("acme.clock.v1.clock_grpc"),  # only the _grpc module
             "nopkg_pb2": importlib.import_module("nopkg_pb2"),
             "dir": tmp,
         }

@@ -22,6 +22,7 @@ from hyperframe.frame import RstStreamFrame
 from app_kit import Cardinality, Configuration, GRPCError, Handler, Server, ServiceLike, Status, Stream
 from app_kit.rpc.framing import frame_message
 
+from .conftest import running_server
 from .frames import DATA, END_HEADERS, END_STREAM, HANDSHAKE, HEADERS, RST_STREAM, RawPeer, frame, request_block
 from .h2client import RawClient
 from .services import EchoService
@@ -359,3 +360,43 @@ async def test_zero_grpc_timeout_is_an_expired_deadline() -> None:
         stream_id = await client.request("/test.Odd/NoYield", UNARY, timeout=b"0n")
         response = await answer(client, stream_id)
         assert response.grpc_status == Status.DEADLINE_EXCEEDED, response
+
+
+async def test_a_returned_reply_is_sent_and_a_streams_return_value_is_said_to_be_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from app_kit import Channel
+    from app_kit.aio.client import method_for
+
+    async def unary(stream: Stream[Int64Value, Int64Value]) -> Int64Value:
+        request = await stream.recv_message()
+        assert request is not None
+        return Int64Value(value=request.value + 1)  # the grpcio habit
+
+    async def both(stream: Stream[Int64Value, Int64Value]) -> Int64Value:
+        await stream.recv_message()
+        await stream.send_message(Int64Value(value=1))
+        return Int64Value(value=2)
+
+    async def streaming(stream: Stream[Int64Value, Int64Value]) -> Int64Value:
+        await stream.recv_message()
+        await stream.send_message(Int64Value(value=1))
+        return Int64Value(value=2)
+
+    c = Cardinality
+    mapping = {
+        "/t.R/Unary": Handler(unary, c.UNARY_UNARY, Int64Value, Int64Value),
+        "/t.R/Both": Handler(both, c.UNARY_UNARY, Int64Value, Int64Value),
+        "/t.R/Streaming": Handler(streaming, c.UNARY_STREAM, Int64Value, Int64Value),
+    }
+    service = type("R", (), {"__mapping__": lambda self: mapping})()
+    async with running_server([service]) as (_, target), Channel(target) as channel:
+        assert (
+            await method_for(channel, "/t.R/Unary", c.UNARY_UNARY, Int64Value, Int64Value)(Int64Value(value=41))
+        ).value == 42
+        assert (await method_for(channel, "/t.R/Both", c.UNARY_UNARY, Int64Value, Int64Value)(Int64Value())).value == 1
+        replies = await method_for(channel, "/t.R/Streaming", c.UNARY_STREAM, Int64Value, Int64Value)(Int64Value())
+        assert [reply.value for reply in replies] == [1]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("/t.R/Both sent its reply and also returned one" in message for message in messages)
+    assert any("/t.R/Streaming returned a Int64Value, which is ignored" in message for message in messages)

@@ -228,3 +228,22 @@ async def test_env_file_and_help(tmp_path) -> None:  # type: ignore[no-untyped-d
     shown = subprocess.run([sys.executable, "-m", "app_kit", "run", "--help"], capture_output=True, text=True, cwd=ROOT)
     for option in ("--host", "--port", "--path", "--env-file", "--log-level", "--debug", "128+N"):
         assert option in shown.stdout, option
+
+
+async def test_version_and_the_console_script() -> None:
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    from app_kit import __version__
+
+    out = subprocess.run([sys.executable, "-m", "app_kit", "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == f"app_kit {__version__}"
+    # Installed beside this interpreter's scripts (where pip puts console scripts).
+    script = os.path.join(sysconfig.get_path("scripts"), "app_kit")
+    if not os.path.exists(script):  # some distributions' pip writes scripts elsewhere on PATH
+        script = shutil.which("app_kit") or script
+    assert os.path.exists(script), "the app_kit console script is installed with the package"
+    out = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == f"app_kit {__version__}"

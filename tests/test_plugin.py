@@ -84,3 +84,43 @@ def test_console_script_is_declared() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert 'protoc-gen-app_kit = "app_kit.plugin.main:main"' in text
     assert os.access(ROOT / "app_kit/plugin/main.py", os.R_OK)
+
+
+@pytest.mark.anyio
+async def test_reflection_finds_a_service_whose_file_defines_no_messages(generated) -> None:  # type: ignore[no-untyped-def]
+    # Only clock_grpc was imported: its import of its own clock_pb2 is what lets reflection
+    # (here grpcio's reflection client) find the service and the file that declares it.
+    import anyio
+    import grpc
+    from google.protobuf import descriptor_pool
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    from app_kit.services.reflection import Reflection
+
+    from .conftest import running_server
+
+    class Clock(generated["clock"].ClockBase):
+        async def Now(self, stream):  # type: ignore[no-untyped-def]
+            await stream.recv_message()
+            await stream.send_message(Timestamp(seconds=1))
+
+    assert descriptor_pool.Default().FindServiceByName("acme.clock.v1.Clock").file.name == "acme/clock/v1/clock.proto"
+    async with running_server([Clock(), *Reflection.for_services([Clock()])]) as (_, target):
+
+        def reflect() -> tuple[list[str], str, list[str]]:
+            with grpc.insecure_channel(target) as channel:
+                database = ProtoReflectionDescriptorDatabase(channel)
+                found = database.FindFileContainingSymbol("acme.clock.v1.Clock")
+                pool = descriptor_pool.DescriptorPool(database)
+                method = pool.FindServiceByName("acme.clock.v1.Clock").methods_by_name["Now"]
+                return (
+                    list(database.get_services()),
+                    found.name,
+                    [method.input_type.full_name, method.output_type.full_name],
+                )
+
+        services, file_name, types = await anyio.to_thread.run_sync(reflect)
+    assert "acme.clock.v1.Clock" in services
+    assert file_name == "acme/clock/v1/clock.proto"
+    assert types == ["google.protobuf.Empty", "google.protobuf.Timestamp"]

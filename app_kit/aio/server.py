@@ -415,6 +415,21 @@ class ServerProtocol(ConnectionProtocol):
         return self._peer.addr() if self._peer is not None else None
 
 
+async def _send_returned(stream: Stream[object, object], handler: Handler, returned: object) -> None:
+    """A handler returned a value (grpcio's habit): the reply of a unary-response method."""
+    if handler.cardinality.server_streaming:
+        log.warning(
+            "handler of %s returned a %s, which is ignored: a streaming method sends its replies"
+            " with stream.send_message()",
+            stream.method,
+            type(returned).__name__,
+        )
+    elif stream._sent:
+        log.warning("handler of %s sent its reply and also returned one: the returned one is ignored", stream.method)
+    elif not stream.closed:
+        await stream.send_message(returned)
+
+
 async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     """Run one handler and end its call with the status its outcome stands for."""
     status = Status.OK
@@ -423,16 +438,19 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     trailers: MetadataLike | None = None
     deadline = stream.deadline
     stream._dispatched = True
+    returned = None
     try:
         if deadline is None:
-            await handler.func(stream)
+            returned = await handler.func(stream)
         elif deadline.time_remaining() <= 0:
             # Expired before dispatch (grpc-timeout 1n): a handler that never yields would
             # otherwise finish before the timeout could cancel it.
             status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"
         else:
             async with asyncio.timeout(deadline.time_remaining()) as scope:
-                await handler.func(stream)
+                returned = await handler.func(stream)
+        if returned is not None:
+            await _send_returned(stream, handler, returned)
     except GRPCError as exc:
         status, message, details, trailers = exc.status, exc.message, exc.details, exc.trailing_metadata
     except NotImplementedError:

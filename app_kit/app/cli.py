@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .._version import __version__
 from .lifecycle import EXIT_STARTUP_FAILED, App
 
 __all__ = ["load_app", "main"]
@@ -53,9 +54,10 @@ def load_app(target: str) -> App[Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: ``python -m app_kit run module:app [options]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m app_kit",
+        prog="app_kit" if os.path.basename(sys.argv[0]) == "app_kit" else "python -m app_kit",
         description="Run gRPC services built with app_kit.",
     )
+    parser.add_argument("--version", action="version", version=f"app_kit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",

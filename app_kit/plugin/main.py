@@ -75,9 +75,12 @@ def _docstring(text: str, indent: str) -> list[str]:
     return [f'{indent}"""{lines[0]}', *(f"{indent}{line}".rstrip() for line in lines[1:]), f'{indent}"""']
 
 
-def _render(proto: FileDescriptorProto, types: dict[str, tuple[str, str]]) -> str:
+def _render(proto: FileDescriptorProto, types: dict[str, tuple[str, str]], own_module: str) -> str:
     comments = _comments(proto)
-    modules: set[str] = set()
+    # The file's own _pb2 always: importing it is what puts the file (its services too) in
+    # protobuf's descriptor pool, where reflection finds them, even when the file defines no
+    # messages of its own (methods of google.protobuf.Empty, or of another file's messages).
+    modules: set[str] = {own_module}
     services: list[tuple[ServiceDescriptorProto, str, list[_Method]]] = []
     for service_index, service in enumerate(proto.service):
         full_name = f"{proto.package}.{service.name}" if proto.package else service.name
@@ -182,7 +185,7 @@ def generate(request: CodeGeneratorRequest) -> CodeGeneratorResponse:
             continue
         output = response.file.add()
         output.name = name[: -len(".proto")].replace("-", "_") + _SUFFIX
-        output.content = _render(proto, types)
+        output.content = _render(proto, types, prefix + proto_module(proto.name))
     return response
 
 

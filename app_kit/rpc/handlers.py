@@ -29,9 +29,13 @@ class Cardinality(enum.Enum):
 
 
 class Handler(NamedTuple):
-    """One method of a service: the coroutine function serving it and its types."""
+    """One method of a service: the coroutine function serving it and its types.
 
-    func: Callable[[Any], Awaitable[None]]
+    ``func(stream)`` returns None; for a unary-response method it may instead return its
+    reply, which is sent as if by ``stream.send_message``.
+    """
+
+    func: Callable[[Any], Awaitable[Any]]
     cardinality: Cardinality
     request_type: Any
     reply_type: Any

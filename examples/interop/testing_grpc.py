@@ -11,6 +11,7 @@ import app_kit
 
 import examples.interop.empty_pb2
 import examples.interop.messages_pb2
+import examples.interop.testing_pb2
 
 if typing.TYPE_CHECKING:
     import app_kit.client
