@@ -400,3 +400,34 @@ async def test_a_returned_reply_is_sent_and_a_streams_return_value_is_said_to_be
     messages = [record.getMessage() for record in caplog.records]
     assert any("/t.R/Both sent its reply and also returned one" in message for message in messages)
     assert any("/t.R/Streaming returned a Int64Value, which is ignored" in message for message in messages)
+
+
+async def test_trailing_metadata_set_early_goes_out_with_any_end() -> None:
+    from app_kit import Channel
+    from app_kit.aio.client import method_for
+
+    async def ok(stream: Stream[Int64Value, Int64Value]) -> None:
+        await stream.recv_message()
+        stream.set_trailing_metadata({"x-cost": "3"})
+        await stream.send_message(Int64Value(value=1))
+
+    async def fails(stream: Stream[Int64Value, Int64Value]) -> None:
+        await stream.recv_message()
+        stream.set_trailing_metadata({"x-cost": "5"})
+        with pytest.raises(ValueError):
+            stream.set_trailing_metadata({"Bad Key": "x"})  # refused at once, the earlier kept
+        raise GRPCError(Status.ABORTED, "conflict", trailing_metadata={"x-retry": "later"})
+
+    c = Cardinality
+    mapping = {
+        "/t.T/Ok": Handler(ok, c.UNARY_UNARY, Int64Value, Int64Value),
+        "/t.T/Fails": Handler(fails, c.UNARY_UNARY, Int64Value, Int64Value),
+    }
+    service = type("T", (), {"__mapping__": lambda self: mapping})()
+    async with running_server([service]) as (_, target), Channel(target) as channel:
+        _, call = await method_for(channel, "/t.T/Ok", c.UNARY_UNARY, Int64Value, Int64Value).with_call(Int64Value())
+        assert call.trailing_metadata is not None and call.trailing_metadata["x-cost"] == "3"
+        with pytest.raises(GRPCError) as info:
+            await method_for(channel, "/t.T/Fails", c.UNARY_UNARY, Int64Value, Int64Value)(Int64Value())
+        trailers = info.value.trailing_metadata
+        assert trailers is not None and (trailers["x-cost"], trailers["x-retry"]) == ("5", "later")

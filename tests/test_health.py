@@ -73,7 +73,8 @@ async def test_watch_pushes_changes_unknown_services_and_shutdown() -> None:
         assert await later.read() == grpc.aio.EOF
 
 
-async def test_check_functions_ttl_timeout_and_errors() -> None:
+async def test_check_functions_ttl_timeout_and_errors(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="app_kit.health")
     calls = {"ok": 0}
 
     async def ok() -> bool:
@@ -117,7 +118,17 @@ async def test_check_functions_ttl_timeout_and_errors() -> None:
         assert (await watch.read()).status == SERVING
         state["up"] = False
         assert (await asyncio.wait_for(watch.read(), 2)).status == NOT_SERVING
+        state["up"] = True
+        assert (await asyncio.wait_for(watch.read(), 2)).status == SERVING
         watch.cancel()
+    # Each change of a check's verdict is logged once, with its cause.
+    changes = [r.getMessage() for r in caplog.records if "SERVING" in r.getMessage()]
+    assert changes == [
+        "'broken' now NOT_SERVING: its check raised ConnectionError: database down",
+        "'slow' now NOT_SERVING: its check took longer than 0.1s",
+        "'flaky' now NOT_SERVING: its check returned false",
+        "'flaky' SERVING again: its check passed",
+    ]
 
 
 async def test_watchers_of_a_service_hear_of_a_check_added_later_once_it_ran() -> None:

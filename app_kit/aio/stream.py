@@ -102,6 +102,7 @@ class Stream(Generic[RecvT, SendT]):
         "_state",
         "_status_details_codec",
         "_stream_id",
+        "_trailers",
         "_waiter",
         "accepted_encodings",
         "deadline",
@@ -160,6 +161,7 @@ class Stream(Generic[RecvT, SendT]):
         #: The encodings the client reads (its ``grpc-accept-encoding``).
         self.accepted_encodings = accepted_encodings
         self._last_compressed = False
+        self._trailers: list[tuple[bytes, bytes]] = []
         self._queue: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._messages_arrived = 0
@@ -302,6 +304,12 @@ class Stream(Generic[RecvT, SendT]):
         await protocol.drain(self._stream_id, ready)
         self._raise_if_closed()
 
+    def set_trailing_metadata(self, metadata: MetadataLike) -> None:
+        """Metadata to send in the trailers whenever the call ends: when the handler returns,
+        raises :class:`GRPCError`, or calls :meth:`send_trailing_metadata` (whose own metadata
+        goes after it). Replaces what an earlier call set; invalid metadata raises here."""
+        self._trailers = encode_metadata(metadata)
+
     async def send_trailing_metadata(
         self,
         *,
@@ -319,6 +327,8 @@ class Stream(Generic[RecvT, SendT]):
             raise TypeError(f"status_message must be a str, not {type(status_message).__name__}")
         # Everything that can fail is done before the call counts as answered.
         fields = encode_metadata(metadata)
+        if self._trailers:
+            fields = self._trailers + fields
         details = None
         if status_details and self._status_details_codec is not None:
             details = self._status_details_codec.encode(status, status_message, status_details)

@@ -192,20 +192,27 @@ class Health(HealthBase):
         return await asyncio.shield(check.running)
 
     async def _run_check(self, check: _Check) -> int:
+        cause = "its check returned false"
         try:
             async with asyncio.timeout(check.timeout):
                 healthy = await check.func()
             result = SERVING if healthy else NOT_SERVING
         except TimeoutError:
             log.warning("health check of %s took longer than %ss", check.describe(), check.timeout)
-            result = NOT_SERVING
-        except Exception:
+            result, cause = NOT_SERVING, f"its check took longer than {check.timeout}s"
+        except Exception as exc:
             log.warning("health check of %s failed", check.describe(), exc_info=True)
-            result = NOT_SERVING
+            result, cause = NOT_SERVING, f"its check raised {type(exc).__name__}: {exc}"
         finally:
             check.running = None
         first = not check.ran()
         check.checked_at = time.monotonic()
+        if result != check.result and not first or first and result == NOT_SERVING:
+            # What an operator looks for when a probe starts (or stops) failing: which, and why.
+            if result == NOT_SERVING:
+                log.warning("%s now NOT_SERVING: %s", check.describe(), cause)
+            else:
+                log.info("%s SERVING again: its check passed", check.describe())
         if result != check.result or first:
             before = {service: self._effective(service) for service in check.services}
             check.result = result
