@@ -60,6 +60,9 @@ def generate(root: pathlib.Path = ROOT, out_root: pathlib.Path | None = None) ->
     protoc(root, out_root, ["examples/cafe/cafe.proto"])
     (out_root / "examples/interop").mkdir(parents=True, exist_ok=True)
     protoc(root, out_root, [f"examples/interop/{name}.proto" for name in ("empty", "messages", "testing")])
+    for example in ("chat", "notes", "fanout"):
+        (out_root / "examples" / example).mkdir(parents=True, exist_ok=True)
+        protoc(root, out_root, [f"examples/{example}/{example}.proto"])
 
 
 if __name__ == "__main__":
