@@ -155,45 +155,31 @@ def run_h2load(port: int, seconds: float, clients: int, streams: int, path: str,
     return {"rate": float(rate.group(1)), "succeeded": succeeded}
 
 
-def run_client(implementation: str, port: int, scenario: str, seconds: float) -> dict[str, Any]:
-    """One client implementation as the load (bench/clients.py): its own CPU per call."""
+def _run_json(script: str, arguments: list[str], what: str, seconds: float) -> dict[str, Any]:
+    """Run a bench script on the load CPU; its last line of output is its JSON result."""
     out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            LOAD_CPU,
-            sys.executable,
-            str(HERE / "clients.py"),
-            implementation,
-            scenario,
-            str(port),
-            str(seconds),
-        ],
+        ["taskset", "-c", LOAD_CPU, sys.executable, str(HERE / script), *arguments],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
     )
     if out.returncode != 0:
-        raise GateFailed(f"{implementation} client {scenario} failed: {out.stderr[-2000:]}")
+        raise GateFailed(f"{what} failed: {out.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     if result["errors"]:
-        raise GateFailed(f"{implementation} client {scenario}: {result['errors']} wrong or failed replies")
+        raise GateFailed(f"{what}: {result['errors']} wrong or failed replies")
     return result
+
+
+def run_client(implementation: str, port: int, scenario: str, seconds: float) -> dict[str, Any]:
+    """One client implementation as the load (bench/clients.py): its own CPU per call."""
+    arguments = [implementation, scenario, str(port), str(seconds)]
+    return _run_json("clients.py", arguments, f"{implementation} client {scenario}", seconds)
 
 
 def run_loadgen(port: int, scenario: str, seconds: float) -> dict[str, Any]:
-    out = subprocess.run(
-        ["taskset", "-c", LOAD_CPU, sys.executable, str(HERE / "loadgen.py"), scenario, str(port), str(seconds)],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-    )
-    if out.returncode != 0:
-        raise GateFailed(f"loadgen {scenario} failed: {out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    if result["errors"]:
-        raise GateFailed(f"loadgen {scenario}: {result['errors']} wrong or failed replies")
-    return result
+    """grpcio's load generator (bench/loadgen.py) against the server on ``port``."""
+    return _run_json("loadgen.py", [scenario, str(port), str(seconds)], f"loadgen {scenario}", seconds)
 
 
 def grpc_frame(message: Any) -> bytes:

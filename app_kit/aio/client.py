@@ -12,7 +12,7 @@ import socket
 import ssl as ssl_module
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 import h2.errors
 
@@ -856,6 +856,21 @@ class ClientStream(Generic[SendT, RecvT]):
         self._wake()
 
 
+class CallOptions(TypedDict, total=False):
+    """What every call of a stub method takes, by keyword.
+
+    ``timeout`` (seconds) or ``deadline`` (the sooner wins), ``metadata`` to send,
+    ``compression`` of the requests (overriding the channel's; ``"identity"`` for none),
+    ``wait_for_ready``: wait for a reachable backend instead of failing UNAVAILABLE at once.
+    """
+
+    timeout: float | None
+    deadline: Deadline | None
+    metadata: MetadataLike | None
+    compression: str | None
+    wait_for_ready: bool
+
+
 class _Method(Generic[SendT, RecvT]):
     """A method of a stub: ``open()`` a call, or call it directly."""
 
@@ -869,39 +884,22 @@ class _Method(Generic[SendT, RecvT]):
 
     def open(
         self,
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-        compression: str | None = None,
-        wait_for_ready: bool = False,
+        **options: Unpack[CallOptions],
     ) -> ClientStream[SendT, RecvT]:
         """A call to use as ``async with method.open(...) as stream``."""
-        return self.channel.request(
-            self.path,
-            self.cardinality,
-            self.request_type,
-            self.reply_type,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-            compression=compression,
-            wait_for_ready=wait_for_ready,
-        )
+        return self.channel.request(self.path, self.cardinality, self.request_type, self.reply_type, **options)
+
+    def _attempts(self, options: CallOptions) -> _Attempts:
+        """The call's deadline fixed once (a retry gets what is left of it), and its retries."""
+        options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
+        return _Attempts(self.channel._retry_policies.for_method(self.path), options["deadline"])
 
     async def _with_retry(
-        self,
-        run: Callable[[ClientStream[SendT, RecvT]], Awaitable[Any]],
-        *,
-        timeout: float | None,
-        deadline: Deadline | None,
-        **options: Any,
+        self, run: Callable[[ClientStream[SendT, RecvT]], Awaitable[Any]], options: CallOptions
     ) -> Any:
-        # The deadline is the call's, fixed once: a retry gets what is left of it.
-        deadline = _earliest(timeout, deadline)
-        attempts = _Attempts(self.channel._retry_policies.for_method(self.path), deadline)
+        attempts = self._attempts(options)
         while True:
-            async with self.open(deadline=deadline, **options) as stream:
+            async with self.open(**options) as stream:
                 try:
                     return await run(stream)
                 except GRPCError as exc:
@@ -955,33 +953,16 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
     async def __call__(
         self,
         request: SendT,
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-        compression: str | None = None,
-        wait_for_ready: bool = False,
+        **options: Unpack[CallOptions],
     ) -> RecvT:
         """Make the call; a non-OK status raises :class:`GRPCError`."""
-        reply, _ = await self.with_call(
-            request,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-            compression=compression,
-            wait_for_ready=wait_for_ready,
-        )
+        reply, _ = await self.with_call(request, **options)
         return reply
 
     async def with_call(
         self,
         request: SendT,
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-        compression: str | None = None,
-        wait_for_ready: bool = False,
+        **options: Unpack[CallOptions],
     ) -> tuple[RecvT, ClientStream[SendT, RecvT]]:
         """Make the call; return the reply and the finished call, whose ``initial_metadata``,
         ``trailing_metadata``, ``response_encoding`` and ``peer`` tell how it went."""
@@ -994,14 +975,7 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
                 raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
             return reply, stream
 
-        return await self._with_retry(
-            run,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-            compression=compression,
-            wait_for_ready=wait_for_ready,
-        )
+        return await self._with_retry(run, options)
 
 
 class ReplyStream(Generic[SendT, RecvT]):
@@ -1054,22 +1028,14 @@ class UnaryStreamMethod(_Method[SendT, RecvT]):
     def __call__(
         self,
         request: SendT,
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-        compression: str | None = None,
-        wait_for_ready: bool = False,
+        **options: Unpack[CallOptions],
     ) -> ReplyStream[SendT, RecvT]:
         """The call's replies, as they arrive (``async for``), or all of them (``await``)."""
-        fixed = _earliest(timeout, deadline)  # one deadline, a transparent retry included
+        attempts = self._attempts(options)
 
         async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
-            attempts = _Attempts(self.channel._retry_policies.for_method(self.path), fixed)
             while True:
-                async with self.open(
-                    deadline=fixed, metadata=metadata, compression=compression, wait_for_ready=wait_for_ready
-                ) as stream:
+                async with self.open(**options) as stream:
                     replies.call = stream
                     try:
                         await stream.send_message(request, end=True)
@@ -1095,21 +1061,10 @@ class StreamUnaryMethod(_Method[SendT, RecvT]):
     async def __call__(
         self,
         requests: Iterable[SendT] | AsyncIterable[SendT],
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-        compression: str | None = None,
-        wait_for_ready: bool = False,
+        **options: Unpack[CallOptions],
     ) -> RecvT:
         """Send every request (an iterable or an async iterable), then return the reply."""
-        async with self.open(
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-            compression=compression,
-            wait_for_ready=wait_for_ready,
-        ) as stream:
+        async with self.open(**options) as stream:
             await _send_all(stream, requests)
             reply = await stream.recv_message()
             await stream.recv_trailing_metadata()
@@ -1127,12 +1082,7 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
     def __call__(
         self,
         requests: Iterable[SendT] | AsyncIterable[SendT],
-        *,
-        timeout: float | None = None,
-        deadline: Deadline | None = None,
-        metadata: MetadataLike | None = None,
-        compression: str | None = None,
-        wait_for_ready: bool = False,
+        **options: Unpack[CallOptions],
     ) -> ReplyStream[SendT, RecvT]:
         """Send ``requests`` (an iterable or an async iterable, consumed in a task of its own)
         while the replies come: ``async for`` takes them as they arrive, ``await`` collects them.
@@ -1140,16 +1090,8 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
         If the requests' iterator raises, the call is cancelled and its exception raised here.
         """
 
-        options = {
-            "timeout": timeout,
-            "deadline": deadline,
-            "metadata": metadata,
-            "compression": compression,
-            "wait_for_ready": wait_for_ready,
-        }
-
         async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
-            async with self.open(**options) as stream:  # type: ignore[arg-type]
+            async with self.open(**options) as stream:
                 replies.call = stream
                 sender = asyncio.ensure_future(_send_all(stream, requests))
                 sender.add_done_callback(functools.partial(_abort_if_requests_failed, stream))

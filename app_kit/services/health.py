@@ -207,7 +207,7 @@ class Health(HealthBase):
             check.running = None
         first = not check.ran()
         check.checked_at = time.monotonic()
-        if result != check.result and not first or first and result == NOT_SERVING:
+        if (result != check.result and not first) or (first and result == NOT_SERVING):
             # What an operator looks for when a probe starts (or stops) failing: which, and why.
             if result == NOT_SERVING:
                 log.warning("%s now NOT_SERVING: %s", check.describe(), cause)
