@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # what __getattr__ below loads on first use, as the type chec
     from .aio.client import Channel, ClientStream
     from .aio.subchannel import ConnectivityState
     from .aio.tls import client_tls
-    from .app.lifecycle import App, RunningApp, StartupError
+    from .app.lifecycle import App, DeclarationError, RunningApp, StartupError
     from .app.settings import AppSettings, SettingsError
     from .app.signals import graceful_exit
     from .services.health import Health
@@ -38,6 +38,7 @@ _LAZY = {
     "ConnectivityState": "aio.subchannel",
     "client_tls": "aio.tls",
     "App": "app.lifecycle",
+    "DeclarationError": "app.lifecycle",
     "RunningApp": "app.lifecycle",
     "StartupError": "app.lifecycle",
     "AppSettings": "app.settings",
@@ -61,6 +62,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "App",
     "AppSettings",
+    "DeclarationError",
     "Health",
     "RunningApp",
     "SettingsError",

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
-from .lifecycle import EXIT_STARTUP_FAILED, App
+from .lifecycle import EXIT_STARTUP_FAILED, App, DeclarationError
 
 __all__ = ["load_app", "main"]
 _TARGET = re.compile(r"(?P<module>[\w.]+):(?P<attr>[\w.]+)(?P<call>\(\))?\Z")
@@ -25,7 +27,8 @@ def load_app(target: str) -> App[Any]:
     """Import ``module:attr`` (an App) or ``module:factory()`` (a function returning one).
 
     The target is parsed, never evaluated; the current directory is importable, as it is
-    for ``python -m``.
+    for ``python -m``. Raises :class:`LoadError`, or the module's
+    :class:`~app_kit.app.lifecycle.DeclarationError` if it declares a resource or service wrongly.
     """
     match = _TARGET.match(target)
     if match is None:
@@ -47,6 +50,8 @@ def load_app(target: str) -> App[Any]:
             raise LoadError(f"{match['module']}:{match['attr']} is not callable")
         value = value()
     if not isinstance(value, App):
+        if not match["call"] and (inspect.isfunction(value) or inspect.ismethod(value)):
+            raise LoadError(f"{target} is a function, not an app_kit.App: did you mean {target}()?")
         raise LoadError(f"{target} is {type(value).__name__}, not an app_kit.App")
     return value
 
@@ -78,9 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("--debug", action="store_true", help="log at DEBUG level, with full tracebacks")
     args = parser.parse_args(argv)
+    # pydantic-settings skips a missing env file; one the user named is a mistake.
+    if args.env_file is not None and not os.path.isfile(args.env_file):
+        print(f"app_kit: --env-file {args.env_file}: no such file", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
     try:
         app = load_app(args.target)
-    except LoadError as exc:
+    except (LoadError, DeclarationError) as exc:
+        if args.debug and isinstance(exc, DeclarationError):
+            traceback.print_exception(exc)
         print(f"app_kit: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
     overrides = {name: getattr(args, name) for name in ("host", "port", "path") if getattr(args, name) is not None}

@@ -10,12 +10,13 @@ import sys
 import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..aio import eventloop
 from ..aio.server import Server
-from ..rpc.handlers import ServiceLike
+from ..rpc.handlers import Handler, ServiceLike
 from ..services.health import Health, HealthCheck
 from .settings import AppSettings, SettingsError, load_settings
 from .signals import graceful_exit
@@ -23,7 +24,7 @@ from .signals import graceful_exit
 if TYPE_CHECKING:
     from ..aio.client import Channel
 
-__all__ = ["App", "RunningApp", "StartupError"]
+__all__ = ["App", "DeclarationError", "RunningApp", "StartupError"]
 
 log = logging.getLogger("app_kit.app")
 
@@ -46,6 +47,14 @@ class StartupError(Exception):
     """A start-up step failed; everything started before it was shut down again."""
 
 
+class DeclarationError(TypeError):
+    """A resource or service is declared wrongly; raised where it is declared (on import).
+
+    The message is one line naming the function and where it is defined, so the CLI can
+    print it instead of a traceback.
+    """
+
+
 class _StartupAborted(Exception):
     """A shutdown signal arrived during start-up."""
 
@@ -54,7 +63,7 @@ class _StartupAborted(Exception):
 class _Resource:
     name: str
     factory: Callable[..., contextlib.AbstractAsyncContextManager[Any]]
-    provides: type
+    provides: Any  # a class or a typing.NewType
     needs: dict[str, type]
     health_check: Callable[[Any], typing.Awaitable[bool]] | None
 
@@ -132,11 +141,23 @@ class App(Generic[S]):
         """
 
         def declare(func: Callable[..., Any]) -> Callable[..., Any]:
-            hints = _hints(func)
+            target = inspect.unwrap(func)
+            hints = _hints(func, "resource")
+            if inspect.isgeneratorfunction(target):
+                yielded = typing.get_args(hints.get("return"))
+                raise DeclarationError(
+                    f"resource {func.__name__} is a plain generator, but resources are async: write "
+                    f"'async def {func.__name__}(...) -> AsyncIterator[{_show(yielded[0]) if yielded else '...'}]'"
+                    f"{_at(target)}"
+                )
             provides = _yielded_type(func, hints.pop("return", None))
             context_factory = contextlib.asynccontextmanager(func) if inspect.isasyncgenfunction(func) else func
-            if any(r.provides is provides for r in self._resources):
-                raise TypeError(f"two resources provide {provides.__name__}")
+            for other in self._resources:
+                if other.provides is provides:
+                    raise DeclarationError(
+                        f"resources {other.name} and {func.__name__} both provide {_show(provides)}: "
+                        f"each type identifies one resource{_at(target)}"
+                    )
             self._resources.append(_Resource(func.__name__, context_factory, provides, hints, health_check))
             return func
 
@@ -144,7 +165,7 @@ class App(Generic[S]):
 
     def service(self, factory: Callable[..., Any]) -> Callable[..., Any]:
         """Declare a service: ``factory(**needs)`` returns (or awaits to) a service object."""
-        hints = _hints(factory)
+        hints = _hints(factory, "service")
         hints.pop("return", None)
         self._services.append(_ServiceFactory(factory.__name__, factory, hints))
         return factory
@@ -185,12 +206,16 @@ class App(Generic[S]):
             services: list[ServiceLike] = []
             for declared in self._services:
                 check_stop()
+                kwargs = self._inject(declared.name, declared.needs, values)
                 try:
-                    service = declared.factory(**self._inject(declared.name, declared.needs, values))
+                    service = declared.factory(**kwargs)
                     if inspect.isawaitable(service):
                         service = await service
                 except Exception as exc:
                     raise StartupError(f"service {declared.name} failed to build: {_describe(exc)}") from exc
+                problem = _service_problem(service)
+                if problem is not None:
+                    raise StartupError(f"service {declared.name} {problem}")
                 services.append(service)
             extra: list[ServiceLike] = [health]
             if settings.reflection:
@@ -314,48 +339,148 @@ class App(Generic[S]):
         for parameter, wanted in needs.items():
             provider = _find(values, wanted)
             if provider is None:
+                hint = ""
+                if getattr(wanted, "_is_protocol", False) and not getattr(wanted, "_is_runtime_protocol", False):
+                    hint = (
+                        f" ({_show(wanted)} is a Protocol without @runtime_checkable: only a resource "
+                        "declared as it, or as a subclass of it, provides it)"
+                    )
                 raise StartupError(
-                    f"{owner} needs {parameter}: {getattr(wanted, '__name__', wanted)}, "
-                    "which is neither the settings nor any resource's type"
+                    f"{owner} needs {parameter}: {_show(wanted)}, "
+                    f"which is neither the settings nor any resource's type{hint}"
                 )
             kwargs[parameter] = provider
         return kwargs
 
 
-def _find(mapping: dict[type, T], wanted: type) -> T | None:
-    if wanted in mapping:
-        return mapping[wanted]
+def _find(mapping: dict[type, T], wanted: Any) -> T | None:
+    # Identity first (the only match for a NewType), then subclasses.
+    try:
+        if wanted in mapping:
+            return mapping[wanted]
+    except TypeError:  # an unhashable annotation provides nothing
+        return None
     if isinstance(wanted, type):
         for provided, value in mapping.items():
-            if isinstance(provided, type) and issubclass(provided, wanted):
+            if isinstance(provided, type) and _provides(provided, wanted):
                 return value
     return None
 
 
-def _hints(func: Callable[..., Any]) -> dict[str, Any]:
+def _provides(provided: type, wanted: type) -> bool:
+    """``provided`` can stand in for ``wanted``; never raises."""
+    if getattr(wanted, "_is_protocol", False) and not getattr(wanted, "_is_runtime_protocol", False):
+        # issubclass() raises for such a protocol; only declared (nominal) subclasses match.
+        return wanted in provided.__mro__
+    try:
+        return issubclass(provided, wanted)
+    except TypeError:  # e.g. a runtime_checkable protocol with data members
+        return False
+
+
+def _at(func: Any) -> str:
+    """`` (file:line)`` where ``func`` is defined, to point at the declaration without a traceback."""
+    try:
+        code = inspect.unwrap(func).__code__
+    except (AttributeError, ValueError):
+        return ""
+    path = Path(code.co_filename)
+    with contextlib.suppress(ValueError):
+        path = path.relative_to(Path.cwd())
+    return f" ({path}:{code.co_firstlineno})"
+
+
+def _show(annotation: Any) -> str:
+    """An annotation as written in source: ``AsyncIterator[Pool]``, not its module-qualified repr."""
+    if annotation is None or annotation is type(None):
+        return "None"
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is not None and args:
+        return f"{_show(origin)}[{', '.join(_show(arg) for arg in args)}]"
+    name = getattr(annotation, "__qualname__", None) or getattr(annotation, "__name__", None)
+    return str(name) if name else repr(annotation)
+
+
+def _hints(func: Callable[..., Any], role: str) -> dict[str, Any]:
     target = inspect.unwrap(func)
     try:
         hints = typing.get_type_hints(target)
     except Exception as exc:
-        raise TypeError(f"cannot resolve the annotations of {func.__name__}: {exc}") from exc
+        raise DeclarationError(
+            f"cannot resolve the annotations of {role} {func.__name__}: {_describe(exc)}{_at(target)}"
+        ) from exc
     parameters = inspect.signature(target).parameters
     missing = [name for name in parameters if name not in hints]
     if missing:
-        raise TypeError(f"{func.__name__}: annotate {', '.join(missing)} so the App can inject them by type")
+        raise DeclarationError(
+            f"{role} {func.__name__}: annotate {', '.join(missing)} with the type to inject "
+            f"(the settings class or a resource's type){_at(target)}"
+        )
     return hints
 
 
-def _yielded_type(func: Callable[..., Any], annotation: Any) -> type:
+_ASYNC_ITERATORS = ("AsyncIterator", "AsyncGenerator", "AsyncIterable")
+_SYNC_ITERATORS = ("Iterator", "Generator", "Iterable", "AbstractContextManager", "ContextManager")
+
+
+def _is_key(value: Any) -> bool:
+    """Resources are identified by a class or a ``typing.NewType`` (its own key, apart from its class)."""
+    return isinstance(value, type | typing.NewType)
+
+
+def _yielded_type(func: Callable[..., Any], annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin in (AsyncIterator, typing.AsyncIterator, typing.AsyncGenerator) or (
-        origin is not None and getattr(origin, "__name__", "") in ("AsyncIterator", "AsyncGenerator")
-    ):
-        if args and isinstance(args[0], type):
-            return args[0]
-    if origin is contextlib.AbstractAsyncContextManager and args and isinstance(args[0], type):
+    kind = getattr(origin, "__name__", "")
+    if (kind in _ASYNC_ITERATORS or origin is contextlib.AbstractAsyncContextManager) and args and _is_key(args[0]):
         return args[0]
-    raise TypeError(f"resource {func.__name__} must be annotated with what it yields, e.g. '-> AsyncIterator[Pool]'")
+    name, where = func.__name__, _at(func)
+    if kind in _ASYNC_ITERATORS and args:
+        raise DeclarationError(
+            f"resource {name} yields {_show(args[0])}, which cannot identify it: "
+            f"resources are identified by a class or a typing.NewType{where}"
+        )
+    # Suggest what the annotation probably meant: the class it names, or the iterator's item.
+    yielded = _show(args[0]) if args else _show(annotation) if _is_key(annotation) else "Pool"
+    if kind in _SYNC_ITERATORS:
+        raise DeclarationError(
+            f"resource {name} is annotated '-> {_show(annotation)}', but resources are async: "
+            f"write 'async def {name}(...) -> AsyncIterator[{yielded}]'{where}"
+        )
+    shown = "has no return annotation" if annotation is None else f"is annotated '-> {_show(annotation)}'"
+    raise DeclarationError(
+        f"resource {name} {shown}; annotate it with what it yields, e.g. '-> AsyncIterator[{yielded}]'{where}"
+    )
+
+
+def _service_problem(service: Any) -> str | None:
+    """Why ``service`` cannot be served, found at start-up rather than on the first call."""
+    if isinstance(service, type):
+        return f"returned the class {service.__name__}, not an instance: return {service.__name__}(...)"
+    if not isinstance(service, ServiceLike):
+        return (
+            f"returned {type(service).__name__}, which is not a service: it has no __mapping__() "
+            "(return an instance of a class derived from a generated ...Base)"
+        )
+    try:
+        mapping = service.__mapping__()
+    except Exception as exc:
+        return f"has a __mapping__() that fails: {_describe(exc)}"
+    for path, handler in mapping.items():
+        func = handler.func if isinstance(handler, Handler) else None
+        if not _is_async(func):
+            name = getattr(func, "__qualname__", repr(func))
+            return f"handles {path} with {name}, which is not async: declare it 'async def'{_at(func)}"
+    return None
+
+
+def _is_async(func: Any) -> bool:
+    # A decorated coroutine function (functools.wraps) or an object with an async __call__ counts.
+    with contextlib.suppress(ValueError):
+        if inspect.iscoroutinefunction(inspect.unwrap(func)):
+            return True
+    return inspect.iscoroutinefunction(func) or (callable(func) and inspect.iscoroutinefunction(type(func).__call__))
 
 
 class _GuardedTeardown(contextlib.AbstractAsyncContextManager[Any]):

@@ -6,7 +6,7 @@ import ssl
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import ValidationError, model_validator
+from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..rpc.compression import IDENTITY, is_supported, registered_encodings
@@ -58,22 +58,50 @@ class AppSettings(BaseSettings):
     #: compresses for every client that accepts it.
     compression: str | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> AppSettings:
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+    # Field validators, not one model validator: pydantic then reports every bad field at once.
+    @field_validator(
+        "grace_period",
+        "drain_delay",
+        "health_check_ttl",
+        "reflection_max_requests_per_second",
+        "reflection_max_response_bytes_per_second",
+    )
+    @classmethod
+    def _not_negative(cls, value: float, info: ValidationInfo) -> float:
+        if value < 0:
+            unlimited = " (0: no limit)" if (info.field_name or "").startswith("reflection_") else ""
+            raise ValueError(f"cannot be negative{unlimited}")
+        return value
+
+    @field_validator("health_check_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError("must be from 0 to 65535")
+        return value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # tls_cert_file is validated first (field order); if it was invalid, that is reported instead.
+        if "tls_cert_file" in info.data and (info.data["tls_cert_file"] is None) != (value is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
-        if self.grace_period < 0 or self.drain_delay < 0:
-            raise ValueError("grace_period and drain_delay cannot be negative")
-        if self.health_check_ttl < 0 or self.health_check_timeout <= 0:
-            raise ValueError("health_check_ttl cannot be negative, health_check_timeout must be positive")
-        if self.reflection_max_requests_per_second < 0 or self.reflection_max_response_bytes_per_second < 0:
-            raise ValueError("reflection limits cannot be negative (0: no limit)")
-        if not 0 <= self.port <= 65535:
-            raise ValueError("port must be from 0 to 65535")
-        if self.compression is not None and not is_supported(self.compression):
+        return value
+
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, value: str | None) -> str | None:
+        if value is not None and not is_supported(value):
             known = ", ".join([*registered_encodings(), IDENTITY])
-            raise ValueError(f"compression {self.compression!r} is not a registered encoding ({known})")
-        return self
+            raise ValueError(f"compression {value!r} is not a registered encoding ({known})")
+        return value
 
     def server_config(self) -> Configuration:
         """The server's :class:`Configuration` these settings call for."""
@@ -110,5 +138,7 @@ def load_settings(settings_type: type[S], *, env_file: str | Path | None = None,
         problems = []
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]) or "settings"
-            problems.append(f"{where}: {error['msg']}")
+            # Our validators' own words, without pydantic's "Value error, " prefix.
+            cause = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
+            problems.append(f"{where}: {cause if cause is not None else error['msg']}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
