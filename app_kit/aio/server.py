@@ -430,6 +430,13 @@ async def _send_returned(stream: Stream[object, object], handler: Handler, retur
         await stream.send_message(returned)
 
 
+async def _run_handler(stream: Stream[object, object], handler: Handler) -> None:
+    """The handler, and the reply it returned if any: both within the call's deadline."""
+    returned = await handler.func(stream)
+    if returned is not None:
+        await _send_returned(stream, handler, returned)
+
+
 async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     """Run one handler and end its call with the status its outcome stands for."""
     status = Status.OK
@@ -438,19 +445,16 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     trailers: MetadataLike | None = None
     deadline = stream.deadline
     stream._dispatched = True
-    returned = None
     try:
         if deadline is None:
-            returned = await handler.func(stream)
+            await _run_handler(stream, handler)
         elif deadline.time_remaining() <= 0:
             # Expired before dispatch (grpc-timeout 1n): a handler that never yields would
             # otherwise finish before the timeout could cancel it.
             status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"
         else:
             async with asyncio.timeout(deadline.time_remaining()) as scope:
-                returned = await handler.func(stream)
-        if returned is not None:
-            await _send_returned(stream, handler, returned)
+                await _run_handler(stream, handler)
     except GRPCError as exc:
         status, message, details, trailers = exc.status, exc.message, exc.details, exc.trailing_metadata
     except NotImplementedError:
