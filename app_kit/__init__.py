@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .aio.server import Server
+from .aio.server import Server, ServerInterceptor, ServerStats
 from .aio.stream import Peer, Stream
 from .rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from .rpc.compression import Encoding, register_encoding, registered_encodings, unregister_encoding
@@ -24,22 +24,24 @@ from .rpc.status import GRPCError, ProtocolError, Status
 from .wire.config import Configuration
 
 if TYPE_CHECKING:  # what __getattr__ below loads on first use, as the type checker sees it
-    from .aio.client import Channel, ClientStream
+    from .aio.client import Channel, ClientInterceptor, ClientStream
     from .aio.subchannel import ConnectivityState
     from .aio.tls import client_tls
-    from .app.lifecycle import App, DeclarationError, RunningApp, StartupError
+    from .app.lifecycle import App, DeclarationError, RunningApp, StartupAborted, StartupError
     from .app.settings import AppSettings, SettingsError
     from .app.signals import graceful_exit
     from .services.health import Health
 
 _LAZY = {
     "Channel": "aio.client",
+    "ClientInterceptor": "aio.client",
     "ClientStream": "aio.client",
     "ConnectivityState": "aio.subchannel",
     "client_tls": "aio.tls",
     "App": "app.lifecycle",
     "DeclarationError": "app.lifecycle",
     "RunningApp": "app.lifecycle",
+    "StartupAborted": "app.lifecycle",
     "StartupError": "app.lifecycle",
     "AppSettings": "app.settings",
     "SettingsError": "app.settings",
@@ -66,10 +68,12 @@ __all__ = [
     "Health",
     "RunningApp",
     "SettingsError",
+    "StartupAborted",
     "StartupError",
     "graceful_exit",
     "Cardinality",
     "Channel",
+    "ClientInterceptor",
     "ClientStream",
     "CodecBase",
     "Configuration",
@@ -86,6 +90,8 @@ __all__ = [
     "ProtocolError",
     "RetryPolicy",
     "Server",
+    "ServerInterceptor",
+    "ServerStats",
     "ServiceLike",
     "Status",
     "StatusDetailsCodecBase",

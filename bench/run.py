@@ -73,9 +73,10 @@ def rss_bytes(pid: int) -> int:
 class BenchServer:
     """One bench server process, pinned to the server CPU."""
 
-    def __init__(self, implementation: str) -> None:
+    def __init__(self, implementation: str, env: dict[str, str] | None = None) -> None:
         self.implementation = implementation
         self.port = free_port()
+        self.env = {**os.environ, **(env or {})}
 
     def __enter__(self) -> BenchServer:
         self.process = subprocess.Popen(
@@ -91,6 +92,7 @@ class BenchServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            env=self.env,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
@@ -396,6 +398,21 @@ def main() -> int:
                     raise GateFailed(f"{name} {implementation}: server served {served} < {result['count']}")
                 record(name, unit, implementation, result["cpu_us"], False, rate=result["rate"])
                 print(f"  {name:<36} {implementation:<8} {result['cpu_us']:>12.1f} {unit}", flush=True)
+        # What interceptors cost the server: h2load unary 1x100 on app_kit with none, one that
+        # overrides nothing, the access log (to a NullHandler) and Prometheus metrics.
+        if not args.smoke and (not args.only or args.only in "interceptor cost"):
+            for kind in ("none", "empty", "access", "metrics"):
+                name = f"interceptor cost: {kind} (server CPU)"
+                with BenchServer("app_kit", env={"BENCH_INTERCEPTORS": kind}) as server:
+                    cpu_before = cpu_seconds(server.process.pid)
+                    result = run_h2load(server.port, seconds, 1, 100, "/bench.Bench/Unary", small)
+                    cpu = cpu_seconds(server.process.pid) - cpu_before
+                    served = server.stop()["unary"]
+                if served < result["succeeded"]:
+                    raise GateFailed(f"{name}: h2load saw {result['succeeded']}, server {served}")
+                cpu_us = cpu / served * 1e6 if served else 0.0
+                record(name, "µs/call", "app_kit", cpu_us, False, rate=result["rate"])
+                print(f"  {name:<36} app_kit  {cpu_us:>12.1f} µs/call  {result['rate']:,.0f} calls/s", flush=True)
         if not args.smoke and (not args.only or args.only in "memory per idle connection"):
             for implementation in order:
                 kib = idle_memory(implementation, 1000)

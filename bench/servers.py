@@ -1,7 +1,10 @@
 """The bench service on one implementation: ``python bench/servers.py app_kit|grpclib|grpcio PORT``.
 
-Prints ``READY`` when serving. On SIGTERM prints ``SERVED {json counts}`` and exits: the
-orchestrator checks those counts against what the load generators saw.
+``BENCH_INTERCEPTORS`` (app_kit only) installs interceptors, to measure what they cost:
+``empty`` (one that overrides nothing), ``access`` (the access log, written to nowhere),
+``metrics`` (Prometheus metrics). Prints ``READY`` when serving. On SIGTERM prints
+``SERVED {json counts}`` and exits: the orchestrator checks those counts against what the load
+generators saw.
 """
 
 from __future__ import annotations
@@ -44,6 +47,31 @@ class BenchMethods:
             await stream.send_message(message)
 
 
+def bench_interceptors() -> list[object]:
+    import logging
+
+    from app_kit import ServerInterceptor
+
+    kind = os.environ.get("BENCH_INTERCEPTORS", "none")
+    if kind == "none":
+        return []
+    if kind == "empty":
+        return [ServerInterceptor()]
+    if kind == "access":
+        from app_kit.observe.access_log import AccessLog
+
+        logger = logging.getLogger("bench.access")
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        return [AccessLog(logger)]
+    if kind == "metrics":
+        from app_kit.observe.prometheus import ServerMetrics
+
+        return [ServerMetrics()]
+    raise SystemExit(f"BENCH_INTERCEPTORS={kind}: not one of none, empty, access, metrics")
+
+
 async def serve_app_kit(port: int, stop: asyncio.Event) -> None:
     import bench_grpc
 
@@ -53,7 +81,7 @@ async def serve_app_kit(port: int, stop: asyncio.Event) -> None:
         pass
 
     config = Configuration(max_receive_message_length=8 << 20, max_send_message_length=8 << 20)
-    server = Server([Bench()], config=config)
+    server = Server([Bench()], config=config, interceptors=bench_interceptors())
     await server.start("127.0.0.1", port)
     print("READY", flush=True)
     await stop.wait()

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import pytest
 
-from app_kit import Configuration, Server, ServiceLike
+from app_kit import Configuration, Server, ServerInterceptor, ServiceLike
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +38,11 @@ async def running_server(
     *,
     config: Configuration | None = None,
     host: str = "127.0.0.1",
+    interceptors: Sequence[ServerInterceptor] = (),
     **start_kwargs: Any,
 ) -> AsyncIterator[tuple[Server, str]]:
     """Start a server on a free port; yield it and its ``host:port`` target; close it."""
-    server = Server(services, config=config)
+    server = Server(services, config=config, interceptors=interceptors)
     if "path" in start_kwargs or "sock" in start_kwargs:
         await server.start(**start_kwargs)
         target = ""

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value, StringValue
 from google.rpc import error_details_pb2
 
 from app_kit import Cardinality, GRPCError, Handler, Status, Stream
+
+
+def grpcio_method(channel: Any, kind: str, path: str, request_type: Any, reply_type: Any) -> Any:
+    """A grpcio stub method (``kind``: ``unary_unary``...) for ``path`` with protobuf types."""
+    return getattr(channel, kind)(
+        path, request_serializer=request_type.SerializeToString, response_deserializer=reply_type.FromString
+    )
 
 
 class EchoService:

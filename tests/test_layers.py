@@ -23,7 +23,7 @@ from app_kit.wire import h2_internals
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "app_kit"
-LAYERS = ["wire", "rpc", "aio", "services", "app"]
+LAYERS = ["wire", "rpc", "aio", "observe", "services", "app"]
 
 
 def _module(path: pathlib.Path) -> str:

@@ -37,7 +37,13 @@ def run_cli(*args: str, **env: str) -> list[str]:
 @pytest.mark.parametrize(
     ("mistake", "expected"),
     [
-        ("duplicate", "app_kit: resources pool and other_pool both provide Pool"),
+        (
+            "duplicate",
+            "app_kit: resources pool and other_pool both provide Pool: each type identifies one resource; "
+            "to have several, name them: '-> AsyncIterator[Annotated[Pool, \"replica\"]]'",
+        ),
+        ("duplicate-name", 'app_kit: resources replica and other_replica both provide Pool named "replica"'),
+        ("two-names", 'app_kit: resource replica: Annotated[Pool, "replica", "standby"] names a resource by one'),
         ("unannotated-resource-parameter", "app_kit: resource pool: annotate settings with the type to inject"),
         ("unannotated-service-parameter", "app_kit: service echo: annotate pool with the type to inject"),
         ("no-return-annotation", "app_kit: resource pool has no return annotation; annotate it with what it yields"),
@@ -57,7 +63,17 @@ def test_declaration_mistakes_are_one_line(mistake: str, expected: str) -> None:
     [
         ("not-a-service", "service echo returned NotAService, which is not a service: it has no __mapping__()"),
         ("sync-handler", "service echo handles /mistakes.Echo/Echo with SyncEcho.echo, which is not async"),
-        ("protocol-without-provider", "echo needs labelled: Labelled, which is neither the settings nor any resource"),
+        ("protocol-without-provider", "service echo needs labelled: Labelled, which is neither the settings nor any"),
+        (
+            "unknown-name",
+            'service echo needs replica: Annotated[Pool, "replcia"], but no resource is named "replcia"; '
+            'resources of that type: replica (Annotated[Pool, "replica"]), pool (Pool)',
+        ),
+        (
+            "named-only",
+            "service echo needs pool: Pool, which is neither the settings nor any resource's type; "
+            'only named resources provide it: replica (Annotated[Pool, "replica"])',
+        ),
     ],
 )
 def test_service_mistakes_fail_startup_in_one_line(mistake: str, expected: str) -> None:

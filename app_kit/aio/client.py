@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl as ssl_module
 import sys
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
@@ -36,6 +37,7 @@ from ..rpc.metadata import Metadata, MetadataLike, decode_metadata, encode_metad
 from ..rpc.retry import RetryPolicies, RetryPolicy, pushback_delay
 from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
+from .hooks import CallMeasures, InterceptorChain, default_hook, run_hooks
 from .stream import Peer
 from .subchannel import DEFAULT_PORT, Address, Backoff, ConnectivityState, Subchannel, Target, parse_target
 from .tls import client_tls
@@ -43,6 +45,7 @@ from .transport import ConnectionProtocol
 
 __all__ = [
     "Channel",
+    "ClientInterceptor",
     "ClientStream",
     "StreamStreamMethod",
     "StreamUnaryMethod",
@@ -58,6 +61,35 @@ log = logging.getLogger("app_kit.client")
 _USER_AGENT = f"app_kit/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
 _REFUSED_STREAM = int(h2.errors.ErrorCodes.REFUSED_STREAM)
 _ENHANCE_YOUR_CALM = int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+
+class ClientInterceptor:
+    """Base class of client interceptors; each method's default does nothing.
+
+    Each attempt of a call (a retry is a new attempt) is seen as a call of its own.
+    """
+
+    async def start(self, call: ClientStream[Any, Any]) -> None:
+        """Before the call connects and its request headers go out: ``call.path``,
+        ``call.cardinality``, ``call.deadline``, ``call.request_metadata``; add metadata (e.g.
+        credentials) with ``call.add_metadata(key, value)``. Raising :class:`~app_kit.GRPCError`
+        fails the call with that status; nothing is sent."""
+
+    @default_hook
+    def on_message_sent(self, call: ClientStream[Any, Any], message: Any) -> Any:
+        """A request message, before it is encoded: return it, or what replaces it."""
+        return message
+
+    @default_hook
+    def on_message_received(self, call: ClientStream[Any, Any], message: Any) -> Any:
+        """A reply, decoded, before the caller gets it: return it, or what replaces it."""
+        return message
+
+    def on_call_end(self, call: ClientStream[Any, Any]) -> None:
+        """The call ended and its caller is done with it (it left the call's ``async with``,
+        as stub methods do when they return): ``call.status`` and ``call.status_message`` say
+        how it ended, ``call.elapsed`` how long until its status came, the ``messages_*`` and
+        ``bytes_*`` counters what went each way. Must not raise."""
 
 
 class ClientProtocol(ConnectionProtocol):
@@ -209,6 +241,8 @@ class Channel:
     certificate is checked against (and sent as SNI), when it is not the host connected to.
     ``compression="gzip"`` compresses requests (any registered encoding; a call can say
     otherwise); responses in every registered encoding are accepted.
+
+    ``interceptors`` (:class:`ClientInterceptor`, outermost first) run around every call.
     """
 
     def __init__(
@@ -225,7 +259,13 @@ class Channel:
         retry_policy: RetryPolicy | None = None,
         service_config: Mapping[str, Any] | None = None,
         server_hostname: str | None = None,
+        interceptors: Sequence[ClientInterceptor] = (),
     ) -> None:
+        for interceptor in interceptors:
+            if not isinstance(interceptor, ClientInterceptor):
+                raise TypeError(f"{interceptor!r} is not a ClientInterceptor")
+        #: The interceptors, and the hooks they override.
+        self.interceptors = InterceptorChain(interceptors, inward="sent")
         if path is not None and (host is not None or port is not None):
             raise ValueError("path and host/port are mutually exclusive")
         compression = _request_encoding(compression)
@@ -538,7 +578,7 @@ def _earliest(timeout: float | None, deadline: Deadline | None) -> Deadline | No
     return from_timeout if deadline is None or from_timeout < deadline else deadline
 
 
-class ClientStream(Generic[SendT, RecvT]):
+class ClientStream(CallMeasures, Generic[SendT, RecvT]):
     """One call on the client side.
 
     Use it as ``async with``: leaving the block cancels the call if it is not finished.
@@ -587,6 +627,14 @@ class ClientStream(Generic[SendT, RecvT]):
         self.trailing_metadata: Metadata | None = None
         #: Whether the reply :meth:`recv_message` last returned arrived compressed.
         self.last_message_compressed = False
+        interceptors = channel.interceptors
+        self._interceptors = interceptors.interceptors
+        self._send_hooks = interceptors.sent
+        self._recv_hooks = interceptors.received
+        self._entered = 0  # interceptors whose start() ran: those hear on_call_end()
+        self._started_at = 0.0
+        self._ended_at: float | None = None
+        self._messages_received = self._messages_sent = self._bytes_received = self._bytes_sent = 0
 
     async def __aenter__(self) -> ClientStream[SendT, RecvT]:
         if self.deadline is not None:
@@ -598,7 +646,14 @@ class ClientStream(Generic[SendT, RecvT]):
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
         if self._outcome is None:
-            await self.cancel()
+            error = exc_info[1]
+            if isinstance(error, GRPCError):
+                # Failed on our side (no backend, a request too large...): the call ends as raised.
+                self._abort(error.status, error.message or "")
+            else:
+                await self.cancel()
+        if self._entered:
+            self._end_interceptors()
 
     @property
     def request_encoding(self) -> str:
@@ -627,6 +682,8 @@ class ClientStream(Generic[SendT, RecvT]):
         if self._stream_id is not None:
             raise ProtocolError("the request was sent already")
         self._raise_if_over()
+        if self._interceptors and not self._entered:
+            await self._start_interceptors()
         try:
             async with asyncio.timeout(self.deadline.time_remaining() if self.deadline else None):
                 protocol = await self._channel._connection(self.wait_for_ready)
@@ -661,6 +718,10 @@ class ClientStream(Generic[SendT, RecvT]):
             raise ProtocolError("the request stream was ended already")
         if self._sent and not self._cardinality.client_streaming:
             raise ProtocolError(f"{self.path} takes exactly one request message")
+        if self._interceptors and not self._entered:
+            await self._start_interceptors()  # before the message hooks see the call
+        if self._send_hooks and self._outcome is None:  # never after the call ended
+            message = run_hooks(self._send_hooks, self, message)
         data = self._channel.codec.encode(message, self._request_type)
         limit = self._channel.config.max_send_message_length
         if len(data) > limit:
@@ -682,6 +743,8 @@ class ClientStream(Generic[SendT, RecvT]):
         except MessageRejected as exc:
             self._abort(exc.status, exc.message)
             raise GRPCError(exc.status, exc.message) from None
+        self._messages_sent += 1
+        self._bytes_sent += len(data)
         await protocol.drain(self._stream_id, ready)
         if not ready and self._outcome is not None:
             # The call ended while this message waited to leave: a failure is raised here; a
@@ -760,11 +823,16 @@ class ClientStream(Generic[SendT, RecvT]):
             except MessageRejected as exc:
                 self._abort(exc.status, exc.message)
                 raise GRPCError(exc.status, exc.message) from None
+        self._messages_received += 1
+        self._bytes_received += len(data)
         try:
-            return self._channel.codec.decode(data, self._reply_type)
+            reply = self._channel.codec.decode(data, self._reply_type)
         except Exception:
             self._abort(Status.INTERNAL, "could not decode the reply message")
             raise GRPCError(Status.INTERNAL, "could not decode the reply message") from None
+        if self._recv_hooks:
+            return run_hooks(self._recv_hooks, self, reply)
+        return reply
 
     def __aiter__(self) -> AsyncIterator[RecvT]:
         return self._iter_messages()
@@ -854,6 +922,75 @@ class ClientStream(Generic[SendT, RecvT]):
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
         self._wake()
+        if self._entered:
+            self._ended_at = time.perf_counter()
+
+    # -- interceptors ----------------------------------------------------------------
+
+    async def _start_interceptors(self) -> None:
+        """Run each interceptor's ``start``; one that raises ends the call before it is sent."""
+        self._started_at = time.perf_counter()
+        for interceptor in self._interceptors:
+            self._entered += 1
+            try:
+                await interceptor.start(self)
+            except GRPCError as exc:
+                self._on_outcome(exc.status, exc.message, None, [])
+                raise
+            except BaseException as exc:
+                self._on_outcome(
+                    Status.CANCELLED if isinstance(exc, asyncio.CancelledError) else Status.UNKNOWN,
+                    f"{interceptor!r} failed: {exc!r}",
+                    None,
+                    [],
+                )
+                raise
+
+    def _end_interceptors(self) -> None:
+        """The caller is done with the ended call: its interceptors hear of it, once."""
+        entered, self._entered = self._entered, 0
+        interceptors, self._interceptors = self._interceptors, ()  # and never start again
+        for interceptor in reversed(interceptors[:entered]):
+            try:
+                interceptor.on_call_end(self)
+            except Exception:
+                log.exception("%r failed in on_call_end of %s", interceptor, self.path)
+
+    @property
+    def request_metadata(self) -> Metadata:
+        """The metadata the call sends (what interceptors added included)."""
+        return decode_metadata(self._metadata)
+
+    def add_metadata(self, key: str, value: str | bytes) -> None:
+        """Send this metadata too (before the request headers went out; interceptors' ``start``)."""
+        if self._stream_id is not None:
+            raise ProtocolError("the request headers were sent already")
+        self._metadata.extend(encode_metadata([(key, value)]))
+
+    @property
+    def cardinality(self) -> Cardinality:
+        """Whether the client, the server, both or neither send a stream of messages."""
+        return self._cardinality
+
+    @property
+    def service(self) -> str:
+        """The service's full name, ``package.Service``."""
+        return self.path.split("/")[1]
+
+    @property
+    def method_name(self) -> str:
+        """The method's own name, ``Method``."""
+        return self.path.rpartition("/")[2]
+
+    @property
+    def status(self) -> Status | None:
+        """How the call ended, once it has (a failure is also raised to the caller)."""
+        return self._outcome[0] if self._outcome is not None else None
+
+    @property
+    def status_message(self) -> str | None:
+        """The message that came with :attr:`status`."""
+        return self._outcome[1] if self._outcome is not None else None
 
 
 class CallOptions(TypedDict, total=False):

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import dataclasses
+import errno
 import functools
 import logging
+import os
 import socket
 import ssl as ssl_module
+import stat
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import h2.errors
 
 from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from ..rpc.compression import IDENTITY, get_encoding
@@ -30,13 +39,64 @@ from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
 from ..wire.guard import AddressBudget
 from ..wire.logs import RateLimitedLogger
+from .hooks import InterceptorChain, Proceed, default_hook
 from .stream import Peer, Stream
 from .transport import ConnectionProtocol
 
-__all__ = ["Server"]
+__all__ = ["Server", "ServerInterceptor", "ServerStats"]
 
 log = logging.getLogger("app_kit.server")
 peer_log = RateLimitedLogger(log)
+
+
+class ServerInterceptor:
+    """Base class of server interceptors; each method's default does nothing.
+
+    One instance serves every call, concurrently: keep per-call state in locals of
+    :meth:`intercept`, or in a dict keyed by the call, removed in :meth:`on_call_end`.
+    """
+
+    async def intercept(self, call: Stream[Any, Any], proceed: Proceed) -> None:
+        """Run around the handler: ``await proceed()`` runs it (and the inner interceptors).
+
+        ``call`` is the handler's :class:`~app_kit.Stream`: ``call.method``, ``call.service``,
+        ``call.method_name``, ``call.cardinality``, ``call.metadata``, ``call.peer``,
+        ``call.deadline``. Raising :class:`~app_kit.GRPCError` without proceeding ends the call
+        with that status before the handler runs; catching what ``proceed()`` raises and
+        raising a ``GRPCError`` instead maps a handler's error to a status.
+        """
+        await proceed()
+
+    @default_hook
+    def on_message_received(self, call: Stream[Any, Any], message: Any) -> Any:
+        """A request message, before the handler gets it: return it, or what replaces it."""
+        return message
+
+    @default_hook
+    def on_message_sent(self, call: Stream[Any, Any], message: Any) -> Any:
+        """A reply the handler sends, before it is encoded: return it, or what replaces it."""
+        return message
+
+    def on_call_end(self, call: Stream[Any, Any]) -> None:
+        """The call ended: ``call.status`` and ``call.status_message`` say how (CANCELLED if
+        the client reset it or the connection was lost), ``call.elapsed`` how long it took;
+        ``call.messages_received``/``messages_sent`` and ``bytes_received``/``bytes_sent``
+        count its messages and their encoded bytes. Runs in the call's task; must not raise."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStats:
+    """What a server is doing, read at once (see :meth:`Server.stats`)."""
+
+    #: Connections open now.
+    connections: int
+    #: Calls whose handler runs now.
+    calls: int
+    #: Connections accepted since the server started.
+    connections_total: int
+    #: Connections we ended with an HTTP/2 error, by its name (``ENHANCE_YOUR_CALM`` for
+    #: floods and too many pings, ``PROTOCOL_ERROR``, ``FRAME_SIZE_ERROR``...).
+    connection_errors: dict[str, int]
 
 
 class Server:
@@ -50,6 +110,8 @@ class Server:
     (:meth:`Stream.set_compression`): None answers in the encoding of the request, ``"identity"``
     never compresses, an encoding name (``"gzip"``) compresses replies to every client that
     lists it in ``grpc-accept-encoding``.
+
+    ``interceptors`` (:class:`ServerInterceptor`, outermost first) run around every call.
     """
 
     def __init__(
@@ -60,7 +122,13 @@ class Server:
         status_details_codec: StatusDetailsCodecBase | None = None,
         config: Configuration | None = None,
         compression: str | None = None,
+        interceptors: Sequence[ServerInterceptor] = (),
     ) -> None:
+        for interceptor in interceptors:
+            if not isinstance(interceptor, ServerInterceptor):
+                raise TypeError(f"{interceptor!r} is not a ServerInterceptor")
+        #: The interceptors, and the hooks they override.
+        self.interceptors = InterceptorChain(interceptors, inward="received")
         if compression is not None and compression != IDENTITY:
             get_encoding(compression)  # ValueError now, not at the first call
         #: The default encoding of replies (see the class docstring).
@@ -81,6 +149,13 @@ class Server:
         self._closed_event = asyncio.Event()
         # Started, or served a connection: wait_closed() has something to wait for.
         self._in_use = False
+        self._connections_total = 0
+        self._connection_errors: collections.Counter[str] = collections.Counter()
+
+    # Set by start(), for close(): how queued connections are served, and the socket file made.
+    _listen_ssl: ssl_module.SSLContext | None = None
+    _accept_limit = 0
+    _socket_file: tuple[str, int, int] | None = None
 
     async def start(
         self,
@@ -98,6 +173,10 @@ class Server:
     ) -> None:
         """Listen on TCP ``host``/``port`` (port 0 picks a free one), a Unix socket ``path``,
         or a ready ``sock``. ``ssl`` serves TLS, with ALPN ``h2`` set on the context.
+
+        ``backlog`` is how many connections the kernel completes before the server accepts
+        them (see :meth:`close`). A socket file this call creates at ``path`` is removed when
+        the server closes, unless another server has replaced it by then.
         """
         if self._closing:
             raise RuntimeError("the server is closed; it cannot be started")
@@ -113,6 +192,9 @@ class Server:
             self._listener = await loop.create_unix_server(
                 factory, path, backlog=backlog, ssl=ssl, ssl_handshake_timeout=self._tls_timeout(ssl)
             )
+            if not path.startswith("\0"):  # (the abstract namespace has no file)
+                made = os.stat(path)
+                self._socket_file = (path, made.st_dev, made.st_ino)
         else:
             # loop.create_server's own arguments, passed through unchanged (its overloads cannot
             # express "host and port, or sock").
@@ -129,6 +211,9 @@ class Server:
                 "ssl_handshake_timeout": self._tls_timeout(ssl),
             }
             self._listener = await loop.create_server(factory, **options)
+        self._listen_ssl = ssl
+        # Linux queues up to backlog + 1 completed connections per listening socket.
+        self._accept_limit = backlog + 1
         self._in_use = True
 
     def _tls_timeout(self, ssl: ssl_module.SSLContext | None) -> float | None:
@@ -149,7 +234,11 @@ class Server:
     def close(self, *, grace: float | None = None) -> None:
         """Stop accepting connections and calls; finish the calls in progress.
 
-        Listening sockets close at once. Every connection gets the two-phase GOAWAY
+        No new connection is taken: connections the kernel had already completed into the
+        listen backlog are accepted and served like the others (closing a listening socket
+        would reset them, and a client that had written its request there could not tell
+        whether it ran), then the listening sockets close; a Unix socket file made by
+        :meth:`start` is removed first. Every connection gets the two-phase GOAWAY
         (2^31-1 and a PING, then the last stream id received); every call accepted up to
         then is served. After ``grace`` seconds (None: no limit), calls still running are
         cancelled and answered UNAVAILABLE. Idle connections close as soon as the final
@@ -159,12 +248,69 @@ class Server:
             return
         self._closing = True
         if self._listener is not None:
+            # The file first: a Unix client can then no longer connect, even in the moment
+            # between the last accept and the close.
+            self._remove_socket_file()
+            self._take_accept_queue(self._listener)
             self._listener.close()
         for connection in list(self._connections):
             connection.start_shutdown()
         if grace is not None and self._in_use:
             self._grace_handle = asyncio.get_running_loop().call_later(grace, self._grace_expired)
         self._check_closed()
+
+    def _take_accept_queue(self, listener: asyncio.AbstractServer) -> None:
+        """Accept, without blocking, every connection waiting in the listeners' queues."""
+        loop = listener.get_loop()
+        for listening in listener.sockets:  # type: ignore[attr-defined]
+            try:  # asyncio exposes a wrapper without accept(): a duplicate of the same socket
+                taker = socket.socket(fileno=os.dup(listening.fileno()))
+            except OSError:
+                continue
+            with taker:
+                taker.setblocking(False)
+                for _ in range(self._accept_limit):
+                    try:
+                        connection, _address = taker.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break  # the queue is empty
+                    except ConnectionAbortedError:
+                        continue  # reset by its client while queued
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.error("cannot accept the connections queued at close: %s", exc)
+                            break
+                        raise
+                    connection.setblocking(False)
+                    task = loop.create_task(self._serve_queued(loop, connection))
+                    self._task_started(task)
+                    task.add_done_callback(self._task_done)
+
+    async def _serve_queued(self, loop: asyncio.AbstractEventLoop, connection: socket.socket) -> None:
+        """Serve one connection taken from the accept queue at close (the TLS handshake first)."""
+        ssl = self._listen_ssl
+        try:
+            await loop.connect_accepted_socket(
+                functools.partial(ServerProtocol, self, loop),
+                connection,
+                ssl=ssl,
+                ssl_handshake_timeout=self._tls_timeout(ssl),
+            )
+        except (OSError, ssl_module.SSLError, TimeoutError) as exc:
+            connection.close()
+            peer_log.log(logging.INFO, "connection queued at close failed: %r", exc)
+
+    def _remove_socket_file(self) -> None:
+        """Remove the Unix socket file start() made, if it is still that file."""
+        if self._socket_file is None:
+            return
+        path, device, inode = self._socket_file
+        self._socket_file = None
+        with contextlib.suppress(OSError):
+            found = os.stat(path)
+            # A newer server may have replaced it (its own file at the same path): keep that.
+            if stat.S_ISSOCK(found.st_mode) and (found.st_dev, found.st_ino) == (device, inode):
+                os.unlink(path)
 
     def _grace_expired(self) -> None:
         for connection in list(self._connections):
@@ -186,11 +332,28 @@ class Server:
 
     # -- called by connections -------------------------------------------------------
 
+    def stats(self) -> ServerStats:
+        """Open connections and running calls now; connections and connection errors so far."""
+        return ServerStats(
+            connections=len(self._connections),
+            calls=len(self._tasks),
+            connections_total=self._connections_total,
+            connection_errors=dict(self._connection_errors),
+        )
+
     def _connection_opened(self, connection: ServerProtocol) -> None:
         self._in_use = True
+        self._connections_total += 1
         self._connections.add(connection)
         if self._closing:
             connection.start_shutdown()
+
+    def _connection_error(self, error_code: int) -> None:
+        try:
+            name = h2.errors.ErrorCodes(error_code).name
+        except ValueError:
+            name = f"0x{error_code:x}"
+        self._connection_errors[name] += 1
 
     def _connection_closed(self, connection: ServerProtocol) -> None:
         self._connections.discard(connection)
@@ -240,6 +403,7 @@ class ServerProtocol(ConnectionProtocol):
         super().connection_made(transport)
         self._peer = Peer(transport)
         self._server._connection_opened(self)
+        log.debug("connection from %s", self._peer_address())
         address = self._peer.addr()
         if isinstance(address, tuple) and address:  # TCP: resets also count per peer address
             self._address = address[0]
@@ -250,6 +414,7 @@ class ServerProtocol(ConnectionProtocol):
             self._idle_handle = self.loop.call_later(idle_timeout, self._idle_check)
 
     def on_connection_lost(self, exc: Exception | None) -> None:
+        log.debug("connection from %s closed (%d calls running)", self._peer_address(), len(self._calls))
         for handle in (self._shutdown_handle, self._idle_handle):
             if handle is not None:
                 handle.cancel()
@@ -286,6 +451,8 @@ class ServerProtocol(ConnectionProtocol):
             elif kind is GoAwayReceived:
                 self._peer_going_away = True
             elif kind is ConnectionClosed:
+                if event.error_code:  # type: ignore[attr-defined]
+                    self._server._connection_error(event.error_code)  # type: ignore[attr-defined]
                 peer_log.log(logging.INFO, "closing connection from %s: %s", self._peer_address(), event.reason)  # type: ignore[attr-defined]
                 self.close_transport()
         self._close_if_done()
@@ -328,8 +495,9 @@ class ServerProtocol(ConnectionProtocol):
             reply_encoding=self._reply_encoding(head.encoding, head.accept_encoding),
             request_encoding=head.encoding,
             accepted_encodings=head.accept_encoding,
+            interceptors=server.interceptors,
         )
-        task = self.loop.create_task(_serve_call(stream, handler))
+        task = self.loop.create_task(_serve_call(stream, handler, server.interceptors))
         self._calls[stream_id] = (stream, task)
         server._task_started(task)
         task.add_done_callback(functools.partial(self._call_done, stream_id))
@@ -437,8 +605,58 @@ async def _run_handler(stream: Stream[object, object], handler: Handler) -> None
         await _send_returned(stream, handler, returned)
 
 
-async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
-    """Run one handler and end its call with the status its outcome stands for."""
+def _intercepted(
+    stream: Stream[object, object],
+    handler: Handler,
+    interceptors: tuple[ServerInterceptor, ...],
+    *,
+    expired: bool = False,
+) -> Proceed:
+    """The handler inside the interceptors: what the outermost one's ``proceed`` runs
+    (``expired``: instead of the handler, the call's deadline is exceeded)."""
+
+    async def proceed(index: int) -> None:
+        if index == len(interceptors):
+            if expired:
+                raise GRPCError(Status.DEADLINE_EXCEEDED, "Deadline exceeded")
+            await _run_handler(stream, handler)
+            return
+        stream._entered = index + 1
+        await interceptors[index].intercept(stream, functools.partial(proceed, index + 1))
+
+    return functools.partial(proceed, 0)
+
+
+async def _serve_call(stream: Stream[object, object], handler: Handler, interceptors: InterceptorChain) -> None:
+    """Run one call's handler (inside its interceptors, if any) and end it with a status."""
+    if not interceptors:
+        await _answer_call(stream, handler, functools.partial(_run_handler, stream, handler))
+        return
+    try:
+        await _answer_call(
+            stream,
+            handler,
+            _intercepted(stream, handler, interceptors.interceptors),
+            _intercepted(stream, handler, interceptors.interceptors, expired=True),
+        )
+    finally:
+        stream._ended_at = time.perf_counter()
+        if stream._status is None:  # (every end records one; this is the last line of defence)
+            stream._status, stream._status_message = Status.UNKNOWN, "the call ended without a status"
+        for interceptor in reversed(interceptors.interceptors[: stream._entered]):
+            try:
+                interceptor.on_call_end(stream)
+            except Exception:
+                log.exception("%r failed in on_call_end of %s", interceptor, stream.method)
+
+
+async def _answer_call(
+    stream: Stream[object, object], handler: Handler, run: Proceed, run_expired: Proceed | None = None
+) -> None:
+    """Run one handler and end its call with the status its outcome stands for.
+
+    ``run_expired`` runs instead when the deadline had passed on arrival (the interceptors,
+    around no handler): they hear of the call too."""
     status = Status.OK
     message: str | None = None
     details = None
@@ -447,14 +665,16 @@ async def _serve_call(stream: Stream[object, object], handler: Handler) -> None:
     stream._dispatched = True
     try:
         if deadline is None:
-            await _run_handler(stream, handler)
+            await run()
         elif deadline.time_remaining() <= 0:
             # Expired before dispatch (grpc-timeout 1n): a handler that never yields would
             # otherwise finish before the timeout could cancel it.
             status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"
+            if run_expired is not None:
+                await run_expired()  # raises the same, through the interceptors
         else:
             async with asyncio.timeout(deadline.time_remaining()) as scope:
-                await _run_handler(stream, handler)
+                await run()
     except GRPCError as exc:
         status, message, details, trailers = exc.status, exc.message, exc.details, exc.trailing_metadata
     except NotImplementedError:

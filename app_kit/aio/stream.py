@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -13,10 +14,11 @@ from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
 from ..rpc.compression import IDENTITY, get_encoding
 from ..rpc.connection import Compressed, MessageRejected, StreamGone
 from ..rpc.deadline import Deadline
-from ..rpc.handlers import Handler
+from ..rpc.handlers import Cardinality, Handler
 from ..rpc.metadata import Metadata, MetadataLike, encode_metadata
 from ..rpc.server import ServerConnection
 from ..rpc.status import GRPCError, ProtocolError, Status
+from .hooks import CallMeasures, InterceptorChain, run_hooks
 
 __all__ = ["Peer", "Stream"]
 
@@ -70,7 +72,7 @@ class Peer:
         return f"<Peer {self.addr()!r}>"
 
 
-class Stream(Generic[RecvT, SendT]):
+class Stream(CallMeasures, Generic[RecvT, SendT]):
     """One call on the server: receive requests, send replies, end with a status.
 
     Initial metadata goes out with the first message unless sent earlier; trailers (status
@@ -80,6 +82,8 @@ class Stream(Generic[RecvT, SendT]):
     """
 
     __slots__ = (
+        "_bytes_received",
+        "_bytes_sent",
         "_client_streaming",
         "_closed_reason",
         "_codec",
@@ -87,20 +91,29 @@ class Stream(Generic[RecvT, SendT]):
         "_decode",
         "_dispatched",
         "_encode",
+        "_ended_at",
+        "_entered",
         "_handler",
         "_last_compressed",
         "_max_send",
         "_messages_arrived",
+        "_messages_received",
+        "_messages_sent",
         "_protocol",
         "_queue",
         "_recv_done",
+        "_recv_hooks",
         "_reply_encoding",
         "_reply_type",
         "_request_type",
+        "_send_hooks",
         "_sent",
         "_server_streaming",
+        "_started_at",
         "_state",
+        "_status",
         "_status_details_codec",
+        "_status_message",
         "_stream_id",
         "_trailers",
         "_waiter",
@@ -129,6 +142,7 @@ class Stream(Generic[RecvT, SendT]):
         reply_encoding: str | None,
         request_encoding: str | None = None,
         accepted_encodings: frozenset[str] = frozenset(),
+        interceptors: InterceptorChain | None = None,
     ) -> None:
         self._protocol = protocol
         self._connection = protocol.connection
@@ -172,6 +186,16 @@ class Stream(Generic[RecvT, SendT]):
         self._dispatched = False
         #: Why a CANCELLED call ended (said to a handler that goes on using it).
         self._closed_reason: str | None = None
+        # What interceptors and logs read of the call (see the properties below).
+        self._status: Status | None = None
+        self._status_message: str | None = None
+        self._started_at = time.perf_counter()  # not loop.time(): uvloop's ticks in milliseconds
+        self._ended_at: float | None = None
+        self._messages_received = self._messages_sent = self._bytes_received = self._bytes_sent = 0
+        self._recv_hooks = interceptors.received if interceptors else ()
+        self._send_hooks = interceptors.sent if interceptors else ()
+        #: How many interceptors' ``intercept`` started (those hear ``on_call_end``).
+        self._entered = 0
 
     # -- receiving -------------------------------------------------------------------
 
@@ -227,11 +251,16 @@ class Stream(Generic[RecvT, SendT]):
             data = self._inflate(data)
         else:
             self._last_compressed = False
+        self._messages_received += 1
+        self._bytes_received += len(data)
         try:
-            return self._decode(data, self._request_type)
+            message = self._decode(data, self._request_type)
         except Exception:
             name = getattr(self._request_type, "__name__", repr(self._request_type))
             raise GRPCError(Status.INTERNAL, f"could not decode the request message as {name}") from None
+        if self._recv_hooks:
+            return run_hooks(self._recv_hooks, self, message)
+        return message
 
     def _inflate(self, data: Compressed) -> bytes:
         try:
@@ -284,6 +313,10 @@ class Stream(Generic[RecvT, SendT]):
         In a compressed call (see :meth:`set_compression`), ``compress=False`` sends this
         message uncompressed (grpcio's ``disable_next_message_compression``).
         """
+        if self._send_hooks:
+            if self._state in TERMINAL:  # no hook runs after the call ended: raise as sending would
+                transition(self._state, CallInput.SEND_REPLY, self._closed_reason)
+            message = run_hooks(self._send_hooks, self, message)
         data = self._encode(message, self._reply_type)
         if self._state is not CallState.STREAMING:
             self._before_reply(data)
@@ -297,6 +330,8 @@ class Stream(Generic[RecvT, SendT]):
         except MessageRejected as exc:
             self._end_now(exc.status, exc.message)  # its headers may be out: end it here
             raise GRPCError(exc.status, exc.message) from None
+        self._messages_sent += 1
+        self._bytes_sent += len(data)
         protocol = self._protocol
         if ready and not protocol.write_paused:
             protocol.schedule_flush()  # the common case: no second coroutine per message
@@ -333,10 +368,13 @@ class Stream(Generic[RecvT, SendT]):
         if status_details and self._status_details_codec is not None:
             details = self._status_details_codec.encode(status, status_message, status_details)
         self._state = ended
+        self._status, self._status_message = status, status_message
         try:
             self._connection.send_status(self._stream_id, status, status_message, details, fields)
         except StreamGone:
-            return  # reset meanwhile: nobody is there to read the status
+            # Reset meanwhile: nobody is there to read the status.
+            self._status, self._status_message = Status.CANCELLED, "the stream was reset"
+            return
         except Exception:
             self._end_now(Status.INTERNAL, "Internal error: the status could not be sent")
             raise
@@ -356,6 +394,32 @@ class Stream(Generic[RecvT, SendT]):
     def closed(self) -> bool:
         """Whether the call is over: status sent, or the stream reset."""
         return self._state in TERMINAL
+
+    @property
+    def status(self) -> Status | None:
+        """How the call ended: the status sent, or CANCELLED if it was reset or its connection
+        lost first; None while it runs."""
+        return self._status
+
+    @property
+    def status_message(self) -> str | None:
+        """The message that went with :attr:`status` (for CANCELLED: why)."""
+        return self._status_message
+
+    @property
+    def service(self) -> str:
+        """The service's full name, ``package.Service``."""
+        return self.method.split("/")[1]
+
+    @property
+    def method_name(self) -> str:
+        """The method's own name, ``Method``."""
+        return self.method.rpartition("/")[2]
+
+    @property
+    def cardinality(self) -> Cardinality:
+        """Whether the client, the server, both or neither send a stream of messages."""
+        return self._handler.cardinality
 
     def _before_reply(self, data: bytes) -> None:
         """What send_message checks and does, except in a server stream past its first reply."""
@@ -377,6 +441,7 @@ class Stream(Generic[RecvT, SendT]):
         if self._state is CallState.CANCELLED:
             return
         self._state = CallState.ENDED
+        self._status, self._status_message = status, message
         self._connection.end_now(self._stream_id, status, message)
         self._protocol.flush_call_end()
 
@@ -410,6 +475,7 @@ class Stream(Generic[RecvT, SendT]):
         """The call is over from outside its handler (reset, deadline, the connection's end)."""
         if self._state is not CallState.ENDED and self._closed_reason is None:
             self._closed_reason = reason
+            self._status, self._status_message = Status.CANCELLED, reason
         self._state = transition(self._state, CallInput.CANCEL)
         self._wake()
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from .._version import __version__
 from .lifecycle import EXIT_STARTUP_FAILED, App, DeclarationError
+from .logs import configure_logging
+from .settings import AppSettings, SettingsError, load_settings
 
 __all__ = ["load_app", "main"]
 _TARGET = re.compile(r"(?P<module>[\w.]+):(?P<attr>[\w.]+)(?P<call>\(\))?\Z")
@@ -79,14 +81,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--path", help="listen on this Unix socket instead (overrides APP_PATH)")
     run.add_argument("--env-file", help="read settings from this .env file too")
     run.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="overrides APP_LOG_LEVEL"
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="serve the port from N processes, each running the whole App (overrides APP_WORKERS)",
     )
-    run.add_argument("--debug", action="store_true", help="log at DEBUG level, with full tracebacks")
+    run.add_argument(
+        "--reload",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="development: restart the App when a .py file changes (needs app_kit[reload])",
+    )
+    run.add_argument(
+        "--reload-dir",
+        action="append",
+        metavar="DIR",
+        help="with --reload: watch this directory (repeatable; default: the current one)",
+    )
+    run.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="level of app_kit's loggers, any case (overrides APP_LOG_LEVEL)",
+    )
+    run.add_argument("--debug", action="store_true", help="app_kit's loggers at DEBUG, with full tracebacks")
+    run.add_argument(
+        "--log-config",
+        metavar="FILE",
+        help="configure logging with this logging.config.dictConfig file (JSON, or YAML with PyYAML)",
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.reload and args.workers is not None and args.workers > 1:
+        parser.error("--reload runs one process: it cannot be used with --workers")
     # pydantic-settings skips a missing env file; one the user named is a mistake.
     if args.env_file is not None and not os.path.isfile(args.env_file):
         print(f"app_kit: --env-file {args.env_file}: no such file", file=sys.stderr)
         return EXIT_STARTUP_FAILED
+    overrides = {name: getattr(args, name) for name in ("host", "port", "path") if getattr(args, name) is not None}
+    if args.log_level is not None:
+        overrides["log_level"] = args.log_level
+    if args.reload:
+        # The reloader never imports the App: the code it watches may be broken for a while.
+        return _supervise(parser, args, argv, None, overrides)
     try:
         app = load_app(args.target)
     except (LoadError, DeclarationError) as exc:
@@ -94,9 +131,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(exc)
         print(f"app_kit: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
-    overrides = {name: getattr(args, name) for name in ("host", "port", "path") if getattr(args, name) is not None}
-    if args.log_level is not None:
-        overrides["log_level"] = args.log_level
+    if args.workers != 1:  # more, or APP_WORKERS decides (a worker is run with --workers 1)
+        return _supervise(parser, args, argv, app, overrides)
     return app.run_sync(
-        env_file=args.env_file, overrides=overrides, log_level="DEBUG" if args.debug else args.log_level
+        env_file=args.env_file,
+        overrides=overrides,
+        log_level="DEBUG" if args.debug else args.log_level,
+        log_config=args.log_config,
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _supervise(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    argv: list[str],
+    app: App[Any] | None,
+    overrides: dict[str, Any],
+) -> int:
+    """``--reload`` (``app`` None: not imported), or more than one worker: a supervisor process
+    runs the App in children. With one worker after all (APP_WORKERS unset), ``app`` runs here.
+    """
+    settings_type = app.settings_type if app is not None else AppSettings
+    if args.workers is not None:
+        overrides = {**overrides, "workers": args.workers}
+    try:
+        settings = load_settings(settings_type, env_file=args.env_file, **overrides)
+    except SettingsError as exc:
+        print(f"app_kit: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    if args.reload and settings.workers > 1:
+        parser.error(f"--reload runs one process: it cannot be used with APP_WORKERS={settings.workers}")
+    level = "DEBUG" if args.debug else args.log_level
+    if app is not None and settings.workers == 1:
+        return app.run_sync(settings, log_level=level, log_config=args.log_config)
+    if level is None and "log_level" in settings.model_fields_set:
+        level = settings.log_level
+    try:
+        configure_logging(level, log_format=settings.log_format, config_file=args.log_config)
+    except ValueError as exc:
+        print(f"app_kit: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    if args.reload:
+        from .reload import run_reloading
+
+        return run_reloading(argv, settings, directories=args.reload_dir or ["."])
+    from .workers import run_workers
+
+    return run_workers(argv, settings, count=settings.workers)

@@ -6,25 +6,27 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import socket
 import sys
 import typing
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, overload
 
 from ..aio import eventloop
-from ..aio.server import Server
+from ..aio.server import Server, ServerInterceptor
 from ..rpc.handlers import Handler, ServiceLike
 from ..services.health import Health, HealthCheck
+from .logs import configure_logging
 from .settings import AppSettings, SettingsError, load_settings
 from .signals import graceful_exit
 
 if TYPE_CHECKING:
     from ..aio.client import Channel
 
-__all__ = ["App", "DeclarationError", "RunningApp", "StartupError"]
+__all__ = ["App", "DeclarationError", "RunningApp", "StartupAborted", "StartupError"]
 
 log = logging.getLogger("app_kit.app")
 
@@ -32,15 +34,23 @@ log = logging.getLogger("app_kit.app")
 EXIT_STARTUP_FAILED = 3
 
 
-def configure_logging(level: str) -> None:
-    """One line per record on stderr."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-
-
 S = TypeVar("S", bound=AppSettings)
 T = TypeVar("T")
+#: What ``@app.resource`` accepts and gives back unchanged: a factory of an async iterator
+#: (an async generator function) or of an async context manager.
+ResourceFactory = TypeVar(
+    "ResourceFactory",
+    bound=Callable[..., AsyncIterator[Any] | contextlib.AbstractAsyncContextManager[Any]],
+)
+#: What ``@app.service`` accepts and gives back unchanged: a function returning a service or awaiting to one.
+ServiceFactory = TypeVar("ServiceFactory", bound=Callable[..., ServiceLike | Awaitable[ServiceLike]])
+InterceptorFactory = TypeVar(
+    "InterceptorFactory", bound=Callable[..., ServerInterceptor | Awaitable[ServerInterceptor]]
+)
+#: A resource's health check: called with the resource, True while it is healthy.
+ResourceCheck = Callable[[Any], Awaitable[bool]]
+#: How a resource is identified: the class (or NewType) it provides, and its name (None: unnamed).
+_Key = tuple[Any, str | None]
 
 
 class StartupError(Exception):
@@ -55,24 +65,32 @@ class DeclarationError(TypeError):
     """
 
 
-class _StartupAborted(Exception):
-    """A shutdown signal arrived during start-up."""
+class StartupAborted(StartupError):
+    """``stop`` was set (a shutdown signal) during start-up; everything started was shut down again.
+
+    A :class:`StartupError`, so that ``except StartupError`` covers every way :meth:`App.serve`
+    can end without serving; catch this one first to tell a requested stop from a failure
+    (:meth:`App.run` does, and returns normally).
+    """
+
+
+_StartupAborted = StartupAborted  # the former private name, for code that imported it
 
 
 @dataclass
 class _Resource:
     name: str
     factory: Callable[..., contextlib.AbstractAsyncContextManager[Any]]
-    provides: Any  # a class or a typing.NewType
-    needs: dict[str, type]
-    health_check: Callable[[Any], typing.Awaitable[bool]] | None
+    provides: _Key  # a class or a typing.NewType, and the resource's name
+    needs: dict[str, _Key]
+    health_check: ResourceCheck | None
 
 
 @dataclass
 class _ServiceFactory:
     name: str
     factory: Callable[..., Any]
-    needs: dict[str, type]
+    needs: dict[str, _Key]
 
 
 @dataclass
@@ -82,13 +100,16 @@ class RunningApp(Generic[S]):
     settings: S
     server: Server
     health: Health
-    #: Entered resources, by the type they provide.
-    resources: dict[type, Any] = field(default_factory=dict)
+    #: Entered resources (and the settings), by the type they provide; a named one by
+    #: ``Annotated[type, name]``.
+    resources: dict[Any, Any] = field(default_factory=dict)
     services: list[ServiceLike] = field(default_factory=list)
+    #: The port of ``/metrics`` (``APP_METRICS_PORT``; 0 there picks one), if served.
+    metrics_port: int | None = None
 
-    def resource(self, kind: type[T]) -> T:
-        """The entered resource that provides ``kind``."""
-        return typing.cast(T, self.resources[kind])
+    def resource(self, kind: type[T], name: str | None = None) -> T:
+        """The entered resource that provides ``kind`` (under ``name``, for a named one)."""
+        return typing.cast(T, self.resources[_public_key((kind, name))])
 
     @property
     def address(self) -> str:
@@ -116,8 +137,11 @@ class App(Generic[S]):
     Resources are ``asynccontextmanager`` factories (or async generator functions); services
     are functions returning a service object. Both receive what they need by parameter
     type: the settings (``AppSettings`` or your subclass) or any resource, identified by the
-    type its factory yields (``-> AsyncIterator[OrderStore]``). Resources are entered in
-    dependency order and exited in reverse; a failed start-up exits exactly what was entered.
+    type its factory yields (``-> AsyncIterator[OrderStore]``). Several resources of one type
+    are told apart by name: a factory yielding ``Annotated[Pool, "replica"]`` is injected into
+    parameters annotated ``Annotated[Pool, "replica"]``, while plain ``Pool`` is the unnamed one.
+    Resources are entered in dependency order and exited in reverse; a failed start-up exits
+    exactly what was entered.
     """
 
     def __init__(self, settings: type[S] = AppSettings, *, name: str = "app") -> None:  # type: ignore[assignment]
@@ -125,22 +149,29 @@ class App(Generic[S]):
         self.name = name
         self._resources: list[_Resource] = []
         self._services: list[_ServiceFactory] = []
+        self._interceptors: list[_ServiceFactory] = []
 
     # -- declaration -----------------------------------------------------------------
 
+    @overload
+    def resource(self, factory: ResourceFactory, /) -> ResourceFactory: ...
+
+    @overload
     def resource(
-        self,
-        factory: Callable[..., Any] | None = None,
-        *,
-        health_check: Callable[[Any], typing.Awaitable[bool]] | None = None,
-    ) -> Any:
+        self, factory: None = None, /, *, health_check: ResourceCheck | None = None
+    ) -> Callable[[ResourceFactory], ResourceFactory]: ...
+
+    def resource(
+        self, factory: ResourceFactory | None = None, /, *, health_check: ResourceCheck | None = None
+    ) -> ResourceFactory | Callable[[ResourceFactory], ResourceFactory]:
         """Declare a resource (usable as ``@app.resource`` or ``@app.resource(health_check=...)``).
 
-        ``health_check(resource)`` feeds the health status: while it fails (False, raises or
-        times out), the server and every service report NOT_SERVING.
+        The factory is returned unchanged. ``health_check(resource)`` feeds the health status:
+        while it fails (False, raises or times out), the server and every service report
+        NOT_SERVING.
         """
 
-        def declare(func: Callable[..., Any]) -> Callable[..., Any]:
+        def declare(func: ResourceFactory) -> ResourceFactory:
             target = inspect.unwrap(func)
             hints = _hints(func, "resource")
             if inspect.isgeneratorfunction(target):
@@ -151,23 +182,49 @@ class App(Generic[S]):
                     f"{_at(target)}"
                 )
             provides = _yielded_type(func, hints.pop("return", None))
-            context_factory = contextlib.asynccontextmanager(func) if inspect.isasyncgenfunction(func) else func
+            needs = _needs(func, hints, "resource")
+            context_factory: Callable[..., contextlib.AbstractAsyncContextManager[Any]] = (
+                contextlib.asynccontextmanager(func) if inspect.isasyncgenfunction(func) else func  # type: ignore[assignment]
+            )
+            kind, name = provides
             for other in self._resources:
-                if other.provides is provides:
+                if other.provides[0] is not kind or other.provides[1] != name:
+                    continue
+                if name is None:
                     raise DeclarationError(
-                        f"resources {other.name} and {func.__name__} both provide {_show(provides)}: "
-                        f"each type identifies one resource{_at(target)}"
+                        f"resources {other.name} and {func.__name__} both provide {_show(kind)}: each type "
+                        f"identifies one resource; to have several, name them: "
+                        f"'-> AsyncIterator[Annotated[{_show(kind)}, \"replica\"]]'{_at(target)}"
                     )
-            self._resources.append(_Resource(func.__name__, context_factory, provides, hints, health_check))
+                raise DeclarationError(
+                    f"resources {other.name} and {func.__name__} both provide {_show(kind)} named "
+                    f'"{name}": a name identifies one resource of a type{_at(target)}'
+                )
+            self._resources.append(_Resource(func.__name__, context_factory, provides, needs, health_check))
             return func
 
         return declare(factory) if factory is not None else declare
 
-    def service(self, factory: Callable[..., Any]) -> Callable[..., Any]:
-        """Declare a service: ``factory(**needs)`` returns (or awaits to) a service object."""
+    def service(self, factory: ServiceFactory) -> ServiceFactory:
+        """Declare a service: ``factory(**needs)`` returns (or awaits to) a service object.
+
+        The factory is returned unchanged.
+        """
         hints = _hints(factory, "service")
         hints.pop("return", None)
-        self._services.append(_ServiceFactory(factory.__name__, factory, hints))
+        self._services.append(_ServiceFactory(factory.__name__, factory, _needs(factory, hints, "service")))
+        return factory
+
+    def interceptor(self, factory: InterceptorFactory) -> InterceptorFactory:
+        """Declare a server interceptor: ``factory(**needs)`` returns (or awaits to) a
+        :class:`~app_kit.ServerInterceptor`, its parameters injected as a service's are.
+
+        Interceptors run in the order declared, the first outermost, inside the access log
+        and metrics the settings turn on. The factory is returned unchanged.
+        """
+        hints = _hints(factory, "interceptor")
+        hints.pop("return", None)
+        self._interceptors.append(_ServiceFactory(factory.__name__, factory, _needs(factory, hints, "interceptor")))
         return factory
 
     # -- running ---------------------------------------------------------------------
@@ -178,26 +235,33 @@ class App(Generic[S]):
     ) -> AsyncIterator[RunningApp[S]]:
         """Start everything, yield the running app, then drain and unwind (no signal handling).
 
-        If ``stop`` is set during start-up, start-up stops where it is and unwinds.
-        Start-up failures raise :class:`StartupError` after unwinding.
+        If ``stop`` is set during start-up, start-up stops where it is (a resource or service
+        still starting is cancelled), unwinds and raises :class:`StartupAborted`. Start-up
+        failures raise :class:`StartupError` after unwinding.
         """
         settings = settings if settings is not None else load_settings(self.settings_type)
         stop = stop if stop is not None else asyncio.Event()
 
         def check_stop() -> None:
             if stop.is_set():
-                raise _StartupAborted
+                raise StartupAborted("shutdown requested during start-up")
 
         async with contextlib.AsyncExitStack() as stack:
-            values: dict[type, Any] = {type(settings): settings}
+            bound, reuse_port = _bind_early(stack, settings)  # before any resource: a port in use starts none
+            values: dict[_Key, Any] = {(type(settings), None): settings}
             health = Health()
             checks: list[HealthCheck] = []
-            for resource in self._ordered_resources():
+            for resource in self._start_order(type(settings)):
                 check_stop()
-                kwargs = self._inject(resource.name, resource.needs, values)
+                kwargs = self._inject(f"resource {resource.name}", resource.needs, values)
                 log.debug("entering resource %s", resource.name)
                 try:
-                    value = await stack.enter_async_context(_GuardedTeardown(resource.factory(**kwargs), resource.name))
+                    async with _abort_when_set(stop):
+                        value = await stack.enter_async_context(
+                            _GuardedTeardown(resource.factory(**kwargs), resource.name)
+                        )
+                except StartupAborted:
+                    raise
                 except Exception as exc:
                     raise StartupError(f"resource {resource.name} failed to start: {_describe(exc)}") from exc
                 values[resource.provides] = value
@@ -206,17 +270,13 @@ class App(Generic[S]):
             services: list[ServiceLike] = []
             for declared in self._services:
                 check_stop()
-                kwargs = self._inject(declared.name, declared.needs, values)
-                try:
-                    service = declared.factory(**kwargs)
-                    if inspect.isawaitable(service):
-                        service = await service
-                except Exception as exc:
-                    raise StartupError(f"service {declared.name} failed to build: {_describe(exc)}") from exc
+                service = await self._build("service", declared, values, stop)
                 problem = _service_problem(service)
                 if problem is not None:
                     raise StartupError(f"service {declared.name} {problem}")
                 services.append(service)
+            registry = _metrics_registry(settings)
+            interceptors = await self._build_interceptors(settings, values, stop, registry)
             extra: list[ServiceLike] = [health]
             if settings.reflection:
                 from ..services.reflection import Reflection
@@ -229,7 +289,12 @@ class App(Generic[S]):
                     )
                 )
             try:
-                server = Server([*services, *extra], config=settings.server_config(), compression=settings.compression)
+                server = Server(
+                    [*services, *extra],
+                    config=settings.server_config(),
+                    compression=settings.compression,
+                    interceptors=interceptors,
+                )
             except (TypeError, ValueError) as exc:
                 raise StartupError(f"cannot serve the services: {exc}") from exc
             names = sorted({path.split("/")[1] for path in server.mapping})
@@ -242,19 +307,85 @@ class App(Generic[S]):
                 )
             check_stop()
             try:
-                if settings.path is not None:
-                    await server.start(path=settings.path, ssl=settings.ssl_context())
+                if len(bound) == 1:
+                    await server.start(sock=bound[0], ssl=settings.ssl_context())
+                elif bound:
+                    # A host name with several addresses: Server.start takes one ready socket, so
+                    # they are bound again, on the port found free before the resources started.
+                    port = bound[0].getsockname()[1]
+                    for sock in bound:
+                        sock.close()
+                    await server.start(settings.host, port, ssl=settings.ssl_context(), reuse_port=reuse_port or None)
                 else:
-                    await server.start(settings.host, settings.port, ssl=settings.ssl_context())
+                    await server.start(path=settings.path, ssl=settings.ssl_context())
             except Exception as exc:
                 raise StartupError(f"cannot listen: {_describe(exc)}") from exc
+            metrics_port = None
+            if registry is not None:
+                metrics_port = await self._serve_metrics(stack, settings, server, registry)
+            # Pushed after the metrics endpoint: it is scraped until the drain is over.
             stack.push_async_callback(self._drain, server, health, settings)
             for name in ["", *names]:
                 health.set_status(name, True)
-            running = RunningApp(settings, server, health, values, services)
+            running = RunningApp(
+                settings, server, health, {_public_key(k): v for k, v in values.items()}, services, metrics_port
+            )
             log.info("%s serving %s on %s", self.name, ", ".join(names) or "no services", running.address)
             yield running
             log.info("%s shutting down", self.name)
+
+    async def _build(self, role: str, declared: _ServiceFactory, values: dict[_Key, Any], stop: asyncio.Event) -> Any:
+        """Call a service's or interceptor's factory with what it needs (awaiting it if async)."""
+        kwargs = self._inject(f"{role} {declared.name}", declared.needs, values)
+        try:
+            built = declared.factory(**kwargs)
+            if inspect.isawaitable(built):
+                async with _abort_when_set(stop):
+                    built = await built
+        except StartupAborted:
+            raise
+        except Exception as exc:
+            raise StartupError(f"{role} {declared.name} failed to build: {_describe(exc)}") from exc
+        return built
+
+    async def _build_interceptors(
+        self, settings: AppSettings, values: dict[_Key, Any], stop: asyncio.Event, registry: Any
+    ) -> list[ServerInterceptor]:
+        """The settings' interceptors (outermost: they see every call's end), then the App's."""
+        interceptors: list[ServerInterceptor] = []
+        if registry is not None:
+            from ..observe.prometheus import ServerMetrics
+
+            interceptors.append(ServerMetrics(registry=registry))
+        if settings.access_log:
+            from ..observe.access_log import AccessLog
+
+            interceptors.append(AccessLog())
+        for declared in self._interceptors:
+            if stop.is_set():
+                raise StartupAborted("shutdown requested during start-up")
+            interceptor = await self._build("interceptor", declared, values, stop)
+            if not isinstance(interceptor, ServerInterceptor):
+                raise StartupError(
+                    f"interceptor {declared.name} returned {type(interceptor).__name__}, not a ServerInterceptor"
+                )
+            interceptors.append(interceptor)
+        return interceptors
+
+    async def _serve_metrics(
+        self, stack: contextlib.AsyncExitStack, settings: AppSettings, server: Server, registry: Any
+    ) -> int:
+        """``/metrics`` on ``APP_METRICS_PORT`` (same host as the server), until the stack unwinds."""
+        from ..observe.prometheus import ServerStatsCollector, serve_metrics
+
+        registry.register(ServerStatsCollector(server))
+        host = settings.host if settings.path is None else "127.0.0.1"
+        try:
+            port: int = await stack.enter_async_context(serve_metrics(host, settings.metrics_port or 0, registry))
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: {_describe(exc)}") from exc
+        log.info("metrics at http://%s:%d/metrics", host, port)
+        return port
 
     async def _drain(self, server: Server, health: Health, settings: AppSettings) -> None:
         health.enter_graceful_shutdown()
@@ -278,7 +409,7 @@ class App(Generic[S]):
             try:
                 async with self.serve(settings, stop=stop):
                     await stop.wait()
-            except _StartupAborted:
+            except StartupAborted:
                 log.info("shutdown requested during start-up; everything started was stopped")
 
     def run_sync(
@@ -288,11 +419,14 @@ class App(Generic[S]):
         env_file: str | None = None,
         overrides: dict[str, Any] | None = None,
         log_level: str | None = None,
+        log_config: str | None = None,
     ) -> int:
         """:meth:`run` in a new event loop; return the process exit code (0, or 3 on failure).
 
         Without ``settings``, they are read from the environment (and ``env_file``), with
-        ``overrides`` winning; logging is set up at ``log_level`` (default: the settings').
+        ``overrides`` winning. Logging is set up as :mod:`app_kit.app.logs` says: a
+        configuration already made (or ``log_config``, a dictConfig file) is kept; app_kit's
+        loggers get ``log_level`` (default: the settings', when they set one).
         """
         try:
             if settings is None:
@@ -300,8 +434,12 @@ class App(Generic[S]):
         except SettingsError as exc:
             print(f"app_kit: {exc}", file=sys.stderr)
             return EXIT_STARTUP_FAILED
-        level = log_level or settings.log_level
-        configure_logging(level)
+        level = log_level or (settings.log_level if "log_level" in settings.model_fields_set else None)
+        try:
+            configure_logging(level, log_format=settings.log_format, config_file=log_config)
+        except ValueError as exc:
+            print(f"app_kit: {exc}", file=sys.stderr)
+            return EXIT_STARTUP_FAILED
         try:
             eventloop.run(self.run(settings))
         except StartupError as exc:
@@ -312,8 +450,20 @@ class App(Generic[S]):
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _ordered_resources(self) -> list[_Resource]:
-        by_type = {resource.provides: resource for resource in self._resources}
+    def _start_order(self, settings_type: type[AppSettings]) -> list[_Resource]:
+        """The resources in dependency order, once every need is known to be provided.
+
+        Checked before anything starts, so a missing or misnamed dependency starts nothing.
+        """
+        by_key = {resource.provides: resource for resource in self._resources}
+        provided = {*by_key, (settings_type, None)}
+        for owner, needs in [
+            *((f"resource {resource.name}", resource.needs) for resource in self._resources),
+            *((f"service {service.name}", service.needs) for service in self._services),
+        ]:
+            for parameter, wanted in needs.items():
+                if _match(provided, wanted) is None:
+                    raise StartupError(self._unprovided(owner, parameter, wanted))
         ordered: list[_Resource] = []
         state: dict[str, int] = {}  # 1: visiting, 2: done
 
@@ -324,9 +474,9 @@ class App(Generic[S]):
                 raise StartupError(f"resources depend on each other in a cycle: {' -> '.join((*path, resource.name))}")
             state[resource.name] = 1
             for needed in resource.needs.values():
-                dependency = _find(by_type, needed)
-                if dependency is not None:
-                    visit(dependency, (*path, resource.name))
+                dependency = _match(by_key, needed)
+                if dependency is not None:  # else the settings
+                    visit(by_key[dependency], (*path, resource.name))
             state[resource.name] = 2
             ordered.append(resource)
 
@@ -334,37 +484,60 @@ class App(Generic[S]):
             visit(resource, ())
         return ordered
 
-    def _inject(self, owner: str, needs: dict[str, type], values: dict[type, Any]) -> dict[str, Any]:
+    def _inject(self, owner: str, needs: dict[str, _Key], values: dict[_Key, Any]) -> dict[str, Any]:
         kwargs = {}
         for parameter, wanted in needs.items():
-            provider = _find(values, wanted)
-            if provider is None:
-                hint = ""
-                if getattr(wanted, "_is_protocol", False) and not getattr(wanted, "_is_runtime_protocol", False):
-                    hint = (
-                        f" ({_show(wanted)} is a Protocol without @runtime_checkable: only a resource "
-                        "declared as it, or as a subclass of it, provides it)"
-                    )
-                raise StartupError(
-                    f"{owner} needs {parameter}: {_show(wanted)}, "
-                    f"which is neither the settings nor any resource's type{hint}"
-                )
-            kwargs[parameter] = provider
+            key = _match(values, wanted)
+            assert key is not None, "_start_order checked every need and entered its provider first"
+            kwargs[parameter] = values[key]
         return kwargs
 
+    def _unprovided(self, owner: str, parameter: str, wanted: _Key) -> str:
+        """Why nothing provides ``wanted``, naming what there is of its type."""
+        kind, name = wanted
+        offered = [  # the resources of that type, whatever their name
+            f"{resource.name} ({_show_key(resource.provides)})"
+            for resource in self._resources
+            if _match({(resource.provides[0], name)}, wanted) is not None
+        ]
+        if name is None:
+            hint = ""
+            if getattr(kind, "_is_protocol", False) and not getattr(kind, "_is_runtime_protocol", False):
+                hint = (
+                    f" ({_show(kind)} is a Protocol without @runtime_checkable: only a resource "
+                    "declared as it, or as a subclass of it, provides it)"
+                )
+            elif offered:
+                hint = f"; only named resources provide it: {', '.join(offered)}"
+            return (
+                f"{owner} needs {parameter}: {_show(kind)}, which is neither the settings nor any resource's type"
+                + hint
+            )
+        there = f"resources of that type: {', '.join(offered)}" if offered else f"no resource provides {_show(kind)}"
+        return f'{owner} needs {parameter}: {_show_key(wanted)}, but no resource is named "{name}"; {there}'
 
-def _find(mapping: dict[type, T], wanted: Any) -> T | None:
+
+def _match(provided: Collection[_Key], wanted: _Key) -> _Key | None:
+    """The key among ``provided`` that satisfies ``wanted``: itself, else a subclass under the same name."""
     # Identity first (the only match for a NewType), then subclasses.
     try:
-        if wanted in mapping:
-            return mapping[wanted]
+        if wanted in provided:
+            return wanted
     except TypeError:  # an unhashable annotation provides nothing
         return None
-    if isinstance(wanted, type):
-        for provided, value in mapping.items():
-            if isinstance(provided, type) and _provides(provided, wanted):
-                return value
+    kind, name = wanted
+    if isinstance(kind, type):
+        for key in provided:
+            if key[1] == name and isinstance(key[0], type) and _provides(key[0], kind):
+                return key
     return None
+
+
+def _public_key(key: _Key) -> Any:
+    """How :attr:`RunningApp.resources` keys a resource: its type, or ``Annotated[type, name]``."""
+    kind, name = key
+    annotated: Any = Annotated  # subscripted with values, which type checkers reject on the form itself
+    return kind if name is None else annotated[kind, name]
 
 
 def _provides(provided: type, wanted: type) -> bool:
@@ -394,6 +567,10 @@ def _show(annotation: Any) -> str:
     """An annotation as written in source: ``AsyncIterator[Pool]``, not its module-qualified repr."""
     if annotation is None or annotation is type(None):
         return "None"
+    if isinstance(annotation, str):  # Annotated's metadata: a resource's name
+        return f'"{annotation}"'
+    if typing.get_origin(annotation) is Annotated:  # get_args() would flatten it
+        return f"Annotated[{', '.join(_show(arg) for arg in (annotation.__origin__, *annotation.__metadata__))}]"
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is not None and args:
@@ -402,10 +579,16 @@ def _show(annotation: Any) -> str:
     return str(name) if name else repr(annotation)
 
 
+def _show_key(key: _Key) -> str:
+    """A resource's key as its annotation reads: ``Pool``, or ``Annotated[Pool, "replica"]``."""
+    kind, name = key
+    return _show(kind) if name is None else f'Annotated[{_show(kind)}, "{name}"]'
+
+
 def _hints(func: Callable[..., Any], role: str) -> dict[str, Any]:
     target = inspect.unwrap(func)
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)  # keeps Annotated[..., name]
     except Exception as exc:
         raise DeclarationError(
             f"cannot resolve the annotations of {role} {func.__name__}: {_describe(exc)}{_at(target)}"
@@ -420,6 +603,27 @@ def _hints(func: Callable[..., Any], role: str) -> dict[str, Any]:
     return hints
 
 
+def _needs(func: Callable[..., Any], hints: dict[str, Any], role: str) -> dict[str, _Key]:
+    """The parameters' annotations (``return`` popped) as the keys of what they need injected."""
+    return {parameter: _key(annotation, func, role) for parameter, annotation in hints.items()}
+
+
+def _key(annotation: Any, func: Callable[..., Any], role: str) -> _Key:
+    """``Annotated[Pool, "replica"]`` → ``(Pool, "replica")``; another annotation → ``(it, None)``.
+
+    The name is the one string among ``Annotated``'s metadata; other metadata is left to others.
+    """
+    if typing.get_origin(annotation) is not Annotated:
+        return annotation, None
+    names = [item for item in annotation.__metadata__ if isinstance(item, str)]
+    if len(names) > 1 or names == [""]:
+        raise DeclarationError(
+            f"{role} {func.__name__}: {_show(annotation)} names a resource by one non-empty string, "
+            f'e.g. Annotated[{_show(annotation.__origin__)}, "replica"]{_at(func)}'
+        )
+    return annotation.__origin__, names[0] if names else None
+
+
 _ASYNC_ITERATORS = ("AsyncIterator", "AsyncGenerator", "AsyncIterable")
 _SYNC_ITERATORS = ("Iterator", "Generator", "Iterable", "AbstractContextManager", "ContextManager")
 
@@ -429,12 +633,14 @@ def _is_key(value: Any) -> bool:
     return isinstance(value, type | typing.NewType)
 
 
-def _yielded_type(func: Callable[..., Any], annotation: Any) -> Any:
+def _yielded_type(func: Callable[..., Any], annotation: Any) -> _Key:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     kind = getattr(origin, "__name__", "")
-    if (kind in _ASYNC_ITERATORS or origin is contextlib.AbstractAsyncContextManager) and args and _is_key(args[0]):
-        return args[0]
+    if (kind in _ASYNC_ITERATORS or origin is contextlib.AbstractAsyncContextManager) and args:
+        provides = _key(args[0], func, "resource")
+        if _is_key(provides[0]):
+            return provides
     name, where = func.__name__, _at(func)
     if kind in _ASYNC_ITERATORS and args:
         raise DeclarationError(
@@ -505,12 +711,63 @@ class _GuardedTeardown(contextlib.AbstractAsyncContextManager[Any]):
             log.debug("left resource %s", self._name)
 
 
+@contextlib.asynccontextmanager
+async def _abort_when_set(stop: asyncio.Event) -> AsyncIterator[None]:
+    """Cancel the body (a resource or service starting) once ``stop`` is set; raise StartupAborted instead.
+
+    The body runs in the current task, not a new one: a resource may enter a task group or a
+    cancel scope that must be left in the task that entered it.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    # Cancellations already pending on the task are not ours to judge (as asyncio.timeout does).
+    before = task.cancelling()
+    inside = True
+    cancelled = False
+
+    def on_stop(_: object) -> None:
+        nonlocal cancelled
+        if inside and not cancelled:
+            cancelled = True
+            task.cancel()
+
+    waiter = asyncio.ensure_future(stop.wait())
+    waiter.add_done_callback(on_stop)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if cancelled and task.uncancel() <= before:  # ours alone: any other cancellation goes on
+            raise StartupAborted("shutdown requested during start-up") from None
+        raise
+    except BaseException as exc:
+        if cancelled and task.uncancel() <= before:  # the body turned our cancellation into its own error
+            raise StartupAborted("shutdown requested during start-up") from exc
+        raise
+    else:
+        if cancelled and task.uncancel() <= before:  # the body swallowed our cancellation and finished
+            raise StartupAborted("shutdown requested during start-up")
+    finally:
+        inside = False
+        waiter.cancel()
+
+
 class _StopTrigger:
     def __init__(self, event: asyncio.Event) -> None:
         self._event = event
 
     def close(self) -> None:
         self._event.set()
+
+
+def _metrics_registry(settings: AppSettings) -> Any:
+    """A registry of this App's own (several Apps in one process must not collide), or None."""
+    if settings.metrics_port is None:
+        return None
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        raise StartupError("APP_METRICS_PORT needs prometheus-client: pip install 'app_kit[prometheus]'") from None
+    return CollectorRegistry()
 
 
 def _bind_check(check: Callable[[Any], typing.Awaitable[bool]], value: Any) -> HealthCheck:
@@ -526,6 +783,32 @@ def _all_of(checks: Sequence[HealthCheck]) -> HealthCheck:
         return all(results)
 
     return combined
+
+
+def _bind_early(stack: contextlib.AsyncExitStack, settings: AppSettings) -> tuple[list[socket.socket], bool]:
+    """The TCP sockets the server will listen on, and whether they use SO_REUSEPORT.
+
+    Bound before any resource starts, so that a port in use fails start-up at once; not
+    listening until the server starts, so that a client is refused, not queued, until then. A
+    ``--workers`` worker gets the supervisor's sockets, or binds with SO_REUSEPORT beside the
+    other workers. A Unix socket (``path``) is made when the server starts: none here.
+    """
+    from .listeners import bind_tcp, worker_listen_options
+
+    inherited, reuse_port = worker_listen_options()
+    try:
+        if inherited:
+            bound = inherited
+        elif settings.path is not None:
+            return [], False
+        else:
+            bound = bind_tcp(settings.host, settings.port, reuse_port=reuse_port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen: {_describe(exc)}") from exc
+    for sock in bound:
+        # Closed by the server once it listens on them, or here if start-up fails before.
+        stack.callback(sock.close)
+    return bound, reuse_port
 
 
 def _describe(exc: BaseException) -> str:

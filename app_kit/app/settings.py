@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,7 +39,15 @@ class AppSettings(BaseSettings):
     grace_period: float = 20.0
     #: Seconds between NOT_SERVING and closing the listeners, so load balancers stop routing here.
     drain_delay: float = 0.0
+    #: The level of app_kit's own loggers (any case); other libraries' stay at INFO at most.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    #: ``text`` lines, or ``json``: one JSON object per line (when the CLI sets up logging).
+    log_format: Literal["text", "json"] = "text"
+    #: One line per finished call on the ``app_kit.access`` logger.
+    access_log: bool = False
+    #: Serve Prometheus metrics at ``http://<host>:<metrics_port>/metrics`` (unset: off; needs
+    #: ``app_kit[prometheus]``).
+    metrics_port: int | None = None
     #: Serve gRPC server reflection (grpcurl, grpcui).
     reflection: bool = True
     #: Per reflection stream: requests answered, and response bytes sent, per second (0: no limit).
@@ -57,6 +65,17 @@ class AppSettings(BaseSettings):
     #: encoding, ``identity`` never compresses, ``gzip`` (or any registered encoding)
     #: compresses for every client that accepts it.
     compression: str | None = None
+    #: Processes serving the port (``--workers``), each running the whole App with its own
+    #: resources, under a supervisor that restarts them (see :mod:`app_kit.app.workers`).
+    workers: int = 1
+    #: How workers share the port: ``reuse_port`` (a socket each with SO_REUSEPORT, the kernel
+    #: spreads connections), ``inherit`` (one socket the supervisor bound: one accept queue,
+    #: taken by whichever worker is free), or ``auto``: ``reuse_port`` on Linux, else ``inherit``.
+    workers_socket: Literal["auto", "reuse_port", "inherit"] = "auto"
+    #: Seconds before a worker that died is restarted, doubled for each death in a row (a worker
+    #: that ran longer than the maximum starts the count again), up to the maximum.
+    worker_restart_delay: float = 0.5
+    worker_restart_max_delay: float = 30.0
 
     # Field validators, not one model validator: pydantic then reports every bad field at once.
     @field_validator(
@@ -73,18 +92,32 @@ class AppSettings(BaseSettings):
             raise ValueError(f"cannot be negative{unlimited}")
         return value
 
-    @field_validator("health_check_timeout")
+    @field_validator("health_check_timeout", "worker_restart_delay", "worker_restart_max_delay")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("must be positive")
         return value
 
-    @field_validator("port")
+    @field_validator("workers")
     @classmethod
-    def _port(cls, value: int) -> int:
-        if not 0 <= value <= 65535:
+    def _workers(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("port", "metrics_port")
+    @classmethod
+    def _port(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 65535:
             raise ValueError("must be from 0 to 65535")
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            return value.upper() if info.field_name == "log_level" else value.lower()
         return value
 
     @field_validator("tls_key_file")

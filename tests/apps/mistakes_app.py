@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
-from typing import NewType, Protocol
+from typing import Annotated, NewType, Protocol
 
 from google.protobuf.wrappers_pb2 import BytesValue
 
@@ -85,6 +85,44 @@ elif MISTAKE == "duplicate":
     async def other_pool(settings: AppSettings) -> AsyncIterator[Pool]:
         yield Pool()
 
+elif MISTAKE == "duplicate-name":
+
+    @app.resource
+    async def replica(settings: AppSettings) -> AsyncIterator[Annotated[Pool, "replica"]]:
+        yield Pool("replica")
+
+    @app.resource
+    async def other_replica(settings: AppSettings) -> AsyncIterator[Annotated[Pool, "replica"]]:
+        yield Pool("replica")
+
+elif MISTAKE == "two-names":
+
+    @app.resource
+    async def replica(settings: AppSettings) -> AsyncIterator[Annotated[Pool, "replica", "standby"]]:
+        yield Pool("replica")
+
+elif MISTAKE in ("unknown-name", "named-only"):
+
+    @app.resource
+    async def replica(settings: AppSettings) -> AsyncIterator[Annotated[Pool, "replica"]]:
+        yield Pool("replica")
+
+    if MISTAKE == "unknown-name":
+
+        @app.resource
+        async def pool(settings: AppSettings) -> AsyncIterator[Pool]:
+            yield Pool()
+
+        @app.service
+        def echo(replica: Annotated[Pool, "replcia"]) -> Echo:  # the typo
+            return Echo(replica.label)
+
+    else:
+
+        @app.service
+        def echo(pool: Pool) -> Echo:  # only a named Pool exists
+            return Echo(pool.label)
+
 elif MISTAKE == "unannotated-resource-parameter":
 
     @app.resource
@@ -105,25 +143,25 @@ elif MISTAKE == "no-return-annotation":
 
 elif MISTAKE == "wrong-return-annotation":
 
-    @app.resource
+    @app.resource  # type: ignore[type-var]
     async def pool(settings: AppSettings) -> Pool:  # type: ignore[misc]
         yield Pool()
 
 elif MISTAKE == "sync-generator":
 
-    @app.resource
+    @app.resource  # type: ignore[type-var]  # mypy --strict sees this mistake too
     def pool(settings: AppSettings) -> Iterator[Pool]:
         yield Pool()
 
 elif MISTAKE == "iterator-annotation":
 
-    @app.resource
+    @app.resource  # type: ignore[type-var]
     async def pool(settings: AppSettings) -> Iterator[Pool]:  # type: ignore[misc]
         yield Pool()
 
 elif MISTAKE == "not-a-service":
 
-    @app.service
+    @app.service  # type: ignore[type-var]  # mypy --strict sees this mistake too
     def echo(settings: AppSettings) -> NotAService:
         return NotAService()
 

@@ -1,0 +1,353 @@
+"""``python -m app_kit run module:app --workers N``: N processes of one App serving one port.
+
+A supervisor binds the port first (so that port 0 is one port for all, and a port in use fails
+before any worker starts), then runs each worker as ``python -m app_kit run ... --workers 1``:
+a worker is exactly the single-process server, with its own resources, settings, signal
+handling and exit codes. Subprocesses rather than ``multiprocessing``: nothing is pickled (the
+App is found again by its ``module:app`` target), the exit code 3 of a failed start-up arrives
+as it is, listening sockets pass by ``pass_fds``, and each worker is a process group of its own,
+so a terminal's Ctrl-C reaches the supervisor only and each worker gets one signal.
+
+The port is shared in one of two ways (``APP_WORKERS_SOCKET``):
+
+- ``reuse_port`` (the default on Linux): each worker binds its own socket with SO_REUSEPORT and
+  the kernel spreads new connections over them; the supervisor keeps a socket bound (never
+  listening) so that no other program takes the port while a worker restarts;
+- ``inherit``: the supervisor binds one socket and every worker listens on it, one accept queue
+  for all (a connection waits for whichever worker accepts first, and one queued at a worker
+  that is killed is not lost). A Unix socket (``APP_PATH``) is always shared this way.
+
+The supervisor restarts a worker that dies (after ``APP_WORKER_RESTART_DELAY``, doubled for
+each death in a row), passes SIGTERM/SIGINT on to every worker and waits for all of them to
+drain; a second signal kills them at once. A worker whose start-up fails (exit code 3) is not
+restarted: the others are stopped and the supervisor exits 3. Every line a worker writes to
+stderr is relayed with ``[worker N pid P]`` in front (JSON log lines get ``worker`` and ``pid``
+fields instead).
+
+:mod:`app_kit.app.reload` runs one worker the same way and replaces it when a file changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .lifecycle import EXIT_STARTUP_FAILED
+from .listeners import LISTEN_FDS, REUSE_PORT, bind_tcp, bind_unix
+from .settings import AppSettings
+
+__all__ = [
+    "SharedListeners",
+    "Supervisor",
+    "bind_shared",
+    "child_command",
+    "run_workers",
+]
+
+log = logging.getLogger("app_kit.workers")
+
+# A line longer than this is relayed in pieces (asyncio's StreamReader needs a bound).
+_RELAY_LINE_LIMIT = 1024 * 1024
+
+
+@dataclass
+class SharedListeners:
+    """How the workers listen: the supervisor's sockets, and what each worker is told."""
+
+    sockets: list[socket.socket]
+    env: dict[str, str]
+    arguments: list[str]
+    pass_fds: tuple[int, ...] = ()
+    unix_file: tuple[str, int] | None = None  # (path, inode) to remove at the end
+
+    def close(self) -> None:
+        """Close the supervisor's sockets (the workers' copies stay open)."""
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+    def remove_unix_file(self) -> None:
+        """Remove the Unix socket file made at start, unless something replaced it since."""
+        if self.unix_file is not None:
+            path, inode = self.unix_file
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:
+                    os.remove(path)
+
+
+def bind_shared(settings: AppSettings) -> SharedListeners:
+    """Bind what the workers will share (raises OSError, or ValueError for a mode that cannot be)."""
+    mode = settings.workers_socket
+    if mode == "auto":
+        mode = "reuse_port" if sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT") else "inherit"
+    if settings.path is not None:
+        sock = bind_unix(settings.path)
+        unix_file = None if settings.path.startswith("\0") else (settings.path, os.stat(settings.path).st_ino)
+        return SharedListeners([sock], {LISTEN_FDS: str(sock.fileno())}, [], (sock.fileno(),), unix_file)
+    if mode == "reuse_port" and not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("APP_WORKERS_SOCKET=reuse_port: this system has no SO_REUSEPORT")
+    sockets = bind_tcp(settings.host, settings.port, reuse_port=mode == "reuse_port")
+    # Every worker gets the port found here (port 0 is one port for all of them).
+    arguments = ["--port", str(sockets[0].getsockname()[1])]
+    if mode == "reuse_port":
+        return SharedListeners(sockets, {REUSE_PORT: "1"}, arguments)
+    if len(sockets) > 1:
+        for sock in sockets:
+            sock.close()
+        raise ValueError(f"APP_WORKERS_SOCKET=inherit shares one socket: host {settings.host!r} has several addresses")
+    fds = tuple(sock.fileno() for sock in sockets)
+    return SharedListeners(sockets, {LISTEN_FDS: ",".join(map(str, fds))}, arguments, fds)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _exit_code(code: int) -> int:
+    """A worker's return code as a shell reports it (128 + N when killed by signal N)."""
+    return 128 - code if code < 0 else code
+
+
+@dataclass
+class _Slot:
+    """One worker position: its current process, and why it is being stopped."""
+
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    #: Set while it is stopped to be replaced at once (a reload), not because it died.
+    replacing: bool = False
+    #: Wakes a slot waiting for the next reload (reload mode, after its process exited).
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    relays: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs ``count`` worker processes of ``command`` until a signal, then drains them all.
+
+    With ``reload`` (one worker, :mod:`app_kit.app.reload`), a worker that exits is not
+    restarted until :meth:`replace_all` (a file changed), and a failed start-up waits for that too.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        settings: AppSettings,
+        shared: SharedListeners,
+        *,
+        count: int,
+        reload: bool = False,
+    ) -> None:
+        self.command = list(command)
+        self.settings = settings
+        self.shared = shared
+        self.reload = reload
+        self.slots = [_Slot(index) for index in range(1, count + 1)]
+        self.stopping = asyncio.Event()
+        self._signals: list[int] = []
+        self._failed: int | None = None
+
+    async def run(self, *watchers: Callable[[Supervisor], Coroutine[Any, Any, None]]) -> int:
+        """Supervise until every worker is gone; return the exit code for the supervisor."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        tasks = [asyncio.create_task(watch(self)) for watch in watchers]
+        try:
+            codes = await asyncio.gather(*(self._keep(slot) for slot in self.slots))
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            for task in tasks:
+                task.cancel()
+            self.shared.close()
+            self.shared.remove_unix_file()
+            # The last lines the workers wrote (a worker's own child could keep its stderr open).
+            relays = [relay for slot in self.slots for relay in slot.relays]
+            if relays:
+                await asyncio.wait(relays, timeout=1)
+        if self._failed is not None:
+            return self._failed
+        if len(self._signals) > 1:
+            return 128 + self._signals[-1]
+        for code in codes:
+            if code not in (0, -signal.SIGTERM, -signal.SIGINT):  # killed by ours before it handled it
+                return _exit_code(code)
+        return 0
+
+    def replace_all(self, reason: str) -> None:
+        """Drain every worker and start a new one in its place (``--reload``)."""
+        if self.stopping.is_set():
+            return
+        log.info("%s: restarting", reason)
+        for slot in self.slots:
+            # Once: a second SIGTERM would cut the worker's drain short.
+            if slot.process is not None and slot.process.returncode is None and not slot.replacing:
+                slot.replacing = True
+                slot.process.send_signal(signal.SIGTERM)
+            slot.wake.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals.append(signum)
+        name = signal.Signals(signum).name
+        if len(self._signals) == 1:
+            log.info("received %s: draining every worker (send it again to kill them at once)", name)
+            self._stop(signum)
+        else:
+            log.warning("received %s again: killing every worker", name)
+            self._send(signal.SIGKILL)
+
+    def _stop(self, signum: int) -> None:
+        self.stopping.set()
+        # Only the workers hold the port now: it closes with the last of them.
+        self.shared.close()
+        self._send(signum)
+        for slot in self.slots:
+            slot.wake.set()
+
+    def _send(self, signum: int) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                slot.process.send_signal(signum)
+
+    async def _keep(self, slot: _Slot) -> int:
+        """Run the slot's worker, again and again until stopping; return its last exit code."""
+        deaths = 0
+        code = 0
+        while not self.stopping.is_set():
+            process = await self._spawn(slot)
+            started = time.monotonic()
+            if self.stopping.is_set():  # a signal came while it was being spawned
+                process.send_signal(signal.SIGTERM if len(self._signals) < 2 else signal.SIGKILL)
+            code = await process.wait()
+            ran = time.monotonic() - started
+            if self.stopping.is_set():
+                log.info("worker %d (pid %d) %s", slot.index, process.pid, _describe_exit(code))
+                break
+            if slot.replacing:
+                slot.replacing = False
+                slot.wake.clear()
+                log.info("worker %d (pid %d) drained for the restart", slot.index, process.pid)
+                continue
+            if self.reload:
+                log.warning("worker (pid %d) %s; waiting for a file to change", process.pid, _describe_exit(code))
+                slot.wake.clear()
+                await slot.wake.wait()
+                continue
+            if code == EXIT_STARTUP_FAILED:
+                log.error("worker %d (pid %d) failed to start: stopping every worker", slot.index, process.pid)
+                if self._failed is None:
+                    self._failed = code
+                self._stop(signal.SIGTERM)
+                break
+            # A worker that ran longer than the longest delay died on its own, not in a loop.
+            if ran > self.settings.worker_restart_max_delay:
+                deaths = 0
+            delay = min(self.settings.worker_restart_delay * 2**deaths, self.settings.worker_restart_max_delay)
+            deaths += 1
+            log.warning(
+                "worker %d (pid %d) %s; restarting it in %.1fs", slot.index, process.pid, _describe_exit(code), delay
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+        return code
+
+    async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(
+            *self.command,
+            *self.shared.arguments,
+            env={**os.environ, **self.shared.env},
+            pass_fds=self.shared.pass_fds,
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            limit=_RELAY_LINE_LIMIT,
+            # A group of its own: a terminal's Ctrl-C reaches the supervisor, which passes it on once.
+            process_group=0,
+        )
+        slot.process = process
+        label = f"pid {process.pid}" if self.reload else f"worker {slot.index} pid {process.pid}"
+        if self.reload:
+            log.info("started the app (pid %d)", process.pid)
+        else:
+            log.info("started worker %d (pid %d)", slot.index, process.pid)
+        assert process.stderr is not None
+        slot.relays = [relay for relay in slot.relays if not relay.done()]
+        slot.relays.append(asyncio.create_task(_relay(process.stderr, label, slot.index, process.pid)))
+        return process
+
+
+async def _relay(stream: asyncio.StreamReader, label: str, index: int, pid: int) -> None:
+    """Copy a worker's stderr to ours, each line saying which worker wrote it."""
+    out = sys.stderr.buffer
+    prefix = f"[{label}] ".encode()
+    at_line_start = True
+    while True:
+        try:
+            chunk = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            chunk = exc.partial
+            if not chunk:
+                break
+        except asyncio.LimitOverrunError as exc:
+            chunk = await stream.read(exc.consumed)  # a piece of a very long line
+        if at_line_start:
+            chunk = _label_json(chunk, index, pid) or prefix + chunk
+        out.write(chunk)
+        out.flush()
+        at_line_start = chunk.endswith(b"\n")
+
+
+def _label_json(line: bytes, index: int, pid: int) -> bytes | None:
+    """A JSON log line with ``worker`` and ``pid`` added (it stays one JSON object), or None."""
+    if not line.startswith(b"{"):
+        return None
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict):
+        return None
+    entry.setdefault("worker", index)
+    entry.setdefault("pid", pid)
+    return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+
+
+def child_command(argv: Sequence[str]) -> list[str]:
+    """The command of one worker: this command line, as one process (later options win)."""
+    return [sys.executable, "-m", "app_kit", *argv, "--workers", "1", "--no-reload"]
+
+
+def run_workers(argv: Sequence[str], settings: AppSettings, *, count: int) -> int:
+    """Supervise ``count`` workers of the ``run`` command line ``argv``; return the exit code.
+
+    Logging is expected to be set up already (the CLI does it).
+    """
+    try:
+        shared = bind_shared(settings)
+    except (OSError, ValueError) as exc:
+        log.error("start-up failed: cannot listen: %s", exc)
+        return EXIT_STARTUP_FAILED
+    where = settings.path if settings.path is not None else f"{settings.host}:{shared.arguments[1]}"
+    log.info("supervisor (pid %d): %d workers on %s", os.getpid(), count, where)
+
+    async def supervise() -> int:
+        return await Supervisor(child_command(argv), settings, shared, count=count).run()
+
+    try:
+        return asyncio.run(supervise())
+    finally:
+        shared.close()
