@@ -263,12 +263,14 @@ def directory() -> Iterator[str]:
 class Fleet:
     """Backend processes, one per slot, started and stopped as the test says."""
 
-    def __init__(self, stack: contextlib.AsyncExitStack, slots: dict[str, int], env: dict[str, str]) -> None:
-        self.stack, self.slots, self.env = stack, slots, env
+    def __init__(
+        self, stack: contextlib.AsyncExitStack, slots: dict[str, int], env: dict[str, str], workers: int = 1
+    ) -> None:
+        self.stack, self.slots, self.env, self.workers = stack, slots, env, workers
         self.backends: dict[str, AppProcess] = {}
 
     async def start(self, name: str) -> None:
-        process = AppProcess(APP, "--port", str(self.slots[name]), env=self.env)
+        process = AppProcess(APP, "--port", str(self.slots[name]), "--workers", str(self.workers), env=self.env)
         self.backends[name] = await self.stack.enter_async_context(process)
         await process.ready()
 
@@ -280,12 +282,16 @@ class Fleet:
         assert "Traceback" not in backend.log, backend.log
 
 
-@pytest.mark.parametrize("keepalive", [True, False], ids=["keepalive", "connection-per-call"])
-async def test_a_rolling_restart_behind_haproxy_fails_no_call(keepalive: bool, directory: str) -> None:
+@pytest.mark.parametrize(
+    ("keepalive", "workers"),
+    [(True, 1), (False, 1), (True, 2), (False, 2)],
+    ids=["keepalive", "connection-per-call", "keepalive-2-workers", "connection-per-call-2-workers"],
+)
+async def test_a_rolling_restart_behind_haproxy_fails_no_call(keepalive: bool, workers: int, directory: str) -> None:
     frontend, *ports = unused_ports(5)
     slots = dict(zip(["a1", "a2", "b1", "b2"], ports, strict=True))  # a: the first generation, b: replacements
     async with contextlib.AsyncExitStack() as stack:
-        fleet = Fleet(stack, slots, BACKEND_ENV)
+        fleet = Fleet(stack, slots, BACKEND_ENV, workers)
         await asyncio.gather(fleet.start("a1"), fleet.start("a2"))
         proxy = await stack.enter_async_context(Proxy(directory, frontend, slots, keepalive=keepalive))
         await proxy.wait_status({"a1": "UP", "a2": "UP", "b1": "DOWN", "b2": "DOWN"})
