@@ -15,6 +15,7 @@ from google.protobuf.wrappers_pb2 import DoubleValue, Int64Value
 from pydantic import Field
 
 from app_kit import App, AppSettings, Cardinality, Handler, Stream
+from tests.apps.lifecycle_app import Journal
 
 
 class WorkersSettings(AppSettings):
@@ -23,16 +24,8 @@ class WorkersSettings(AppSettings):
     start_delay: float = Field(0.0, validation_alias="WORKERS_START_DELAY")
 
 
-class Events:
+class Events(Journal):
     """Lines appended to the events file (one write each: whole lines from concurrent processes)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def write(self, line: str) -> None:
-        if self.path:
-            with open(self.path, "a") as file:
-                file.write(line + "\n")
 
 
 app = App(WorkersSettings, name="workers")
