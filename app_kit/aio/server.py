@@ -630,7 +630,7 @@ def _intercepted(
 async def _serve_call(stream: Stream[object, object], handler: Handler, interceptors: InterceptorChain) -> None:
     """Run one call's handler (inside its interceptors, if any) and end it with a status."""
     if not interceptors:
-        await _answer_call(stream, handler, functools.partial(_run_handler, stream, handler))
+        await _answer_call(stream, handler)  # the handler alone: nothing built per call
         return
     try:
         await _answer_call(
@@ -651,7 +651,10 @@ async def _serve_call(stream: Stream[object, object], handler: Handler, intercep
 
 
 async def _answer_call(
-    stream: Stream[object, object], handler: Handler, run: Proceed, run_expired: Proceed | None = None
+    stream: Stream[object, object],
+    handler: Handler,
+    run: Proceed | None = None,
+    run_expired: Proceed | None = None,
 ) -> None:
     """Run one handler and end its call with the status its outcome stands for.
 
@@ -665,7 +668,7 @@ async def _answer_call(
     stream._dispatched = True
     try:
         if deadline is None:
-            await run()
+            await (_run_handler(stream, handler) if run is None else run())
         elif deadline.time_remaining() <= 0:
             # Expired before dispatch (grpc-timeout 1n): a handler that never yields would
             # otherwise finish before the timeout could cancel it.
@@ -674,7 +677,7 @@ async def _answer_call(
                 await run_expired()  # raises the same, through the interceptors
         else:
             async with asyncio.timeout(deadline.time_remaining()) as scope:
-                await run()
+                await (_run_handler(stream, handler) if run is None else run())
     except GRPCError as exc:
         status, message, details, trailers = exc.status, exc.message, exc.details, exc.trailing_metadata
     except NotImplementedError:

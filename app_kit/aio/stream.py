@@ -186,7 +186,7 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
         self._dispatched = False
         #: Why a CANCELLED call ended (said to a handler that goes on using it).
         self._closed_reason: str | None = None
-        # What interceptors and logs read of the call (see the properties below).
+        # What interceptors and logs read of the call (the properties below and CallMeasures').
         self._status: Status | None = None
         self._status_message: str | None = None
         self._started_at = time.perf_counter()  # not loop.time(): uvloop's ticks in milliseconds
