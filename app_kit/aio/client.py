@@ -1029,7 +1029,8 @@ class _Method(Generic[SendT, RecvT]):
     def _attempts(self, options: CallOptions) -> _Attempts:
         """The call's deadline fixed once (a retry gets what is left of it), and its retries."""
         options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
-        return _Attempts(self.channel._retry_policies.for_method(self.path), options["deadline"])
+        policy = self.channel._retry_policies.for_method(self.path)
+        return _Attempts(policy, options["deadline"], self.channel.config.max_transparent_retries)
 
     async def _with_retry(
         self, run: Callable[[ClientStream[SendT, RecvT]], Awaitable[Any]], options: CallOptions
@@ -1049,22 +1050,22 @@ class _Method(Generic[SendT, RecvT]):
 class _Attempts:
     """Whether (and after how long) a failed attempt of a call is made again.
 
-    Transparently, once and at once: a call the server refused (REFUSED_STREAM) or never
-    processed (above a GOAWAY's last-stream-id). By the retry policy: a retryable status
+    Transparently and at once, up to ``max_transparent_retries`` times: a call the server
+    refused (REFUSED_STREAM) or never processed (above a GOAWAY's last-stream-id). By the retry policy: a retryable status
     while the call is not committed (no response headers came back), within the attempts
     allowed, the server's pushback and the call's deadline.
     """
 
-    def __init__(self, policy: RetryPolicy | None, deadline: Deadline | None) -> None:
+    def __init__(self, policy: RetryPolicy | None, deadline: Deadline | None, transparent: int) -> None:
         self._policy = policy
         self._deadline = deadline
-        self._transparent_used = False
+        self._transparent_left = transparent
         self._attempts = 1
 
     def retry_delay(self, stream: ClientStream[Any, Any], error: GRPCError) -> float | None:
         """Seconds to wait before the next attempt, or None: raise ``error``."""
-        if stream._retryable and not self._transparent_used:
-            self._transparent_used = True  # not counted as an attempt, as gRFC A6 says
+        if stream._retryable and self._transparent_left > 0:
+            self._transparent_left -= 1  # not counted as an attempt, as gRFC A6 says
             return 0.0
         policy = self._policy
         if policy is None or self._attempts >= policy.max_attempts or stream._headers:

@@ -33,6 +33,12 @@ class Configuration:
     #: SETTINGS_MAX_CONCURRENT_STREAMS advertised to the peer; streams beyond it are refused
     #: with REFUSED_STREAM (safe for the peer to retry).
     max_concurrent_streams: int = 1000
+    #: How many times a client call is sent again, at once and without counting against its
+    #: retry policy, when the server refused it (REFUSED_STREAM) or never processed it (above
+    #: a GOAWAY's last-stream-id); RFC 9113 §8.7 says neither reached the application. gRFC A6
+    #: retries once; a grpc-core server frees a finished stream's slot only once its own write
+    #: completed, so a client that fills the limit exactly can be refused again on the retry.
+    max_transparent_retries: int = 3
     #: Bytes of incomplete messages one connection may hold across its streams. Their bytes
     #: are acknowledged as they come (a message may be larger than the window), so flow
     #: control does not bound them; the stream that goes over gets RESOURCE_EXHAUSTED. One
@@ -130,6 +136,9 @@ class Configuration:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        retries = self.max_transparent_retries
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"max_transparent_retries must be an int of 0 or more, got {retries!r}")
         if self.max_header_block_size < self.max_header_list_size:
             raise ValueError(
                 f"max_header_block_size ({self.max_header_block_size}) must be at least "
