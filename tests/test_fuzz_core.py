@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import hpack
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from app_kit import Configuration, Status
+from app_kit.rpc.client import ClientConnection
 from app_kit.rpc.connection import StreamGone
 from app_kit.rpc.events import ConnectionClosed, MessagesReceived, RequestReceived
 from app_kit.rpc.server import ServerConnection
@@ -22,6 +25,8 @@ CONFIG = Configuration(
     max_empty_frames_per_window=50,
     max_resets_per_window=50,
 )
+# FUZZ_EXAMPLES=4000 for a longer search than the suite's.
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 PATHS = ["/test.Echo/Unary", "/x/y", "", "/", "/a" * 300]
 
 
@@ -104,7 +109,7 @@ def _mutate(data: bytes, flips: list[tuple[int, int]]) -> bytes:
     return bytes(mutable)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sequence=st.lists(frames, max_size=30),
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
@@ -149,3 +154,127 @@ def test_random_frames_never_escape_and_buffers_stay_bounded(
             assert connection._partial_bytes == sum(state.decoder.buffered for state in connection._streams.values())
     # What we write stays proportional to what we were sent (no amplification).
     assert output <= 1024 + 64 * len(data) + 200 * len(sequence)
+
+
+# Mostly calls that go on for a while (runs of DATA frames, some ending), among control frames.
+_valid_message = st.builds(lambda body: b"\x00" + len(body).to_bytes(4, "big") + body, st.binary(max_size=300))
+_message_frames = st.lists(
+    st.builds(lambda fl, body: (0, fl, LATEST, body), st.sampled_from([0, 0, 0, 0, 0, 0, 1]), _valid_message),
+    min_size=1,
+    max_size=10,
+)
+_other_frame = st.one_of(
+    st.builds(lambda fl: (1, fl, NEW, _request("/test.Echo/Unary", [])), st.sampled_from([4, 4, 4, 5])),
+    st.builds(lambda body: (0, 0, 1, body), _valid_message),  # on the first stream, if still open
+    st.builds(lambda body: (0, 0x8, LATEST, b"\x03" + body + b"\x00\x00\x00"), _valid_message),  # padded
+    st.builds(lambda code: (3, 0, LATEST, code.to_bytes(4, "big")), st.sampled_from([0, 8])),
+    st.builds(lambda data: (6, 0, 0, data), st.binary(min_size=8, max_size=8)),
+    st.builds(
+        lambda sid, inc: (8, 0, sid, inc.to_bytes(4, "big")), st.sampled_from([0, LATEST]), st.integers(1, 2**16)
+    ),
+    frames,  # anything, now and then
+)
+calls = st.lists(
+    st.one_of(_message_frames, _message_frames, st.builds(lambda item: [item], _other_frame)), max_size=12
+).map(lambda runs: [item for run in runs for item in run])
+
+
+class _OnlyH2(ServerConnection):
+    """Every frame through h2's own parser: the oracle for the plain frames taken past it."""
+
+    def _take_plain_frames(self, data: bytes, plain_frames: list[int]) -> list[object]:  # type: ignore[override]
+        return self._h2.receive_data(data)  # type: ignore[no-any-return]
+
+
+def _h2_state(connection: ServerConnection) -> object:
+    h2conn = connection._h2
+    streams = {
+        stream_id: (stream.state_machine.state, stream._inbound_window_manager.current_window_size)
+        for stream_id, stream in h2conn.streams.items()
+    }
+    return h2conn.state_machine.state, h2conn._inbound_flow_control_window_manager.current_window_size, streams
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sequence=calls,
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=1),
+    cuts=st.lists(st.one_of(st.integers(1, 64), st.integers(64, 5000)), min_size=1, max_size=8),
+)
+def test_data_frames_taken_past_h2_leave_what_h2_would(
+    sequence: list[tuple[int, int, int, bytes]], flips: list[tuple[int, int]], cuts: list[int]
+) -> None:
+    # The same bytes, cut the same way, into a connection that takes whole DATA frames itself
+    # and one that gives everything to h2: the same events, bytes out, windows and states.
+    fast, oracle = ServerConnection(CONFIG), _OnlyH2(CONFIG)
+    data = HANDSHAKE + _mutate(_render(sequence), flips)
+    for connection in (fast, oracle):
+        connection.initiate()
+        connection.data_to_send()
+    position, index = 0, 0
+    while position < len(data):
+        chunk = data[position : position + cuts[index % len(cuts)]]
+        position += len(chunk)
+        index += 1
+        seen = [repr(connection.receive_data(chunk)) for connection in (fast, oracle)]
+        assert seen[0] == seen[1]
+        assert bytes(fast.data_to_send()) == bytes(oracle.data_to_send())
+        assert _h2_state(fast) == _h2_state(oracle)
+
+
+class _ClientOnlyH2(ClientConnection):
+    def _take_plain_frames(self, data: bytes, plain_frames: list[int]) -> list[object]:  # type: ignore[override]
+        return self._h2.receive_data(data)  # type: ignore[no-any-return]
+
+
+_response_frame = st.one_of(
+    st.builds(lambda sid, fl: ("head", fl, sid), st.integers(1, 4), st.sampled_from([4, 4, 5, 0x24, 0xC])),
+    st.builds(lambda sid, fl: ("trailers", fl, sid), st.integers(1, 4), st.sampled_from([5, 5, 4, 1])),
+    st.builds(lambda sid, fl, body: (0, fl, sid, body), st.integers(1, 4), st.sampled_from([0, 0, 1]), _valid_message),
+    st.builds(lambda sid, code: (3, 0, sid, code.to_bytes(4, "big")), st.integers(1, 9), st.sampled_from([0, 7, 8])),
+    st.builds(lambda sid, inc: (8, 0, sid, inc.to_bytes(4, "big")), st.integers(0, 4), st.integers(1, 2**16)),
+    st.builds(lambda data: (6, 0, 0, data), st.binary(min_size=8, max_size=8)),
+)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sequence=st.lists(_response_frame, max_size=40),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=1),
+    cuts=st.lists(st.one_of(st.integers(1, 64), st.integers(64, 5000)), min_size=1, max_size=8),
+)
+def test_response_frames_taken_past_h2_leave_what_h2_would(
+    sequence: list[tuple[object, ...]], flips: list[tuple[int, int]], cuts: list[int]
+) -> None:
+    # The client's side of the same comparison: responses, messages and trailers for four
+    # calls (stream ids 1, 3, 5, 7), with resets, window updates and pings among them.
+    encoder = hpack.Encoder()
+    parts = [frame(4, 0, 0, b"")]  # the server's SETTINGS
+    for item in sequence:
+        if item[0] == "head":
+            block = encoder.encode([(":status", "200"), ("content-type", "application/grpc"), ("x-m", "v")])
+            parts.append(frame(1, int(item[1]), 2 * int(item[2]) - 1, block))  # type: ignore[call-overload]
+        elif item[0] == "trailers":
+            block = encoder.encode([("grpc-status", "0"), ("grpc-message", "fine")])
+            parts.append(frame(1, int(item[1]), 2 * int(item[2]) - 1, block))  # type: ignore[call-overload]
+        else:
+            kind, flag_bits, sid, payload = item
+            sid = 2 * sid - 1 if kind in (0, 3) or sid else 0  # type: ignore[operator]
+            parts.append(frame(kind, flag_bits, sid, payload))  # type: ignore[arg-type]
+    data = _mutate(b"".join(parts), flips)
+    fast = ClientConnection(CONFIG, authority="x", scheme="http", user_agent="t")
+    oracle = _ClientOnlyH2(CONFIG, authority="x", scheme="http", user_agent="t")
+    for connection in (fast, oracle):
+        connection.initiate()
+        for _ in range(4):
+            connection.start_call("/test.Echo/Unary", [])
+        connection.data_to_send()
+    position, index = 0, 0
+    while position < len(data):
+        chunk = data[position : position + cuts[index % len(cuts)]]
+        position += len(chunk)
+        index += 1
+        seen = [repr(connection.receive_data(chunk)) for connection in (fast, oracle)]
+        assert seen[0] == seen[1]
+        assert bytes(fast.data_to_send()) == bytes(oracle.data_to_send())
+        assert _h2_state(fast) == _h2_state(oracle)  # type: ignore[arg-type]

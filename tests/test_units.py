@@ -163,6 +163,8 @@ def test_frame_repr_replacement_gives_hyperframes_exact_text() -> None:
 def test_limits_from_the_environment_reach_the_server_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APP_MAX_RECEIVE_MESSAGE_LENGTH", str(2 * 1024 * 1024))
     monkeypatch.setenv("APP_MAX_CONNECTION_RECEIVE_BUFFER", str(8 * 1024 * 1024))
+    monkeypatch.setenv("APP_MAX_CONNECTION_INFLATED_BYTES", str(6 * 1024 * 1024))
     config = load_settings(AppSettings).server_config()
     assert config.max_receive_message_length == 2 * 1024 * 1024
     assert config.max_connection_receive_buffer == 8 * 1024 * 1024
+    assert config.max_connection_inflated_bytes == 6 * 1024 * 1024

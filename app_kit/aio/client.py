@@ -1051,9 +1051,9 @@ class _Attempts:
     """Whether (and after how long) a failed attempt of a call is made again.
 
     Transparently and at once, up to ``max_transparent_retries`` times: a call the server
-    refused (REFUSED_STREAM) or never processed (above a GOAWAY's last-stream-id). By the retry policy: a retryable status
-    while the call is not committed (no response headers came back), within the attempts
-    allowed, the server's pushback and the call's deadline.
+    refused (REFUSED_STREAM) or never processed (above a GOAWAY's last-stream-id). By the
+    retry policy: a retryable status while the call is not committed (no response headers
+    came back), within the attempts allowed, the server's pushback and the call's deadline.
     """
 
     def __init__(self, policy: RetryPolicy | None, deadline: Deadline | None, transparent: int) -> None:

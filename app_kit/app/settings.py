@@ -61,6 +61,8 @@ class AppSettings(BaseSettings):
     max_send_message_length: int = 4 * _MiB
     #: Bytes of incomplete messages one connection may hold (see :class:`Configuration`).
     max_connection_receive_buffer: int = 64 * _MiB
+    #: Bytes of inflated messages the calls of one connection may hold (see :class:`Configuration`).
+    max_connection_inflated_bytes: int = 32 * _MiB
     #: How replies are compressed unless a handler says otherwise: unset answers in the request's
     #: encoding, ``identity`` never compresses, ``gzip`` (or any registered encoding)
     #: compresses for every client that accepts it.
@@ -142,6 +144,7 @@ class AppSettings(BaseSettings):
             max_receive_message_length=self.max_receive_message_length,
             max_send_message_length=self.max_send_message_length,
             max_connection_receive_buffer=self.max_connection_receive_buffer,
+            max_connection_inflated_bytes=self.max_connection_inflated_bytes,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:

@@ -10,6 +10,8 @@ import h2.errors
 import h2.events
 
 from ..wire.config import Configuration
+from ..wire.h2_internals import oversized_list_size
+from ..wire.header_block import HeaderBlockEncoder
 from .compression import accept_encoding, is_supported
 from .connection import GrpcConnection, StreamState
 from .deadline import encode_grpc_timeout
@@ -21,6 +23,8 @@ __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _LIMIT_BEFORE_SETTINGS = 100
+_TE_FIELD = (b"te", b"trailers")
+_MAX_HEADS = 256
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 
@@ -68,6 +72,22 @@ class ClientConnection(GrpcConnection):
         self._authority = authority.encode("ascii")
         self._scheme = scheme.encode("ascii")
         self._user_agent = user_agent.encode("ascii")
+        # The request head is the same for every call of a method: its fields go into the
+        # server's table once, and then the head is a few cached index bytes (see
+        # HeaderBlockEncoder); the deadline and metadata follow it as literals.
+        accept_field = (b"grpc-accept-encoding", accept_encoding())
+        self._head_start = (
+            (b":method", b"POST"),
+            (b":scheme", self._scheme),
+        )
+        self._head_end = (
+            (b":authority", self._authority),
+            _TE_FIELD,
+        )
+        self._head_fields = ((b"user-agent", self._user_agent), accept_field)
+        self._encoder = HeaderBlockEncoder(indexed=(self._head_end[0], _TE_FIELD, *self._head_fields))
+        self._h2.use_encoder(self._encoder)
+        self._heads: dict[tuple[str, bytes, str | None], tuple[tuple[bytes, bytes], ...]] = {}
         #: The peer sent GOAWAY: no new calls may start here.
         self.going_away = False
 
@@ -92,27 +112,34 @@ class ClientConnection(GrpcConnection):
         content_type: bytes = b"application/grpc",
     ) -> int:
         """Send a request's HEADERS; return the new stream's id."""
-        stream_id = self._h2.get_next_available_stream_id()
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", self._scheme),
-            (b":path", path.encode("ascii")),
-            (b":authority", self._authority),
-            (b"te", b"trailers"),
-            (b"content-type", content_type),
-            (b"user-agent", self._user_agent),
-            (b"grpc-accept-encoding", accept_encoding()),
-        ]
+        encoder = self._encoder
+        head = self._heads.get((path, content_type, encoding))
+        if head is None:
+            head = self._request_head(path, content_type, encoding)
+        block = encoder.encode_cached(head)
         if timeout is not None:
-            headers.append((b"grpc-timeout", encode_grpc_timeout(timeout).encode("ascii")))
-        if encoding is not None:
-            headers.append((b"grpc-encoding", encoding.encode("ascii")))
-        headers.extend(metadata)
-        self._h2.send_headers(stream_id, headers)
+            block += encoder.encode(((b"grpc-timeout", encode_grpc_timeout(timeout).encode("ascii")),))
+        if metadata:
+            block += encoder.encode(metadata)
+        stream_id = self._h2.start_stream(block, False, self._authority)
         state = self._open_stream(stream_id, None)
         state.send_encoding = encoding
         state.headers_sent = True
         return stream_id
+
+    def _request_head(self, path: str, content_type: bytes, encoding: str | None) -> tuple[tuple[bytes, bytes], ...]:
+        """The constant part of a method's request headers (pseudo-headers first, RFC 9113 §8.3)."""
+        path_field = (b":path", path.encode("ascii"))
+        content_type_field = (b"content-type", content_type)
+        fields = [*self._head_start, path_field, *self._head_end, content_type_field, *self._head_fields]
+        if encoding is not None:
+            fields.append((b"grpc-encoding", encoding.encode("ascii")))
+        head = tuple(fields)
+        if len(self._heads) < _MAX_HEADS:  # beyond that many methods, built per call and literal
+            self._heads[(path, content_type, encoding)] = head
+            for field in head[2:]:
+                self._encoder.allow_indexing(field)
+        return head
 
     # -- responses -------------------------------------------------------------------
 
@@ -126,6 +153,10 @@ class ClientConnection(GrpcConnection):
         http_status = int(raw_status) if raw_status.isdigit() else 0
         trailers_only = event.stream_ended is not None
         if http_status != 200:
+            size = oversized_list_size(headers)  # it has no :status, so the check costs only here
+            if size is not None:
+                self._header_list_too_large(state, "response", size, events)
+                return
             message = f"HTTP status {http_status or raw_status.decode('latin-1')} from the server"
             self._end_response(state, status_for_http(http_status), message, None, headers, events)
             return
@@ -159,6 +190,10 @@ class ClientConnection(GrpcConnection):
         raw_message = fields.get(b"grpc-message")
         message = decode_grpc_message(raw_message) if raw_message else None
         if raw_status is None or not raw_status.isdigit() or int(raw_status) > 16:
+            size = oversized_list_size(headers)  # it has no grpc-status, so the check costs only here
+            if size is not None:
+                self._header_list_too_large(state, "trailer", size, events)
+                return
             # A code from a newer spec or a broken peer: UNKNOWN, as gRPC says, keeping what came.
             if raw_status is None:
                 shown = "missing in the trailers"
@@ -206,9 +241,18 @@ class ClientConnection(GrpcConnection):
                 self._h2.reset_stream(state.stream_id, _NO_ERROR if status is Status.OK else _CANCEL)
         self._release(state)
 
+    def _header_list_too_large(self, state: StreamState, what: str, size: int, events: list[Event]) -> None:
+        # RFC 9113 §10.5.1: our limit is advisory, and the block was decoded whole (HPACK is in
+        # step), so only this call fails: RESOURCE_EXHAUSTED, as grpc-core's client says.
+        limit = self.config.max_header_list_size
+        message = f"{what} header list of {size} bytes is over the limit of {limit} (SETTINGS_MAX_HEADER_LIST_SIZE)"
+        self._abort(state, Status.RESOURCE_EXHAUSTED, message, events)
+
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
-        # Something the server sent is unacceptable: cancel the call and report why.
-        self._h2.reset_stream(state.stream_id, _CANCEL)
+        # Something the server sent is unacceptable: cancel the call and report why. The stream
+        # may be closed in h2 already (its END_STREAM came in the same read): no reset then.
+        if self._h2_open(state.stream_id):
+            self._h2.reset_stream(state.stream_id, _CANCEL)
         self._release(state)
         events.append(ResponseEnded(state.stream_id, status, message, None, []))
 

@@ -136,6 +136,7 @@ class GrpcConnection:
         self._partial_bytes = 0
         self._inflated_bytes = 0
         self._max_partial_bytes = max(config.max_connection_receive_buffer, config.max_receive_message_length + 5)
+        self._max_inflated_bytes = max(config.max_connection_inflated_bytes, config.max_receive_message_length)
         # Streams with DATA waiting for window, in the order they got blocked.
         self._blocked: dict[int, StreamState] = {}
         # Streams with DATA queued since the last flush, in order.
@@ -161,8 +162,11 @@ class GrpcConnection:
             return []
         try:
             # First the cheap look at frame headers: a flood stops here, before h2 parses it.
-            self._guard.scan(data)
-            h2_events = self._h2.receive_data(data)
+            plain_frames = self._guard.scan(data)
+            if plain_frames:
+                h2_events = self._take_plain_frames(data, plain_frames)
+            else:
+                h2_events = self._h2.receive_data(data)
         except PeerMisbehaved as exc:
             self._h2.close_connection(exc.error_code, additional_data=exc.debug or None)
             return self._connection_lost(exc.error_code, exc.reason)
@@ -189,6 +193,35 @@ class GrpcConnection:
             self._h2.close_connection(_INTERNAL_ERROR)
             return self._connection_lost(int(_INTERNAL_ERROR), f"internal error: {exc!r}")
         return events
+
+    def _take_plain_frames(self, data: bytes, plain_frames: list[int]) -> list[h2.events.Event]:
+        """h2's events for ``data``, its plain whole frames (offsets from the guard) taken past
+        h2's frame parser where h2 allows (DATA and HEADERS on open streams): the rest goes
+        to h2 in runs of whole frames, so its frame buffer is empty at each frame taken here.
+
+        Parsing a frame into h2's frame object costs as much as the rest of its handling, and
+        a gRPC call is a few small frames: HEADERS, a DATA frame per message, trailers.
+        """
+        h2conn = self._h2
+        h2_events: list[h2.events.Event] = []
+        start = 0
+        for offset in plain_frames:
+            if offset > start:
+                h2_events += h2conn.receive_data(data[start:offset])  # the frames before it first
+                start = offset
+            end = offset + 9 + int.from_bytes(data[offset : offset + 3], "big")
+            stream_id = int.from_bytes(data[offset + 5 : offset + 9], "big") & 0x7FFFFFFF
+            end_stream = bool(data[offset + 4] & 0x1)
+            if data[offset + 3]:  # HEADERS
+                taken = h2conn.receive_headers_frame(stream_id, data[offset + 9 : end], end_stream)
+            else:
+                taken = h2conn.receive_data_frame(stream_id, data[offset + 9 : end], end_stream)
+            if taken is not None:
+                h2_events += taken
+                start = end
+        if start < len(data):
+            h2_events += h2conn.receive_data(data[start:] if start else data)
+        return h2_events
 
     def _ping_context(self) -> tuple[bool, bool]:
         """For the guard, per PING received: licensed by a frame of ours? Calls open?"""
@@ -272,8 +305,9 @@ class GrpcConnection:
         """Inflate a message the application takes from ``stream_id``, within the budgets.
 
         At most ``max_receive_message_length`` comes out of one message. What comes out
-        counts, with the incomplete messages, against ``max_connection_receive_buffer`` until
-        the stream inflates its next message or ends: a handler holds what it took. Raises
+        counts against ``max_connection_inflated_bytes``, and with the incomplete messages
+        against ``max_connection_receive_buffer``, until the stream inflates its next message
+        or ends: a handler holds what it took (its parsed copy, as large). Raises
         :class:`MessageRejected` with the status the call ends with. A stream that ended
         meanwhile (a response's trailers came in the same read) holds nothing here any more:
         its message is inflated within the message limit alone.
@@ -283,13 +317,18 @@ class GrpcConnection:
         if state is not None:
             self._inflated_bytes -= state.inflated
             state.inflated = 0
-            room = self._max_partial_bytes - self._partial_bytes - self._inflated_bytes
-            limit = max(0, min(limit, room))
+            buffer_room = self._max_partial_bytes - self._partial_bytes - self._inflated_bytes
+            inflated_room = self._max_inflated_bytes - self._inflated_bytes
+            limit = max(0, min(limit, buffer_room, inflated_room))
         try:
             data = decompress(payload.encoding, payload, limit)
         except DecompressedTooLarge:
             if limit < self.config.max_receive_message_length:
-                message = f"inflated messages on the connection over max ({self._max_partial_bytes} bytes)"
+                if inflated_room <= buffer_room:
+                    budget = f"max_connection_inflated_bytes ({self._max_inflated_bytes} bytes)"
+                else:
+                    budget = f"max_connection_receive_buffer ({self._max_partial_bytes} bytes)"
+                message = f"inflated messages on the connection over {budget}"
             else:
                 message = f"decompressed message larger than max ({limit} bytes)"
             raise MessageRejected(Status.RESOURCE_EXHAUSTED, message) from None

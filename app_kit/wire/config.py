@@ -44,6 +44,13 @@ class Configuration:
     #: control does not bound them; the stream that goes over gets RESOURCE_EXHAUSTED. One
     #: message of ``max_receive_message_length`` always fits, whatever this says.
     max_connection_receive_buffer: int = 64 * _MiB
+    #: Bytes of inflated messages the calls of one connection hold at once (they count against
+    #: ``max_connection_receive_buffer`` too). A compressed message is inflated when its call
+    #: takes it, and counts until the call takes its next one or ends: this bounds what small
+    #: messages that inflate a thousandfold make us hold. The call whose message would go over
+    #: gets RESOURCE_EXHAUSTED. The default fits 8 calls each holding a message of the default
+    #: ``max_receive_message_length``; one such message always fits, whatever this says.
+    max_connection_inflated_bytes: int = 32 * _MiB
     #: SETTINGS_INITIAL_WINDOW_SIZE: how much of one stream's data the peer may send before
     #: the handler consumes it. Bounds what a handler that does not read can make us buffer.
     initial_stream_window_size: int = 1 * _MiB
@@ -51,7 +58,8 @@ class Configuration:
     initial_connection_window_size: int = 16 * _MiB
     #: SETTINGS_MAX_HEADER_LIST_SIZE: the largest header list (metadata) accepted, counted as
     #: RFC 9113 §6.5.2 and gRPC do (each field's name and value plus 32 bytes). A request over
-    #: it is refused on its own stream with RESOURCE_EXHAUSTED; the connection goes on.
+    #: it is refused on its own stream with RESOURCE_EXHAUSTED, and a client fails a call whose
+    #: response metadata or trailers are over it the same way; the connection goes on.
     max_header_list_size: int = 16 * 1024
     #: Hard cap on one header block, both as it arrives (HEADERS and CONTINUATION frames,
     #: checked from their frame headers) and decoded. A block has to be decoded whole whatever
@@ -126,6 +134,7 @@ class Configuration:
             "max_header_block_size",
             "max_send_buffer_size",
             "max_connection_receive_buffer",
+            "max_connection_inflated_bytes",
             "max_connection_send_buffer",
             "max_pings_per_window",
             "max_settings_per_window",

@@ -24,7 +24,8 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PING = 0x0, 0x1, 0x2, 0x3, 0x4, 0x6
 _WINDOW_UPDATE, _CONTINUATION = 0x8, 0x9
-_END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
+_END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+_NOT_PLAIN_HEADERS = _END_HEADERS | _PADDED | _PRIORITY_FLAG  # of these, END_HEADERS only
 _PROTOCOL_ERROR, _FRAME_SIZE_ERROR, _ENHANCE_YOUR_CALM = 0x1, 0x6, 0xB
 
 # What is counted per window, and which Configuration field limits it.
@@ -159,10 +160,20 @@ class FrameGuard:
         self._counts = [0, 0, 0, 0]
         self._limits = tuple(getattr(config, name) for name in _LIMITS)
 
-    def scan(self, data: bytes) -> None:
-        """Account for ``data``; raise :class:`PeerMisbehaved` if the peer must be cut off."""
+    def scan(self, data: bytes) -> list[int]:
+        """Account for ``data``; raise :class:`PeerMisbehaved` if the peer must be cut off.
+
+        Returns where in ``data`` the frames start that arrived whole in it and are plain:
+        DATA without padding, HEADERS that are a whole header block without padding or
+        priority, outside another header block. The connection may take those past h2's
+        frame parser.
+        """
+        base = 0
         if self._preface_left:
+            size = len(data)
             data = self._check_preface(data)
+            base = size - len(data)
+        plain_frames: list[int] = []
         size = len(data)
         position = min(self._skip, size)
         self._skip -= position
@@ -171,17 +182,27 @@ class FrameGuard:
             self._header += data[position : position + missing]
             position += missing
             if len(self._header) < 9:
-                return
+                return plain_frames
             # The header was split across reads: its payload follows in this one (or later).
             position += self._frame(self._header)
             self._header = b""
         while position + 9 <= size:
             end = position + 9
-            position = end + self._frame(data[position:end])
+            in_block = self._block >= 0  # before this frame: a frame inside a block is h2's to refuse
+            length = self._frame(data[position:end])
+            if end + length <= size and not in_block:
+                kind = data[position + 3]
+                if kind == _DATA:
+                    if not data[position + 4] & _PADDED:
+                        plain_frames.append(base + position)
+                elif kind == _HEADERS and data[position + 4] & _NOT_PLAIN_HEADERS == _END_HEADERS:
+                    plain_frames.append(base + position)
+            position = end + length
         if position < size:
             self._header = data[position:]
         elif position > size:
             self._skip = position - size
+        return plain_frames
 
     def _check_preface(self, data: bytes) -> bytes:
         expected = self._preface_left

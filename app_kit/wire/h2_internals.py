@@ -14,6 +14,7 @@ import binascii
 import importlib.metadata
 import struct
 import sys
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import h2.config
@@ -23,8 +24,16 @@ import h2.exceptions
 import h2.settings
 import hpack
 import hyperframe.frame
-from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.connection import (
+    AllowedStreamIDs,
+    ConnectionInputs,
+    ConnectionState,
+    H2ConnectionStateMachine,
+    _decode_headers,
+)
+from h2.events import DataReceived
 from h2.stream import StreamClosedBy, StreamInputs
+from h2.stream import StreamState as H2StreamState
 from hpack.exceptions import HPACKError
 from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
@@ -40,9 +49,11 @@ __all__ = [
     "GoAwayTolerantStateMachine",
     "H2Connection",
     "MemoizingHeaderDecoder",
+    "OVERSIZED_LIST",
     "check_versions",
     "is_compression_error",
     "new_h2_connection",
+    "oversized_list_size",
 ]
 
 #: (lowest, first untested) version of each library; pyproject.toml pins the same ranges.
@@ -68,6 +79,8 @@ _SETTINGS = h2.settings.SettingCodes
 _FRAME_HEADER = struct.Struct(">BHBBL")
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
 _END_STREAM, _END_HEADERS = 0x1, 0x4
+_STREAM_OPEN, _STREAM_HALF_CLOSED_LOCAL = H2StreamState.OPEN, H2StreamState.HALF_CLOSED_LOCAL
+_CONNECTION_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 
 
 class _SmallDeque(list[Any]):
@@ -202,6 +215,20 @@ class H2Connection(h2.connection.H2Connection):
             out += chunk
             kind, flags = _CONTINUATION, 0
 
+    def start_stream(self, block: bytes, end_stream: bool, authority: bytes) -> int:
+        """``send_headers`` opening our next stream with a request whose header block is
+        already encoded (a client's); returns the new stream's id. The caller enforces the
+        peer's stream limit."""
+        stream_id = self.highest_outbound_stream_id + 2 if self.highest_outbound_stream_id else 1
+        if stream_id > self.HIGHEST_ALLOWED_STREAM_ID:
+            raise h2.exceptions.NoAvailableStreamIDError("Exhausted allowed stream IDs")
+        stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+        # What h2's send_headers records from the header list it would have seen.
+        stream._authority = authority
+        stream.request_method = b"POST"
+        self.send_header_block(stream_id, block, end_stream)
+        return stream_id
+
     def send_data_frame(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> None:
         """``send_data`` of one frame that the caller fitted into the windows and frame size;
         ``end_stream`` sets END_STREAM on it (our side of the stream ends with this frame)."""
@@ -219,6 +246,65 @@ class H2Connection(h2.connection.H2Connection):
         out = self._data_to_send
         out += _FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, flags, stream_id)
         out += data
+
+    def receive_data_frame(self, stream_id: int, payload: bytes, end_stream: bool) -> list[Any] | None:
+        """What ``receive_data`` does with one whole, unpadded DATA frame, without h2's frame
+        buffer, frame object and logging: the same window and state changes, the same events.
+
+        Only for the plain case — an open connection, a stream open for the peer's data, room
+        in both windows, no content-length to check. Returns None for anything else, and the
+        frame is then h2's to take (and to refuse, if it is wrong): no error is judged here.
+        """
+        stream = self.streams.get(stream_id)
+        if stream is None or self.state_machine.state not in _CONNECTION_OPEN:
+            return None
+        machine = stream.state_machine
+        if machine.state is not _STREAM_OPEN and machine.state is not _STREAM_HALF_CLOSED_LOCAL:
+            return None
+        if not machine.headers_received:
+            return None  # h2 calls it a protocol error
+        size = len(payload)
+        connection_window = self._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if (
+            size > connection_window.current_window_size
+            or size > stream_window.current_window_size
+            or stream._expected_content_length is not None
+        ):
+            return None
+        connection_window.current_window_size -= size
+        stream_window.current_window_size -= size
+        stream._actual_content_length += size
+        # Made without __init__, whose signature changed in h2 4.3; the same four attributes.
+        event = DataReceived.__new__(DataReceived)
+        event.stream_id = stream_id
+        event.data = payload
+        event.flow_controlled_length = size
+        event.stream_ended = None
+        if not end_stream:
+            return [event]
+        ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+        event.stream_ended = ended[0]  # type: ignore[assignment]  # the StreamEnded h2 made
+        return [event, *ended]
+
+    def receive_headers_frame(self, stream_id: int, block: bytes, end_stream: bool) -> list[Any] | None:
+        """What ``receive_data`` does with one HEADERS frame that is a whole header block,
+        without padding or priority, on a stream already open (a response's headers, or
+        trailers): h2's own decoding and stream handling, without its frame buffer, frame
+        object and logging. None for anything else (a new stream among them): h2's to take.
+        """
+        stream = self.streams.get(stream_id)
+        if stream is None or self.state_machine.state not in _CONNECTION_OPEN:
+            return None
+        state = stream.state_machine.state
+        if state is not _STREAM_OPEN and state is not _STREAM_HALF_CLOSED_LOCAL:
+            return None
+        try:
+            headers = _decode_headers(self.decoder, block)
+            return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
+        except h2.exceptions.ProtocolError as exc:
+            self._terminate_connection(exc.error_code)  # as receive_data does: GOAWAY, then raise
+            raise
 
     def queue_goaway(self, last_stream_id: int, error_code: int) -> None:
         """Queue a GOAWAY without closing h2's state machine (``close_connection`` would, and
@@ -300,17 +386,40 @@ def new_h2_connection(config: Configuration, *, client_side: bool) -> H2Connecti
     _compact_settings(connection.remote_settings)
     # hpack enforces its list limit by raising in the middle of a block, with the entries before
     # that point already in the dynamic table and those after it not: h2 can only end the
-    # connection then, every call on it with it. So a server decodes each request block whole
-    # up to the hard cap, keeping its table in step with the peer's encoder (RFC 9113 §10.5.1),
-    # and the gRPC layer refuses a list over the advertised limit on its own stream. A client
-    # keeps the advertised limit here: a response over it still ends the connection.
-    limit = config.max_header_list_size if client_side else config.max_header_block_size
-    connection.decoder = MemoizingHeaderDecoder(limit)
+    # connection then, every call on it with it. So each block is decoded whole up to the hard
+    # cap, keeping the table in step with the peer's encoder (RFC 9113 §10.5.1), and a list
+    # over the advertised limit costs its own stream only: a server's gRPC layer measures the
+    # request heads it has not seen, a client's decoder marks the responses (see the decoder).
+    advertised = config.max_header_list_size if client_side else None
+    connection.decoder = MemoizingHeaderDecoder(config.max_header_block_size, advertised)
     for table in (connection.encoder.header_table, connection.decoder.header_table):
         table.dynamic_entries = _SmallDeque(table.dynamic_entries)  # type: ignore[assignment]
     connection.state_machine = GoAwayTolerantStateMachine()
     connection.max_inbound_frame_size = config.max_frame_size
     return connection
+
+
+#: RFC 9113 §6.5.2: what each field adds to a header list's size, besides its name and value.
+_FIELD_OVERHEAD = 32
+
+
+class _OwnName(bytes):
+    """A field name no peer can send: those decoded from the wire are plain ``bytes``."""
+
+    __slots__ = ()
+
+
+#: The name of the one field that stands for a header list over the advertised limit (its
+#: value is the list's decoded size): bytes, as h2 expects, but never one off the wire.
+OVERSIZED_LIST = _OwnName(b"oversized-header-list")
+
+
+def oversized_list_size(headers: Sequence[tuple[Any, Any]]) -> int | None:
+    """The decoded size of the list :class:`MemoizingHeaderDecoder` replaced with
+    :data:`OVERSIZED_LIST` for being over its advertised limit; None for any other list."""
+    if len(headers) == 1 and headers[0][0] is OVERSIZED_LIST:
+        return int(headers[0][1])
+    return None
 
 
 class MemoizingHeaderDecoder(hpack.Decoder):
@@ -326,10 +435,16 @@ class MemoizingHeaderDecoder(hpack.Decoder):
     Its list limit (hpack's ``max_header_list_size``) is the one it was made with: h2 sets the
     advertised SETTINGS_MAX_HEADER_LIST_SIZE there once the peer acknowledges our SETTINGS,
     which would put the list limit back in hpack's hands (see :func:`new_h2_connection`).
+
+    Given an ``advertised`` limit too (a client's), a list over it comes out as the single
+    field :data:`OVERSIZED_LIST` (see :func:`oversized_list_size`): h2 hands it on as the
+    headers of its event, the gRPC layer fails that call only, and the fields nobody will
+    read are not kept. A remembered block is measured once, when it is first decoded.
     """
 
-    def __init__(self, max_header_list_size: int) -> None:
+    def __init__(self, max_header_list_size: int, advertised: int | None = None) -> None:
         self._limit = max_header_list_size
+        self._advertised = advertised
         super().__init__(max_header_list_size)
         self._remembered: dict[bytes, tuple[Any, int, int, tuple[Any, ...]]] = {}
 
@@ -355,7 +470,11 @@ class MemoizingHeaderDecoder(hpack.Decoder):
             if known is not None and known[0] is newest and known[1] == length and known[2] == size:
                 self._assert_valid_table_size()
                 return list(known[3])
-        headers = super().decode(data, raw)
+        headers: Any = super().decode(data, raw)  # a list, whatever hpack's annotation says
+        if self._advertised is not None:
+            decoded = sum([len(name) + len(value) for name, value in headers]) + _FIELD_OVERHEAD * len(headers)
+            if decoded > self._advertised:
+                headers = [(OVERSIZED_LIST, str(decoded).encode("ascii"))]
         entries = table.dynamic_entries
         if raw and (entries[0] if entries else None) is newest and len(entries) == length and table.maxsize == size:
             if len(self._remembered) >= _CACHE_LIMIT:

@@ -1,14 +1,15 @@
-"""HPACK for the hot path: a response encoder, and a decoder that remembers repeated blocks.
+"""HPACK for the hot path: a header encoder, and a decoder that remembers repeated blocks.
 
 **Encoder.** A few fields are indexed once, everything else is literal.
 
 hpack's general encoder indexes every field it may, so the same header list encodes to
 different bytes each time and costs dozens of Python calls per block. A gRPC server sends
 the same few fields on every call (``content-type``, ``grpc-accept-encoding``,
-``grpc-status: 0``). This encoder enters only those into the dynamic table (RFC 7541
-§2.3.2), each once, so after the first call of a connection their blocks never change and
-are served from a cache. Every other field is a literal without indexing (§6.2.2): it
-costs the peer no table space and leaves the table, and thus the cache, as it is.
+``grpc-status: 0``), a client the same request head for each method it calls. This encoder
+enters only those into the dynamic table (RFC 7541 §2.3.2), each once, so after the first
+call of a connection their blocks never change and are served from a cache. Every other
+field is a literal without indexing (§6.2.2): it costs the peer no table space and leaves
+the table, and thus the cache, as it is.
 
 Nothing is ever evicted: a field is entered only while the whole table still fits the
 size the peer allows. When the peer changes that size (SETTINGS_HEADER_TABLE_SIZE), the
@@ -81,7 +82,7 @@ class HeaderBlockEncoder:
     """
 
     def __init__(self, indexed: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        self._indexable = frozenset(indexed)
+        self._indexable = set(indexed)
         # Entered fields in the order they were entered (the last is the newest entry).
         self._entries: dict[tuple[bytes, bytes], int] = {}
         self._table_size = _DEFAULT_TABLE_SIZE
@@ -104,6 +105,10 @@ class HeaderBlockEncoder:
         self._cache.clear()
         # Empty the peer's table, then allow it the new size.
         self._size_update = _integer(0, 5, 0x20) + (_integer(size, 5, 0x20) if size else b"")
+
+    def allow_indexing(self, field: tuple[bytes, bytes]) -> None:
+        """Let ``field`` enter the dynamic table too (a client's ``:path`` of each method it calls)."""
+        self._indexable.add(field)
 
     def encode(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         """One header block for ``headers`` (name and value as bytes)."""
