@@ -163,8 +163,15 @@ _message_frames = st.lists(
     min_size=1,
     max_size=10,
 )
-_other_frame = st.one_of(
+_new_call = st.one_of(
     st.builds(lambda fl: (1, fl, NEW, _request("/test.Echo/Unary", [])), st.sampled_from([4, 4, 4, 5])),
+    st.builds(  # with a content-length, which h2 holds the DATA to
+        lambda size: (1, 4, NEW, _request("/test.Echo/Unary", [("content-length", str(size))])),
+        st.sampled_from([0, 5, 6, 10, 30, 305, 1000]),
+    ),
+)
+_call_run = st.builds(lambda head, run: [head, *run], _new_call, _message_frames)
+_other_frame = st.one_of(
     st.builds(lambda body: (0, 0, 1, body), _valid_message),  # on the first stream, if still open
     st.builds(lambda body: (0, 0x8, LATEST, b"\x03" + body + b"\x00\x00\x00"), _valid_message),  # padded
     st.builds(lambda code: (3, 0, LATEST, code.to_bytes(4, "big")), st.sampled_from([0, 8])),
@@ -175,7 +182,7 @@ _other_frame = st.one_of(
     frames,  # anything, now and then
 )
 calls = st.lists(
-    st.one_of(_message_frames, _message_frames, st.builds(lambda item: [item], _other_frame)), max_size=12
+    st.one_of(_call_run, _message_frames, st.builds(lambda item: [item], _other_frame)), max_size=12
 ).map(lambda runs: [item for run in runs for item in run])
 
 

@@ -252,8 +252,9 @@ class H2Connection(h2.connection.H2Connection):
         buffer, frame object and logging: the same window and state changes, the same events.
 
         Only for the plain case — an open connection, a stream open for the peer's data, room
-        in both windows, no content-length to check. Returns None for anything else, and the
-        frame is then h2's to take (and to refuse, if it is wrong): no error is judged here.
+        in both windows, within its content-length if it has one. Returns None for anything
+        else, and the frame is then h2's to take (and to refuse, if it is wrong): no error is
+        judged here.
         """
         stream = self.streams.get(stream_id)
         if stream is None or self.state_machine.state not in _CONNECTION_OPEN:
@@ -266,15 +267,15 @@ class H2Connection(h2.connection.H2Connection):
         size = len(payload)
         connection_window = self._inbound_flow_control_window_manager
         stream_window = stream._inbound_window_manager
-        if (
-            size > connection_window.current_window_size
-            or size > stream_window.current_window_size
-            or stream._expected_content_length is not None
-        ):
+        if size > connection_window.current_window_size or size > stream_window.current_window_size:
+            return None
+        received = stream._actual_content_length + size
+        expected = stream._expected_content_length  # a content-length header (h2load sends one)
+        if expected is not None and (received > expected or (end_stream and received != expected)):
             return None
         connection_window.current_window_size -= size
         stream_window.current_window_size -= size
-        stream._actual_content_length += size
+        stream._actual_content_length = received
         # Made without __init__, whose signature changed in h2 4.3; the same four attributes.
         event = DataReceived.__new__(DataReceived)
         event.stream_id = stream_id
