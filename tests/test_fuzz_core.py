@@ -181,9 +181,9 @@ _other_frame = st.one_of(
     ),
     frames,  # anything, now and then
 )
-calls = st.lists(
-    st.one_of(_call_run, _message_frames, st.builds(lambda item: [item], _other_frame)), max_size=12
-).map(lambda runs: [item for run in runs for item in run])
+calls = st.lists(st.one_of(_call_run, _message_frames, st.builds(lambda item: [item], _other_frame)), max_size=12).map(
+    lambda runs: [item for run in runs for item in run]
+)
 
 
 class _OnlyH2(ServerConnection):
