@@ -129,6 +129,9 @@ class GrpcConnection:
         self._pings_licensed = 0
         self._updates_licensed = 0
         self._h2 = new_h2_connection(config, client_side=client_side)
+        # The bytes of a frame not complete yet (at most a frame header and max_frame_size):
+        # h2 is handed whole frames only, so the guard's walk over the frames is the one.
+        self._carry = bytearray()
         self._streams: dict[int, StreamState] = {}
         self._max_send_buffer = config.max_send_buffer_size
         # Bytes of incomplete messages buffered across all streams (see _on_data), and of
@@ -162,11 +165,31 @@ class GrpcConnection:
             return []
         try:
             # First the cheap look at frame headers: a flood stops here, before h2 parses it.
-            plain_frames = self._guard.scan(data)
+            guard = self._guard
+            carried_plain = guard.carried_plain
+            plain_frames, whole = guard.scan(data)
+            carry = self._carry
+            if carry:  # a frame begun in an earlier read: complete it first
+                if not whole:
+                    carry += data  # still not complete
+                    return []
+                shift = len(carry)
+                carry += data[:whole]
+                if shift:
+                    plain_frames = [offset + shift for offset in plain_frames]
+                if carried_plain:
+                    plain_frames.insert(0, 0)
+                self._carry = bytearray(data[whole:])
+                data = bytes(carry)
+            elif whole < len(data):
+                self._carry = bytearray(data[whole:])  # h2 gets whole frames only
+                data = data[:whole]
             if plain_frames:
                 h2_events = self._take_plain_frames(data, plain_frames)
-            else:
+            elif data:
                 h2_events = self._h2.receive_data(data)
+            else:
+                return []
         except PeerMisbehaved as exc:
             self._h2.close_connection(exc.error_code, additional_data=exc.debug or None)
             return self._connection_lost(exc.error_code, exc.reason)

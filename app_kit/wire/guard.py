@@ -116,6 +116,7 @@ class FrameGuard:
         "_address_budget",
         "_address_limit",
         "_block",
+        "carried_plain",
         "_clock",
         "_counts",
         "_header",
@@ -151,6 +152,8 @@ class FrameGuard:
         self._header = b""  # an incomplete frame header carried over from the last chunk
         self._skip = 0  # payload bytes of the current frame still to come
         self._block = -1  # size of the header block being assembled, or -1
+        #: Whether the frame that the last read left incomplete is a plain one (see :meth:`scan`).
+        self.carried_plain = False
         # The hard cap, on the compressed block here (h2_internals caps the decoded list); a list
         # over max_header_list_size but within it only costs its stream (see rpc/server.py).
         self._max_block = config.max_header_block_size
@@ -160,13 +163,15 @@ class FrameGuard:
         self._counts = [0, 0, 0, 0]
         self._limits = tuple(getattr(config, name) for name in _LIMITS)
 
-    def scan(self, data: bytes) -> list[int]:
+    def scan(self, data: bytes) -> tuple[list[int], int]:
         """Account for ``data``; raise :class:`PeerMisbehaved` if the peer must be cut off.
 
-        Returns where in ``data`` the frames start that arrived whole in it and are plain:
+        Returns where in ``data`` the frames start that arrived whole in it and are plain —
         DATA without padding, HEADERS that are a whole header block without padding or
-        priority, outside another header block. The connection may take those past h2's
-        frame parser.
+        priority, outside another header block: the connection may take those past h2's
+        frame parser — and how many bytes of ``data`` end whole frames (the rest belongs to a
+        frame still to be completed by later reads). :attr:`carried_plain` tells whether
+        that frame is a plain one.
         """
         base = 0
         if self._preface_left:
@@ -177,32 +182,44 @@ class FrameGuard:
         size = len(data)
         position = min(self._skip, size)
         self._skip -= position
+        if self._skip:
+            return plain_frames, base  # all of it continues a frame begun earlier
         if self._header:
             missing = 9 - len(self._header)
             self._header += data[position : position + missing]
             position += missing
             if len(self._header) < 9:
-                return plain_frames
+                return plain_frames, base
             # The header was split across reads: its payload follows in this one (or later).
             position += self._frame(self._header)
             self._header = b""
+        start = -1  # where the last frame begun in this read starts
+        plain = False
         while position + 9 <= size:
             end = position + 9
-            in_block = self._block >= 0  # before this frame: a frame inside a block is h2's to refuse
+            plain = self._block < 0  # before this frame: a frame inside a block is h2's to refuse
             length = self._frame(data[position:end])
-            if end + length <= size and not in_block:
+            if plain:
                 kind = data[position + 3]
                 if kind == _DATA:
-                    if not data[position + 4] & _PADDED:
-                        plain_frames.append(base + position)
-                elif kind == _HEADERS and data[position + 4] & _NOT_PLAIN_HEADERS == _END_HEADERS:
+                    plain = not data[position + 4] & _PADDED
+                else:
+                    plain = kind == _HEADERS and data[position + 4] & _NOT_PLAIN_HEADERS == _END_HEADERS
+                if plain and end + length <= size:
                     plain_frames.append(base + position)
+            start = position
             position = end + length
         if position < size:
             self._header = data[position:]
-        elif position > size:
+            self.carried_plain = False  # its header is split: left to h2
+            return plain_frames, base + position
+        if position > size:
             self._skip = position - size
-        return plain_frames
+            if start < 0:
+                return plain_frames, base  # a frame whose header was split, still incomplete
+            self.carried_plain = plain
+            return plain_frames, base + start
+        return plain_frames, base + size
 
     def _check_preface(self, data: bytes) -> bytes:
         expected = self._preface_left
