@@ -116,7 +116,6 @@ class FrameGuard:
         "_address_budget",
         "_address_limit",
         "_block",
-        "carried_plain",
         "_clock",
         "_counts",
         "_header",
@@ -130,6 +129,7 @@ class FrameGuard:
         "_update_licensed",
         "_window",
         "_window_start",
+        "carried_plain",
     )
 
     def __init__(
