@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import hpack
 from hypothesis import HealthCheck, event, given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from app_kit import Configuration, Status
 from app_kit.rpc.client import ClientConnection
 from app_kit.rpc.connection import StreamGone
-from app_kit.rpc.events import ConnectionClosed, MessagesReceived, RequestReceived
+from app_kit.rpc.events import ConnectionClosed, Event, MessagesReceived, RequestReceived
 from app_kit.rpc.server import ServerConnection
 
 from .frames import HANDSHAKE, frame
@@ -179,11 +180,19 @@ _other_frame = st.one_of(
     st.builds(
         lambda sid, inc: (8, 0, sid, inc.to_bytes(4, "big")), st.sampled_from([0, LATEST]), st.integers(1, 2**16)
     ),
+    st.builds(  # a client may not push: h2 refuses it, whatever follows in its block
+        lambda fl, body: (5, fl, LATEST, b"\x00\x00\x00\x02" + body), st.sampled_from([0, 4]), st.binary(max_size=20)
+    ),
     frames,  # anything, now and then
 )
 calls = st.lists(st.one_of(_call_run, _message_frames, st.builds(lambda item: [item], _other_frame)), max_size=12).map(
     lambda runs: [item for run in runs for item in run]
 )
+
+
+def _shown(events: list[Event]) -> str:
+    # hpack's messages may show a memoryview, whose address differs from one connection to another.
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(events))
 
 
 class _OnlyH2(ServerConnection):
@@ -223,7 +232,7 @@ def test_data_frames_taken_past_h2_leave_what_h2_would(
         chunk = data[position : position + cuts[index % len(cuts)]]
         position += len(chunk)
         index += 1
-        seen = [repr(connection.receive_data(chunk)) for connection in (fast, oracle)]
+        seen = [_shown(connection.receive_data(chunk)) for connection in (fast, oracle)]
         assert seen[0] == seen[1]
         assert bytes(fast.data_to_send()) == bytes(oracle.data_to_send())
         assert _h2_state(fast) == _h2_state(oracle)
@@ -242,6 +251,8 @@ _response_frame = st.one_of(
     st.builds(lambda sid, code: (3, 0, sid, code.to_bytes(4, "big")), st.integers(1, 9), st.sampled_from([0, 7, 8])),
     st.builds(lambda sid, inc: (8, 0, sid, inc.to_bytes(4, "big")), st.integers(0, 4), st.integers(1, 2**16)),
     st.builds(lambda data: (6, 0, 0, data), st.binary(min_size=8, max_size=8)),
+    st.builds(lambda sid, fl: (5, fl, sid, b"\x00\x00\x00\x02"), st.integers(1, 4), st.sampled_from([0, 4])),
+    st.builds(lambda sid, fl: (9, fl, sid, b""), st.integers(1, 4), st.sampled_from([0, 4])),
 )
 
 
@@ -282,7 +293,7 @@ def test_response_frames_taken_past_h2_leave_what_h2_would(
         chunk = data[position : position + cuts[index % len(cuts)]]
         position += len(chunk)
         index += 1
-        seen = [repr(connection.receive_data(chunk)) for connection in (fast, oracle)]
+        seen = [_shown(connection.receive_data(chunk)) for connection in (fast, oracle)]
         assert seen[0] == seen[1]
         assert bytes(fast.data_to_send()) == bytes(oracle.data_to_send())
         assert _h2_state(fast) == _h2_state(oracle)  # type: ignore[arg-type]

@@ -65,6 +65,7 @@ class ClientConnection(GrpcConnection):
         **GrpcConnection._HANDLERS,
         h2.events.ResponseReceived: "_on_response",
         h2.events.TrailersReceived: "_on_trailers",
+        h2.events.InformationalResponseReceived: "_on_informational",
     }
 
     def __init__(self, config: Configuration, *, authority: str, scheme: str, user_agent: str) -> None:
@@ -143,6 +144,14 @@ class ClientConnection(GrpcConnection):
 
     # -- responses -------------------------------------------------------------------
 
+    def _on_informational(self, event: h2.events.InformationalResponseReceived, events: list[Event]) -> None:
+        # gRPC has no use for 1xx responses, but one over our advertised limit fails its call
+        # like any other response over it.
+        state = self._streams.get(event.stream_id)
+        size = oversized_list_size(event.headers or [])
+        if state is not None and size is not None:
+            self._header_list_too_large(state, "informational response", size, events)
+
     def _on_response(self, event: h2.events.ResponseReceived, events: list[Event]) -> None:
         state = self._streams.get(event.stream_id)
         if state is None:
@@ -153,7 +162,7 @@ class ClientConnection(GrpcConnection):
         http_status = int(raw_status) if raw_status.isdigit() else 0
         trailers_only = event.stream_ended is not None
         if http_status != 200:
-            size = oversized_list_size(headers)  # it has no :status, so the check costs only here
+            size = oversized_list_size(headers)  # it may have no :status: checked only when failing
             if size is not None:
                 self._header_list_too_large(state, "response", size, events)
                 return
@@ -162,6 +171,10 @@ class ClientConnection(GrpcConnection):
             return
         content_type = fields.get(b"content-type", b"")
         if not content_type.startswith(b"application/grpc"):
+            size = oversized_list_size(headers)  # its :status only, then the marker
+            if size is not None:
+                self._header_list_too_large(state, "response", size, events)
+                return
             message = f"unexpected content-type {content_type.decode('latin-1')!r} from the server"
             self._end_response(state, Status.UNKNOWN, message, None, headers, events)
             return

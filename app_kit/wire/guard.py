@@ -23,7 +23,7 @@ __all__ = ["AddressBudget", "FrameGuard", "PeerMisbehaved", "PingPolicy"]
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PING = 0x0, 0x1, 0x2, 0x3, 0x4, 0x6
-_WINDOW_UPDATE, _CONTINUATION = 0x8, 0x9
+_PUSH_PROMISE, _WINDOW_UPDATE, _CONTINUATION = 0x5, 0x8, 0x9
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 _NOT_PLAIN_HEADERS = _END_HEADERS | _PADDED | _PRIORITY_FLAG  # of these, END_HEADERS only
 _PROTOCOL_ERROR, _FRAME_SIZE_ERROR, _ENHANCE_YOUR_CALM = 0x1, 0x6, 0xB
@@ -240,8 +240,8 @@ class FrameGuard:
         if kind == _DATA:
             if not length and not flags & _END_STREAM:
                 self._count(_EMPTY_FRAMES)
-        elif kind == _HEADERS or kind == _CONTINUATION:
-            if kind == _HEADERS:
+        elif kind == _HEADERS or kind == _CONTINUATION or kind == _PUSH_PROMISE:
+            if kind != _CONTINUATION:  # a block starts (PUSH_PROMISE's too: h2 assembles it)
                 self._block = length
             elif self._block >= 0:
                 self._block += length

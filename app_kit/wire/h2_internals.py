@@ -418,8 +418,8 @@ OVERSIZED_LIST = _OwnName(b"oversized-header-list")
 def oversized_list_size(headers: Sequence[tuple[Any, Any]]) -> int | None:
     """The decoded size of the list :class:`MemoizingHeaderDecoder` replaced with
     :data:`OVERSIZED_LIST` for being over its advertised limit; None for any other list."""
-    if len(headers) == 1 and headers[0][0] is OVERSIZED_LIST:
-        return int(headers[0][1])
+    if headers and headers[-1][0] is OVERSIZED_LIST:
+        return int(headers[-1][1])
     return None
 
 
@@ -437,8 +437,9 @@ class MemoizingHeaderDecoder(hpack.Decoder):
     advertised SETTINGS_MAX_HEADER_LIST_SIZE there once the peer acknowledges our SETTINGS,
     which would put the list limit back in hpack's hands (see :func:`new_h2_connection`).
 
-    Given an ``advertised`` limit too (a client's), a list over it comes out as the single
-    field :data:`OVERSIZED_LIST` (see :func:`oversized_list_size`): h2 hands it on as the
+    Given an ``advertised`` limit too (a client's), a list over it comes out as its
+    ``:status`` (if it has one: h2 tells a 1xx response from the final one by it) and the
+    field :data:`OVERSIZED_LIST` (see :func:`oversized_list_size`): h2 hands them on as the
     headers of its event, the gRPC layer fails that call only, and the fields nobody will
     read are not kept. A remembered block is measured once, when it is first decoded.
     """
@@ -475,7 +476,9 @@ class MemoizingHeaderDecoder(hpack.Decoder):
         if self._advertised is not None:
             decoded = sum([len(name) + len(value) for name, value in headers]) + _FIELD_OVERHEAD * len(headers)
             if decoded > self._advertised:
-                headers = [(OVERSIZED_LIST, str(decoded).encode("ascii"))]
+                # Its :status stays, so that h2 still tells a 1xx response from the final one.
+                marker = (OVERSIZED_LIST, str(decoded).encode("ascii"))
+                headers = [*[field for field in headers if field[0] == b":status"][:1], marker]
         entries = table.dynamic_entries
         if raw and (entries[0] if entries else None) is newest and len(entries) == length and table.maxsize == size:
             if len(self._remembered) >= _CACHE_LIMIT:
