@@ -179,3 +179,45 @@ def test_protocol_tests_pass_at_the_lowest_supported_versions(tmp_path: pathlib.
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_the_call_machinery_exists_once() -> None:
+    # The server's Stream and the client's ClientStream take, queue and send messages with the
+    # same functions (app_kit/aio/call.py): neither defines its own again, and no other module
+    # of the asyncio layer acknowledges, inflates or queues a call's messages itself.
+    from app_kit.aio.call import Call
+    from app_kit.aio.client import ClientStream
+    from app_kit.aio.stream import Stream
+
+    shared = [
+        "_on_messages",
+        "_on_end",
+        "_arrival",
+        "_wait",
+        "_take",
+        "_inflate",
+        "_put",
+        "_raise_too_large",
+        "_wake",
+        "service",
+        "method_name",
+        "cardinality",
+        "status",
+        "status_message",
+        "last_message_compressed",
+        "elapsed",
+        "messages_received",
+        "bytes_sent",
+    ]
+    redefined = [f"{cls.__name__}.{name}" for cls in (Stream, ClientStream) for name in shared if name in vars(cls)]
+    assert redefined == []
+    assert all(getattr(Stream, name) is getattr(ClientStream, name) is getattr(Call, name) for name in shared)
+    machinery = (".acknowledge(", ".inflate(", ".send_message(self._stream_id")
+    elsewhere = [
+        f"{path.name}: {marker}"
+        for path in (PACKAGE / "aio").glob("*.py")
+        if path.name != "call.py"
+        for marker in machinery
+        if marker in path.read_text()
+    ]
+    assert elsewhere == []

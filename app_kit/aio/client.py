@@ -21,7 +21,7 @@ from .._version import __version__
 from ..rpc.client import ClientConnection, status_for_reset
 from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from ..rpc.compression import IDENTITY, get_encoding
-from ..rpc.connection import Compressed, MessageRejected, StreamGone
+from ..rpc.connection import StreamGone
 from ..rpc.deadline import Deadline
 from ..rpc.events import (
     ConnectionClosed,
@@ -37,8 +37,8 @@ from ..rpc.metadata import Metadata, MetadataLike, decode_metadata, encode_metad
 from ..rpc.retry import RetryPolicies, RetryPolicy, pushback_delay
 from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
-from .hooks import CallMeasures, InterceptorChain, default_hook, run_hooks
-from .stream import Peer
+from .call import Call, Peer
+from .hooks import InterceptorChain, default_hook, run_hooks
 from .subchannel import DEFAULT_PORT, Address, Backoff, ConnectivityState, Subchannel, Target, parse_target
 from .tls import client_tls
 from .transport import ConnectionProtocol
@@ -578,7 +578,7 @@ def _earliest(timeout: float | None, deadline: Deadline | None) -> Deadline | No
     return from_timeout if deadline is None or from_timeout < deadline else deadline
 
 
-class ClientStream(CallMeasures, Generic[SendT, RecvT]):
+class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
     """One call on the client side.
 
     Use it as ``async with``: leaving the block cancels the call if it is not finished.
@@ -586,6 +586,10 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
     is raised as :class:`GRPCError` from :meth:`recv_message`, :meth:`recv_trailing_metadata`
     or :meth:`recv_initial_metadata`.
     """
+
+    _SENDS = "request"
+    _connection: ClientConnection
+    _protocol: ClientProtocol
 
     def __init__(
         self,
@@ -600,41 +604,39 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
         compression: str | None,
         wait_for_ready: bool = False,
     ) -> None:
+        interceptors = channel.interceptors
+        Call.__init__(
+            self,
+            path,
+            cardinality,
+            channel.codec,
+            reply_type,
+            request_type,
+            channel.config.max_send_message_length,
+            interceptors,
+            False,
+        )
         self._channel = channel
         #: Wait for a backend to be reachable instead of failing UNAVAILABLE at once.
         self.wait_for_ready = wait_for_ready
         self.path = path
-        self._cardinality = cardinality
-        self._request_type = request_type
-        self._reply_type = reply_type
         self._metadata = metadata
         #: When the call gives up with DEADLINE_EXCEEDED.
         self.deadline = deadline
         self._compression = compression
-        self._protocol: ClientProtocol | None = None
-        self._stream_id: int | None = None
-        self._sent = 0
+        # _protocol and _connection are set when the call is placed, and its _stream_id then.
+        self._stream_id = 0
         self._send_ended = False
         self._headers: list[tuple[bytes, bytes]] | None = None
-        self._messages: collections.deque[tuple[bytes, int]] = collections.deque()
         self._outcome: tuple[Status, str | None, bytes | None, list[tuple[bytes, bytes]]] | None = None
         self._retryable = False
-        self._waiter: asyncio.Future[None] | None = None
         self._deadline_handle: asyncio.TimerHandle | None = None
         #: Response headers' metadata, once :meth:`recv_initial_metadata` returned.
         self.initial_metadata: Metadata | None = None
         #: Trailers' metadata, once :meth:`recv_trailing_metadata` returned.
         self.trailing_metadata: Metadata | None = None
-        #: Whether the reply :meth:`recv_message` last returned arrived compressed.
-        self.last_message_compressed = False
-        interceptors = channel.interceptors
         self._interceptors = interceptors.interceptors
-        self._send_hooks = interceptors.sent
-        self._recv_hooks = interceptors.received
-        self._entered = 0  # interceptors whose start() ran: those hear on_call_end()
         self._started_at = 0.0
-        self._ended_at: float | None = None
-        self._messages_received = self._messages_sent = self._bytes_received = self._bytes_sent = 0
 
     async def __aenter__(self) -> ClientStream[SendT, RecvT]:
         if self.deadline is not None:
@@ -671,7 +673,7 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
     @property
     def peer(self) -> Peer | None:
         """The server's end of the connection, once the call started."""
-        if self._protocol is None or self._protocol.transport is None:
+        if not self._stream_id or self._protocol.transport is None:
             return None
         return Peer(self._protocol.transport)
 
@@ -679,7 +681,7 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
 
     async def send_request(self, *, end: bool = False) -> None:
         """Send the request headers (implicit with the first message); ``end`` half-closes too."""
-        if self._stream_id is not None:
+        if self._stream_id:
             raise ProtocolError("the request was sent already")
         self._raise_if_over()
         if self._interceptors and not self._entered:
@@ -703,6 +705,7 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
             content_type=self._channel._content_type,
         )
         self._protocol = protocol
+        self._connection = connection
         protocol.calls[self._stream_id] = self
         if end:
             self._send_ended = True
@@ -722,29 +725,21 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
             await self._start_interceptors()  # before the message hooks see the call
         if self._send_hooks and self._outcome is None:  # never after the call ended
             message = run_hooks(self._send_hooks, self, message)
-        data = self._channel.codec.encode(message, self._request_type)
-        limit = self._channel.config.max_send_message_length
-        if len(data) > limit:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED, f"request message larger than max ({len(data)} vs. {limit})")
-        if self._stream_id is None:
+        data = self._encode(message, self._send_type)
+        if len(data) > self._max_send:
+            self._raise_too_large(data)
+        if not self._stream_id:
             await self.send_request()
         self._raise_if_over()
-        protocol = self._protocol
-        assert protocol is not None and self._stream_id is not None
         self._sent += 1
-        try:
-            ready = protocol.connection.send_message(self._stream_id, data, compress)
-            if end:
-                self._send_ended = True
-                protocol.connection.end_local(self._stream_id, [])
-        except StreamGone:
-            self._raise_if_over()
-            raise
-        except MessageRejected as exc:
-            self._abort(exc.status, exc.message)
-            raise GRPCError(exc.status, exc.message) from None
-        self._messages_sent += 1
-        self._bytes_sent += len(data)
+        ready = self._put(data, compress)
+        if end:
+            # (Not StreamGone: the message just went on the stream, which is still open.)
+            self._send_ended = True
+            self._connection.end_local(self._stream_id, [])
+        protocol = self._protocol
+        if ready and not protocol.write_paused:
+            return
         await protocol.drain(self._stream_id, ready)
         if not ready and self._outcome is not None:
             # The call ended while this message waited to leave: a failure is raised here; a
@@ -755,13 +750,13 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
         """Half-close: no more request messages."""
         if self._send_ended:
             return
-        if self._stream_id is None:
+        if not self._stream_id:
             await self.send_request(end=True)
             return
         self._send_ended = True
-        if self._outcome is None and self._protocol is not None:
+        if self._outcome is None:
             try:
-                self._protocol.connection.end_local(self._stream_id, [])
+                self._connection.end_local(self._stream_id, [])
             except StreamGone:
                 return
             self._protocol.schedule_flush()
@@ -773,8 +768,9 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
         self._abort(Status.CANCELLED, "cancelled by the client")
 
     def _abort(self, status: Status, message: str) -> None:
-        protocol, stream_id = self._protocol, self._stream_id
-        if protocol is not None and stream_id is not None:
+        stream_id = self._stream_id
+        if stream_id:
+            protocol = self._protocol
             protocol.calls.pop(stream_id, None)
             protocol.connection.cancel_stream(stream_id)
             protocol.schedule_flush()
@@ -788,7 +784,7 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
         """Wait for the response headers and return their metadata."""
         if self.initial_metadata is not None:
             return self.initial_metadata
-        if self._stream_id is None:
+        if not self._stream_id:
             await self.send_request()
         while self._headers is None and self._outcome is None:
             await self._wait()
@@ -805,45 +801,34 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
         """The next reply, or None after the last one (a non-OK status is raised)."""
         if self.initial_metadata is None:
             await self.recv_initial_metadata()
-        while not self._messages:
-            if self._outcome is not None:
-                self._raise_outcome()
-                return None
-            await self._wait()
-        data, flow_size = self._messages.popleft()
-        protocol = self._protocol
-        if protocol is not None and self._stream_id is not None:
-            if protocol.connection.acknowledge(self._stream_id, flow_size):
-                protocol.schedule_flush()
-        self.last_message_compressed = type(data) is Compressed
-        if type(data) is Compressed:
-            assert protocol is not None and self._stream_id is not None  # it came on the call's stream
-            try:
-                data = protocol.connection.inflate(self._stream_id, data)
-            except MessageRejected as exc:
-                self._abort(exc.status, exc.message)
-                raise GRPCError(exc.status, exc.message) from None
-        self._messages_received += 1
-        self._bytes_received += len(data)
-        try:
-            reply = self._channel.codec.decode(data, self._reply_type)
-        except Exception:
-            self._abort(Status.INTERNAL, "could not decode the reply message")
-            raise GRPCError(Status.INTERNAL, "could not decode the reply message") from None
-        if self._recv_hooks:
-            return run_hooks(self._recv_hooks, self, reply)
-        return reply
+        if self._recv_done:
+            self._raise_outcome()
+            return None
+        if not self._queue:
+            await self._arrival()
+        return self._take(self._queue.popleft())
 
     def __aiter__(self) -> AsyncIterator[RecvT]:
-        return self._iter_messages()
+        return self
 
-    async def _iter_messages(self) -> AsyncIterator[RecvT]:
-        while (message := await self.recv_message()) is not None:
-            yield message
+    async def __anext__(self) -> RecvT:
+        # recv_message's body again: one coroutine per reply instead of an async generator
+        # driving a second one.
+        if self.initial_metadata is None:
+            await self.recv_initial_metadata()
+        if self._recv_done:
+            self._raise_outcome()
+        else:
+            if not self._queue:
+                await self._arrival()
+            message = self._take(self._queue.popleft())
+            if message is not None:
+                return message
+        raise StopAsyncIteration
 
     async def recv_trailing_metadata(self) -> Metadata:
         """Wait for the end of the call; return the trailers' metadata (a non-OK status is raised)."""
-        if self._stream_id is None and self._outcome is None:
+        if not self._stream_id and self._outcome is None:
             await self.send_request()
         while self._outcome is None:
             await self._wait()
@@ -871,21 +856,14 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
             self._raise_outcome()
             raise ProtocolError("the call is finished")
 
-    async def _wait(self) -> None:
-        assert self._protocol is not None or self._outcome is not None
-        loop = self._protocol.loop if self._protocol is not None else asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+    _fail = _abort  # a reply that cannot be inflated ends the call (RST_STREAM CANCEL)
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        if self._protocol is not None and self._stream_id is not None:
-            self._protocol.release_writer(self._stream_id)
+    def _undecodable(self) -> GRPCError:
+        self._abort(Status.INTERNAL, "could not decode the reply message")
+        return GRPCError(Status.INTERNAL, "could not decode the reply message")
+
+    def _end_taken(self) -> None:
+        self._raise_outcome()
 
     def _on_deadline(self) -> None:
         if self._outcome is None:
@@ -895,10 +873,6 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
 
     def _on_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         self._headers = headers
-        self._wake()
-
-    def _on_messages(self, messages: list[tuple[bytes, int]]) -> None:
-        self._messages.extend(messages)
         self._wake()
 
     def _on_outcome(
@@ -913,6 +887,8 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
         if self._outcome is not None:
             return
         self._outcome = (status, message, details, trailers)
+        self._status, self._status_message = status, message
+        self._on_end()  # after the replies that came: recv_message hands them over first
         # Refused or never processed, and nothing came back: a retry cannot run it twice.
         self._retryable = retryable and self._headers is None
         try:
@@ -963,34 +939,9 @@ class ClientStream(CallMeasures, Generic[SendT, RecvT]):
 
     def add_metadata(self, key: str, value: str | bytes) -> None:
         """Send this metadata too (before the request headers went out; interceptors' ``start``)."""
-        if self._stream_id is not None:
+        if self._stream_id:
             raise ProtocolError("the request headers were sent already")
         self._metadata.extend(encode_metadata([(key, value)]))
-
-    @property
-    def cardinality(self) -> Cardinality:
-        """Whether the client, the server, both or neither send a stream of messages."""
-        return self._cardinality
-
-    @property
-    def service(self) -> str:
-        """The service's full name, ``package.Service``."""
-        return self.path.split("/")[1]
-
-    @property
-    def method_name(self) -> str:
-        """The method's own name, ``Method``."""
-        return self.path.rpartition("/")[2]
-
-    @property
-    def status(self) -> Status | None:
-        """How the call ended, once it has (a failure is also raised to the caller)."""
-        return self._outcome[0] if self._outcome is not None else None
-
-    @property
-    def status_message(self) -> str | None:
-        """The message that came with :attr:`status`."""
-        return self._outcome[1] if self._outcome is not None else None
 
 
 class CallOptions(TypedDict, total=False):

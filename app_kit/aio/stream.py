@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Generic, Protocol, TypeVar
@@ -12,31 +9,29 @@ from typing import Any, Generic, Protocol, TypeVar
 from ..rpc.call_state import TERMINAL, CallInput, CallState, transition
 from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
 from ..rpc.compression import IDENTITY, get_encoding
-from ..rpc.connection import Compressed, MessageRejected, StreamGone
+from ..rpc.connection import StreamGone
 from ..rpc.deadline import Deadline
-from ..rpc.handlers import Cardinality, Handler
+from ..rpc.handlers import Handler
 from ..rpc.metadata import Metadata, MetadataLike, encode_metadata
 from ..rpc.server import ServerConnection
 from ..rpc.status import GRPCError, ProtocolError, Status
-from .hooks import CallMeasures, InterceptorChain, run_hooks
+from .call import Call, Host, Peer
+from .hooks import InterceptorChain, run_hooks
 
 __all__ = ["Peer", "Stream"]
 
 RecvT = TypeVar("RecvT")
 SendT = TypeVar("SendT")
 
-_END = object()  # queued after the last message: the client half-closed
+# The states the hot paths compare with, looked up once: an Enum member costs a descriptor
+# call per access (Python 3.11), more than the rest of a check.
+_OPEN, _STREAMING, _CANCELLED = CallState.OPEN, CallState.STREAMING, CallState.CANCELLED
 
 
-class CallHost(Protocol):
+class CallHost(Host, Protocol):
     """What a :class:`Stream` needs of the connection it runs on (the server's protocol)."""
 
-    loop: asyncio.AbstractEventLoop
     connection: ServerConnection
-    write_paused: bool
-
-    def schedule_flush(self) -> None:
-        """Write what is queued at the end of this loop turn."""
 
     def flush_call_end(self) -> None:
         """A call's status is queued: write it now, or with others this turn."""
@@ -44,35 +39,8 @@ class CallHost(Protocol):
     async def writable(self) -> None:
         """Wait while the transport's buffer is full."""
 
-    async def drain(self, stream_id: int, ready: bool) -> None:
-        """Wait while the stream is over its send buffer or the transport is full."""
 
-    def release_writer(self, stream_id: int) -> None:
-        """Let the stream's sender go on."""
-
-
-class Peer:
-    """The other end of a connection."""
-
-    __slots__ = ("_transport",)
-
-    def __init__(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-
-    def addr(self) -> Any:
-        """The peer's socket address (``(host, port)`` for TCP; '' or None for Unix sockets)."""
-        return self._transport.get_extra_info("peername")
-
-    def cert(self) -> dict[str, Any] | None:
-        """The peer's TLS certificate as :meth:`ssl.SSLSocket.getpeercert` returns it, if any."""
-        ssl_object: ssl.SSLObject | None = self._transport.get_extra_info("ssl_object")
-        return ssl_object.getpeercert() if ssl_object is not None else None
-
-    def __repr__(self) -> str:
-        return f"<Peer {self.addr()!r}>"
-
-
-class Stream(CallMeasures, Generic[RecvT, SendT]):
+class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
     """One call on the server: receive requests, send replies, end with a status.
 
     Initial metadata goes out with the first message unless sent earlier; trailers (status
@@ -82,41 +50,13 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
     """
 
     __slots__ = (
-        "_bytes_received",
-        "_bytes_sent",
-        "_client_streaming",
         "_closed_reason",
-        "_codec",
-        "_connection",
-        "_decode",
         "_dispatched",
-        "_encode",
-        "_ended_at",
-        "_entered",
-        "_handler",
-        "_last_compressed",
-        "_max_send",
-        "_messages_arrived",
-        "_messages_received",
-        "_messages_sent",
-        "_protocol",
-        "_queue",
-        "_recv_done",
-        "_recv_hooks",
         "_reply_encoding",
-        "_reply_type",
-        "_request_type",
-        "_send_hooks",
-        "_sent",
         "_server_streaming",
-        "_started_at",
         "_state",
-        "_status",
         "_status_details_codec",
-        "_status_message",
-        "_stream_id",
         "_trailers",
-        "_waiter",
         "accepted_encodings",
         "deadline",
         "metadata",
@@ -125,6 +65,10 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
         "request_encoding",
         "user_agent",
     )
+
+    _SENDS = "reply"
+    _connection: ServerConnection
+    _protocol: CallHost
 
     def __init__(
         self,
@@ -144,19 +88,24 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
         accepted_encodings: frozenset[str] = frozenset(),
         interceptors: InterceptorChain | None = None,
     ) -> None:
+        cardinality = handler.cardinality
+        connection = protocol.connection
+        Call.__init__(
+            self,
+            method,
+            cardinality,
+            codec,
+            handler.request_type,
+            handler.reply_type,
+            connection.config.max_send_message_length,
+            interceptors,
+            not cardinality.client_streaming,
+        )
         self._protocol = protocol
-        self._connection = protocol.connection
-        self._max_send = protocol.connection.config.max_send_message_length
+        self._connection = connection
         self._stream_id = stream_id
-        self._handler = handler
-        # Cardinality, looked up once: send_message runs per message on the hot path.
-        self._client_streaming = handler.cardinality.client_streaming
-        self._server_streaming = handler.cardinality.server_streaming
-        self._codec = codec
-        self._encode = codec.encode
-        self._decode = codec.decode
-        self._request_type = handler.request_type
-        self._reply_type = handler.reply_type
+        # Looked up once: send_message runs per message on the hot path.
+        self._server_streaming = cardinality.server_streaming
         self._status_details_codec = status_details_codec
         self._reply_encoding = reply_encoding
         #: ``/package.Service/Method`` of the call.
@@ -174,28 +123,13 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
         self.request_encoding = request_encoding or IDENTITY
         #: The encodings the client reads (its ``grpc-accept-encoding``).
         self.accepted_encodings = accepted_encodings
-        self._last_compressed = False
         self._trailers: list[tuple[bytes, bytes]] = []
-        self._queue: collections.deque[Any] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._messages_arrived = 0
-        self._recv_done = False
-        self._sent = 0
         self._state = CallState.OPEN
         #: Its handler started running (a reset now is a cancellation, not a rapid reset).
         self._dispatched = False
         #: Why a CANCELLED call ended (said to a handler that goes on using it).
         self._closed_reason: str | None = None
-        # What interceptors and logs read of the call (the properties below and CallMeasures').
-        self._status: Status | None = None
-        self._status_message: str | None = None
         self._started_at = time.perf_counter()  # not loop.time(): uvloop's ticks in milliseconds
-        self._ended_at: float | None = None
-        self._messages_received = self._messages_sent = self._bytes_received = self._bytes_sent = 0
-        self._recv_hooks = interceptors.received if interceptors else ()
-        self._send_hooks = interceptors.sent if interceptors else ()
-        #: How many interceptors' ``intercept`` started (those hear ``on_call_end``).
-        self._entered = 0
 
     # -- receiving -------------------------------------------------------------------
 
@@ -224,55 +158,13 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
                 return message
         raise StopAsyncIteration
 
-    async def _arrival(self) -> None:
-        """Wait until something is queued (or raise if the call ended meanwhile)."""
-        while not self._queue:
-            self._raise_if_closed()
-            self._waiter = waiter = self._protocol.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+    def _end_taken(self) -> None:
+        if self._one_message:
+            raise GRPCError(Status.INTERNAL, "the client half-closed the call without sending a request")
 
-    def _take(self, item: Any) -> RecvT | None:
-        """Hand over a queued message: give its window back and decode it."""
-        if item is _END:
-            self._recv_done = True
-            if not self._client_streaming:
-                raise GRPCError(Status.INTERNAL, "the client half-closed the call without sending a request")
-            return None
-        data, flow_size = item
-        if self._connection.acknowledge(self._stream_id, flow_size):
-            self._protocol.schedule_flush()
-        if not self._client_streaming:
-            self._recv_done = True
-        if type(data) is Compressed:
-            self._last_compressed = True
-            data = self._inflate(data)
-        else:
-            self._last_compressed = False
-        self._messages_received += 1
-        self._bytes_received += len(data)
-        try:
-            message = self._decode(data, self._request_type)
-        except Exception:
-            name = getattr(self._request_type, "__name__", repr(self._request_type))
-            raise GRPCError(Status.INTERNAL, f"could not decode the request message as {name}") from None
-        if self._recv_hooks:
-            return run_hooks(self._recv_hooks, self, message)
-        return message
-
-    def _inflate(self, data: Compressed) -> bytes:
-        try:
-            return self._connection.inflate(self._stream_id, data)
-        except MessageRejected as exc:
-            self._end_now(exc.status, exc.message)  # the call ends here, whatever the handler does
-            raise GRPCError(exc.status, exc.message) from None
-
-    @property
-    def last_message_compressed(self) -> bool:
-        """Whether the request message last handed over arrived compressed (its flag on the wire)."""
-        return self._last_compressed
+    def _undecodable(self) -> GRPCError:
+        name = getattr(self._recv_type, "__name__", repr(self._recv_type))
+        return GRPCError(Status.INTERNAL, f"could not decode the request message as {name}")
 
     # -- sending ---------------------------------------------------------------------
 
@@ -317,27 +209,17 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
             if self._state in TERMINAL:  # no hook runs after the call ended: raise as sending would
                 transition(self._state, CallInput.SEND_REPLY, self._closed_reason)
             message = run_hooks(self._send_hooks, self, message)
-        data = self._encode(message, self._reply_type)
-        if self._state is not CallState.STREAMING:
+        data = self._encode(message, self._send_type)
+        if self._state is not _STREAMING:
             self._before_reply(data)
         elif len(data) > self._max_send:
             self._raise_too_large(data)
-        try:
-            ready = self._connection.send_message(self._stream_id, data, compress)
-        except StreamGone:
-            self._raise_if_closed()
-            raise
-        except MessageRejected as exc:
-            self._end_now(exc.status, exc.message)  # its headers may be out: end it here
-            raise GRPCError(exc.status, exc.message) from None
-        self._messages_sent += 1
-        self._bytes_sent += len(data)
+        ready = self._put(data, compress)
         protocol = self._protocol
         if ready and not protocol.write_paused:
-            protocol.schedule_flush()  # the common case: no second coroutine per message
-            return
+            return  # the common case: no second coroutine per message
         await protocol.drain(self._stream_id, ready)
-        self._raise_if_closed()
+        self._raise_if_over()
 
     def set_trailing_metadata(self, metadata: MetadataLike) -> None:
         """Metadata to send in the trailers whenever the call ends: when the handler returns,
@@ -395,32 +277,6 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
         """Whether the call is over: status sent, or the stream reset."""
         return self._state in TERMINAL
 
-    @property
-    def status(self) -> Status | None:
-        """How the call ended: the status sent, or CANCELLED if it was reset or its connection
-        lost first; None while it runs."""
-        return self._status
-
-    @property
-    def status_message(self) -> str | None:
-        """The message that went with :attr:`status` (for CANCELLED: why)."""
-        return self._status_message
-
-    @property
-    def service(self) -> str:
-        """The service's full name, ``package.Service``."""
-        return self.method.split("/")[1]
-
-    @property
-    def method_name(self) -> str:
-        """The method's own name, ``Method``."""
-        return self.method.rpartition("/")[2]
-
-    @property
-    def cardinality(self) -> Cardinality:
-        """Whether the client, the server, both or neither send a stream of messages."""
-        return self._handler.cardinality
-
     def _before_reply(self, data: bytes) -> None:
         """What send_message checks and does, except in a server stream past its first reply."""
         state = self._state
@@ -429,7 +285,7 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
             raise ProtocolError(f"{self.method} is unary: it sends exactly one reply message")
         if len(data) > self._max_send:
             self._raise_too_large(data)
-        if state is CallState.OPEN:
+        if state is _OPEN:
             self._connection.send_response_headers(self._stream_id, [], self._reply_encoding)
         self._sent += 1
         # From now on a server stream checks one state per message: only its end changes it.
@@ -445,31 +301,13 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
         self._connection.end_now(self._stream_id, status, message)
         self._protocol.flush_call_end()
 
-    def _raise_too_large(self, data: bytes) -> None:
-        raise GRPCError(Status.RESOURCE_EXHAUSTED, f"reply message larger than max ({len(data)} vs. {self._max_send})")
+    _fail = _end_now  # a message that cannot be taken or sent ends the call, whatever its handler does
 
-    def _raise_if_closed(self) -> None:
-        if self._state is CallState.CANCELLED:
+    def _raise_if_over(self) -> None:
+        if self._state is _CANCELLED:
             raise GRPCError(Status.CANCELLED, f"the call is over: {self._closed_reason}")
 
     # -- called by the connection ----------------------------------------------------
-
-    def _on_messages(self, messages: list[tuple[bytes, int]]) -> bool:
-        """Queue ``(data, flow_size)`` messages; False if the cardinality does not allow them."""
-        self._messages_arrived += len(messages)
-        if self._messages_arrived > 1 and not self._client_streaming:
-            return False
-        self._queue.extend(messages)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        return True
-
-    def _on_end(self) -> None:
-        self._queue.append(_END)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def _on_closed(self, reason: str) -> None:
         """The call is over from outside its handler (reset, deadline, the connection's end)."""
@@ -478,12 +316,6 @@ class Stream(CallMeasures, Generic[RecvT, SendT]):
             self._status, self._status_message = Status.CANCELLED, reason
         self._state = transition(self._state, CallInput.CANCEL)
         self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        self._protocol.release_writer(self._stream_id)
 
     def __repr__(self) -> str:
         return f"<Stream {self._stream_id} {self.method}>"
