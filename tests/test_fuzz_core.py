@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from app_kit import Configuration, Status
 from app_kit.rpc.client import ClientConnection
-from app_kit.rpc.connection import StreamGone
+from app_kit.rpc.connection import GrpcConnection, StreamGone
 from app_kit.rpc.events import ConnectionClosed, Event, MessagesReceived, RequestReceived
 from app_kit.rpc.server import ServerConnection
 
@@ -195,6 +195,20 @@ def _shown(events: list[Event]) -> str:
     return re.sub(r" at 0x[0-9a-f]+", "", repr(events))
 
 
+def _feed_both(fast: GrpcConnection, oracle: GrpcConnection, data: bytes, cuts: list[int]) -> None:
+    """The same bytes, cut the same way, into both: the same events, bytes out, windows and states."""
+    position, index = 0, 0
+    while position < len(data):
+        chunk = data[position : position + cuts[index % len(cuts)]]
+        position += len(chunk)
+        index += 1
+        seen = [_shown(connection.receive_data(chunk)) for connection in (fast, oracle)]
+        assert seen[0] == seen[1]
+        assert bytes(fast.data_to_send()) == bytes(oracle.data_to_send())
+        assert _h2_state(fast) == _h2_state(oracle)
+        assert fast.closed or not fast._h2.incoming_buffer._data  # h2 is handed whole frames only
+
+
 class _OnlyH2(ServerConnection):
     """Every frame through h2's own parser: the oracle for the plain frames taken past it."""
 
@@ -202,7 +216,7 @@ class _OnlyH2(ServerConnection):
         return self._h2.receive_data(data)  # type: ignore[no-any-return]
 
 
-def _h2_state(connection: ServerConnection) -> object:
+def _h2_state(connection: GrpcConnection) -> object:
     h2conn = connection._h2
     streams = {
         stream_id: (stream.state_machine.state, stream._inbound_window_manager.current_window_size)
@@ -227,16 +241,7 @@ def test_data_frames_taken_past_h2_leave_what_h2_would(
     for connection in (fast, oracle):
         connection.initiate()
         connection.data_to_send()
-    position, index = 0, 0
-    while position < len(data):
-        chunk = data[position : position + cuts[index % len(cuts)]]
-        position += len(chunk)
-        index += 1
-        seen = [_shown(connection.receive_data(chunk)) for connection in (fast, oracle)]
-        assert seen[0] == seen[1]
-        assert bytes(fast.data_to_send()) == bytes(oracle.data_to_send())
-        assert _h2_state(fast) == _h2_state(oracle)
-        assert fast.closed or not fast._h2.incoming_buffer._data  # h2 is handed whole frames only
+    _feed_both(fast, oracle, data, cuts)
 
 
 class _ClientOnlyH2(ClientConnection):
@@ -288,12 +293,4 @@ def test_response_frames_taken_past_h2_leave_what_h2_would(
         for _ in range(4):
             connection.start_call("/test.Echo/Unary", [])
         connection.data_to_send()
-    position, index = 0, 0
-    while position < len(data):
-        chunk = data[position : position + cuts[index % len(cuts)]]
-        position += len(chunk)
-        index += 1
-        seen = [_shown(connection.receive_data(chunk)) for connection in (fast, oracle)]
-        assert seen[0] == seen[1]
-        assert bytes(fast.data_to_send()) == bytes(oracle.data_to_send())
-        assert _h2_state(fast) == _h2_state(oracle)  # type: ignore[arg-type]
+    _feed_both(fast, oracle, data, cuts)
