@@ -463,3 +463,33 @@ async def test_rapid_reset_spread_over_many_connections_is_cut_off(server_proces
             await peer.__aexit__(None, None, None)
     assert len(cut) >= 19, f"only {len(cut)} of 25 connections were cut off"
     assert process_cpu_seconds(pid) - cpu_before < 2.5
+
+
+async def test_a_reset_that_arrives_after_the_answer_is_not_a_rapid_reset() -> None:
+    # A client's deadline and the server's fire together: the server answers DEADLINE_EXCEEDED
+    # while the client's RST_STREAM CANCEL is on its way, and it arrives for a stream the server
+    # had finished. Such late resets were counted as rapid resets, never forgiven: a client with
+    # short deadlines lost its connection ("flood") on a loaded CI run. Each finished stream
+    # licenses one late reset; resets for streams never opened still count.
+    config = Configuration(max_resets_per_window=50)
+    async with running_server([EchoService()], config=config) as (_, target):
+        port = int(target.rsplit(":", 1)[1])
+        encoder = hpack.Encoder()
+        async with RawPeer(port) as peer:
+            await peer.send(HANDSHAKE)
+            for stream_id in range(1, 2 * 120, 2):  # 120 calls, each answered, then reset
+                request = frame(HEADERS, END_HEADERS, stream_id, request_block(encoder, "/test.Echo/Unary"))
+                body = frame(DATA, END_STREAM, stream_id, b"\x00\x00\x00\x00\x02\x0a\x00")
+                await peer.send(request + body)
+                for _ in range(200):
+                    if stream_id in peer.trailer_statuses():
+                        break
+                    await asyncio.sleep(0.005)
+                assert peer.trailer_statuses().get(stream_id) == b"0"
+                await peer.send(frame(RST_STREAM, 0, stream_id, (8).to_bytes(4, "big")))  # CANCEL
+            await asyncio.sleep(0.1)
+            assert not peer.goaways and not peer.closed.is_set()
+            # Resets of streams that never were still count: over the budget, cut off.
+            await peer.send(b"".join(frame(RST_STREAM, 0, 2 * n + 1001, (8).to_bytes(4, "big")) for n in range(60)))
+            await peer.wait_closed()
+            assert peer.goaways and peer.goaways[0].error_code == 0xB

@@ -105,7 +105,9 @@ class FrameGuard:
 
     Frames that carry nothing for us — empty DATA, HEADERS and CONTINUATION, PRIORITY (which
     gRPC never uses), and WINDOW_UPDATEs that no DATA frame of ours called for — share the
-    ``max_empty_frames_per_window`` budget. ``update_licensed`` answers, for each WINDOW_UPDATE,
+    ``max_empty_frames_per_window`` budget. ``reset_licensed`` answers, for each RST_STREAM,
+    whether it cancels a stream we had already finished (its reset crossed our answer: no
+    rapid reset). ``update_licensed`` answers, for each WINDOW_UPDATE,
     whether our DATA licenses it (a peer may send two per DATA frame it gets: stream and
     connection). ``ping_context`` answers, for each PING received, whether one of our HEADERS or DATA
     frames licenses it and whether calls are open (see :class:`PingPolicy`); ``ping_policy``
@@ -125,6 +127,7 @@ class FrameGuard:
         "_ping_context",
         "_ping_policy",
         "_preface_left",
+        "_reset_licensed",
         "_skip",
         "_update_licensed",
         "_window",
@@ -140,6 +143,7 @@ class FrameGuard:
         expect_preface: bool,
         ping_context: Callable[[], tuple[bool, bool]] = lambda: (False, False),
         update_licensed: Callable[[], bool] = lambda: False,
+        reset_licensed: Callable[[int], bool] = lambda stream_id: False,
         ping_policy: PingPolicy | None = None,
     ) -> None:
         self._clock = clock
@@ -147,6 +151,7 @@ class FrameGuard:
         self._address_limit = config.max_resets_per_window_per_address
         self._ping_context = ping_context
         self._update_licensed = update_licensed
+        self._reset_licensed = reset_licensed
         self._ping_policy = ping_policy
         self._preface_left = PREFACE if expect_preface else b""
         self._header = b""  # an incomplete frame header carried over from the last chunk
@@ -265,7 +270,8 @@ class FrameGuard:
                 # RFC 9113 §6.5 (h2 would call it a PROTOCOL_ERROR).
                 raise PeerMisbehaved(_FRAME_SIZE_ERROR, "SETTINGS acknowledgement with a payload")
         elif kind == _RST_STREAM:
-            self._count(_RESETS)
+            if not self._reset_licensed(int.from_bytes(header[5:9], "big") & 0x7FFFFFFF):
+                self._count(_RESETS)
         elif kind == _WINDOW_UPDATE:
             if not self._update_licensed():
                 self._count(_EMPTY_FRAMES)
