@@ -7,6 +7,7 @@ subclass it for what differs: how a stream starts and how it ends.
 
 from __future__ import annotations
 
+import collections
 import logging
 import struct
 import time
@@ -132,7 +133,7 @@ class GrpcConnection:
         self._updates_licensed = 0
         self._messages_out = 0  # messages queued to send: each licenses WINDOW_UPDATEs too
         # Streams finished lately, each licensing one late RST_STREAM (see _reset_licensed).
-        self._finished: dict[int, None] = {}
+        self._finished: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._h2 = new_h2_connection(config, client_side=client_side)
         # The bytes of a frame not complete yet (at most a frame header and max_frame_size):
         # h2 is handed whole frames only, so the guard's walk over the frames is the one.
@@ -453,7 +454,7 @@ class GrpcConnection:
             finished = self._finished
             finished[stream_id] = None
             if len(finished) > _LATE_RESETS:
-                del finished[next(iter(finished))]
+                finished.popitem(last=False)  # O(1); a dict's oldest key costs a scan past its holes
         self._blocked.pop(stream_id, None)
         self._dirty.pop(stream_id, None)
         self._consumed.pop(stream_id, None)
