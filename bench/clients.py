@@ -1,9 +1,10 @@
 """One client implementation as the load: ``python bench/clients.py IMPL SCENARIO PORT SECONDS``.
 
-IMPL is app_kit, grpclib or grpcio; SCENARIO ``unary_100`` (unary calls, 100 in flight on one
-channel) or ``server_stream`` (calls of 100 ten-byte replies, 10 in flight). Prints one JSON
-result: calls or messages, their rate, and this process's CPU time per call or message. Every
-reply is checked; a wrong one is an error and fails the orchestrator's gate.
+IMPL is app_kit, app_kit-trio (app_kit's Channel under ``trio.run``), grpclib or grpcio;
+SCENARIO ``unary_100`` (unary calls, 100 in flight on one channel) or ``server_stream`` (calls
+of 100 ten-byte replies, 10 in flight). Prints one JSON result: calls or messages, their rate,
+and this process's CPU time per call or message. Every reply is checked; a wrong one is an
+error and fails the orchestrator's gate.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 IMPLEMENTATION, SCENARIO, PORT, SECONDS = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-sys.path[:0] = [str(HERE / "_gen"), str(HERE / "_gen" / IMPLEMENTATION)]
+ON_TRIO = IMPLEMENTATION == "app_kit-trio"
+sys.path[:0] = [str(HERE / "_gen"), str(HERE / "_gen" / ("app_kit" if ON_TRIO else IMPLEMENTATION))]
 sys.path.append(str(HERE.parent))  # app_kit from the checkout, unless PYTHONPATH says otherwise
 
 import bench_pb2  # noqa: E402
@@ -50,14 +52,21 @@ async def load(unary: Callable[[], Awaitable[Any]], stream: Callable[[], Awaitab
     for _ in range(200):  # warm up: connection, first calls
         await unary()
     cpu, began = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    if ON_TRIO:
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(in_flight):
+                nursery.start_soon(worker)
+    else:
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
     cpu, elapsed = time.process_time() - cpu, time.perf_counter() - began
     return {"count": done, "errors": errors, "rate": done / elapsed, "cpu_us": cpu / max(done, 1) * 1e6}
 
 
 async def main() -> dict[str, Any]:
     target = f"127.0.0.1:{PORT}"
-    if IMPLEMENTATION == "app_kit":
+    if IMPLEMENTATION in ("app_kit", "app_kit-trio"):
         from bench_grpc import BenchStub
 
         from app_kit import Channel
@@ -88,4 +97,9 @@ async def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main())))
+    if ON_TRIO:
+        import trio
+
+        print(json.dumps(trio.run(main)))
+    else:
+        print(json.dumps(asyncio.run(main())))

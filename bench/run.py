@@ -1,5 +1,9 @@
 """app_kit vs grpclib vs grpcio-aio, measured in one run: ``python bench/run.py [--quick]``.
 
+``app_kit-trio`` is app_kit's server (and client) under trio, through its anyio byte-stream
+transport; ``app_kit`` is the asyncio adapter (on uvloop when installed). The table's
+``trio/asyncio`` column compares the two.
+
 Each server is pinned to CPU 0 and every load generator to CPU 1. Scenarios alternate the
 implementations, repeat (median of 3; 1 with --quick), and are correctness-gated: replies are
 verified by the grpcio load generator, and the server's own count of what it served must match
@@ -29,7 +33,7 @@ from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-IMPLEMENTATIONS = ("app_kit", "grpclib", "grpcio")
+IMPLEMENTATIONS = ("app_kit", "app_kit-trio", "grpclib", "grpcio")
 SERVER_CPU, LOAD_CPU = "0", "1"
 
 
@@ -353,8 +357,12 @@ def main() -> int:
                     result["rate"] * per_request,
                     cpu_us_per_call=cpu_per_call_us,
                 )
+                # CPU per call is steadier than the rate on a shared machine, and is where the
+                # trio transport's cost shows (a call of a stream is its 100 messages).
+                cpu_row = f"{name.removesuffix(' (msgs)')}: server CPU"
+                record(cpu_row, "µs/call", implementation, cpu_per_call_us, False)
                 print(
-                    f"  {name:<36} {implementation:<8} {result['rate'] * per_request:>12,.0f}  "
+                    f"  {name:<36} {implementation:<12} {result['rate'] * per_request:>12,.0f}  "
                     f"server CPU {cpu_per_call_us:6.1f} µs/call",
                     flush=True,
                 )
@@ -379,7 +387,7 @@ def main() -> int:
                 if scenario == "unary_1":
                     record("unary p50 latency (1 in flight)", "ms", implementation, result["p50_ms"], False)
                     record("unary p99 latency (1 in flight)", "ms", implementation, result["p99_ms"], False)
-                print(f"  {name:<36} {implementation:<8} {value:>12,.1f} {unit}", flush=True)
+                print(f"  {name:<36} {implementation:<12} {value:>12,.1f} {unit}", flush=True)
         # The clients, each as the load against the same server on the server CPU: what each
         # spends per call on the client CPU. The server is app_kit's, the fastest here, so that
         # the client is the bottleneck: against grpcio's, a client faster than that server sees
@@ -399,7 +407,7 @@ def main() -> int:
                 if served < result["count"]:
                     raise GateFailed(f"{name} {implementation}: server served {served} < {result['count']}")
                 record(name, unit, implementation, result["cpu_us"], False, rate=result["rate"])
-                print(f"  {name:<36} {implementation:<8} {result['cpu_us']:>12.1f} {unit}", flush=True)
+                print(f"  {name:<36} {implementation:<12} {result['cpu_us']:>12.1f} {unit}", flush=True)
         # What interceptors cost the server: h2load unary 1x100 on app_kit with none, one that
         # overrides nothing, the access log (to a NullHandler) and Prometheus metrics.
         if not args.smoke and (not args.only or args.only in "interceptor cost"):
@@ -419,7 +427,7 @@ def main() -> int:
             for implementation in order:
                 kib = idle_memory(implementation, 1000)
                 record("memory per idle connection", "KiB", implementation, kib, False)
-                print(f"  {'memory per idle connection':<36} {implementation:<8} {kib:>12.1f} KiB", flush=True)
+                print(f"  {'memory per idle connection':<36} {implementation:<12} {kib:>12.1f} KiB", flush=True)
         if not args.smoke and (not args.only or args.only in "launch to first call"):
             for implementation in order:
                 port = free_port()
@@ -457,9 +465,11 @@ def main() -> int:
 
 def report(results: dict[str, Scenario], implementations: tuple[str, ...], out: pathlib.Path, quick: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    header = f"{'scenario':<40} {'unit':<8}" + "".join(f"{name:>12}" for name in implementations)
+    header = f"{'scenario':<42} {'unit':<8}" + "".join(f"{name:>13}" for name in implementations)
     if "grpclib" in implementations:
         header += f"{'/grpclib':>10}{'/grpcio':>10}"
+    if "app_kit-trio" in implementations:
+        header += f"{'trio/asyncio':>14}"
     print("\n" + header + "\n" + "-" * len(header))
     payload: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
@@ -468,8 +478,8 @@ def report(results: dict[str, Scenario], implementations: tuple[str, ...], out: 
     }
     for scenario in results.values():
         medians = {name: scenario.median(name) for name in implementations}
-        row = f"{scenario.name:<40} {scenario.unit:<8}" + "".join(
-            f"{value:>12,.1f}" if value is not None else f"{'-':>12}" for value in medians.values()
+        row = f"{scenario.name:<42} {scenario.unit:<8}" + "".join(
+            f"{value:>13,.1f}" if value is not None else f"{'-':>13}" for value in medians.values()
         )
         ratios = {}
         for other in ("grpclib", "grpcio"):
@@ -479,6 +489,13 @@ def report(results: dict[str, Scenario], implementations: tuple[str, ...], out: 
                 row += f"{mine / theirs:>9.2f}x"
             elif other in implementations:
                 row += f"{'-':>10}"
+        # app_kit's server on trio (anyio byte streams) against the same on asyncio.
+        on_trio, on_asyncio = medians.get("app_kit-trio"), medians.get("app_kit")
+        trio_ratio = on_trio / on_asyncio if on_trio and on_asyncio else None
+        if trio_ratio is not None:
+            row += f"{trio_ratio:>13.2f}x"
+        elif "app_kit-trio" in implementations:
+            row += f"{'-':>14}"
         print(row)
         payload["scenarios"][scenario.name] = {
             "unit": scenario.unit,
@@ -487,8 +504,12 @@ def report(results: dict[str, Scenario], implementations: tuple[str, ...], out: 
             "runs": scenario.runs,
             "extra": scenario.extra,
             "app_kit_ratio": ratios,
+            "trio_asyncio_ratio": trio_ratio,
         }
-    print("(ratios are app_kit / other; for ms and KiB lower is better)")
+    if "app_kit-trio" in implementations:
+        print("(ratios: app_kit / other; trio/asyncio: app_kit-trio / app_kit; for ms, µs, KiB lower is better)")
+    else:
+        print("(ratios are app_kit / other; for ms and KiB lower is better)")
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     try:
         chart(payload, implementations, out / "results.png")

@@ -1,4 +1,7 @@
-"""The bench service on one implementation: ``python bench/servers.py app_kit|grpclib|grpcio PORT``.
+"""The bench service on one implementation: ``python bench/servers.py IMPLEMENTATION PORT``.
+
+IMPLEMENTATION is ``app_kit``, ``grpclib``, ``grpcio`` or ``app_kit-trio`` (app_kit's server, the
+same code, under ``trio.run``: its anyio byte-stream transport instead of asyncio's protocols).
 
 ``BENCH_INTERCEPTORS`` (app_kit only) installs interceptors, to measure what they cost:
 ``empty`` (one that overrides nothing), ``access`` (the access log, written to nowhere),
@@ -16,10 +19,12 @@ import pathlib
 import resource
 import signal
 import sys
+from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 IMPLEMENTATION = sys.argv[1]
-sys.path[:0] = [str(HERE / "_gen"), str(HERE / "_gen" / IMPLEMENTATION)]
+ON_TRIO = IMPLEMENTATION == "app_kit-trio"
+sys.path[:0] = [str(HERE / "_gen"), str(HERE / "_gen" / ("app_kit" if ON_TRIO else IMPLEMENTATION))]
 
 import bench_pb2  # noqa: E402
 
@@ -72,7 +77,8 @@ def bench_interceptors() -> list[object]:
     raise SystemExit(f"BENCH_INTERCEPTORS={kind}: not one of none, empty, access, metrics")
 
 
-async def serve_app_kit(port: int, stop: asyncio.Event) -> None:
+async def serve_app_kit(port: int, stop: asyncio.Event | Any) -> None:
+    """app_kit's server until ``stop`` is set (an asyncio.Event, or on trio a trio.Event)."""
     import bench_grpc
 
     from app_kit import Configuration, Server
@@ -142,10 +148,34 @@ async def main(port: int) -> None:
     print("SERVED", json.dumps(COUNTS), flush=True)
 
 
+async def main_trio(port: int) -> None:
+    """app_kit's server under trio; SIGTERM through trio's signal receiver."""
+    import trio
+
+    stop = trio.Event()
+
+    async def on_sigterm(signals: Any) -> None:
+        async for _ in signals:
+            stop.set()
+            return
+
+    # The receiver is in place before READY is printed, as asyncio's handler is in main().
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_sigterm, signals)
+            await serve_app_kit(port, stop)
+            nursery.cancel_scope.cancel()
+    print("SERVED", json.dumps(COUNTS), flush=True)
+
+
 if __name__ == "__main__":
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the idle-connections test
-    if IMPLEMENTATION == "grpcio" or os.environ.get("BENCH_LOOP") == "asyncio":
+    if ON_TRIO:
+        import trio
+
+        trio.run(main_trio, int(sys.argv[2]))
+    elif IMPLEMENTATION == "grpcio" or os.environ.get("BENCH_LOOP") == "asyncio":
         asyncio.run(main(int(sys.argv[2])))  # grpc.aio drives its own core; asyncio's loop
     else:
         # app_kit runs on uvloop when installed (app_kit.aio.eventloop); grpclib gets the same.

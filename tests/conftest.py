@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
@@ -23,6 +25,32 @@ async def _one_event_loop_for_the_session() -> AsyncIterator[None]:
     runs on; a new loop per test leaves it posting callbacks to a closed loop.
     """
     yield
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends: run the async test on asyncio and on trio (argument `backend`)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("backends") is not None:
+        metafunc.parametrize("backend", ["asyncio", "trio"])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run the trio variant of a ``backends`` test under ``trio.run``.
+
+    (anyio's plugin would run it on the session's asyncio runner: it reuses a runner held
+    by a fixture whatever backend a test asks for.) The asyncio variant runs as any other.
+    """
+    callspec = getattr(pyfuncitem, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "trio" or not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    import trio
+
+    arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    trio.run(functools.partial(pyfuncitem.obj, **arguments))
+    return True
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

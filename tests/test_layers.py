@@ -181,6 +181,47 @@ def test_protocol_tests_pass_at_the_lowest_supported_versions(tmp_path: pathlib.
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
+def test_trio_tests_pass_at_the_lowest_supported_anyio_and_trio(tmp_path: pathlib.Path) -> None:
+    # The anyio transport and the trio runtime use what anyio and trio offer from the lowest
+    # versions pyproject allows (anyio's SocketStream.from_socket is 4.10's, for one).
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    anyio_pin = next(spec for spec in project["dependencies"] if spec.startswith("anyio>="))
+    trio_pin = project["optional-dependencies"]["trio"][0]
+    lowest = []
+    for pin in (anyio_pin, trio_pin):
+        name, bounds = pin.split(">=")
+        lowest.append(f"{name}=={'.'.join([*bounds.split(',')[0].split('.'), '0'][:3])}")
+    assert lowest == ["anyio==4.10.0", "trio==0.25.1"]
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(tmp_path)
+    python = str(tmp_path / "bin" / "python")
+    subprocess.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--ignore-installed",
+            *lowest,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    check = "import importlib.metadata as m; print([m.version(n) for n in ('anyio', 'trio')])"
+    versions = subprocess.run([python, "-c", check], check=True, capture_output=True, text=True).stdout.strip()
+    assert versions == repr([spec.split("==")[1] for spec in lowest])
+    result = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_trio.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
 def test_the_call_machinery_exists_once() -> None:
     # The server's Stream and the client's ClientStream take, queue and send messages with the
     # same functions (app_kit/aio/call.py): neither defines its own again, and no other module

@@ -23,6 +23,7 @@ from ..rpc.connection import Compressed, GrpcConnection, MessageRejected, Stream
 from ..rpc.handlers import Cardinality
 from ..rpc.status import GRPCError, Status
 from .hooks import CallMeasures, InterceptorChain, run_hooks
+from .runtime import Runtime
 
 __all__ = ["Call", "Host", "Peer"]
 
@@ -35,7 +36,7 @@ _END = object()  # queued after the peer's last message
 class Host(Protocol):
     """What a call needs of the connection's protocol (the asyncio side of it)."""
 
-    loop: asyncio.AbstractEventLoop
+    loop: Runtime
     write_paused: bool
 
     def schedule_flush(self) -> None:

@@ -13,7 +13,7 @@ import ssl as ssl_module
 import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
-from typing import Any, Generic, TypedDict, TypeVar, Unpack
+from typing import Any, Generic, TypedDict, TypeVar, Unpack, cast
 
 import h2.errors
 
@@ -39,6 +39,17 @@ from ..rpc.status import GRPCError, ProtocolError, Status
 from ..wire.config import Configuration
 from .call import Call, Peer
 from .hooks import InterceptorChain, default_hook, run_hooks
+from .runtime import (
+    Runtime,
+    current_runtime,
+    deadline_scope,
+    getaddrinfo,
+    is_cancellation,
+    running_on_trio,
+    sleep,
+    wait_done,
+    wait_shielded,
+)
 from .subchannel import DEFAULT_PORT, Address, Backoff, ConnectivityState, Subchannel, Target, parse_target
 from .tls import client_tls
 from .transport import ConnectionProtocol
@@ -97,7 +108,7 @@ class ClientProtocol(ConnectionProtocol):
 
     connection: ClientConnection
 
-    def __init__(self, connection: ClientConnection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, connection: ClientConnection, loop: Runtime) -> None:
         super().__init__(connection, loop)
         self.calls: dict[int, ClientStream[Any, Any]] = {}
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -358,7 +369,7 @@ class Channel:
         if try_to_connect:
             self._used = True
             if self._connect_task is None or self._connect_task.done():
-                self._connect_task = asyncio.ensure_future(self._connect_all())
+                self._connect_task = current_runtime().create_task(self._connect_all())
         for subchannel in self._subchannels:
             subchannel.ready_protocol()  # a lost or draining connection shows as IDLE
         states = {subchannel.state for subchannel in self._subchannels}
@@ -384,8 +395,8 @@ class Channel:
 
     async def _state_change(self) -> None:
         if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._changed)
+            self._changed = current_runtime().create_future()
+        await wait_shielded(self._changed)
 
     def _notify(self, subchannel: Subchannel[ClientProtocol] | None = None) -> None:
         changed, self._changed = self._changed, None
@@ -437,32 +448,32 @@ class Channel:
             if not self._subchannels and not self._closed:
                 self._subchannels = [self._subchannel(address) for address in target.addresses]
             return
-        loop = asyncio.get_running_loop()
+        runtime = current_runtime()
         due = self._resolved_at is None or (
-            self._resolve_wanted and loop.time() - self._resolved_at >= self.config.dns_min_resolution_interval
+            self._resolve_wanted and runtime.time() - self._resolved_at >= self.config.dns_min_resolution_interval
         )
         while due or not self._subchannels:
             if self._resolving is None or self._resolving.done():
-                self._resolving = asyncio.ensure_future(self._resolve(target.dns_name, target.dns_port))
-            await asyncio.shield(self._resolving)
+                self._resolving = runtime.create_task(self._resolve(target.dns_name, target.dns_port))
+            await wait_shielded(self._resolving)
             if self._subchannels or self._closed:
                 return
             if not wait_for_ready:
                 raise GRPCError(Status.UNAVAILABLE, self._resolve_error or "the name resolved to no address")
-            await asyncio.sleep(self._resolve_backoff.next_delay())
+            await sleep(self._resolve_backoff.next_delay())
             due = True
 
     async def _resolve(self, name: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
+        runtime = current_runtime()
         self._resolve_wanted = False
         try:
-            infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            infos = await getaddrinfo(name, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            self._resolved_at = loop.time()
+            self._resolved_at = runtime.time()
             self._resolve_error = f"cannot resolve {name}: {exc}"
             self._notify()
             return
-        self._resolved_at = loop.time()
+        self._resolved_at = runtime.time()
         self._resolve_error = None
         self._resolve_backoff.reset()
         addresses = list(dict.fromkeys(Address(str(info[4][0]), int(info[4][1])) for info in infos))
@@ -479,14 +490,13 @@ class Channel:
 
     async def _connect(self, address: Address) -> ClientProtocol:
         """Open one connection to ``address`` (OSError, or ConnectionError without ALPN h2)."""
-        loop = asyncio.get_running_loop()
         authority = self._target.authority
 
         config = self.config
         if config.keepalive_time != self.keepalive_time:
             config = dataclasses.replace(config, keepalive_time=self.keepalive_time)
 
-        def factory() -> ClientProtocol:
+        def factory(loop: Runtime) -> ClientProtocol:
             connection = ClientConnection(
                 config,
                 authority=authority,
@@ -517,17 +527,33 @@ class Channel:
             self.keepalive_time *= 2
             log.warning("server said too_many_pings: keepalive_time doubled to %ss", self.keepalive_time)
 
-    async def _open_transport(self, factory: Callable[[], ClientProtocol], address: Address) -> ClientProtocol:
+    async def _open_transport(self, factory: Callable[[Runtime], ClientProtocol], address: Address) -> ClientProtocol:
+        if running_on_trio():
+            from .streams import open_connection
+
+            made = await open_connection(
+                factory,
+                host=address.host,
+                port=address.port,
+                path=address.path,
+                tls=self._ssl,
+                server_hostname=self._server_hostname,
+            )
+            return cast(ClientProtocol, made)
         loop = asyncio.get_running_loop()
         if address.path is not None:
             hostname = self._server_hostname or ("localhost" if self._ssl else None)
             _, protocol = await loop.create_unix_connection(
-                factory, address.path, ssl=self._ssl, server_hostname=hostname
+                functools.partial(factory, loop), address.path, ssl=self._ssl, server_hostname=hostname
             )
         else:
             assert address.host is not None and address.port is not None  # set whenever path is None
             _, protocol = await loop.create_connection(
-                factory, address.host, address.port, ssl=self._ssl, server_hostname=self._server_hostname
+                functools.partial(factory, loop),
+                address.host,
+                address.port,
+                ssl=self._ssl,
+                server_hostname=self._server_hostname,
             )
         return protocol
 
@@ -631,6 +657,9 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._outcome: tuple[Status, str | None, bytes | None, list[tuple[bytes, bytes]]] | None = None
         self._retryable = False
         self._deadline_handle: asyncio.TimerHandle | None = None
+        # While one of the call's tasks places it (send_request), the others wait for that.
+        self._placing = False
+        self._placed: Any = None  # a future, made when a second task waits
         #: Response headers' metadata, once :meth:`recv_initial_metadata` returned.
         self.initial_metadata: Metadata | None = None
         #: Trailers' metadata, once :meth:`recv_trailing_metadata` returned.
@@ -640,8 +669,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
 
     async def __aenter__(self) -> ClientStream[SendT, RecvT]:
         if self.deadline is not None:
-            loop = asyncio.get_running_loop()
-            self._deadline_handle = loop.call_later(self.deadline.time_remaining(), self._on_deadline)
+            self._deadline_handle = current_runtime().call_later(self.deadline.time_remaining(), self._on_deadline)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -681,13 +709,36 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
 
     async def send_request(self, *, end: bool = False) -> None:
         """Send the request headers (implicit with the first message); ``end`` half-closes too."""
-        if self._stream_id:
+        if self._stream_id or self._placing:
             raise ProtocolError("the request was sent already")
         self._raise_if_over()
+        self._placing = True
+        try:
+            await self._send_request(end)
+        finally:
+            self._placing = False
+            placed, self._placed = self._placed, None
+            if placed is not None:
+                placed.set_result(None)
+
+    async def _place(self) -> None:
+        """Place the call (its request headers) if not yet, or wait while another of its
+        tasks does (a bidi call's sender and receiver both start it). Raises if it could not."""
+        if self._placing:
+            if self._placed is None:
+                self._placed = current_runtime().create_future()
+            await wait_shielded(self._placed)
+        elif not self._stream_id:
+            await self.send_request()
+        if not self._stream_id:
+            self._raise_if_over()
+            raise ProtocolError("the call could not be placed")
+
+    async def _send_request(self, end: bool) -> None:
         if self._interceptors and not self._entered:
             await self._start_interceptors()
         try:
-            async with asyncio.timeout(self.deadline.time_remaining() if self.deadline else None):
+            async with deadline_scope(current_runtime(), self.deadline.time_remaining() if self.deadline else None):
                 protocol = await self._channel._connection(self.wait_for_ready)
                 while not await protocol.wait_for_slot():
                     protocol = await self._channel._connection(self.wait_for_ready)
@@ -729,7 +780,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         if len(data) > self._max_send:
             self._raise_too_large(data)
         if not self._stream_id:
-            await self.send_request()
+            await self._place()
         self._raise_if_over()
         self._sent += 1
         ready = self._put(data, compress)
@@ -751,8 +802,12 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         if self._send_ended:
             return
         if not self._stream_id:
-            await self.send_request(end=True)
-            return
+            if not self._placing:
+                await self.send_request(end=True)
+                return
+            await self._place()  # placed by another of the call's tasks: end it here
+            if self._send_ended:
+                return
         self._send_ended = True
         if self._outcome is None:
             try:
@@ -785,7 +840,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         if self.initial_metadata is not None:
             return self.initial_metadata
         if not self._stream_id:
-            await self.send_request()
+            await self._place()
         while self._headers is None and self._outcome is None:
             await self._wait()
         if self._headers is None:
@@ -829,7 +884,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
     async def recv_trailing_metadata(self) -> Metadata:
         """Wait for the end of the call; return the trailers' metadata (a non-OK status is raised)."""
         if not self._stream_id and self._outcome is None:
-            await self.send_request()
+            await self._place()
         while self._outcome is None:
             await self._wait()
         self._raise_outcome()
@@ -915,7 +970,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
                 raise
             except BaseException as exc:
                 self._on_outcome(
-                    Status.CANCELLED if isinstance(exc, asyncio.CancelledError) else Status.UNKNOWN,
+                    Status.CANCELLED if is_cancellation(exc) else Status.UNKNOWN,
                     f"{interceptor!r} failed: {exc!r}",
                     None,
                     [],
@@ -995,7 +1050,7 @@ class _Method(Generic[SendT, RecvT]):
                     delay = attempts.retry_delay(stream, exc)
                     if delay is None:
                         raise
-            await asyncio.sleep(delay)
+            await sleep(delay)
 
 
 class _Attempts:
@@ -1137,7 +1192,7 @@ class UnaryStreamMethod(_Method[SendT, RecvT]):
                         delay = attempts.retry_delay(stream, exc)
                         if delay is None:
                             raise
-                await asyncio.sleep(delay)
+                await sleep(delay)
 
         return ReplyStream(run)
 
@@ -1182,7 +1237,7 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
         async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
             async with self.open(**options) as stream:
                 replies.call = stream
-                sender = asyncio.ensure_future(_send_all(stream, requests))
+                sender = current_runtime().create_task(_send_all(stream, requests))
                 sender.add_done_callback(functools.partial(_abort_if_requests_failed, stream))
                 try:
                     async for reply in stream:
@@ -1196,7 +1251,7 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
                 finally:
                     if not sender.done():
                         sender.cancel()  # the call is over: nobody reads what it would send
-                    await asyncio.wait([sender])
+                    await wait_done(sender)
                 failure = _requests_failure(sender)
                 if failure is not None:
                     raise failure
@@ -1204,7 +1259,7 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
         return ReplyStream(run)
 
 
-def _requests_failure(sender: asyncio.Future[None]) -> BaseException | None:
+def _requests_failure(sender: Any) -> BaseException | None:
     """What the request iterator raised, if it (not the call) failed."""
     if not sender.done() or sender.cancelled():
         return None
@@ -1212,7 +1267,7 @@ def _requests_failure(sender: asyncio.Future[None]) -> BaseException | None:
     return None if failure is None or isinstance(failure, GRPCError | ProtocolError) else failure
 
 
-def _abort_if_requests_failed(stream: ClientStream[Any, Any], sender: asyncio.Future[None]) -> None:
+def _abort_if_requests_failed(stream: ClientStream[Any, Any], sender: Any) -> None:
     if _requests_failure(sender) is not None and stream._outcome is None:
         stream._abort(Status.CANCELLED, "the request iterator raised")
 

@@ -40,6 +40,7 @@ from ..wire.config import Configuration
 from ..wire.guard import AddressBudget
 from ..wire.logs import RateLimitedLogger
 from .hooks import InterceptorChain, Proceed, default_hook
+from .runtime import Runtime, current_runtime, deadline_scope, running_on_trio
 from .stream import Peer, Stream
 from .transport import ConnectionProtocol
 
@@ -140,13 +141,21 @@ class Server:
         self.status_details_codec = status_details_codec
         self.config = config if config is not None else Configuration()
         self._listener: asyncio.AbstractServer | None = None
+        #: On trio: the listening sockets, and the scope their accept loops run in.
+        self._trio_listeners: list[Any] = []
+        self._accepting: Any = None
+        self._served: Any = None  # on trio: done when the connections' nursery is
+        self._queued_sockets: list[socket.socket] = []  # on trio: taken from the accept queue at close
+        self._handshakes: set[Any] = set()  # on trio: the cancel scopes of TLS handshakes under way
+        self._runtime: Runtime | None = None
         self._connections: set[ServerProtocol] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[Any] = set()
         # Reset budgets shared by the connections from one address (while any is open).
         self._address_budgets: dict[str, AddressBudget] = {}
         self._closing = False
-        self._grace_handle: asyncio.TimerHandle | None = None
-        self._closed_event = asyncio.Event()
+        self._grace_handle: Any = None
+        self._closed = False
+        self._closed_waiters: list[Any] = []
         # Started, or served a connection: wait_closed() has something to wait for.
         self._in_use = False
         self._connections_total = 0
@@ -180,13 +189,21 @@ class Server:
         """
         if self._closing:
             raise RuntimeError("the server is closed; it cannot be started")
-        if self._listener is not None:
+        if self._listener is not None or self._trio_listeners:
             raise RuntimeError("the server is started already")
         if path is not None and (host is not None or port is not None):
             raise ValueError("path and host/port are mutually exclusive")
-        loop = asyncio.get_running_loop()
         if ssl is not None:
             ssl.set_alpn_protocols(["h2"])
+        # Linux queues up to backlog + 1 completed connections per listening socket.
+        self._accept_limit = backlog + 1
+        self._listen_ssl = ssl
+        if running_on_trio():
+            await self._start_on_trio(host, port, path, family, sock, backlog, bool(reuse_port))
+            self._in_use = True
+            self._closed_while_starting()
+            return
+        self._runtime = loop = asyncio.get_running_loop()
         factory = functools.partial(ServerProtocol, self, loop)
         if path is not None:
             self._listener = await loop.create_unix_server(
@@ -211,10 +228,129 @@ class Server:
                 "ssl_handshake_timeout": self._tls_timeout(ssl),
             }
             self._listener = await loop.create_server(factory, **options)
-        self._listen_ssl = ssl
-        # Linux queues up to backlog + 1 completed connections per listening socket.
-        self._accept_limit = backlog + 1
         self._in_use = True
+        self._closed_while_starting()
+
+    def _closed_while_starting(self) -> None:
+        """close() ran while start() opened the listeners: close them too, and say so."""
+        if self._closing:
+            self._closing = self._closed = False
+            self.close()
+            raise RuntimeError("the server was closed while it started")
+
+    async def _start_on_trio(
+        self,
+        host: str | Sequence[str] | None,
+        port: int | None,
+        path: str | None,
+        family: socket.AddressFamily,
+        sock: socket.socket | None,
+        backlog: int,
+        reuse_port: bool,
+    ) -> None:
+        """Listen with anyio's listeners; accept and serve in a trio system task (the
+        connections in one nursery, each connection's calls in its own)."""
+        import anyio
+        import anyio.abc
+        import trio
+
+        from .trio_runtime import TrioRuntime
+
+        listeners: list[anyio.abc.SocketListener] = []
+        try:
+            if path is not None:
+                listeners.append(await anyio.create_unix_listener(path, backlog=backlog))
+                if not path.startswith("\0"):
+                    made = os.stat(path)
+                    self._socket_file = (path, made.st_dev, made.st_ino)
+            elif sock is not None:
+                sock.listen(backlog)  # (asyncio's create_server listens on a given socket too)
+                listeners.append(await anyio.abc.SocketListener.from_socket(sock))
+            else:
+                for one_host in [host] if host is None or isinstance(host, str) else host:
+                    listening = await anyio.create_tcp_listener(
+                        local_host=one_host,
+                        local_port=port or 0,
+                        family=family,  # type: ignore[arg-type]  # (AF_UNSPEC, AF_INET or AF_INET6)
+                        backlog=backlog,
+                        reuse_port=reuse_port,
+                    )
+                    listeners.extend(listening.listeners)  # type: ignore[arg-type]  # (TCP listeners)
+        except BaseException:
+            for listener in listeners:
+                await anyio.aclose_forcefully(listener)
+            raise
+        self._trio_listeners = listeners
+        self._runtime = runtime = TrioRuntime.shared()
+        self._served = runtime.create_future()
+        self._accepting = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._serve_on_trio, name=f"app_kit server {self!r}")
+
+    async def _serve_on_trio(self) -> None:
+        import anyio
+        import trio
+
+        try:
+            async with trio.open_nursery() as connections:
+                with self._accepting:
+                    async with trio.open_nursery() as accepting:
+                        for listener in self._trio_listeners:
+                            accepting.start_soon(self._accept_on_trio, listener, connections)
+                for connection in self._queued_sockets:
+                    connections.start_soon(self._serve_socket_on_trio, connection)
+                self._queued_sockets.clear()
+                with trio.CancelScope(shield=True):
+                    for listener in self._trio_listeners:
+                        await anyio.aclose_forcefully(listener)
+        except Exception:
+            log.exception("the server failed")
+        finally:
+            self._served.set_result(None)
+
+    async def _accept_on_trio(self, listener: Any, connections: Any) -> None:
+        import anyio
+
+        while True:
+            try:
+                stream = await listener.accept()
+            except anyio.ClosedResourceError:
+                return  # close()
+            except anyio.BrokenResourceError as broken:  # anyio's word for any OSError of accept()
+                error = broken.__cause__
+                if not isinstance(error, OSError):
+                    raise
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept a connection: %s", error)
+                    await anyio.sleep(0.1)
+                continue  # else one connection's failure (ECONNABORTED, EPROTO...): accept the next
+            connections.start_soon(self._serve_stream, stream)
+
+    async def _serve_stream(self, stream: Any) -> None:
+        from .streams import serve_stream
+
+        try:
+            await serve_stream(
+                stream,
+                functools.partial(ServerProtocol, self),
+                tls=self._listen_ssl,
+                handshake_timeout=self.config.handshake_timeout,
+                handshakes=self._handshakes,
+            )
+        except Exception:
+            # Our bug: it ends this connection, not the server's others (as on asyncio).
+            log.exception("unexpected error serving a connection")
+
+    async def _serve_socket_on_trio(self, connection: socket.socket) -> None:
+        """Serve one connection taken from the accept queue at close."""
+        import anyio.abc
+
+        try:
+            stream = await anyio.abc.SocketStream.from_socket(connection)
+        except OSError as exc:
+            connection.close()
+            peer_log.log(logging.INFO, "connection queued at close failed: %r", exc)
+            return
+        await self._serve_stream(stream)
 
     def _tls_timeout(self, ssl: ssl_module.SSLContext | None) -> float | None:
         return self.config.handshake_timeout if ssl is not None else None
@@ -222,6 +358,11 @@ class Server:
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
         """The listening sockets (read the bound address from them)."""
+        if self._trio_listeners:
+            import anyio.abc
+
+            sockets = (listener.extra(anyio.abc.SocketAttribute.raw_socket) for listener in self._trio_listeners)
+            return tuple(sock for sock in sockets if sock.fileno() >= 0)  # (none once closed)
         if self._listener is None:
             return ()
         return tuple(self._listener.sockets)  # type: ignore[attr-defined]
@@ -251,18 +392,37 @@ class Server:
             # The file first: a Unix client can then no longer connect, even in the moment
             # between the last accept and the close.
             self._remove_socket_file()
-            self._take_accept_queue(self._listener)
+            self._take_accept_queue()
             self._listener.close()
+        elif self._trio_listeners:
+            self._remove_socket_file()
+            self._take_accept_queue()
+            self._close_trio_listeners()
         for connection in list(self._connections):
             connection.start_shutdown()
-        if grace is not None and self._in_use:
-            self._grace_handle = asyncio.get_running_loop().call_later(grace, self._grace_expired)
+        if grace is not None and self._in_use and self._runtime is not None:
+            self._grace_handle = self._runtime.call_later(grace, self._grace_expired)
         self._check_closed()
 
-    def _take_accept_queue(self, listener: asyncio.AbstractServer) -> None:
+    def _close_trio_listeners(self) -> None:
+        """Close the listening sockets now, as asyncio's close() does (a client connecting
+        after close() is refused, not accepted into a backlog nobody serves); end the accept
+        loops, and the TLS handshakes under way (no request came on those)."""
+        import anyio.abc
+        import trio
+
+        for listener in self._trio_listeners:
+            sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+            if sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(sock)  # the accept loop waiting on it ends
+                sock.close()
+        for scope in list(self._handshakes):
+            scope.cancel()
+        self._accepting.cancel()
+
+    def _take_accept_queue(self) -> None:
         """Accept, without blocking, every connection waiting in the listeners' queues."""
-        loop = listener.get_loop()
-        for listening in listener.sockets:  # type: ignore[attr-defined]
+        for listening in self.sockets:
             try:  # asyncio exposes a wrapper without accept(): a duplicate of the same socket
                 taker = socket.socket(fileno=os.dup(listening.fileno()))
             except OSError:
@@ -282,6 +442,10 @@ class Server:
                             break
                         raise
                     connection.setblocking(False)
+                    if self._listener is None:  # trio: served once the accept loops are over
+                        self._queued_sockets.append(connection)
+                        continue
+                    loop = self._listener.get_loop()
                     task = loop.create_task(self._serve_queued(loop, connection))
                     self._task_started(task)
                     task.add_done_callback(self._task_done)
@@ -320,13 +484,22 @@ class Server:
         """Return once :meth:`close` was called and every connection and handler is done."""
         if not self._in_use:
             return
-        await self._closed_event.wait()
+        if not self._closed:
+            waiter = current_runtime().create_future()
+            self._closed_waiters.append(waiter)
+            await waiter
         if self._listener is not None:
             await self._listener.wait_closed()
+        if self._served is not None and not self._served.done():
+            await self._served
 
     def _check_closed(self) -> None:
-        if self._closing and not self._connections and not self._tasks:
-            self._closed_event.set()
+        if self._closing and not self._connections and not self._tasks and not self._closed:
+            self._closed = True
+            for waiter in self._closed_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._closed_waiters.clear()
             if self._grace_handle is not None:
                 self._grace_handle.cancel()
 
@@ -343,6 +516,8 @@ class Server:
 
     def _connection_opened(self, connection: ServerProtocol) -> None:
         self._in_use = True
+        if self._runtime is None:  # served without start() (the testing helpers)
+            self._runtime = connection.loop
         self._connections_total += 1
         self._connections.add(connection)
         if self._closing:
@@ -373,10 +548,10 @@ class Server:
             if not budget.connections:
                 del self._address_budgets[address]
 
-    def _task_started(self, task: asyncio.Task[None]) -> None:
+    def _task_started(self, task: Any) -> None:
         self._tasks.add(task)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: Any) -> None:
         self._tasks.discard(task)
         if self._closing:
             self._check_closed()
@@ -388,14 +563,14 @@ class ServerProtocol(ConnectionProtocol):
     connection: ServerConnection
     pause_reading_while_full = True
 
-    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, server: Server, loop: Runtime) -> None:
         super().__init__(ServerConnection(server.config, content_subtype=server.codec.content_subtype), loop)
         self._server = server
-        self._calls: dict[int, tuple[Stream[object, object], asyncio.Task[None]]] = {}
+        self._calls: dict[int, tuple[Stream[object, object], Any]] = {}
         self._peer: Peer | None = None
         self._peer_going_away = False
-        self._shutdown_handle: asyncio.TimerHandle | None = None
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self._shutdown_handle: Any = None
+        self._idle_handle: Any = None
         self._idle_since = 0.0
         self._address: str | None = None
 
@@ -502,7 +677,7 @@ class ServerProtocol(ConnectionProtocol):
         server._task_started(task)
         task.add_done_callback(functools.partial(self._call_done, stream_id))
 
-    def _call_done(self, stream_id: int, task: asyncio.Task[None]) -> None:
+    def _call_done(self, stream_id: int, task: Any) -> None:
         calls = self._calls
         calls.pop(stream_id, None)
         if not calls:
@@ -676,7 +851,7 @@ async def _answer_call(
             if run_expired is not None:
                 await run_expired()  # raises the same, through the interceptors
         else:
-            async with asyncio.timeout(deadline.time_remaining()) as scope:
+            async with deadline_scope(stream._protocol.loop, deadline.time_remaining()) as scope:
                 await (_run_handler(stream, handler) if run is None else run())
     except GRPCError as exc:
         status, message, details, trailers = exc.status, exc.message, exc.details, exc.trailing_metadata

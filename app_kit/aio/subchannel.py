@@ -15,9 +15,10 @@ import dataclasses
 import enum
 import random
 from collections.abc import Awaitable, Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..wire.config import Configuration
+from .runtime import current_runtime, deadline_scope
 
 __all__ = ["Address", "Backoff", "CallConnection", "ConnectivityState", "Subchannel", "Target", "parse_target"]
 
@@ -162,8 +163,8 @@ class Subchannel(Generic[ConnectionT]):
         self.protocol: ConnectionT | None = None
         #: Why the last attempt (or connection) failed.
         self.last_error: str | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._retry_handle: asyncio.TimerHandle | None = None
+        self._task: Any = None  # the connection attempt's task
+        self._retry_handle: Any = None
 
     def __repr__(self) -> str:
         return f"<Subchannel {self.address} {self.state.name}>"
@@ -186,15 +187,15 @@ class Subchannel(Generic[ConnectionT]):
         self.ready_protocol()
         if self.state is ConnectivityState.IDLE:
             self._set(ConnectivityState.CONNECTING)
-            self._task = asyncio.ensure_future(self._attempt())
+            self._task = current_runtime().create_task(self._attempt())
 
     async def _attempt(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = current_runtime()
         delay = self._backoff.next_delay()
         retry_at = loop.time() + delay
         try:
             # gRPC's rule: each attempt may take the larger of the backoff and the minimum.
-            async with asyncio.timeout(max(delay, self._config.connect_min_timeout)):
+            async with deadline_scope(loop, max(delay, self._config.connect_min_timeout)):
                 protocol = await self._connect(self.address)
         except asyncio.CancelledError:
             raise

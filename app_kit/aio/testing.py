@@ -10,6 +10,7 @@ from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
 from ..rpc.handlers import ServiceLike
 from ..wire.config import Configuration
 from .client import Channel, ClientProtocol
+from .runtime import Runtime, current_runtime
 from .server import Server, ServerProtocol
 from .subchannel import Address
 
@@ -19,7 +20,7 @@ __all__ = ["ChannelFor"]
 class _MemoryTransport(asyncio.Transport):
     """One end of an in-memory byte pipe; delivery happens on the next loop turn, like a socket."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, name: str) -> None:
+    def __init__(self, loop: Runtime, protocol: asyncio.Protocol, name: str) -> None:
         super().__init__()
         self._loop = loop
         self._protocol = protocol
@@ -68,9 +69,9 @@ class _InMemoryChannel(Channel):
         super().__init__("in-memory", 0, **kwargs)
         self._server = server
 
-    async def _open_transport(self, factory: Callable[[], ClientProtocol], address: Address) -> ClientProtocol:
-        loop = asyncio.get_running_loop()
-        client = factory()
+    async def _open_transport(self, factory: Callable[[Runtime], ClientProtocol], address: Address) -> ClientProtocol:
+        loop = current_runtime()
+        client = factory(loop)
         server = ServerProtocol(self._server, loop)
         client_end = _MemoryTransport(loop, client, "in-memory-server")
         server_end = _MemoryTransport(loop, server, "in-memory-client")

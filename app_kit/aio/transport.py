@@ -15,6 +15,7 @@ import h2.errors
 
 from ..rpc.connection import GrpcConnection
 from ..rpc.events import ConnectionClosed, Event
+from .runtime import Runtime
 
 __all__ = ["ConnectionProtocol"]
 
@@ -31,8 +32,9 @@ class ConnectionProtocol(asyncio.Protocol):
     the connection (:meth:`on_connection_lost`).
     """
 
-    def __init__(self, connection: GrpcConnection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, connection: GrpcConnection, loop: Runtime) -> None:
         self.connection = connection
+        #: The event loop (on trio: a :class:`~app_kit.aio.runtime.TrioRuntime`).
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self._flush_handle: asyncio.Handle | None = None

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
+from ..aio.eventloop import LOOPS, LoopUnavailable, resolve_loop
 from .lifecycle import EXIT_STARTUP_FAILED, App, DeclarationError
 from .logs import configure_logging
 from .settings import AppSettings, SettingsError, load_settings
@@ -87,6 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="serve the port from N processes, each running the whole App (overrides APP_WORKERS)",
     )
     run.add_argument(
+        "--loop",
+        type=str.lower,
+        choices=LOOPS,
+        help="the event loop: auto (uvloop if installed, else asyncio), asyncio, uvloop or trio (overrides APP_LOOP)",
+    )
+    run.add_argument(
         "--reload",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -118,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.env_file is not None and not os.path.isfile(args.env_file):
         print(f"app_kit: --env-file {args.env_file}: no such file", file=sys.stderr)
         return EXIT_STARTUP_FAILED
-    overrides = {name: getattr(args, name) for name in ("host", "port", "path") if getattr(args, name) is not None}
+    # --reload and --workers children get the same command line (--loop included) and environment.
+    overrides = {
+        name: getattr(args, name) for name in ("host", "port", "path", "loop") if getattr(args, name) is not None
+    }
     if args.log_level is not None:
         overrides["log_level"] = args.log_level
     if args.reload:
@@ -171,6 +181,11 @@ def _supervise(
     level = "DEBUG" if args.debug else args.log_level
     if app is not None and settings.workers == 1:
         return app.run_sync(settings, log_level=level, log_config=args.log_config)
+    try:
+        resolve_loop(settings.loop)  # once here, rather than in every worker
+    except LoopUnavailable as exc:
+        print(f"app_kit: APP_LOOP / --loop: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
     if level is None and "log_level" in settings.model_fields_set:
         level = settings.log_level
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -13,7 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Protocol, TypeVar, overload
+
+import anyio
+from anyio.abc import TaskGroup
 
 from ..aio import eventloop
 from ..aio.server import Server, ServerInterceptor
@@ -21,12 +23,12 @@ from ..rpc.handlers import Handler, ServiceLike
 from ..services.health import Health, HealthCheck
 from .logs import configure_logging
 from .settings import AppSettings, SettingsError, load_settings
-from .signals import graceful_exit
+from .signals import SignalShutdown
 
 if TYPE_CHECKING:
     from ..aio.client import Channel
 
-__all__ = ["App", "DeclarationError", "RunningApp", "StartupAborted", "StartupError"]
+__all__ = ["App", "DeclarationError", "RunningApp", "StartupAborted", "StartupError", "StopEvent"]
 
 log = logging.getLogger("app_kit.app")
 
@@ -75,6 +77,20 @@ class StartupAborted(StartupError):
 
 
 _StartupAborted = StartupAborted  # the former private name, for code that imported it
+
+
+class StopEvent(Protocol):
+    """What :meth:`App.serve` takes as ``stop``: an :class:`anyio.Event`, or an :class:`asyncio.Event`
+    on asyncio (anything with these three methods)."""
+
+    def set(self) -> None:
+        """Request the stop."""
+
+    def is_set(self) -> bool:
+        """Whether the stop was requested."""
+
+    def wait(self) -> Awaitable[object]:
+        """Wait until the stop is requested."""
 
 
 @dataclass
@@ -230,53 +246,63 @@ class App(Generic[S]):
     # -- running ---------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def serve(
-        self, settings: S | None = None, *, stop: asyncio.Event | None = None
-    ) -> AsyncIterator[RunningApp[S]]:
+    async def serve(self, settings: S | None = None, *, stop: StopEvent | None = None) -> AsyncIterator[RunningApp[S]]:
         """Start everything, yield the running app, then drain and unwind (no signal handling).
 
-        If ``stop`` is set during start-up, start-up stops where it is (a resource or service
-        still starting is cancelled), unwinds and raises :class:`StartupAborted`. Start-up
-        failures raise :class:`StartupError` after unwinding.
+        If ``stop`` (an :class:`anyio.Event`, or an :class:`asyncio.Event` on asyncio) is set
+        during start-up, start-up stops where it is (a resource or service still starting is
+        cancelled), unwinds and raises :class:`StartupAborted`. Start-up failures raise
+        :class:`StartupError` after unwinding.
         """
         settings = settings if settings is not None else load_settings(self.settings_type)
-        stop = stop if stop is not None else asyncio.Event()
+        startup = _Startup(stop if stop is not None else anyio.Event())
+        async with _task_group() as group:
+            group.start_soon(startup.watch)
+            async with self._started(settings, startup) as running:
+                yield running
 
-        def check_stop() -> None:
-            if stop.is_set():
-                raise StartupAborted("shutdown requested during start-up")
-
+    @contextlib.asynccontextmanager
+    async def _started(self, settings: S, startup: _Startup) -> AsyncIterator[RunningApp[S]]:
+        """:meth:`serve` inside the task group in which ``startup`` watches for the stop."""
+        aborted = True  # until start-up is over: see the end
         async with contextlib.AsyncExitStack() as stack:
             bound, reuse_port = _bind_early(stack, settings)  # before any resource: a port in use starts none
             values: dict[_Key, Any] = {(type(settings), None): settings}
             health = Health()
             checks: list[HealthCheck] = []
             for resource in self._start_order(type(settings)):
-                check_stop()
+                startup.check()
                 kwargs = self._inject(f"resource {resource.name}", resource.needs, values)
                 log.debug("entering resource %s", resource.name)
+                # The resource is entered, and left, inside a scope the stop cancels while it starts:
+                # on the exit stack, so that the scopes a resource itself enters (a task group it
+                # keeps) stay nested inside it.
+                scope = stack.enter_context(startup.step())
+                guard = stack.enter_context(anyio.CancelScope())
                 try:
-                    async with _abort_when_set(stop):
-                        value = await stack.enter_async_context(
-                            _GuardedTeardown(resource.factory(**kwargs), resource.name)
-                        )
-                except StartupAborted:
-                    raise
+                    value = await stack.enter_async_context(_GuardedTeardown(resource.factory(**kwargs), resource.name))
                 except Exception as exc:
+                    if scope.cancel_called:  # it turned the stop's cancellation into an error of its own
+                        raise StartupAborted("shutdown requested during start-up") from exc
                     raise StartupError(f"resource {resource.name} failed to start: {_describe(exc)}") from exc
+                finally:
+                    startup.step_done()
+                if scope.cancel_called:  # it swallowed the stop's cancellation and started
+                    guard.shield = True  # its teardown is not cut short by that cancellation
+                    raise StartupAborted("shutdown requested during start-up")
                 values[resource.provides] = value
                 if resource.health_check is not None:
                     checks.append(_bind_check(resource.health_check, value))
             services: list[ServiceLike] = []
             for declared in self._services:
-                check_stop()
-                service = await self._build("service", declared, values, stop)
+                startup.check()
+                service = await self._build("service", declared, values, startup)
                 problem = _service_problem(service)
                 if problem is not None:
                     raise StartupError(f"service {declared.name} {problem}")
                 services.append(service)
             registry = _metrics_registry(settings)
-            interceptors = await self._build_interceptors(settings, values, stop, registry)
+            interceptors = await self._build_interceptors(settings, values, startup, registry)
             extra: list[ServiceLike] = [health]
             if settings.reflection:
                 from ..services.reflection import Reflection
@@ -305,7 +331,7 @@ class App(Generic[S]):
                 health.add_check(
                     ["", *names], _all_of(checks), ttl=settings.health_check_ttl, timeout=settings.health_check_timeout
                 )
-            check_stop()
+            startup.check()
             try:
                 if len(bound) == 1:
                     await server.start(sock=bound[0], ssl=settings.ssl_context())
@@ -330,26 +356,42 @@ class App(Generic[S]):
             running = RunningApp(
                 settings, server, health, {_public_key(k): v for k, v in values.items()}, services, metrics_port
             )
-            log.info("%s serving %s on %s", self.name, ", ".join(names) or "no services", running.address)
+            startup.done()
+            aborted = False
+            log.info(
+                "%s serving %s on %s (%s)",
+                self.name,
+                ", ".join(names) or "no services",
+                running.address,
+                eventloop.current_loop(),
+            )
             yield running
             log.info("%s shutting down", self.name)
+        if aborted:
+            # The stop cancelled a resource while it started, and that resource's scope (on the
+            # stack) caught the cancellation: the stack has unwound without an error to raise.
+            raise StartupAborted("shutdown requested during start-up")
 
-    async def _build(self, role: str, declared: _ServiceFactory, values: dict[_Key, Any], stop: asyncio.Event) -> Any:
+    async def _build(self, role: str, declared: _ServiceFactory, values: dict[_Key, Any], startup: _Startup) -> Any:
         """Call a service's or interceptor's factory with what it needs (awaiting it if async)."""
         kwargs = self._inject(f"{role} {declared.name}", declared.needs, values)
-        try:
-            built = declared.factory(**kwargs)
-            if inspect.isawaitable(built):
-                async with _abort_when_set(stop):
+        with startup.step() as scope:
+            try:
+                built = declared.factory(**kwargs)
+                if inspect.isawaitable(built):
                     built = await built
-        except StartupAborted:
-            raise
-        except Exception as exc:
-            raise StartupError(f"{role} {declared.name} failed to build: {_describe(exc)}") from exc
+            except Exception as exc:
+                if scope.cancel_called:  # the factory turned the stop's cancellation into its own error
+                    raise StartupAborted("shutdown requested during start-up") from exc
+                raise StartupError(f"{role} {declared.name} failed to build: {_describe(exc)}") from exc
+            finally:
+                startup.step_done()
+        if scope.cancel_called:  # cancelled (the scope caught it), or it swallowed the cancellation
+            raise StartupAborted("shutdown requested during start-up")
         return built
 
     async def _build_interceptors(
-        self, settings: AppSettings, values: dict[_Key, Any], stop: asyncio.Event, registry: Any
+        self, settings: AppSettings, values: dict[_Key, Any], startup: _Startup, registry: Any
     ) -> list[ServerInterceptor]:
         """The settings' interceptors (outermost: they see every call's end), then the App's."""
         interceptors: list[ServerInterceptor] = []
@@ -362,9 +404,8 @@ class App(Generic[S]):
 
             interceptors.append(AccessLog())
         for declared in self._interceptors:
-            if stop.is_set():
-                raise StartupAborted("shutdown requested during start-up")
-            interceptor = await self._build("interceptor", declared, values, stop)
+            startup.check()
+            interceptor = await self._build("interceptor", declared, values, startup)
             if not isinstance(interceptor, ServerInterceptor):
                 raise StartupError(
                     f"interceptor {declared.name} returned {type(interceptor).__name__}, not a ServerInterceptor"
@@ -391,7 +432,7 @@ class App(Generic[S]):
         health.enter_graceful_shutdown()
         if settings.drain_delay:
             log.info("NOT_SERVING; still serving for the drain delay of %ss", settings.drain_delay)
-            await asyncio.sleep(settings.drain_delay)
+            await anyio.sleep(settings.drain_delay)
         health.close()
         server.close(grace=settings.grace_period)
         await server.wait_closed()
@@ -404,13 +445,18 @@ class App(Generic[S]):
         :class:`StartupError`.
         """
         settings = settings if settings is not None else load_settings(self.settings_type)
-        stop = asyncio.Event()
-        with graceful_exit([_StopTrigger(stop)]):
+        stop = anyio.Event()
+        async with _task_group() as group:
+            signals = SignalShutdown(stop.set, group.cancel_scope)
+            await group.start(signals.listen)  # before start-up: a signal during it aborts it
             try:
                 async with self.serve(settings, stop=stop):
                     await stop.wait()
             except StartupAborted:
                 log.info("shutdown requested during start-up; everything started was stopped")
+            group.cancel_scope.cancel()  # stop listening
+        if signals.forced is not None:
+            raise SystemExit(128 + signals.forced)
 
     def run_sync(
         self,
@@ -421,7 +467,8 @@ class App(Generic[S]):
         log_level: str | None = None,
         log_config: str | None = None,
     ) -> int:
-        """:meth:`run` in a new event loop; return the process exit code (0, or 3 on failure).
+        """:meth:`run` in a new event loop (the settings' ``loop``); return the process exit code
+        (0, or 3 on failure; a second signal N raises ``SystemExit(128 + N)``).
 
         Without ``settings``, they are read from the environment (and ``env_file``), with
         ``overrides`` winning. Logging is set up as :mod:`app_kit.app.logs` says: a
@@ -441,7 +488,12 @@ class App(Generic[S]):
             print(f"app_kit: {exc}", file=sys.stderr)
             return EXIT_STARTUP_FAILED
         try:
-            eventloop.run(self.run(settings))
+            eventloop.resolve_loop(settings.loop)
+        except (ValueError, eventloop.LoopUnavailable) as exc:
+            print(f"app_kit: APP_LOOP / --loop: {exc}", file=sys.stderr)
+            return EXIT_STARTUP_FAILED
+        try:
+            eventloop.run(self.run, settings, loop=settings.loop)
         except StartupError as exc:
             # One clear line; the traceback of the cause only when debugging.
             logging.getLogger("app_kit").error("start-up failed: %s", exc, exc_info=exc if level == "DEBUG" else None)
@@ -711,52 +763,63 @@ class _GuardedTeardown(contextlib.AbstractAsyncContextManager[Any]):
             log.debug("left resource %s", self._name)
 
 
-@contextlib.asynccontextmanager
-async def _abort_when_set(stop: asyncio.Event) -> AsyncIterator[None]:
-    """Cancel the body (a resource or service starting) once ``stop`` is set; raise StartupAborted instead.
+class _Startup:
+    """Watches ``stop`` while the App starts: setting it cancels the step under way.
 
-    The body runs in the current task, not a new one: a resource may enter a task group or a
-    cancel scope that must be left in the task that entered it.
+    Each step (a resource entering, a service being built) runs in a cancel scope from
+    :meth:`step`; :meth:`watch`, a task in the App's task group, cancels the current one once
+    ``stop`` is set. Cancel scopes tell the stop's cancellation from any other: an outer one
+    goes on as it came.
     """
-    task = asyncio.current_task()
-    assert task is not None
-    # Cancellations already pending on the task are not ours to judge (as asyncio.timeout does).
-    before = task.cancelling()
-    inside = True
-    cancelled = False
 
-    def on_stop(_: object) -> None:
-        nonlocal cancelled
-        if inside and not cancelled:
-            cancelled = True
-            task.cancel()
+    def __init__(self, stop: StopEvent) -> None:
+        self.stop = stop
+        self._step: anyio.CancelScope | None = None
+        self._watching = anyio.CancelScope()
 
-    waiter = asyncio.ensure_future(stop.wait())
-    waiter.add_done_callback(on_stop)
-    try:
-        yield
-    except asyncio.CancelledError:
-        if cancelled and task.uncancel() <= before:  # ours alone: any other cancellation goes on
-            raise StartupAborted("shutdown requested during start-up") from None
-        raise
-    except BaseException as exc:
-        if cancelled and task.uncancel() <= before:  # the body turned our cancellation into its own error
-            raise StartupAborted("shutdown requested during start-up") from exc
-        raise
-    else:
-        if cancelled and task.uncancel() <= before:  # the body swallowed our cancellation and finished
+    async def watch(self) -> None:
+        with self._watching:
+            await self.stop.wait()
+            if self._step is not None:
+                self._step.cancel()
+
+    def check(self) -> None:
+        """Raise :class:`StartupAborted` if the stop was requested (between steps)."""
+        if self.stop.is_set():
             raise StartupAborted("shutdown requested during start-up")
-    finally:
-        inside = False
-        waiter.cancel()
+
+    def step(self) -> anyio.CancelScope:
+        """The scope of the next step: cancelled if the stop comes while it runs."""
+        self._step = anyio.CancelScope()
+        return self._step
+
+    def step_done(self) -> None:
+        self._step = None
+
+    def done(self) -> None:
+        """Start-up is over: the stop is the body's business from now on."""
+        self._step = None
+        self._watching.cancel()
 
 
-class _StopTrigger:
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event
+@contextlib.asynccontextmanager
+async def _task_group() -> AsyncIterator[TaskGroup]:
+    """An anyio task group that lets one error out as itself, not in an ExceptionGroup.
 
-    def close(self) -> None:
-        self._event.set()
+    A task group groups even the one exception of its body; :meth:`App.serve` and
+    :meth:`App.run` raise :class:`StartupError` (and the body's own errors) as they are.
+    """
+    try:
+        async with anyio.create_task_group() as group:
+            yield group
+    except BaseExceptionGroup as errors:
+        if len(errors.exceptions) != 1:
+            raise
+        sole = errors.exceptions[0]
+    else:
+        return
+    # Raised outside the except clause: the group is not chained to it as its context.
+    raise sole
 
 
 def _metrics_registry(settings: AppSettings) -> Any:
@@ -779,7 +842,15 @@ def _bind_check(check: Callable[[Any], typing.Awaitable[bool]], value: Any) -> H
 
 def _all_of(checks: Sequence[HealthCheck]) -> HealthCheck:
     async def combined() -> bool:
-        results = await asyncio.gather(*(check() for check in checks))
+        results: list[bool] = []
+
+        async def run_one(check: HealthCheck) -> None:
+            results.append(await check())
+
+        # The first check to raise cancels the others; its error is the health log's cause.
+        async with _task_group() as group:
+            for check in checks:
+                group.start_soon(run_one, check)
         return all(results)
 
     return combined

@@ -78,6 +78,9 @@ class AppSettings(BaseSettings):
     #: that ran longer than the maximum starts the count again), up to the maximum.
     worker_restart_delay: float = 0.5
     worker_restart_max_delay: float = 30.0
+    #: The event loop (``--loop``): ``asyncio``, ``uvloop``, ``trio``, or ``auto``: uvloop when it
+    #: is installed, else asyncio. Read by :meth:`App.run_sync` and the CLI, which start the loop.
+    loop: Literal["auto", "asyncio", "uvloop", "trio"] = "auto"
 
     # Field validators, not one model validator: pydantic then reports every bad field at once.
     @field_validator(
@@ -115,7 +118,7 @@ class AppSettings(BaseSettings):
             raise ValueError("must be from 0 to 65535")
         return value
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "loop", mode="before")
     @classmethod
     def _any_case(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):

@@ -7,10 +7,13 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Protocol
 
-__all__ = ["Closable", "graceful_exit"]
+import anyio
+from anyio.abc import TaskStatus
+
+__all__ = ["Closable", "SignalShutdown", "graceful_exit"]
 
 log = logging.getLogger("app_kit.signals")
 
@@ -37,11 +40,19 @@ def graceful_exit(
     a shell reports for a process killed by that signal. The handlers that were installed
     before are restored on exit.
 
-    Must run in the main thread, with a loop that supports ``add_signal_handler``.
+    Must run in the main thread, with an asyncio loop that supports ``add_signal_handler``
+    (on trio there is none: :meth:`App.run <app_kit.App.run>` handles signals on any loop).
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("graceful_exit() installs signal handlers: use it in the main thread")
-    loop = loop if loop is not None else asyncio.get_running_loop()
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "graceful_exit() installs its handlers on the running asyncio event loop, and none is "
+                "running (on trio: App.run() handles signals itself, or use anyio.open_signal_receiver)"
+            ) from None
     received: list[int] = []
 
     def on_signal(signum: int) -> None:
@@ -73,6 +84,59 @@ def graceful_exit(
             handler = previous[signum]
             if handler is not None:
                 signal.signal(signum, handler)
+
+
+class SignalShutdown:
+    """Two-stage shutdown on any anyio loop (asyncio, uvloop, trio), as :func:`graceful_exit` does it.
+
+    :meth:`listen` runs as a task: the first of ``signals`` calls ``stop()`` (a graceful
+    shutdown); a second cancels ``cancel`` (what is still running, the drain included, is cut
+    short) and is kept in :attr:`forced`: exit then with ``128 + forced``, the exit code a
+    shell reports for a process killed by that signal. The handlers that were installed
+    before are restored when it ends.
+    """
+
+    def __init__(
+        self,
+        stop: Callable[[], object],
+        cancel: anyio.CancelScope,
+        signals: Collection[int] = (signal.SIGINT, signal.SIGTERM),
+    ) -> None:
+        self._stop = stop
+        self._cancel = cancel
+        self._signals = tuple(signal.Signals(signum) for signum in signals)
+        #: The signal that forced the exit (the second one), if any.
+        self.forced: int | None = None
+
+    async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Handle the signals until cancelled (start it with ``task_group.start``: handlers installed)."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("App.run() installs signal handlers: run it in the main thread")
+        previous = {signum: signal.getsignal(signum) for signum in self._signals}
+        try:
+            with anyio.open_signal_receiver(*self._signals) as received:
+                task_status.started()
+                first = True
+                async for signum in received:
+                    if first:
+                        first = False
+                        log.info("received %s: shutting down gracefully (send it again to exit at once)", signum.name)
+                        self._stop()
+                    else:
+                        log.warning("received %s again: exiting now", signum.name)
+                        self.forced = signum
+                        self._cancel.cancel()
+                        return
+        except NotImplementedError:
+            raise RuntimeError(
+                "this event loop cannot handle signals (no add_signal_handler): run the App with "
+                "App.serve() and stop it another way"
+            ) from None
+        finally:
+            # asyncio's loop leaves the default handlers behind; put back what was there.
+            for signum, handler in previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
 
 
 def _name(signum: int) -> str:

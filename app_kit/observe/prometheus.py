@@ -18,11 +18,13 @@ runs), so a client cannot grow the label sets.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from typing import Any, cast
 
+import anyio
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskGroup
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -33,6 +35,8 @@ from ..aio.server import Server, ServerInterceptor
 from ..aio.stream import Stream
 from ..rpc.handlers import Cardinality
 from ..rpc.status import Status
+
+log = logging.getLogger("app_kit.metrics")
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -214,6 +218,9 @@ class ServerStatsCollector(Collector):
 DEFAULT_MAX_REQUEST_BYTES = 8192
 #: Seconds the metrics endpoint waits for a request head before it drops the connection.
 DEFAULT_READ_TIMEOUT = 10.0
+#: Seconds the endpoint waits after it failed to accept a connection (out of file descriptors,
+#: say) before it tries again: asyncio's servers wait as long.
+_ACCEPT_RETRY_DELAY = 1.0
 
 
 @contextlib.asynccontextmanager
@@ -226,58 +233,70 @@ async def serve_metrics(
     read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> AsyncIterator[int]:
     """Serve ``registry`` in the Prometheus text format at ``/metrics`` over HTTP/1.1, in this
-    event loop, while the block runs; yield the bound port (``port=0`` picks a free one).
-    ``host`` None listens on every interface (with ``port=0`` each address family would get a
-    port of its own, and the first is yielded: give a host).
+    event loop (asyncio or trio), while the block runs; yield the bound port (``port=0`` picks
+    a free one). ``host`` None listens on every interface (on one port for every address
+    family, ``port=0`` included).
 
     The format is what the scraper's ``Accept`` header asks for: Prometheus's text format, or
     OpenMetrics. Anything but ``GET`` or ``HEAD`` of ``/metrics`` (a query string is ignored)
     is answered 404 or 405. One request per connection. The page is generated in the event loop, so that
     collectors read a server's state in the thread that changes it; a scrape of a registry of
     usual size takes well under a millisecond. Leaving the block stops listening and drops the
-    connections still open.
+    connections still open. Enter and leave it in the same task (the connections are tasks of
+    a task group it holds).
     """
-    # Open connections, and the tasks answering them.
-    handlers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers[task] = writer
+    async def handle(stream: SocketStream) -> None:
+        async with stream:
+            try:
+                await _answer(stream, registry, max_request_bytes, read_timeout)
+            except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError, ValueError):
+                pass  # a client that went away or sent garbage: nothing to answer
+            except Exception:
+                # A collector that failed, say: this scrape fails, not the block around it.
+                log.exception("the metrics endpoint failed to answer")
+
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=100)
+    failure: Exception | None = None
+    async with listener, anyio.create_task_group() as tasks:
+        for one in listener.listeners:
+            tasks.start_soon(_accept, cast(SocketListener, one), tasks, handle)
         try:
-            await _answer(reader, writer, registry, max_request_bytes, read_timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
-            pass  # a client that went away or sent garbage: nothing to answer
+            yield listener.extra(SocketAttribute.local_port)
+        except Exception as exc:
+            failure = exc  # the block's own error: raised as it is below, not in an ExceptionGroup
         finally:
-            del handlers[task]
-            writer.close()
+            # Stops the accepting and the answering; each connection is closed as its task ends.
+            tasks.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
-    server = await asyncio.start_server(handle, host, port, limit=max_request_bytes)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        # Dropping the connections ends their handlers (a read or a write fails); cancelling
-        # the handlers instead would make asyncio's stream callback log the cancellation.
-        tasks = list(handlers)
-        for writer in handlers.values():
-            writer.transport.abort()
-        if tasks:
-            await asyncio.wait(tasks)
-        await server.wait_closed()
+
+async def _accept(
+    listener: SocketListener, tasks: TaskGroup, handle: Callable[[SocketStream], Coroutine[Any, Any, None]]
+) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except (OSError, anyio.BrokenResourceError) as exc:
+            error = exc if isinstance(exc, OSError) else exc.__cause__
+            if isinstance(error, ConnectionAbortedError):
+                continue  # the client left before it was accepted
+            # Out of file descriptors, say: keep serving, as asyncio's servers do, a second later.
+            log.warning("the metrics endpoint cannot accept connections: %s", error or exc)
+            await anyio.sleep(_ACCEPT_RETRY_DELAY)
+            continue
+        tasks.start_soon(handle, stream)
 
 
 async def _answer(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    stream: ByteStream,
     registry: CollectorRegistry,
     max_request_bytes: int,
     read_timeout: float,
 ) -> None:
-    async with asyncio.timeout(read_timeout):
-        head = await reader.readuntil(b"\r\n\r\n")
-    if len(head) > max_request_bytes:
-        raise ValueError("request head too long")
+    with anyio.fail_after(read_timeout):
+        head = await _read_head(stream, max_request_bytes)
     request_line, *header_lines = head.decode("latin-1").split("\r\n")
     method, target, _ = request_line.split(" ", 2)
     path = target.split("?", 1)[0]
@@ -298,5 +317,14 @@ async def _answer(
     headers = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
-    writer.write(headers.encode("latin-1") + (b"" if method == "HEAD" else body))
-    await writer.drain()
+    await stream.send(headers.encode("latin-1") + (b"" if method == "HEAD" else body))
+
+
+async def _read_head(stream: ByteStream, limit: int) -> bytes:
+    """The request line and headers, blank line included: at most ``limit`` bytes, or ValueError."""
+    head = b""
+    while (end := head.find(b"\r\n\r\n")) < 0:
+        if len(head) >= limit:
+            raise ValueError("request head too long")
+        head += await stream.receive(limit - len(head))  # never more than the limit
+    return head[: end + 4]

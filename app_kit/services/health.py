@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskGroup
 
 from ..aio.stream import Stream
 from ..protos.grpc.health.v1.health_grpc import HealthBase
@@ -34,6 +35,20 @@ HealthCheck = Callable[[], Awaitable[bool]]
 #: Seconds between two background runs of a watched check, however short its ``ttl`` (0 included).
 MIN_RECHECK_INTERVAL = 0.1
 
+#: What a Watch stream has sent before its first message (no status is negative).
+_NOTHING_SENT = -1
+
+
+class _Run:
+    """A run of a check in progress, which every caller that needs a fresh result awaits."""
+
+    __slots__ = ("done", "scope")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        #: Shielded: a caller going away does not cancel the run; shutdown does.
+        self.scope = anyio.CancelScope(shield=True)
+
 
 @dataclass(eq=False)
 class _Check:
@@ -46,15 +61,16 @@ class _Check:
     result: int = NOT_SERVING
     checked_at: float = float("-inf")
     #: The run in progress, which every caller that needs a fresh result awaits.
-    running: asyncio.Task[int] | None = None
-    #: Re-runs the check every ``ttl`` while one of its services is watched.
-    refresher: asyncio.Task[None] | None = None
+    running: _Run | None = None
+    #: Re-runs the check every ``ttl`` while one of its services is watched: a task in one of
+    #: the Watch streams (:meth:`Health._start_refresher`), stopped by cancelling this scope.
+    refresher: anyio.CancelScope | None = None
 
     def ran(self) -> bool:
         return self.checked_at != float("-inf")
 
     def stale(self) -> bool:
-        return time.monotonic() - self.checked_at >= self.ttl
+        return anyio.current_time() - self.checked_at >= self.ttl
 
     def describe(self) -> str:
         names = sorted(self.services)
@@ -69,7 +85,7 @@ class _Watchers:
 
     def __init__(self) -> None:
         self.count = 0
-        self.changed = asyncio.Event()
+        self.changed = anyio.Event()
 
 
 class Health(HealthBase):
@@ -82,11 +98,17 @@ class Health(HealthBase):
 
     A check runs at most once per ``ttl`` for the whole server, however many services it
     decides and however many clients ask: Check and List calls reuse a result younger than
-    ``ttl`` and share a run in progress; while a service it decides is watched, one
-    background task re-runs it every ``ttl`` (at least :data:`MIN_RECHECK_INTERVAL` apart).
+    ``ttl`` and share a run in progress; while a service it decides is watched, one task
+    re-runs it every ``ttl`` (at least :data:`MIN_RECHECK_INTERVAL` apart).
     Watch streams send the status at once and then only when it changes; an unchanging
     status costs them nothing. A slow watcher may skip intermediate states, never the
     latest one.
+
+    It starts no task of its own, so it runs on asyncio and trio alike and needs no entering:
+    a run is a task of the call that started it, shielded so that this caller going away (a
+    probe's deadline) does not cancel what the others wait for (that call ends when the run
+    does, within the check's ``timeout``); the re-runs are a task of one of the Watch streams,
+    and when that stream ends another watcher's takes over.
     """
 
     def __init__(self) -> None:
@@ -137,8 +159,9 @@ class Health(HealthBase):
             # Watchers hear of a check that never ran once it has (the refresher runs it at once).
             if shared.ran() and self._effective(name) != before:
                 self._notify(name)
-        if self._is_watched(shared):
-            self._start_refresher(shared)
+        if self._needs_refresher(shared) and self._is_watched(shared):
+            # A refresher is a task of a Watch stream: wake the watchers, one of them starts it.
+            self._wake_watchers(shared)
 
     def enter_graceful_shutdown(self) -> None:
         """Every service NOT_SERVING from now on; Watch streams are told at once."""
@@ -150,6 +173,10 @@ class Health(HealthBase):
             self._statuses[service] = NOT_SERVING
         for check in {id(c): c for c in self._checks.values()}.values():
             self._stop_refresher(check)
+            if check.running is not None:
+                # Its result no longer matters, and its waiters (handlers the server is about
+                # to drain) are answered NOT_SERVING at once.
+                check.running.scope.cancel()
         for service, status in before.items():
             if self._effective(service) != status:
                 self._notify(service)
@@ -186,27 +213,45 @@ class Health(HealthBase):
         return check.result if check is not None else self._statuses[service]
 
     async def _fresh_result(self, check: _Check) -> int:
-        if check.running is None:
-            check.running = asyncio.ensure_future(self._run_check(check))
-        # Shielded: one caller going away must not cancel the run others wait for.
-        return await asyncio.shield(check.running)
+        run = check.running
+        if run is None:
+            run = check.running = _Run()
+            # A task of its own, shielded: one caller going away (cancelled by the server, when
+            # its client's deadline passes) must not cancel the run others wait for. On asyncio
+            # a task's cancel() goes through shields, so the run cannot be this caller's task;
+            # this caller leaves when the run ends, within the check's timeout.
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._run_check, check, run)
+        else:
+            await run.done.wait()
+        return check.result
 
-    async def _run_check(self, check: _Check) -> int:
-        cause = "its check returned false"
+    async def _run_check(self, check: _Check, run: _Run) -> None:
         try:
-            async with asyncio.timeout(check.timeout):
+            with run.scope:  # the scope is entered before the task first yields: no cancel slips in
+                result, cause = await self._verdict(check)
+                self._record(check, result, cause)
+        finally:
+            if check.running is run:
+                check.running = None
+            run.done.set()
+
+    async def _verdict(self, check: _Check) -> tuple[int, str]:
+        """Run the check once: its result, and what to log if it is NOT_SERVING."""
+        try:
+            with anyio.fail_after(check.timeout):
                 healthy = await check.func()
-            result = SERVING if healthy else NOT_SERVING
         except TimeoutError:
             log.warning("health check of %s took longer than %ss", check.describe(), check.timeout)
-            result, cause = NOT_SERVING, f"its check took longer than {check.timeout}s"
+            return NOT_SERVING, f"its check took longer than {check.timeout}s"
         except Exception as exc:
             log.warning("health check of %s failed", check.describe(), exc_info=True)
-            result, cause = NOT_SERVING, f"its check raised {type(exc).__name__}: {exc}"
-        finally:
-            check.running = None
+            return NOT_SERVING, f"its check raised {type(exc).__name__}: {exc}"
+        return (SERVING if healthy else NOT_SERVING), "its check returned false"
+
+    def _record(self, check: _Check, result: int, cause: str) -> None:
         first = not check.ran()
-        check.checked_at = time.monotonic()
+        check.checked_at = anyio.current_time()
         if (result != check.result and not first) or (first and result == NOT_SERVING):
             # What an operator looks for when a probe starts (or stops) failing: which, and why.
             if result == NOT_SERVING:
@@ -219,25 +264,31 @@ class Health(HealthBase):
             for service, status in before.items():
                 if first or self._effective(service) != status:
                     self._notify(service)
-        return result
 
-    async def _refresh(self, check: _Check) -> None:
+    async def _refresh(self, check: _Check, scope: anyio.CancelScope) -> None:
         """Keep a watched check's result fresh: one run per ``ttl``, whoever watches."""
         interval = max(check.ttl, MIN_RECHECK_INTERVAL)
         try:
-            while True:
-                delay = check.checked_at + interval - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                else:
-                    await self._fresh_result(check)
+            with scope:
+                while True:
+                    delay = check.checked_at + interval - anyio.current_time()
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                    else:
+                        await self._fresh_result(check)
         finally:
-            if check.refresher is asyncio.current_task():
+            if check.refresher is scope:
+                # Not stopped: the Watch stream it ran in ended. Another watcher takes over.
                 check.refresher = None
+                self._wake_watchers(check)
 
-    def _start_refresher(self, check: _Check) -> None:
-        if check.refresher is None and not self._shutting_down:
-            check.refresher = asyncio.ensure_future(self._refresh(check))
+    def _needs_refresher(self, check: _Check) -> bool:
+        return check.refresher is None and not self._shutting_down
+
+    def _start_refresher(self, check: _Check, tasks: TaskGroup) -> None:
+        """Start the check's refresher as a task of this Watch stream."""
+        check.refresher = anyio.CancelScope()
+        tasks.start_soon(self._refresh, check, check.refresher)
 
     def _stop_refresher(self, check: _Check) -> None:
         if check.refresher is not None:
@@ -256,7 +307,12 @@ class Health(HealthBase):
         watchers = self._watchers.get(service)
         if watchers is not None:
             watchers.changed.set()
-            watchers.changed = asyncio.Event()
+            watchers.changed = anyio.Event()
+
+    def _wake_watchers(self, check: _Check) -> None:
+        """Wake the watchers of the check's services, so that one of them starts its refresher."""
+        for service in check.services:
+            self._notify(service)
 
     # -- the service ---------------------------------------------------------------------
 
@@ -289,23 +345,19 @@ class Health(HealthBase):
             watchers = self._watchers[service] = _Watchers()
         watchers.count += 1
         try:
-            check = self._checks.get(service)
-            if check is not None:
-                self._start_refresher(check)
-            status = await self.status(service)
-            sent = SERVICE_UNKNOWN if status is None else status
-            await stream.send_message(HealthCheckResponse(status=sent))  # type: ignore[arg-type]
-            while True:
-                changed = watchers.changed
-                status = self._effective(service)
-                current = SERVICE_UNKNOWN if status is None else status
-                if current != sent:
-                    await stream.send_message(HealthCheckResponse(status=current))  # type: ignore[arg-type]
-                    sent = current
-                    continue
-                if self._closed:
-                    return
-                await changed.wait()
+            sent = await self._watch(stream, service, watchers, None, _NOTHING_SENT)
+            if sent is not None:
+                # This stream is to run its check's refresher: it goes on in a task group that
+                # holds it (only such streams pay for one).
+                failure: Exception | None = None
+                async with anyio.create_task_group() as tasks:
+                    try:
+                        await self._watch(stream, service, watchers, tasks, sent)
+                    except Exception as exc:
+                        failure = exc  # raised as it is below, not inside the group's ExceptionGroup
+                    tasks.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
         finally:
             watchers.count -= 1
             if watchers.count == 0 and self._watchers.get(service) is watchers:
@@ -313,6 +365,45 @@ class Health(HealthBase):
                 check = self._checks.get(service)
                 if check is not None:
                     self._stop_refresher_if_unwatched(check)
+
+    async def _watch(
+        self,
+        stream: Stream[HealthCheckRequest, HealthCheckResponse],
+        service: str,
+        watchers: _Watchers,
+        tasks: TaskGroup | None,
+        sent: int,
+    ) -> int | None:
+        """Send the service's status, then each change, until the Watch ends (None); without
+        ``tasks``, only until this stream is to run its check's refresher (the status sent last)."""
+        if sent == _NOTHING_SENT:
+            check = self._checks.get(service)
+            if check is not None and self._needs_refresher(check):
+                if tasks is None:
+                    return sent
+                self._start_refresher(check, tasks)
+            status = await self.status(service)
+            sent = SERVICE_UNKNOWN if status is None else status
+            await stream.send_message(HealthCheckResponse(status=sent))  # type: ignore[arg-type]
+        while True:
+            changed = watchers.changed
+            check = self._checks.get(service)
+            if check is not None and self._needs_refresher(check):
+                # A check added since, or whose refresher's stream ended: this stream runs it.
+                if tasks is None:
+                    return sent
+                self._start_refresher(check, tasks)
+            status = self._effective(service)
+            current = SERVICE_UNKNOWN if status is None else status
+            # A check that never ran has no verdict yet: its first run wakes this stream.
+            undecided = check is not None and not check.ran() and not self._shutting_down
+            if current != sent and not undecided:
+                await stream.send_message(HealthCheckResponse(status=current))  # type: ignore[arg-type]
+                sent = current
+                continue
+            if self._closed:
+                return None
+            await changed.wait()
 
 
 def _shown(name: str, limit: int = 100) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
+import anyio
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 
@@ -138,16 +138,16 @@ class _Budget:
     def __init__(self, rate: float | None) -> None:
         self.rate = rate
         self.tokens = rate or 0.0
-        self.updated = asyncio.get_running_loop().time()
+        self.updated = anyio.current_time()
 
     async def spend(self, amount: float) -> None:
         if not self.rate:
             return
-        now = asyncio.get_running_loop().time()
+        now = anyio.current_time()
         self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate) - amount
         self.updated = now
         if self.tokens < 0:
-            await asyncio.sleep(-self.tokens / self.rate)
+            await anyio.sleep(-self.tokens / self.rate)
 
 
 def _shown(name: str) -> str:

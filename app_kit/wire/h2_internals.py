@@ -222,6 +222,7 @@ class H2Connection(h2.connection.H2Connection):
         stream_id = self.highest_outbound_stream_id + 2 if self.highest_outbound_stream_id else 1
         if stream_id > self.HIGHEST_ALLOWED_STREAM_ID:
             raise h2.exceptions.NoAvailableStreamIDError("Exhausted allowed stream IDs")
+        self.open_outbound_streams  # noqa: B018  (sweeps out closed streams, when their count doubled)
         stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
         # What h2's send_headers records from the header list it would have seen.
         stream._authority = authority

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Protocol
 
+import anyio
 from google.rpc import error_details_pb2
 
 from app_kit import GRPCError, Status, Stream
@@ -69,7 +69,7 @@ class CoffeeMachine(CoffeeMachineBase):
         check_order(order)
         stages = [BrewStatus.GRINDING, BrewStatus.EXTRACTING, BrewStatus.STEAMING, BrewStatus.POURING, BrewStatus.DONE]
         for index, stage in enumerate(stages, 1):
-            await asyncio.sleep(self._brew_step)
+            await anyio.sleep(self._brew_step)
             await stream.send_message(BrewStatus(stage=stage, progress_percent=index * 100 // len(stages)))
 
     async def OrderRound(self, stream: Stream[LatteOrder, OrderSummary]) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import anyio
+import anyio.to_thread
 
 
 class MemoryOrders:
@@ -21,21 +22,25 @@ class MemoryOrders:
 
 
 class OrderStore:
-    """Orders in an SQLite database; one worker thread owns the connection."""
+    """Orders in an SQLite database, used by one worker thread at a time (anyio's threads:
+    the same code on asyncio and on trio)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="order-store")
         self._connection: sqlite3.Connection | None = None
+        self._one_at_a_time: anyio.CapacityLimiter | None = None
 
     async def _run(self, function: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        if self._one_at_a_time is None:
+            self._one_at_a_time = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._one_at_a_time)
 
     async def open(self) -> None:
         """Connect and create the table."""
 
         def connect() -> None:
-            self._connection = sqlite3.connect(self.path)
+            # Serialized by the limiter, from whichever worker thread runs it.
+            self._connection = sqlite3.connect(self.path, check_same_thread=False)
             self._connection.execute(
                 "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY AUTOINCREMENT, description TEXT NOT NULL)"
             )
@@ -44,11 +49,10 @@ class OrderStore:
         await self._run(connect)
 
     async def close(self) -> None:
-        """Close the connection and the worker thread."""
+        """Close the connection."""
         if self._connection is not None:
             await self._run(self._connection.close)
             self._connection = None
-        self._executor.shutdown(wait=True)
 
     async def add(self, description: str) -> int:
         """Record an order; return its number."""
