@@ -163,6 +163,13 @@ class _ViaH2(ServerConnection):
             h2conn.send_data(stream_id, bytes(data), end_stream=end_stream)
 
         h2conn.send_data_frame = send_data_frame  # type: ignore[method-assign]
+
+        def send_data_frames(stream_id: int, data: bytes, frame_size: int, end_stream: bool = False) -> None:
+            for offset in range(0, len(data), frame_size):
+                chunk = bytes(data[offset : offset + frame_size])
+                h2conn.send_data(stream_id, chunk, end_stream=end_stream and offset + len(chunk) == len(data))
+
+        h2conn.send_data_frames = send_data_frames  # type: ignore[method-assign]
         h2conn.encoder = hpack.Encoder()  # its blocks, table and all, for h2's path
         self._encoder = HeaderBlockEncoder()  # literals only: readable by a fresh decoder
 

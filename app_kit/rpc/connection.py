@@ -574,14 +574,10 @@ class GrpcConnection:
                 h2conn.send_data_frame(stream_id, pending, end_with_data)  # the common case: one frame
             sent = size
         else:
-            sent = 0
-            view = memoryview(pending)
-            while sent < size and window > 0:
-                chunk = min(size - sent, window, frame_size)
-                h2conn.send_data_frame(stream_id, view[sent : sent + chunk], end_with_data and sent + chunk == size)
-                sent += chunk
-                window -= chunk
-            view.release()
+            sent = min(size, max(window, 0))
+            if sent:
+                with memoryview(pending) as view:
+                    h2conn.send_data_frames(stream_id, view[:sent], frame_size, end_with_data and sent == size)
         if sent < size:
             del pending[:sent]
             self._blocked[stream_id] = state

@@ -248,6 +248,33 @@ class H2Connection(h2.connection.H2Connection):
         out += _FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, flags, stream_id)
         out += data
 
+    def send_data_frames(
+        self, stream_id: int, data: bytes | bytearray | memoryview, frame_size: int, end_stream: bool = False
+    ) -> None:
+        """:meth:`send_data_frame` for each ``frame_size`` piece of ``data`` (all of it fitted
+        into the windows by the caller), with one state change for them all: a large message
+        is many frames, and the per-frame state machine calls were a fifth of its cost."""
+        stream = self.streams[stream_id]
+        size = len(data)
+        self.frames_sent += -(-size // frame_size)
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        stream.state_machine.process_input(StreamInputs.SEND_DATA)  # (a loop on an open stream)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        out = self._data_to_send
+        pack = _FRAME_HEADER.pack
+        last = size - frame_size
+        offset = 0
+        while offset < last:
+            out += pack(frame_size >> 16, frame_size & 0xFFFF, _DATA, 0, stream_id)
+            out += data[offset : offset + frame_size]
+            offset += frame_size
+        rest = size - offset
+        if end_stream:
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        out += pack(rest >> 16, rest & 0xFFFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
+        out += data[offset:]
+
     def receive_data_frame(self, stream_id: int, payload: bytes, end_stream: bool) -> list[Any] | None:
         """What ``receive_data`` does with one whole, unpadded DATA frame, without h2's frame
         buffer, frame object and logging: the same window and state changes, the same events.
