@@ -49,11 +49,13 @@ class StreamTransport:
         self._closing = False  # close() or write_eof(): nothing more is written after the buffer
         self._eof_wanted = False
         self._aborted = False
-        self._reading = anyio.Event()
+        # trio's own primitives, not anyio's wrappers of them: this module runs only on trio,
+        # and per connection they are memory (an idle connection holds all of them).
+        self._reading = trio.Event()
         self._reading.set()
-        self._has_output = anyio.Event()
+        self._has_output = trio.Event()
         self._lost = False
-        self._scope: anyio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None
 
     # -- what the protocols call -----------------------------------------------------
 
@@ -107,7 +109,7 @@ class StreamTransport:
     def pause_reading(self) -> None:
         """Stop feeding the protocol until :meth:`resume_reading`."""
         if self._reading.is_set():
-            self._reading = anyio.Event()
+            self._reading = trio.Event()
 
     def resume_reading(self) -> None:
         """Feed the protocol again."""
@@ -135,15 +137,15 @@ class StreamTransport:
     async def run(self) -> None:
         """Read and write until the connection ends; tell the protocol (``connection_lost``)."""
         try:
-            with anyio.CancelScope() as self._scope:
+            with trio.CancelScope() as self._scope:
                 self._protocol.connection_made(self)  # type: ignore[arg-type]
-                async with anyio.create_task_group() as tasks:
+                async with trio.open_nursery() as tasks:
                     tasks.start_soon(self._write_all)
                     await self._read_all()
         finally:
             self._lost = True
             self._out.clear()
-            with anyio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(self._stream)
             self._protocol.connection_lost(self._error)
 
@@ -185,7 +187,7 @@ class StreamTransport:
                 if not self._out:
                     if self._closing:
                         break
-                    self._has_output = anyio.Event()
+                    self._has_output = trio.Event()
                     await self._has_output.wait()
                     continue
                 data = bytes(self._out)
@@ -239,13 +241,14 @@ async def serve_stream(
             log.info("closing connection: no TLS handshake within %ss", handshake_timeout)
             await anyio.aclose_forcefully(stream)
             return
-    runtime = TrioRuntime()
+    # The connection's tasks (its handlers) in its own nursery; its callbacks and timers on
+    # the run's shared scheduler (one task for them all: an idle connection holds no task of
+    # its own for them).
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(runtime.run, nursery)
+        runtime = TrioRuntime(nursery, scheduler=TrioRuntime.shared())
         transport = StreamTransport(stream, make_protocol(runtime))
         await transport.run()
         await runtime.wait_tasks()
-        nursery.cancel_scope.cancel()
 
 
 async def open_connection(

@@ -264,15 +264,25 @@ class TrioTask(TrioFuture[T]):
 
 
 class TrioRuntime:
-    """:class:`Runtime` on trio. Callbacks and timers run in one scheduler task; tasks run in
-    the nursery given to :meth:`run` (created before it runs: they start once it does)."""
+    """:class:`Runtime` on trio. Callbacks and timers run in one scheduler task (:meth:`run`);
+    tasks run in a nursery: the one given to :meth:`run`, or to the constructor.
 
-    def __init__(self) -> None:
+    ``TrioRuntime(nursery, scheduler=other)`` starts its tasks in ``nursery`` and leaves its
+    callbacks and timers to ``other``'s scheduler (a connection's runtime: its handlers in the
+    connection's nursery, no scheduler task of its own).
+    """
+
+    def __init__(self, nursery: trio.Nursery | None = None, *, scheduler: TrioRuntime | None = None) -> None:
         self._reschedule = trio.lowlevel.reschedule
         self._ready: collections.deque[_Handle] = collections.deque()
         self._timers: list[tuple[float, int, _Handle]] = []
         self._sequence = itertools.count()
-        self._nursery: trio.Nursery | None = None
+        self._nursery: trio.Nursery | None = nursery
+        if scheduler is not None:
+            # Bound once: they run per call and per flush.
+            self.call_soon = scheduler.call_soon  # type: ignore[method-assign]
+            self.call_later = scheduler.call_later  # type: ignore[method-assign]
+            self.call_at = scheduler.call_at  # type: ignore[method-assign]
         self._pending: list[TrioTask[Any]] = []
         self._parked: Any = None  # the scheduler's trio task while it sleeps
         self._cancelled_timers = 0
