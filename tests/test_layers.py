@@ -147,38 +147,31 @@ PROTOCOL_TESTS = [
 ]
 
 
-def test_protocol_tests_pass_at_the_lowest_supported_versions(tmp_path: pathlib.Path) -> None:
-    # A virtual environment that sees everything installed here, with the lowest h2, hpack and
-    # hyperframe of the tested ranges in front of them.
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(tmp_path)
-    python = str(tmp_path / "bin" / "python")
-    lowest = [f"{name}=={low[0]}.{low[1]}.0" for name, (low, _) in h2_internals.TESTED_VERSIONS.items()]
-    subprocess.run(
-        [
-            python,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--ignore-installed",
-            *lowest,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    check = "import importlib.metadata as m; print([m.version(n) for n in ('h2', 'hpack', 'hyperframe')])"
+def _tests_pass_with(pins: list[str], tests: list[str], where: pathlib.Path) -> None:
+    """Run ``tests`` in a virtual environment that sees everything installed here, with the
+    packages ``pins`` names (``name==version``) at those versions in front of them."""
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(where)
+    python = str(where / "bin" / "python")
+    install = ["-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--ignore-installed"]
+    subprocess.run([python, *install, *pins], check=True, capture_output=True)
+    names = tuple(pin.split("==")[0] for pin in pins)
+    check = f"import importlib.metadata as m; print([m.version(n) for n in {names!r}])"
     versions = subprocess.run([python, "-c", check], check=True, capture_output=True, text=True).stdout.strip()
-    assert versions == repr([spec.split("==")[1] for spec in lowest])
+    assert versions == repr([pin.split("==")[1] for pin in pins])
     result = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PROTOCOL_TESTS],
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_protocol_tests_pass_at_the_lowest_supported_versions(tmp_path: pathlib.Path) -> None:
+    # The lowest h2, hpack and hyperframe of the tested ranges.
+    lowest = [f"{name}=={low[0]}.{low[1]}.0" for name, (low, _) in h2_internals.TESTED_VERSIONS.items()]
+    _tests_pass_with(lowest, PROTOCOL_TESTS, tmp_path)
 
 
 def test_trio_tests_pass_at_the_lowest_supported_anyio_and_trio(tmp_path: pathlib.Path) -> None:
@@ -192,34 +185,7 @@ def test_trio_tests_pass_at_the_lowest_supported_anyio_and_trio(tmp_path: pathli
         name, bounds = pin.split(">=")
         lowest.append(f"{name}=={'.'.join([*bounds.split(',')[0].split('.'), '0'][:3])}")
     assert lowest == ["anyio==4.10.0", "trio==0.25.1"]
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(tmp_path)
-    python = str(tmp_path / "bin" / "python")
-    subprocess.run(
-        [
-            python,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--ignore-installed",
-            *lowest,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    check = "import importlib.metadata as m; print([m.version(n) for n in ('anyio', 'trio')])"
-    versions = subprocess.run([python, "-c", check], check=True, capture_output=True, text=True).stdout.strip()
-    assert versions == repr([spec.split("==")[1] for spec in lowest])
-    result = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_trio.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    _tests_pass_with(lowest, ["tests/test_trio.py", "tests/test_trio_review.py"], tmp_path)
 
 
 def test_the_call_machinery_exists_once() -> None:
