@@ -474,4 +474,4 @@ def test_a_loop_that_is_not_installed_is_one_clear_line(workers: str) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode == 3, done.stderr
     [line] = done.stderr.splitlines()
-    assert line == "app_kit: APP_LOOP / --loop: the trio loop is not installed: pip install trio"
+    assert line == "app_kit: APP_LOOP / --loop: the trio loop is not installed: pip install 'app_kit[trio]'"

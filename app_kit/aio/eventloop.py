@@ -48,7 +48,7 @@ def resolve_loop(loop: str = "auto") -> Literal["asyncio", "uvloop", "trio"]:
     if loop == "uvloop" and not _installed("uvloop"):
         raise LoopUnavailable("the uvloop loop is not installed: pip install 'app_kit[uvloop]'")
     if loop == "trio" and not _installed("trio"):
-        raise LoopUnavailable("the trio loop is not installed: pip install trio")
+        raise LoopUnavailable("the trio loop is not installed: pip install 'app_kit[trio]'")
     return cast(Literal["asyncio", "uvloop", "trio"], loop)
 
 
