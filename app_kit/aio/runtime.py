@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 __all__ = [
     "Runtime",
@@ -27,29 +27,6 @@ __all__ = [
     "wait_done",
     "wait_shielded",
 ]
-
-T = TypeVar("T")
-
-
-class Cancellable(Protocol):
-    """A scheduled callback or timer."""
-
-    def cancel(self) -> None:
-        """Do not run it."""
-
-
-class Waitable(Protocol[T]):
-    """A future: what :meth:`Runtime.create_future` and :meth:`Runtime.create_task` return."""
-
-    def done(self) -> bool: ...
-    def cancelled(self) -> bool: ...
-    def result(self) -> T: ...
-    def exception(self) -> BaseException | None: ...
-    def set_result(self, result: T, /) -> None: ...
-    def set_exception(self, exception: BaseException, /) -> None: ...
-    def cancel(self, msg: Any | None = None) -> bool: ...
-    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
-    def __await__(self) -> Generator[Any, None, T]: ...
 
 
 class Runtime(Protocol):
