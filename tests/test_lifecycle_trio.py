@@ -47,8 +47,8 @@ class Pool:
         self.events = events
 
 
-def slow_app(events: list[str], starting: anyio.Event | asyncio.Event) -> App[AppSettings]:
-    app = App(AppSettings)
+def _with_pool(app: App[AppSettings], events: list[str]) -> None:
+    """Declare a Pool resource that keeps an anyio task group open for its whole life."""
 
     @app.resource
     async def pool(settings: AppSettings) -> AsyncIterator[Pool]:
@@ -61,6 +61,12 @@ def slow_app(events: list[str], starting: anyio.Event | asyncio.Event) -> App[Ap
                 await anyio.sleep(0.01)  # a teardown that awaits is not cut short by the stop
                 events.append("pool down")
                 group.cancel_scope.cancel()
+
+
+def slow_app(events: list[str], starting: anyio.Event | asyncio.Event) -> App[AppSettings]:
+    app = App(AppSettings)
+
+    _with_pool(app, events)
 
     @app.resource
     async def slow(pool: Pool) -> AsyncIterator[float]:
@@ -150,17 +156,7 @@ async def _serve_until_stopped(stop: anyio.Event | asyncio.Event, events: list[s
     """Serve the slow app's quick half until ``stop``, checking health from grpcio meanwhile."""
     app = App(AppSettings)
 
-    @app.resource
-    async def pool(settings: AppSettings) -> AsyncIterator[Pool]:
-        async with anyio.create_task_group() as group:
-            group.start_soon(anyio.sleep_forever)
-            events.append("pool up")
-            try:
-                yield Pool(events)
-            finally:
-                await anyio.sleep(0.01)
-                events.append("pool down")
-                group.cancel_scope.cancel()
+    _with_pool(app, events)
 
     def check(address: str) -> int:
         with grpc.insecure_channel(address) as channel:

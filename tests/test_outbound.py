@@ -159,11 +159,6 @@ class _ViaH2(ServerConnection):
 
         h2conn.send_header_block = send_header_block  # type: ignore[method-assign]
 
-        def send_data_frame(stream_id: int, data: bytes, end_stream: bool = False) -> None:
-            h2conn.send_data(stream_id, bytes(data), end_stream=end_stream)
-
-        h2conn.send_data_frame = send_data_frame  # type: ignore[method-assign]
-
         def send_data_frames(stream_id: int, data: bytes, frame_size: int, end_stream: bool = False) -> None:
             for offset in range(0, len(data), frame_size):
                 chunk = bytes(data[offset : offset + frame_size])

@@ -311,13 +311,11 @@ async def test_tls_and_the_peer_certificate(backend: str) -> None:
     assert seen and seen[0][0] == "127.0.0.1"
 
 
-async def test_a_unix_socket(backend: str, tmp_path: Any) -> None:
-    path = str(tmp_path / "s.sock")
-    server = Server([Service()])
-    await server.start(path=path)
+async def _one_call_then_close(server: Server, target: str) -> None:
+    """A grpcio call to ``target`` is answered; then the server closes."""
 
     def call() -> bytes:
-        with grpc.insecure_channel(f"unix:{path}") as channel:
+        with grpc.insecure_channel(target) as channel:
             return bytes(_methods(channel)["unary"](BytesValue(value=b"u"), timeout=10).value)
 
     try:
@@ -326,6 +324,13 @@ async def test_a_unix_socket(backend: str, tmp_path: Any) -> None:
         server.close()
         with anyio.fail_after(10):
             await server.wait_closed()
+
+
+async def test_a_unix_socket(backend: str, tmp_path: Any) -> None:
+    path = str(tmp_path / "s.sock")
+    server = Server([Service()])
+    await server.start(path=path)
+    await _one_call_then_close(server, f"unix:{path}")
     import os
 
     assert not os.path.exists(path)
@@ -566,15 +571,4 @@ async def test_a_socket_bound_beforehand(backend: str) -> None:
     sock.bind(("127.0.0.1", 0))
     server = Server([Service()])
     await server.start(sock=sock)
-    port = sock.getsockname()[1]
-
-    def call() -> bytes:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            return bytes(_methods(channel)["unary"](BytesValue(value=b"s"), timeout=10).value)
-
-    try:
-        assert await anyio.to_thread.run_sync(call) == b"s"
-    finally:
-        server.close()
-        with anyio.fail_after(10):
-            await server.wait_closed()
+    await _one_call_then_close(server, f"127.0.0.1:{sock.getsockname()[1]}")

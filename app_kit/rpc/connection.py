@@ -569,15 +569,13 @@ class GrpcConnection:
         frame_size = h2conn.max_outbound_frame_size
         trailers = state.pending_trailers
         end_with_data = trailers is not None and not trailers and size > 0
-        if size <= window and size <= frame_size:
-            if size:
-                h2conn.send_data_frame(stream_id, pending, end_with_data)  # the common case: one frame
-            sent = size
-        else:
-            sent = min(size, max(window, 0))
-            if sent:
-                with memoryview(pending) as view:
-                    h2conn.send_data_frames(stream_id, view[:sent], frame_size, end_with_data and sent == size)
+        sent = min(size, max(window, 0))
+        if sent == size:
+            if size:  # (the common case: all of it, usually one frame)
+                h2conn.send_data_frames(stream_id, pending, frame_size, end_with_data)
+        elif sent:
+            with memoryview(pending) as view:
+                h2conn.send_data_frames(stream_id, view[:sent], frame_size, False)
         if sent < size:
             del pending[:sent]
             self._blocked[stream_id] = state
