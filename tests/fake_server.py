@@ -12,7 +12,7 @@ import h2.events
 
 from app_kit.rpc.framing import frame_message
 
-from .frames import GOAWAY, frame
+from .frames import GOAWAY, PREFACE, frame
 
 
 class FakeConnection(asyncio.Protocol):
@@ -29,6 +29,8 @@ class FakeConnection(asyncio.Protocol):
         self.request_headers: dict[int, list[tuple[bytes, bytes]]] = {}
         self.request_data: dict[int, bytearray] = {}
         self.resets: list[tuple[int, int]] = []
+        # Every byte the client sent, to read its frames off the wire (see frames_on_wire).
+        self.wire = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -36,6 +38,7 @@ class FakeConnection(asyncio.Protocol):
         self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        self.wire += data
         for event in self.conn.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
                 self.request_headers[event.stream_id] = list(event.headers or [])
@@ -51,6 +54,16 @@ class FakeConnection(asyncio.Protocol):
                 self.log.append(event.stream_id)
                 self.script(self, event.stream_id, len(self.log))
         self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    def frames_on_wire(self) -> list[tuple[int, int]]:
+        """(type, stream id) of every whole frame the client sent, after its preface."""
+        frames, offset = [], len(PREFACE)
+        while offset + 9 <= len(self.wire):
+            length = int.from_bytes(self.wire[offset : offset + 3], "big")
+            stream_id = int.from_bytes(self.wire[offset + 5 : offset + 9], "big") & 0x7FFFFFFF
+            frames.append((self.wire[offset + 3], stream_id))
+            offset += 9 + length
+        return frames
 
     def flush(self) -> None:
         """Write what h2 queued (for replies sent outside :meth:`data_received`)."""

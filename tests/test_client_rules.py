@@ -28,6 +28,7 @@ from app_kit.rpc.deadline import parse_grpc_timeout
 from app_kit.rpc.framing import frame_message
 
 from .fake_server import FakeConnection, fake_server
+from .frames import END_HEADERS, END_STREAM, HEADERS, RST_STREAM, frame
 from .test_client import GrpcioEcho, grpcio_server, methods
 
 pytestmark = pytest.mark.anyio
@@ -183,6 +184,37 @@ async def test_a_client_deadline_sends_rst_stream_cancel() -> None:
         await wait_until(lambda: connections and connections[0].resets, 2, "no RST_STREAM reached the server")
         assert connections[0].resets == [(1, CANCEL)]
         assert channel._protocol is not None and channel._protocol.connection.open_streams == 0
+
+
+async def test_the_client_ignores_frames_on_a_stream_it_reset() -> None:
+    # RFC 9113 §5.1: after sending RST_STREAM, ignore the frames that arrive on that stream (the
+    # server's answer crossed the reset). A second RST_STREAM in reply would count against the
+    # server's rapid-reset budget: a client with short deadlines got cut off for it.
+    connections: list[FakeConnection] = []
+
+    def answer_later_calls(connection: FakeConnection, stream_id: int, number: int) -> None:
+        connections.append(connection)
+        if number > 1:
+            connection.reply(stream_id, BytesValue(value=b"ok").SerializeToString())
+
+    async with fake_server(answer_later_calls) as (port, _), Channel("127.0.0.1", port) as channel:
+        unary = methods(channel)["Unary"]
+        with pytest.raises(GRPCError):
+            await unary(BytesValue(), timeout=0.2)
+        await wait_until(lambda: connections and connections[0].resets, 2, "no RST_STREAM reached the server")
+        server = connections[0]
+        encode = server.conn.encoder.encode  # the server's own encoder: HPACK stays in step
+        server.transport.write(  # type: ignore[attr-defined]
+            frame(HEADERS, END_HEADERS, 1, encode(RESPONSE_HEADERS))
+            + frame(HEADERS, END_HEADERS | END_STREAM, 1, encode([(b"grpc-status", b"4")]))
+        )
+        # Two calls after it on the same connection: the second is sent after the client read
+        # the late frames, so anything it wrote in reply has reached the server by then.
+        for _ in range(2):
+            assert (await bounded(unary(BytesValue(), timeout=5), 6, "a later call failed")).value == b"ok"
+        assert len(connections) == 3 and all(connection is server for connection in connections)
+        resets_of_stream_1 = [item for item in server.frames_on_wire() if item == (RST_STREAM, 1)]
+        assert resets_of_stream_1 == [(RST_STREAM, 1)], "the client answered its own reset stream's frames"
 
 
 async def test_a_client_deadline_cancels_the_servers_handler(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,35 +129,26 @@ def test_grpc_error() -> None:
     assert [s.value for s in Status] == list(range(17))
 
 
-def test_frame_repr_replacement_gives_hyperframes_exact_text() -> None:
-    import binascii
+def test_receiving_frames_formats_no_frame_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    # h2 formats repr(frame) for a trace log on every frame it receives (for DATA, a hex dump
+    # of a copy of the payload: a quarter of the CPU of a large message); ours does not.
+    import hyperframe.frame
 
-    from app_kit.wire import h2_internals
+    from app_kit.rpc.server import ServerConnection
+    from app_kit.wire.config import Configuration
 
-    def hyperframes(data: bytes | None) -> str:  # hyperframe's definition, for comparison
-        if not data:
-            return "None"
-        r = binascii.hexlify(data).decode("ascii")
-        if len(r) > 20:
-            r = r[:20] + "..."
-        return "<hex:" + r + ">"
+    from .frames import HANDSHAKE, PING, WINDOW_UPDATE, frame
 
-    for size in [*range(0, 30), 16384, 1 << 20]:
-        data = bytes(range(256)) * (size // 256 + 1)
-        assert h2_internals.raw_data_repr(data[:size]) == hyperframes(data[:size])
-    assert h2_internals.raw_data_repr(None) == "None"
+    def no_repr(self: object) -> str:
+        raise AssertionError("a frame's repr was formatted")
 
-    # DATA frames: the whole repr as hyperframe's generic body repr makes it, padded or not.
-    from hyperframe.frame import DataFrame, Frame
-
-    for size in [0, 1, 5, 10, 11, 12, 300]:
-        for pad_length in [None, 0, 1, 3, 20]:
-            frame = DataFrame(1, data=bytes(index % 251 + 1 for index in range(size)))
-            if pad_length is not None:
-                frame.flags.add("PADDED")
-                frame.pad_length = pad_length
-            expected = f"DataFrame(stream_id=1, flags={frame.flags!r}): {Frame._body_repr(frame)}"
-            assert repr(frame) == expected, (size, pad_length)
+    monkeypatch.setattr(hyperframe.frame.Frame, "__repr__", no_repr)
+    server = ServerConnection(Configuration())
+    server.initiate()
+    events = server.receive_data(
+        HANDSHAKE + frame(PING, 0, 0, bytes(8)) + frame(WINDOW_UPDATE, 0, 0, (1000).to_bytes(4, "big"))
+    )
+    assert not any(type(event).__name__ == "ConnectionClosed" for event in events), events
 
 
 def test_limits_from_the_environment_reach_the_server_configuration(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,10 @@ __all__ = ["CallInput", "CallState", "transition"]
 class CallState(enum.Enum):
     """The states of a server call (see the module's docstring)."""
 
+    # Members are singletons compared by identity: hash them so too, in C (Enum's own
+    # __hash__ is Python code, and every call looks states up a few times).
+    __hash__ = object.__hash__
+
     OPEN = "open"
     REPLYING = "replying"
     STREAMING = "streaming"
@@ -28,6 +32,8 @@ class CallState(enum.Enum):
 
 class CallInput(enum.Enum):
     """What can happen to a server call."""
+
+    __hash__ = object.__hash__  # (as CallState's)
 
     SEND_HEADERS = "send headers"
     SEND_REPLY = "send a reply"

@@ -10,7 +10,6 @@ code base uses only their public API.
 
 from __future__ import annotations
 
-import binascii
 import importlib.metadata
 import struct
 import sys
@@ -22,8 +21,8 @@ import h2.connection
 import h2.errors
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hpack
-import hyperframe.frame
 from h2.connection import (
     AllowedStreamIDs,
     ConnectionInputs,
@@ -81,6 +80,25 @@ _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _STREAM_OPEN, _STREAM_HALF_CLOSED_LOCAL = H2StreamState.OPEN, H2StreamState.HALF_CLOSED_LOCAL
 _CONNECTION_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
+_STREAM_SENDING = (H2StreamState.OPEN, H2StreamState.HALF_CLOSED_REMOTE)
+
+
+def _check_no_op_transitions() -> None:
+    """The hot paths below skip h2's state machine for inputs that, in these states, leave
+    the state as it is and do nothing else (each call hashes Python-level enums): an open
+    connection stays open for the frames sent and received there, an open stream for DATA
+    sent. Checked against h2's own tables at import."""
+    connection = H2ConnectionStateMachine._transitions
+    for state in _CONNECTION_OPEN:
+        for event in (ConnectionInputs.SEND_HEADERS, ConnectionInputs.SEND_DATA, ConnectionInputs.RECV_HEADERS):
+            if connection.get((state, event)) != (None, state):
+                raise ImportError(f"h2's connection state machine changed: {state} on {event}")
+    for stream_state in _STREAM_SENDING:
+        if h2.stream._transitions.get((stream_state, StreamInputs.SEND_DATA)) != (None, stream_state):
+            raise ImportError(f"h2's stream state machine changed: {stream_state} on SEND_DATA")
+
+
+_check_no_op_transitions()
 
 
 class _SmallDeque(list[Any]):
@@ -121,19 +139,60 @@ class _AdvertisedSettings(h2.settings.Settings):
 
 
 class H2Connection(h2.connection.H2Connection):
-    """h2's connection, plus the hot path of sending without h2's per-frame objects.
+    """h2's connection, plus hot paths that skip h2's per-frame objects.
 
-    h2 builds, validates and serializes a frame object (and logs) for every frame it sends;
-    for a unary call that was a quarter of the server's CPU. The two methods below make
-    exactly the state and window changes h2's ``send_headers``/``send_data`` make on an
-    existing stream, and write the frames directly. h2 still receives and parses every
-    frame, and the tests compare both paths on the wire and in h2's stream state.
+    h2 builds, validates and serializes a frame object (and logs) for every frame it sends,
+    and parses each frame it receives into one; for a unary call that was most of the
+    server's CPU. The send methods below make exactly the state and window changes h2's
+    ``send_headers``/``send_data`` make on an existing stream and write the frames directly;
+    the receive methods take the plain HEADERS and DATA frames the guard found (a request,
+    a message, a response, trailers) with h2's own decoding and stream state changes. The
+    rest goes through h2's parser. The tests compare both paths on the wire and in h2's
+    stream state.
     """
 
     #: Closed streams h2 may keep in ``streams`` before they are swept (see below).
     _sweep_at = 16
     #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
     frames_sent = 0
+
+    def _receive_frame(self, frame: Any) -> list[Any]:
+        """h2's handling of one received frame, with two differences.
+
+        Frames on a stream we reset are ignored, as RFC 9113 §5.1 says: they were sent before
+        our RST_STREAM reached the peer. h2 answers each with RST_STREAM STREAM_CLOSED (DATA
+        too: see :meth:`_handle_data_on_closed_stream`), and a server counts those against its
+        rapid-reset budget: a client with short deadlines, whose resets cross the answers,
+        got cut off. And no trace log: h2 formats ``repr(frame)`` for it, logged or not (for
+        a DATA frame, a hex dump of a copy of its payload).
+        """
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as exc:
+            closed_by = self._stream_closed_by(exc.stream_id)
+            if closed_by is StreamClosedBy.SEND_RST_STREAM:
+                return exc._events
+            if closed_by is not StreamClosedBy.RECV_RST_STREAM:
+                raise
+            self._reset_closed_stream(exc.stream_id, exc.error_code)  # a stream error, as h2 says
+            return exc._events
+        except h2.exceptions.StreamIDTooLowError as exc:
+            closed_by = self._stream_closed_by(exc.stream_id)
+            if closed_by is StreamClosedBy.SEND_RST_STREAM:
+                return []
+            if closed_by is StreamClosedBy.RECV_RST_STREAM:
+                self._reset_closed_stream(exc.stream_id, h2.errors.ErrorCodes.STREAM_CLOSED)
+                return []
+            if closed_by is StreamClosedBy.RECV_END_STREAM or closed_by is StreamClosedBy.SEND_END_STREAM:
+                raise h2.exceptions.StreamClosedError(exc.stream_id) from exc  # a connection error
+            raise  # closed implicitly: PROTOCOL_ERROR
+        self._prepare_for_sending(frames)
+        return events
+
+    def _reset_closed_stream(self, stream_id: int, error_code: int) -> None:
+        frame = RstStreamFrame(stream_id)
+        frame.error_code = error_code
+        self._prepare_for_sending([frame])
 
     def _handle_data_on_closed_stream(
         self, events: list[Any], exc: h2.exceptions.StreamClosedError, frame: Any
@@ -191,7 +250,8 @@ class H2Connection(h2.connection.H2Connection):
         """``send_headers`` on an open stream, with the header block already encoded."""
         stream = self.streams[stream_id]
         self.frames_sent += 1
-        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        if self.state_machine.state not in _CONNECTION_OPEN:  # (else a no-op: see above)
+            self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_HEADERS)
         flags = 0
@@ -240,8 +300,10 @@ class H2Connection(h2.connection.H2Connection):
         stream = self.streams[stream_id]
         size = len(data)
         self.frames_sent += -(-size // frame_size)
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        stream.state_machine.process_input(StreamInputs.SEND_DATA)  # (a loop on an open stream)
+        if self.state_machine.state not in _CONNECTION_OPEN:  # (else a no-op: see above)
+            self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        if stream.state_machine.state not in _STREAM_SENDING:  # (else a no-op), an error
+            stream.state_machine.process_input(StreamInputs.SEND_DATA)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         if end_stream:
@@ -306,13 +368,29 @@ class H2Connection(h2.connection.H2Connection):
 
     def receive_headers_frame(self, stream_id: int, block: bytes, end_stream: bool) -> list[Any] | None:
         """What ``receive_data`` does with one HEADERS frame that is a whole header block,
-        without padding or priority, on a stream already open (a response's headers, or
-        trailers): h2's own decoding and stream handling, without its frame buffer, frame
-        object and logging. None for anything else (a new stream among them): h2's to take.
+        without padding or priority: h2's own decoding and stream handling, without its frame
+        buffer, frame object and logging.
+
+        Only for a stream already open (a response's headers, or trailers) or, on a server, a
+        new stream the client may open (a request). None for anything else — a closed or
+        reused stream id among them: h2's to take, and to judge.
         """
-        stream = self.streams.get(stream_id)
-        if stream is None or self.state_machine.state not in _CONNECTION_OPEN:
+        if self.state_machine.state not in _CONNECTION_OPEN:
             return None
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            # A request: an odd id above every id the client used so far (RFC 9113 §5.1.1).
+            if self.config.client_side or stream_id <= self.highest_inbound_stream_id or not stream_id & 1:
+                return None
+            self.open_inbound_streams  # noqa: B018  (sweeps out closed streams, as h2 would ask)
+            try:
+                headers = _decode_headers(self.decoder, block)
+                # (RECV_HEADERS on the open connection: a no-op, see above)
+                stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+                return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
+            except h2.exceptions.ProtocolError as exc:
+                self._terminate_connection(exc.error_code)  # as receive_data does: GOAWAY, then raise
+                raise
         state = stream.state_machine.state
         if state is not _STREAM_OPEN and state is not _STREAM_HALF_CLOSED_LOCAL:
             return None
@@ -501,37 +579,3 @@ class MemoizingHeaderDecoder(hpack.Decoder):
                 self._remembered.clear()  # blocks that vary (say, a grpc-timeout) come and go
             self._remembered[data] = (newest, length, size, tuple(headers))
         return headers
-
-
-# -- hyperframe: same-output, constant-cost frame reprs ------------------------------------
-#
-# h2 formats ``repr(frame)`` for a trace log on every frame it receives, whether or not
-# anything logs it. For a DATA frame hyperframe first serializes the whole body again (a copy
-# of the payload) and then hex-encodes all of it, only to keep its first 20 hex digits: for
-# large messages that was a quarter of the server's CPU. These versions look at only the
-# bytes they show, so the text is identical (a test pins that). Installed at import; worth
-# removing when h2 stops formatting unused log arguments.
-
-
-def raw_data_repr(data: bytes | None) -> str:
-    """What ``hyperframe.frame._raw_data_repr`` returns, at the cost of 11 bytes."""
-    if not data:
-        return "None"
-    shown = binascii.hexlify(data[:11]).decode("ascii")
-    if len(shown) > 20:
-        shown = shown[:20] + "..."
-    return "<hex:" + shown + ">"
-
-
-def data_body_repr(frame: hyperframe.frame.DataFrame) -> str:
-    """What ``Frame._body_repr`` gives for a DATA frame, without re-serializing its payload."""
-    head = frame.serialize_padding_data() + bytes(frame.data[:11])
-    if len(head) < 11 and frame.pad_length:
-        head += b"\0" * min(frame.pad_length, 11 - len(head))  # the padding follows the data
-    return raw_data_repr(head)
-
-
-if hasattr(hyperframe.frame, "_raw_data_repr"):
-    hyperframe.frame._raw_data_repr = raw_data_repr
-if "_body_repr" not in vars(hyperframe.frame.DataFrame):
-    hyperframe.frame.DataFrame._body_repr = data_body_repr  # type: ignore[method-assign,assignment]
