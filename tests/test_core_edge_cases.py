@@ -21,13 +21,13 @@ CONFIG = Configuration(max_receive_message_length=4096, max_header_list_size=204
 class _ServerOnlyH2(ServerConnection):
     """Every frame through h2's own parser: the oracle for the frames taken past it."""
 
-    def _take_plain_frames(self, data: bytes, plain_frames: list[int]) -> list[object]:  # type: ignore[override]
-        return self._h2.receive_data(data)  # type: ignore[no-any-return]
+    def _take_frames(self, data: bytes, plain_frames: list[int], start: int, stop: int) -> list[object]:  # type: ignore[override]
+        return self._h2.receive_data(data[start:stop])  # type: ignore[no-any-return]
 
 
 class _ClientOnlyH2(ClientConnection):
-    def _take_plain_frames(self, data: bytes, plain_frames: list[int]) -> list[object]:  # type: ignore[override]
-        return self._h2.receive_data(data)  # type: ignore[no-any-return]
+    def _take_frames(self, data: bytes, plain_frames: list[int], start: int, stop: int) -> list[object]:  # type: ignore[override]
+        return self._h2.receive_data(data[start:stop])  # type: ignore[no-any-return]
 
 
 def _request(encoder: hpack.Encoder) -> bytes:

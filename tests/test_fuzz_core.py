@@ -212,8 +212,8 @@ def _feed_both(fast: GrpcConnection, oracle: GrpcConnection, data: bytes, cuts: 
 class _OnlyH2(ServerConnection):
     """Every frame through h2's own parser: the oracle for the plain frames taken past it."""
 
-    def _take_plain_frames(self, data: bytes, plain_frames: list[int]) -> list[object]:  # type: ignore[override]
-        return self._h2.receive_data(data)  # type: ignore[no-any-return]
+    def _take_frames(self, data: bytes, plain_frames: list[int], start: int, stop: int) -> list[object]:  # type: ignore[override]
+        return self._h2.receive_data(data[start:stop])  # type: ignore[no-any-return]
 
 
 def _h2_state(connection: GrpcConnection) -> object:
@@ -245,8 +245,8 @@ def test_data_frames_taken_past_h2_leave_what_h2_would(
 
 
 class _ClientOnlyH2(ClientConnection):
-    def _take_plain_frames(self, data: bytes, plain_frames: list[int]) -> list[object]:  # type: ignore[override]
-        return self._h2.receive_data(data)  # type: ignore[no-any-return]
+    def _take_frames(self, data: bytes, plain_frames: list[int], start: int, stop: int) -> list[object]:  # type: ignore[override]
+        return self._h2.receive_data(data[start:stop])  # type: ignore[no-any-return]
 
 
 _response_frame = st.one_of(

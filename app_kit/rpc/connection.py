@@ -179,23 +179,17 @@ class GrpcConnection:
                 if not whole:
                     carry += data  # still not complete
                     return []
-                shift = len(carry)
-                carry += data[:whole]
-                if shift:
-                    plain_frames = [offset + shift for offset in plain_frames]
-                if carried_plain:
-                    plain_frames.insert(0, 0)
+                # Only that frame is copied together; the rest is taken where it lies.
+                end = guard.carried_end
+                carry += data[:end]
+                first = bytes(carry)
+                h2_events = self._take_frames(first, [0] if carried_plain else [], 0, len(first))
+                h2_events += self._take_frames(data, plain_frames, end, whole)
                 self._carry = bytearray(data[whole:])
-                data = bytes(carry)
-            elif whole < len(data):
-                self._carry = bytearray(data[whole:])  # h2 gets whole frames only
-                data = data[:whole]
-            if plain_frames:
-                h2_events = self._take_plain_frames(data, plain_frames)
-            elif data:
-                h2_events = self._h2.receive_data(data)
             else:
-                return []
+                if whole < len(data):
+                    self._carry = bytearray(data[whole:])  # h2 gets whole frames only
+                h2_events = self._take_frames(data, plain_frames, 0, whole)
         except PeerMisbehaved as exc:
             self._h2.close_connection(exc.error_code, additional_data=exc.debug or None)
             return self._connection_lost(exc.error_code, exc.reason)
@@ -223,18 +217,21 @@ class GrpcConnection:
             return self._connection_lost(int(_INTERNAL_ERROR), f"internal error: {exc!r}")
         return events
 
-    def _take_plain_frames(self, data: bytes, plain_frames: list[int]) -> list[h2.events.Event]:
-        """h2's events for ``data``, its plain whole frames (offsets from the guard) taken past
-        h2's frame parser where h2 allows (DATA and HEADERS on open streams): the rest goes
-        to h2 in runs of whole frames, so its frame buffer is empty at each frame taken here.
+    def _take_frames(self, data: bytes, plain_frames: list[int], start: int, stop: int) -> list[h2.events.Event]:
+        """h2's events for the whole frames in ``data[start:stop]``: its plain ones (offsets
+        from the guard) taken past h2's frame parser where h2 allows (DATA and HEADERS on
+        open streams, a request's HEADERS), the rest given to h2 in runs of whole frames, so
+        its frame buffer is empty at each frame taken here.
 
         Parsing a frame into h2's frame object costs as much as the rest of its handling, and
-        a gRPC call is a few small frames: HEADERS, a DATA frame per message, trailers.
+        a gRPC call is a few small frames: HEADERS, a DATA frame per message, trailers. A
+        read is never sliced whole (for large messages that was three copies of each byte).
         """
         h2conn = self._h2
         h2_events: list[h2.events.Event] = []
-        start = 0
         for offset in plain_frames:
+            if offset < start:
+                continue  # (in the frame completed from an earlier read: taken already)
             if offset > start:
                 h2_events += h2conn.receive_data(data[start:offset])  # the frames before it first
                 start = offset
@@ -248,8 +245,8 @@ class GrpcConnection:
             if taken is not None:
                 h2_events += taken
                 start = end
-        if start < len(data):
-            h2_events += h2conn.receive_data(data[start:] if start else data)
+        if start < stop:
+            h2_events += h2conn.receive_data(data[start:stop] if start or stop < len(data) else data)
         return h2_events
 
     def _ping_context(self) -> tuple[bool, bool]:

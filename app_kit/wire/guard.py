@@ -132,6 +132,7 @@ class FrameGuard:
         "_update_licensed",
         "_window",
         "_window_start",
+        "carried_end",
         "carried_plain",
     )
 
@@ -159,6 +160,8 @@ class FrameGuard:
         self._block = -1  # size of the header block being assembled, or -1
         #: Whether the frame that the last read left incomplete is a plain one (see :meth:`scan`).
         self.carried_plain = False
+        #: Where in the last read the frame begun in an earlier one ended (see :meth:`scan`).
+        self.carried_end = 0
         # The hard cap, on the compressed block here (h2_internals caps the decoded list); a list
         # over max_header_list_size but within it only costs its stream (see rpc/server.py).
         self._max_block = config.max_header_block_size
@@ -176,7 +179,8 @@ class FrameGuard:
         priority, outside another header block: the connection may take those past h2's
         frame parser — and how many bytes of ``data`` end whole frames (the rest belongs to a
         frame still to be completed by later reads). :attr:`carried_plain` tells whether
-        that frame is a plain one.
+        that frame is a plain one. If a frame begun in an earlier read ends whole in this
+        one, :attr:`carried_end` says where.
         """
         base = 0
         if self._preface_left:
@@ -198,6 +202,7 @@ class FrameGuard:
             # The header was split across reads: its payload follows in this one (or later).
             position += self._frame(self._header)
             self._header = b""
+        self.carried_end = base + position
         start = -1  # where the last frame begun in this read starts
         plain = False
         while position + 9 <= size:
