@@ -523,6 +523,9 @@ class GrpcConnection:
         self._messages_out += 1
         pending = state.pending
         if not pending:
+            size = len(payload)
+            if size >= self._max_send_buffer and self._send_now(stream_id, flag, payload):
+                return True
             # Else the stream is queued already: for this turn's flush, or for window.
             self._dirty[stream_id] = state
         pending += _pack_prefix(flag, len(payload))
@@ -530,6 +533,23 @@ class GrpcConnection:
         if len(pending) > self._max_send_buffer:
             state.over_limit = True
             return False
+        return True
+
+    def _send_now(self, stream_id: int, flag: int, payload: bytes) -> bool:
+        """Hand a large message with nothing queued before it to h2 at once, if the windows
+        hold all of it: copied once, into the frames, and not first into the stream's queue
+        (for a 1 MiB message a tenth of the server's CPU: each fresh buffer costs its page
+        faults too). False: it must wait its turn in the queue."""
+        h2conn = self._h2
+        size = len(payload) + 5
+        if size > min(h2conn.outbound_flow_control_window, h2conn.streams[stream_id].outbound_flow_control_window):
+            return False
+        frame_size = h2conn.max_outbound_frame_size
+        first = frame_size - 5  # the prefix rides in the first frame
+        h2conn.send_data_frames(stream_id, _pack_prefix(flag, size - 5) + payload[:first], frame_size)
+        if size > frame_size:
+            with memoryview(payload) as view:
+                h2conn.send_data_frames(stream_id, view[first:], frame_size)
         return True
 
     @property
