@@ -296,7 +296,7 @@ class GrpcConnection:
         if state is None:
             # Late DATA for a stream we already finished: give the window back at once.
             if flow:
-                self._h2.acknowledge_received_data(flow, stream_id)
+                self._h2.acknowledge_connection_data(flow)
             return
         data = event.data
         if not data and flow and not event.stream_ended:
@@ -458,8 +458,8 @@ class GrpcConnection:
         state.local_closed = state.remote_closed = True
         returned = state.unacked + state.consumed
         if returned:
-            # Once the stream is closed, this only reopens the connection-level window.
-            self._h2.acknowledge_received_data(returned, stream_id)
+            # Once the stream is closed, only the connection-level window is reopened.
+            self._h2.acknowledge_connection_data(returned)
             state.unacked = state.consumed = 0
 
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
@@ -564,7 +564,10 @@ class GrpcConnection:
             consumed, self._consumed = self._consumed, {}
             for stream_id, state in consumed.items():
                 size, state.consumed = state.consumed, 0
-                self._h2.acknowledge_received_data(size, stream_id)
+                if state.remote_closed:  # the stream's own window is of no more use
+                    self._h2.acknowledge_connection_data(size)
+                else:
+                    self._h2.acknowledge_received_data(size, stream_id)
         events: list[Event] = []
         dirty, self._dirty = self._dirty, {}
         for state in dirty.values():

@@ -76,7 +76,7 @@ check_versions()
 _SETTINGS = h2.settings.SettingCodes
 # RFC 9113 §4.1: 24-bit length (as a high byte and 16 bits), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">BHBBL")
-_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
+_DATA, _HEADERS, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x8, 0x9
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _STREAM_OPEN, _STREAM_HALF_CLOSED_LOCAL = H2StreamState.OPEN, H2StreamState.HALF_CLOSED_LOCAL
 _CONNECTION_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
@@ -324,6 +324,14 @@ class H2Connection(h2.connection.H2Connection):
             rest = size - offset
             out += pack(rest >> 16, rest & 0xFFFF, _DATA, flags, stream_id)
             out += view[offset:]
+
+    def acknowledge_connection_data(self, size: int) -> None:
+        """``acknowledge_received_data`` for a stream the peer has ended (or we forgot): only
+        the connection's window needs the bytes back; h2 would look the stream up and count
+        them against its window too, for nothing."""
+        increment = self._inbound_flow_control_window_manager.process_bytes(size)
+        if increment:
+            self._data_to_send += _FRAME_HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0) + increment.to_bytes(4, "big")
 
     def receive_data_frame(self, stream_id: int, payload: bytes, end_stream: bool) -> list[Any] | None:
         """What ``receive_data`` does with one whole, unpadded DATA frame, without h2's frame
