@@ -117,6 +117,8 @@ class ClientProtocol(ConnectionProtocol):
         #: Called if the server ends the connection for pinging too often.
         self.on_too_many_pings: Callable[[], None] | None = None
         self._closing_when_idle = False
+        # Made while a connection attempt waits for the server's SETTINGS (wait_for_settings).
+        self._settings_waiter: asyncio.Future[None] | None = None
 
     def handle_events(self, events: Sequence[Event]) -> None:
         """Deliver each event to the call it concerns."""
@@ -164,12 +166,45 @@ class ClientProtocol(ConnectionProtocol):
         super().data_received(data)
         if self._slot_waiters:
             self._wake_slot_waiters()
+        if self._settings_waiter is not None and self.connection.handshake_complete:
+            self._wake_settings_waiter()
 
     def on_connection_lost(self, exc: Exception | None) -> None:
         """Every call still on the connection fails with UNAVAILABLE."""
         self._fail_all("connection lost" + (f": {exc}" if exc else ""))
         self._wake_slot_waiters()
         self._unusable()
+        self._wake_settings_waiter()
+
+    def close_transport(self, reason: str = "closed by the client") -> None:
+        """Close the connection; its calls fail now. Once we close it nothing more is read
+        (see data_received), so only the peer's close or the linger's end (a second later,
+        if the peer does not close) would end them otherwise."""
+        if self.is_closed:
+            return
+        super().close_transport(reason)
+        self._fail_all(f"connection closed: {reason}")
+        self._wake_slot_waiters()
+        self._unusable()
+        self._wake_settings_waiter()
+
+    async def wait_for_settings(self) -> None:
+        """Wait for the server's SETTINGS (its connection preface: it speaks HTTP/2, the
+        connection is READY); ConnectionError if the connection ends first. Returns at once
+        if they came (the usual case: a server sends them as it accepts)."""
+        if not self.connection.handshake_complete and not self.is_closed:
+            self._settings_waiter = waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._settings_waiter = None
+        if not self.connection.handshake_complete:
+            raise ConnectionError("the connection closed before the server's HTTP/2 SETTINGS")
+
+    def _wake_settings_waiter(self) -> None:
+        waiter = self._settings_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _unusable(self) -> None:
         callback, self.on_unusable = self.on_unusable, None
@@ -217,7 +252,15 @@ class ClientProtocol(ConnectionProtocol):
                 return False
             waiter = self.loop.create_future()
             self._slot_waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            finally:
+                if not waiter.done() or waiter.cancelled():
+                    # Not woken (still queued): the call gave up (its deadline, cancelled).
+                    # Dropped now, or a long-lived connection whose slots stay taken keeps
+                    # every such waiter.
+                    with contextlib.suppress(ValueError):
+                        self._slot_waiters.remove(waiter)
         return True
 
 
@@ -351,7 +394,7 @@ class Channel:
             subchannel.shutdown()
             if protocol is not None and not protocol.is_closed:
                 protocol.connection.close(0, "channel closed")
-                protocol.close_transport()
+                protocol.close_transport("the channel was closed")  # its calls fail now
         if self._resolving is not None:
             self._resolving.cancel()
         self._protocol = None
@@ -515,6 +558,15 @@ class Channel:
                     f"{address} did not negotiate HTTP/2 (ALPN h2); a TLS context of your own must offer it:"
                     ' context.set_alpn_protocols(["h2"]), or make it with app_kit.client_tls()'
                 )
+        # READY once the server speaks HTTP/2, not at TCP connect: a proxy with no live backend
+        # accepts and closes; calls put on that would fail, and reconnecting would not back off.
+        # (Within the attempt's connect deadline, which cancels this.)
+        try:
+            await protocol.wait_for_settings()
+        except BaseException:
+            protocol.connection.close(0, "no SETTINGS from the server")
+            protocol.close_transport("no HTTP/2 SETTINGS from the server")
+            raise
         if self._closed:  # close() ran while we connected: this connection is nobody's
             protocol.connection.close(0, "channel closed")
             protocol.close_transport()
@@ -778,7 +830,14 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
             message = run_hooks(self._send_hooks, self, message)
         data = self._encode(message, self._send_type)
         if len(data) > self._max_send:
-            self._raise_too_large(data)
+            try:
+                self._raise_too_large(data)
+            except GRPCError as exc:
+                # The call ends with it (as grpc-go's and grpc-java's do): the server, waiting
+                # for this request, would otherwise wait for ever for a sender that gave up.
+                if self._outcome is None:
+                    self._abort(exc.status, exc.message or "")
+                raise
         if not self._stream_id:
             await self._place()
         self._raise_if_over()
@@ -792,9 +851,10 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         if ready and not protocol.write_paused:
             return
         await protocol.drain(self._stream_id, ready)
-        if not ready and self._outcome is not None:
-            # The call ended while this message waited to leave: a failure is raised here; a
-            # success is the caller's to read (the whole response may have come meanwhile).
+        if self._outcome is not None:
+            # The call ended while this message waited to leave (for its stream's buffer or a
+            # full socket): a failure is raised here; a success is the caller's to read (the
+            # whole response may have come meanwhile).
             self._raise_outcome()
 
     async def end(self) -> None:
@@ -941,6 +1001,10 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
     ) -> None:
         if self._outcome is not None:
             return
+        if self._messages_arrived > 1 and status is Status.OK and not self._cardinality.server_streaming:
+            # Two replies to a call that takes one: the server is broken, not the first reply
+            # the result (grpc-go and grpc-java fail it so). Checked once here, not per message.
+            status, message = Status.INTERNAL, "cardinality violation: more than one reply to a unary call"
         self._outcome = (status, message, details, trailers)
         self._status, self._status_message = status, message
         self._on_end()  # after the replies that came: recv_message hands them over first
@@ -1207,11 +1271,23 @@ class StreamUnaryMethod(_Method[SendT, RecvT]):
         requests: Iterable[SendT] | AsyncIterable[SendT],
         **options: Unpack[CallOptions],
     ) -> RecvT:
-        """Send every request (an iterable or an async iterable), then return the reply."""
+        """Send every request (an iterable or an async iterable, consumed in a task of its own),
+        then return the reply. The server may answer before it read them all: what is left is
+        not sent. If the requests' iterator raises, the call is cancelled and its exception
+        raised here."""
         async with self.open(**options) as stream:
-            await _send_all(stream, requests)
-            reply = await stream.recv_message()
-            await stream.recv_trailing_metadata()
+            # Sent from a task, not inline: the call's deadline (or the server's early answer)
+            # must end it while the iterator waits for its next request.
+            sender = _RequestSender(stream, requests)
+            try:
+                reply = await stream.recv_message()
+                await stream.recv_trailing_metadata()
+            except GRPCError:
+                sender.raise_failure()
+                raise
+            finally:
+                await sender.stop()
+            sender.raise_failure()
             if reply is None:
                 raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
             return reply
@@ -1237,39 +1313,65 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
         async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
             async with self.open(**options) as stream:
                 replies.call = stream
-                sender = current_runtime().create_task(_send_all(stream, requests))
-                sender.add_done_callback(functools.partial(_abort_if_requests_failed, stream))
+                sender = _RequestSender(stream, requests)
                 try:
                     async for reply in stream:
                         yield reply
                     await stream.recv_trailing_metadata()
                 except GRPCError:
-                    failure = _requests_failure(sender)
-                    if failure is not None:
-                        raise failure from None  # the call was cancelled because of it
+                    sender.raise_failure()  # the call was cancelled because of it
                     raise
                 finally:
-                    if not sender.done():
-                        sender.cancel()  # the call is over: nobody reads what it would send
-                    await wait_done(sender)
-                failure = _requests_failure(sender)
-                if failure is not None:
-                    raise failure
+                    await sender.stop()  # the call is over: nobody reads what it would send
+                sender.raise_failure()
 
         return ReplyStream(run)
 
 
-def _requests_failure(sender: Any) -> BaseException | None:
-    """What the request iterator raised, if it (not the call) failed."""
-    if not sender.done() or sender.cancelled():
-        return None
-    failure = sender.exception()
-    return None if failure is None or isinstance(failure, GRPCError | ProtocolError) else failure
+class _RequestSender:
+    """Sends a call's requests from a task of its own (:func:`_send_all`). If that fails while
+    the call runs, the call ends at once: nothing else would end it (the server waits for the
+    requests). A GRPCError raised here (a request over max_send_message_length, an iterator
+    piping another call that failed) ends it with its status; anything else with CANCELLED."""
 
+    __slots__ = ("_failure", "_task")
 
-def _abort_if_requests_failed(stream: ClientStream[Any, Any], sender: Any) -> None:
-    if _requests_failure(sender) is not None and stream._outcome is None:
-        stream._abort(Status.CANCELLED, "the request iterator raised")
+    def __init__(self, stream: ClientStream[Any, Any], requests: Iterable[Any] | AsyncIterable[Any]) -> None:
+        self._failure: BaseException | None = None  # what failed the call, raised to the caller
+        self._task = current_runtime().create_task(_send_all(stream, requests))
+        self._task.add_done_callback(functools.partial(self._sent, stream))
+
+    def _sent(self, stream: ClientStream[Any, Any], task: Any) -> None:
+        if task.cancelled():
+            return  # stopped: the call is over
+        failure = task.exception()  # (retrieved in any case: asyncio logs one never retrieved)
+        if failure is None or stream._outcome is not None:
+            return  # sent them all, or failed because the call ended: its outcome tells
+        self._failure = failure
+        if isinstance(failure, GRPCError):
+            stream._abort(failure.status, failure.message or "")
+        else:
+            stream._abort(Status.CANCELLED, "the request iterator raised")
+
+    def raise_failure(self) -> None:
+        """Raise what sending raised, if that failed the call; or, once the call is over,
+        if the request iterator raised something of its own (not the call's end: a GRPCError
+        or ProtocolError from sending on a finished call)."""
+        failure = self._failure
+        task = self._task
+        if failure is None and task.done() and not task.cancelled():
+            failure = task.exception()
+            if isinstance(failure, GRPCError | ProtocolError):
+                failure = None
+        if failure is not None:
+            raise failure from None
+
+    async def stop(self) -> None:
+        """Cancel the sending if still under way (the call is over), and wait for its end."""
+        task = self._task
+        if not task.done():
+            task.cancel()
+            await wait_done(task)
 
 
 _METHOD_CLASSES: dict[Cardinality, type[_Method[Any, Any]]] = {

@@ -195,6 +195,8 @@ class Subchannel(Generic[ConnectionT]):
         retry_at = loop.time() + delay
         try:
             # gRPC's rule: each attempt may take the larger of the backoff and the minimum.
+            # (_connect returns once the server's SETTINGS came: a connection closed before
+            # it spoke HTTP/2 is a failed attempt, backed off, never READY.)
             async with deadline_scope(loop, max(delay, self._config.connect_min_timeout)):
                 protocol = await self._connect(self.address)
         except asyncio.CancelledError:

@@ -13,7 +13,7 @@ from typing import cast
 
 import h2.errors
 
-from ..rpc.connection import GrpcConnection
+from ..rpc.connection import GrpcConnection, StreamGone
 from ..rpc.events import ConnectionClosed, Event
 from .runtime import Runtime
 
@@ -41,6 +41,9 @@ class ConnectionProtocol(asyncio.Protocol):
         self._write_resumed: asyncio.Future[None] | None = None
         # Senders waiting for their stream's queued bytes to leave, by stream id.
         self._writers: dict[int, asyncio.Future[None]] = {}
+        # Senders waiting (in drain) for the transport to take more; also in _writers, so
+        # that their call's end (release_writer) reaches them too.
+        self._paused_writers: dict[int, asyncio.Future[None]] = {}
         #: The transport asked us to stop writing (its buffer is over the high-water mark).
         self.write_paused = False
         self._closed = False
@@ -103,6 +106,7 @@ class ConnectionProtocol(asyncio.Protocol):
         self._keepalive_handle = self._handshake_handle = self._linger_handle = None
         if self._write_resumed is not None and not self._write_resumed.done():
             self._write_resumed.set_result(None)
+        self._wake_paused_writers()
         self.on_connection_lost(exc)
 
     #: Stop reading a peer that does not take what we send (servers: new requests would only
@@ -124,6 +128,7 @@ class ConnectionProtocol(asyncio.Protocol):
         self.write_paused = False
         if self._write_resumed is not None and not self._write_resumed.done():
             self._write_resumed.set_result(None)
+        self._wake_paused_writers()
         if self.pause_reading_while_full and self.transport is not None and not self._closed:
             self.transport.resume_reading()
 
@@ -174,7 +179,32 @@ class ConnectionProtocol(asyncio.Protocol):
             finally:
                 self._writers.pop(stream_id, None)
         if self.write_paused:
-            await self.writable()
+            await self._stream_writable(stream_id)
+
+    async def _stream_writable(self, stream_id: int) -> None:
+        """Wait while the transport is full, unless the stream ends meanwhile (its call's
+        deadline or cancellation, a reset) or we close the connection: a peer that stopped
+        reading must not hold a call past its end."""
+        while self.write_paused and not self._closed and self._stream_open(stream_id):
+            self._writers[stream_id] = self._paused_writers[stream_id] = waiter = self.loop.create_future()
+            try:
+                await waiter  # resume_writing, connection_lost, or release_writer (then look again)
+            finally:
+                self._writers.pop(stream_id, None)
+                self._paused_writers.pop(stream_id, None)
+
+    def _stream_open(self, stream_id: int) -> bool:
+        try:
+            self.connection.stream_state(stream_id)
+        except StreamGone:
+            return False
+        return True
+
+    def _wake_paused_writers(self) -> None:
+        waiters, self._paused_writers = self._paused_writers, {}
+        for waiter in waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
 
     def release_writer(self, stream_id: int) -> None:
         """The stream's queued bytes left, or the stream ended: let its sender go on."""
@@ -188,8 +218,9 @@ class ConnectionProtocol(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             await waiter
 
-    def close_transport(self) -> None:
-        """Flush and close the socket, lingering so that our last frames reach the peer."""
+    def close_transport(self, reason: str = "") -> None:
+        """Flush and close the socket, lingering so that our last frames reach the peer.
+        ``reason``: why we close it (subclasses tell the calls still on it)."""
         if self._closed:
             return
         self.flush()
@@ -225,7 +256,7 @@ class ConnectionProtocol(asyncio.Protocol):
         if not self.connection.handshake_complete and not self._closed:
             log.info("closing connection: no HTTP/2 handshake within %ss", self.connection.config.handshake_timeout)
             self.connection.close(0, "handshake timeout")
-            self.close_transport()
+            self.close_transport("no HTTP/2 handshake in time")
 
     # -- keepalive -------------------------------------------------------------------
 
@@ -236,7 +267,7 @@ class ConnectionProtocol(asyncio.Protocol):
         if self._keepalive_waiting and not self._received_since_check:
             log.info("closing connection: keepalive PING not answered within %ss", config.keepalive_timeout)
             self.connection.close(0, "keepalive timeout")
-            self.close_transport()
+            self.close_transport("keepalive PING not answered in time")
             return
         if self._received_since_check:
             self._keepalive_waiting = False
