@@ -294,9 +294,10 @@ class GrpcConnection:
         flow = event.flow_controlled_length
         state = self._streams.get(stream_id)
         if state is None:
-            # Late DATA for a stream we already finished: give the window back at once.
+            # Late DATA for a stream we already finished: give the window back at once (the
+            # stream's too: the peer may not have ended it, and nothing else would finish it).
             if flow:
-                self._h2.acknowledge_connection_data(flow)
+                self._h2.acknowledge_received_data(flow, stream_id)
             return
         data = event.data
         if not data and flow and not event.stream_ended:
@@ -455,11 +456,14 @@ class GrpcConnection:
         self._blocked.pop(stream_id, None)
         self._dirty.pop(stream_id, None)
         self._consumed.pop(stream_id, None)
+        peer_done = state.remote_closed
         state.local_closed = state.remote_closed = True
         returned = state.unacked + state.consumed
         if returned:
-            # Once the stream is closed, only the connection-level window is reopened.
-            self._h2.acknowledge_connection_data(returned)
+            if peer_done:  # only the connection-level window is of use to it now
+                self._h2.acknowledge_connection_data(returned)
+            else:  # the peer may still send (a response we gave up on without a reset)
+                self._h2.acknowledge_received_data(returned, stream_id)
             state.unacked = state.consumed = 0
 
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
@@ -525,7 +529,12 @@ class GrpcConnection:
         if not pending:
             size = len(payload)
             if size >= self._max_send_buffer and self._send_now(stream_id, flag, payload):
-                return True
+                # Sent, but as large as the send buffer: its sender waits for the flush to say
+                # so (StreamWritable), as if it had been queued, so that a stream of large
+                # messages still yields and feels the transport's backpressure.
+                self._dirty[stream_id] = state
+                state.over_limit = True
+                return False
             # Else the stream is queued already: for this turn's flush, or for window.
             self._dirty[stream_id] = state
         pending += _pack_prefix(flag, len(payload))

@@ -170,9 +170,9 @@ class H2Connection(h2.connection.H2Connection):
             frames, events = self._frame_dispatch_table[frame.__class__](frame)
         except h2.exceptions.StreamClosedError as exc:
             closed_by = self._stream_closed_by(exc.stream_id)
-            if closed_by is StreamClosedBy.SEND_RST_STREAM:
-                return exc._events
-            if closed_by is not StreamClosedBy.RECV_RST_STREAM:
+            if closed_by is StreamClosedBy.SEND_RST_STREAM and not exc._events:
+                return []  # a stream reset earlier (with events, h2 resets it for this frame)
+            if closed_by is not StreamClosedBy.SEND_RST_STREAM and closed_by is not StreamClosedBy.RECV_RST_STREAM:
                 raise
             self._reset_closed_stream(exc.stream_id, exc.error_code)  # a stream error, as h2 says
             return exc._events
@@ -200,9 +200,11 @@ class H2Connection(h2.connection.H2Connection):
         # h2 answers every DATA frame on a closed stream with RST_STREAM STREAM_CLOSED. On a
         # stream we reset ourselves, RFC 9113 §5.1 says to ignore them: the peer sent them
         # before our RST_STREAM reached it (61 resets for one rejected 8 MiB upload). The
-        # connection window they used still goes back.
+        # connection window they used still goes back. (A frame the stream's state refuses
+        # now — DATA after the peer's END_STREAM — comes with h2's StreamReset event: that
+        # reset is h2's answer to this very frame, and goes out.)
         frames, events = super()._handle_data_on_closed_stream(events, exc, frame)
-        if self._stream_closed_by(exc.stream_id) is StreamClosedBy.SEND_RST_STREAM:
+        if self._stream_closed_by(exc.stream_id) is StreamClosedBy.SEND_RST_STREAM and not exc._events:
             frames = [item for item in frames if not isinstance(item, RstStreamFrame)]
         return frames, events
 
