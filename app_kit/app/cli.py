@@ -17,6 +17,7 @@ from ..aio.eventloop import LOOPS, LoopUnavailable, resolve_loop
 from .lifecycle import EXIT_STARTUP_FAILED, App, DeclarationError
 from .logs import configure_logging
 from .settings import AppSettings, SettingsError, load_settings
+from .workers import watch_supervisor
 
 __all__ = ["load_app", "main"]
 _TARGET = re.compile(r"(?P<module>[\w.]+):(?P<attr>[\w.]+)(?P<call>\(\))?\Z")
@@ -119,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    # A --workers or --reload child: drain if the supervisor dies (from now on: the import too).
+    watch_supervisor()
     if args.reload and args.workers is not None and args.workers > 1:
         parser.error("--reload runs one process: it cannot be used with --workers")
     # pydantic-settings skips a missing env file; one the user named is a mistake.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import socket
 import sys
 import typing
@@ -332,6 +334,9 @@ class App(Generic[S]):
                     ["", *names], _all_of(checks), ttl=settings.health_check_ttl, timeout=settings.health_check_timeout
                 )
             startup.check()
+            # Closes the server if start-up fails from here on (the metrics endpoint, or start
+            # itself half done); once it serves, _drain closes it first and this does nothing.
+            stack.push_async_callback(_close_unless_drained, server)
             try:
                 if len(bound) == 1:
                     await server.start(sock=bound[0], ssl=settings.ssl_context())
@@ -759,8 +764,33 @@ class _GuardedTeardown(contextlib.AbstractAsyncContextManager[Any]):
         except Exception:
             log.exception("resource %s failed to shut down", self._name)
             return False
+        except anyio.get_cancelled_exc_class():
+            # ``task.cancel(); await task`` re-raises the task's CancelledError here: a teardown
+            # failure like any other, unless this scope is itself being cancelled (then it is ours).
+            if _being_cancelled():
+                raise
+            log.exception("resource %s failed to shut down (it raised a cancellation of its own)", self._name)
+            return False
         finally:
             log.debug("left resource %s", self._name)
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task is being cancelled: by an enclosing cancel scope (asyncio or
+    trio), or on asyncio by a plain ``task.cancel()`` (``asyncio.run`` on Ctrl-C, a timeout)."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # trio: no asyncio task, and its cancel scopes say it all
+        return False
+    return task is not None and task.cancelling() > 0
+
+
+async def _close_unless_drained(server: Server) -> None:
+    """Close ``server`` at once (a start-up failure); a no-op once :meth:`App._drain` closed it."""
+    server.close(grace=0)
+    await server.wait_closed()
 
 
 class _Startup:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import ssl
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -92,6 +93,9 @@ class AppSettings(BaseSettings):
     )
     @classmethod
     def _not_negative(cls, value: float, info: ValidationInfo) -> float:
+        # nan passes every comparison below (each is false), and inf is never meant.
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
         if value < 0:
             unlimited = " (0: no limit)" if (info.field_name or "").startswith("reflection_") else ""
             raise ValueError(f"cannot be negative{unlimited}")
@@ -100,8 +104,33 @@ class AppSettings(BaseSettings):
     @field_validator("health_check_timeout", "worker_restart_delay", "worker_restart_max_delay")
     @classmethod
     def _positive(cls, value: float) -> float:
+        if not math.isfinite(value):  # nan would pass the test below
+            raise ValueError("must be a finite number")
         if value <= 0:
             raise ValueError("must be positive")
+        return value
+
+    # Checked here, with the other fields, rather than by Configuration when the server is
+    # built: that happens only after every resource has started.
+    @field_validator(
+        "max_receive_message_length",
+        "max_send_message_length",
+        "max_connection_receive_buffer",
+        "max_connection_inflated_bytes",
+    )
+    @classmethod
+    def _positive_limit(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        # APP_PATH= (as compose files and .env templates leave it) would be a socket at "", which
+        # fails only once every resource has started; rejected, as APP_METRICS_PORT= is.
+        if value == "":
+            raise ValueError("cannot be empty (unset it to listen on TCP)")
         return value
 
     @field_validator("workers")

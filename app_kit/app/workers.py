@@ -6,7 +6,10 @@ a worker is exactly the single-process server, with its own resources, settings,
 handling and exit codes. Subprocesses rather than ``multiprocessing``: nothing is pickled (the
 App is found again by its ``module:app`` target), the exit code 3 of a failed start-up arrives
 as it is, listening sockets pass by ``pass_fds``, and each worker is a process group of its own,
-so a terminal's Ctrl-C reaches the supervisor only and each worker gets one signal.
+so a terminal's Ctrl-C reaches the supervisor only and each worker gets one signal. For the same
+reason a supervisor that dies without a word (SIGKILL, the OOM killer) would leave its workers
+serving: each worker holds the read end of a pipe whose write end only the supervisor has, and
+drains as on SIGTERM when it reads EOF there (:func:`watch_supervisor`).
 
 The port is shared in one of two ways (``APP_WORKERS_SOCKET``):
 
@@ -37,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -52,12 +56,17 @@ __all__ = [
     "bind_shared",
     "child_command",
     "run_workers",
+    "watch_supervisor",
 ]
 
 log = logging.getLogger("app_kit.workers")
 
 # A line longer than this is relayed in pieces (asyncio's StreamReader needs a bound).
 _RELAY_LINE_LIMIT = 1024 * 1024
+# Tells a child the file descriptor of its end of the supervisor's pipe (see watch_supervisor).
+SUPERVISOR_FD = "_APP_KIT_SUPERVISOR_FD"
+# What the supervisor handles: SIGHUP too (a closed terminal), which would otherwise kill it alone.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @dataclass
@@ -131,6 +140,8 @@ class _Slot:
     process: asyncio.subprocess.Process | None = None
     #: Set while it is stopped to be replaced at once (a reload), not because it died.
     replacing: bool = False
+    #: Set once its process was sent SIGTERM/SIGINT: a second one would cut its drain short.
+    signalled: bool = False
     #: Wakes a slot waiting for the next reload (reload mode, after its process exited).
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     relays: list[asyncio.Task[None]] = field(default_factory=list)
@@ -160,20 +171,28 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self._signals: list[int] = []
         self._failed: int | None = None
+        # The children's lifeline (see watch_supervisor): made by run().
+        self._lifeline: tuple[int, int] | None = None
 
     async def run(self, *watchers: Callable[[Supervisor], Coroutine[Any, Any, None]]) -> int:
         """Supervise until every worker is gone; return the exit code for the supervisor."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in _STOP_SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
+        # Both ends non-inheritable: the read end reaches the children by pass_fds only, and
+        # the write end stays here alone, so that it closes when this process ends, however.
+        self._lifeline = os.pipe()
         tasks = [asyncio.create_task(watch(self)) for watch in watchers]
         try:
             codes = await asyncio.gather(*(self._keep(slot) for slot in self.slots))
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in _STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
             for task in tasks:
                 task.cancel()
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
             self.shared.close()
             self.shared.remove_unix_file()
             # The last lines the workers wrote (a worker's own child could keep its stderr open).
@@ -196,8 +215,8 @@ class Supervisor:
         log.info("%s: restarting", reason)
         for slot in self.slots:
             # Once: a second SIGTERM would cut the worker's drain short.
-            if slot.process is not None and slot.process.returncode is None and not slot.replacing:
-                slot.replacing = True
+            if slot.process is not None and slot.process.returncode is None and not slot.signalled:
+                slot.replacing = slot.signalled = True
                 slot.process.send_signal(signal.SIGTERM)
             slot.wake.set()
 
@@ -215,8 +234,13 @@ class Supervisor:
         self.stopping.set()
         # Only the workers hold the port now: it closes with the last of them.
         self.shared.close()
-        self._send(signum)
+        # Workers handle SIGINT and SIGTERM only (SIGHUP becomes SIGTERM). A worker signalled
+        # already (draining for a reload) is not signalled again: it would exit at once.
+        graceful = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
         for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None and not slot.signalled:
+                slot.signalled = True
+                slot.process.send_signal(graceful)
             slot.wake.set()
 
     def _send(self, signum: int) -> None:
@@ -231,13 +255,14 @@ class Supervisor:
         while not self.stopping.is_set():
             process = await self._spawn(slot)
             started = time.monotonic()
-            if self.stopping.is_set():  # a signal came while it was being spawned
+            if self.stopping.is_set() and not slot.signalled:  # a signal came while it was being spawned
+                slot.signalled = True
                 process.send_signal(signal.SIGTERM if len(self._signals) < 2 else signal.SIGKILL)
             code = await process.wait()
             ran = time.monotonic() - started
             if self.stopping.is_set():
                 log.info("worker %d (pid %d) %s", slot.index, process.pid, _describe_exit(code))
-                break
+                return code
             if slot.replacing:
                 slot.replacing = False
                 slot.wake.clear()
@@ -253,7 +278,7 @@ class Supervisor:
                 if self._failed is None:
                     self._failed = code
                 self._stop(signal.SIGTERM)
-                break
+                return code
             # A worker that ran longer than the longest delay died on its own, not in a loop.
             if ran > self.settings.worker_restart_max_delay:
                 deaths = 0
@@ -264,14 +289,18 @@ class Supervisor:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
-        return code
+        # Stopped while no worker ran here (waiting to restart one, or for a file to change):
+        # the last one's death is not how this shutdown went.
+        return 0
 
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
+        assert self._lifeline is not None, "run() makes it"
+        lifeline = self._lifeline[0]
         process = await asyncio.create_subprocess_exec(
             *self.command,
             *self.shared.arguments,
-            env={**os.environ, **self.shared.env},
-            pass_fds=self.shared.pass_fds,
+            env={**os.environ, **self.shared.env, SUPERVISOR_FD: str(lifeline)},
+            pass_fds=(*self.shared.pass_fds, lifeline),
             stdin=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             limit=_RELAY_LINE_LIMIT,
@@ -279,6 +308,7 @@ class Supervisor:
             process_group=0,
         )
         slot.process = process
+        slot.signalled = False
         label = f"pid {process.pid}" if self.reload else f"worker {slot.index} pid {process.pid}"
         if self.reload:
             log.info("started the app (pid %d)", process.pid)
@@ -326,6 +356,37 @@ def _label_json(line: bytes, index: int, pid: int) -> bytes | None:
     return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
 
 
+def watch_supervisor() -> None:
+    """In a worker or ``--reload`` child: once the supervisor is gone, drain as on SIGTERM.
+
+    Workers are process groups of their own, so a supervisor killed without passing a signal
+    on (SIGKILL, the OOM killer, a crash) would leave them serving the port. A thread waits for
+    EOF on the supervisor's pipe (every write end closes when it dies) and then sends this
+    process SIGTERM: the usual graceful shutdown, whatever the event loop. Outside a
+    supervisor it does nothing. The variable is removed, so the App's own subprocesses do not
+    see it.
+    """
+    text = os.environ.pop(SUPERVISOR_FD, "")
+    if not text:
+        return
+    fd = int(text)
+    os.set_inheritable(fd, False)  # pass_fds made it inheritable; it is ours alone
+    threading.Thread(target=_await_supervisor_exit, args=(fd,), name="app_kit supervisor watch", daemon=True).start()
+
+
+def _await_supervisor_exit(fd: int) -> None:
+    try:
+        while os.read(fd, 1024):  # nothing is ever written: only EOF comes
+            pass
+    except OSError:
+        return
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    log.warning("the supervisor is gone: shutting down")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def child_command(argv: Sequence[str]) -> list[str]:
     """The command of one worker: this command line, as one process (later options win)."""
     return [sys.executable, "-m", "app_kit", *argv, "--workers", "1", "--no-reload"]
@@ -336,6 +397,17 @@ def run_workers(argv: Sequence[str], settings: AppSettings, *, count: int) -> in
 
     Logging is expected to be set up already (the CLI does it).
     """
+    if settings.metrics_port and count > 1:
+        # Each worker is a process with metrics of its own and would bind that one port: the
+        # second would fail to start, stopping them all. Refused before any worker starts.
+        log.error(
+            "start-up failed: APP_METRICS_PORT=%d cannot be served by %d workers (each would bind it): "
+            "run one worker per process (e.g. a replica each), or use APP_METRICS_PORT=0 for a port "
+            "per worker (each logs its own)",
+            settings.metrics_port,
+            count,
+        )
+        return EXIT_STARTUP_FAILED
     try:
         shared = bind_shared(settings)
     except (OSError, ValueError) as exc:
