@@ -10,7 +10,6 @@ import signal
 import socket
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,7 @@ import h2.config
 import h2.connection
 import h2.settings
 import pytest
-from google.protobuf.wrappers_pb2 import DoubleValue, Int64Value
+from google.protobuf.wrappers_pb2 import DoubleValue
 
 from app_kit import App, AppSettings
 from app_kit.app.lifecycle import StartupError
@@ -28,22 +27,10 @@ from examples.interop.messages_pb2 import ResponseParameters, StreamingOutputCal
 from examples.interop.server import TestService
 
 from .process import AppProcess
-from .test_workers import RELOADED_APP
+from .test_workers import OWN_CONNECTION, RELOADED_APP, pid_method, until
 
 WORKERS_APP = "tests.apps.workers_app:app"
 REVIEW_APP = "tests.apps.review_app:app"
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
-
-
-def pid_method(channel: grpc.aio.Channel):  # type: ignore[no-untyped-def]
-    return channel.unary_unary("/workers.Pids/Pid", DoubleValue.SerializeToString, Int64Value.FromString)
-
-
-async def until(condition: Callable[[], bool], app: AppProcess, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, app.log
-        await asyncio.sleep(0.05)
 
 
 def serving_workers(app: AppProcess) -> set[int]:
