@@ -621,8 +621,8 @@ class ServerProtocol(ConnectionProtocol):
                 if call is not None:
                     if event.by_peer and call[0]._dispatched:  # type: ignore[attr-defined]
                         self.connection.forgive_reset()  # a cancelled call, not a rapid reset
-                    call[0]._on_closed(event.reason)  # type: ignore[attr-defined]
-                    call[1].cancel()
+                    call[0]._on_closed(event.reason, event.status)  # type: ignore[attr-defined]
+                    self._cancel_handler(*call)
             elif kind is GoAwayReceived:
                 self._peer_going_away = True
             elif kind is ConnectionClosed:
@@ -699,7 +699,14 @@ class ServerProtocol(ConnectionProtocol):
         # Even with its status sent, a call may still have DATA (and the status) queued.
         stream._end_now(status, message)
         stream._on_closed(message)
-        task.cancel()
+        self._cancel_handler(stream, task)
+
+    def _cancel_handler(self, stream: Stream[object, object], task: Any) -> None:
+        """Cancel the task of a call that is over. One whose handler has not started yet, in
+        a server with interceptors, is left to start: it tells them how the call ended (see
+        _serve_call), as every call's end reaches them (metrics, access log, spans)."""
+        if stream._dispatched or not self._server.interceptors:
+            task.cancel()
 
     def _close_if_done(self) -> None:
         if self._calls or self.is_closed:
@@ -785,15 +792,16 @@ def _intercepted(
     handler: Handler,
     interceptors: tuple[ServerInterceptor, ...],
     *,
-    expired: bool = False,
+    instead: tuple[Status, str | None] | None = None,
 ) -> Proceed:
     """The handler inside the interceptors: what the outermost one's ``proceed`` runs
-    (``expired``: instead of the handler, the call's deadline is exceeded)."""
+    (``instead``: no handler, the call ends with that status — its deadline passed on
+    arrival, or it ended before its handler could start)."""
 
     async def proceed(index: int) -> None:
         if index == len(interceptors):
-            if expired:
-                raise GRPCError(Status.DEADLINE_EXCEEDED, "Deadline exceeded")
+            if instead is not None:
+                raise GRPCError(*instead)
             await _run_handler(stream, handler)
             return
         stream._entered = index + 1
@@ -802,17 +810,31 @@ def _intercepted(
     return functools.partial(proceed, 0)
 
 
+_EXPIRED = (Status.DEADLINE_EXCEEDED, "Deadline exceeded")
+
+
 async def _serve_call(stream: Stream[object, object], handler: Handler, interceptors: InterceptorChain) -> None:
     """Run one call's handler (inside its interceptors, if any) and end it with a status."""
     if not interceptors:
         await _answer_call(stream, handler)  # the handler alone: nothing built per call
         return
     try:
+        if stream.closed:
+            # Ended before its handler started (the core refused what came in the request's
+            # read; a reset in the same read): the interceptors still see it, around no handler.
+            with contextlib.suppress(GRPCError):
+                await _intercepted(
+                    stream,
+                    handler,
+                    interceptors.interceptors,
+                    instead=(stream._status or Status.UNKNOWN, stream._status_message),
+                )()
+            return
         await _answer_call(
             stream,
             handler,
             _intercepted(stream, handler, interceptors.interceptors),
-            _intercepted(stream, handler, interceptors.interceptors, expired=True),
+            _intercepted(stream, handler, interceptors.interceptors, instead=_EXPIRED),
         )
     finally:
         stream._ended_at = time.perf_counter()

@@ -309,11 +309,12 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
 
     # -- called by the connection ----------------------------------------------------
 
-    def _on_closed(self, reason: str) -> None:
-        """The call is over from outside its handler (reset, deadline, the connection's end)."""
+    def _on_closed(self, reason: str, status: Status | None = None) -> None:
+        """The call is over from outside its handler (reset, deadline, the connection's end);
+        ``status``: what the core answered it with, if it did (else it was cancelled)."""
         if self._state is not CallState.ENDED and self._closed_reason is None:
             self._closed_reason = reason
-            self._status, self._status_message = Status.CANCELLED, reason
+            self._status, self._status_message = status or Status.CANCELLED, reason
         self._state = transition(self._state, CallInput.CANCEL)
         self._wake()
 

@@ -103,16 +103,21 @@ class StreamClosed(Event):
     """The stream ended abnormally: reset by the peer, or aborted by the core.
 
     ``error_code`` is the HTTP/2 error code of the RST_STREAM; ``reason`` says why, for logs;
-    ``by_peer``: the peer sent the RST_STREAM. Nothing more can be sent on the stream.
+    ``by_peer``: the peer sent the RST_STREAM. ``status``: the status the core answered the
+    call with when it aborted it (a server's), None for a reset. Nothing more can be sent on
+    the stream.
     """
 
-    __slots__ = ("by_peer", "error_code", "reason", "stream_id")
+    __slots__ = ("by_peer", "error_code", "reason", "status", "stream_id")
 
-    def __init__(self, stream_id: int, error_code: int, reason: str, *, by_peer: bool = False) -> None:
+    def __init__(
+        self, stream_id: int, error_code: int, reason: str, *, by_peer: bool = False, status: Status | None = None
+    ) -> None:
         self.stream_id = stream_id
         self.error_code = error_code
         self.reason = reason
         self.by_peer = by_peer
+        self.status = status
 
 
 class StreamWritable(Event):

@@ -366,7 +366,7 @@ class ServerConnection(GrpcConnection):
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
         log.log(logging.INFO, "ending stream %d: %s", state.stream_id, message)
         self.end_now(state.stream_id, status, message)
-        events.append(StreamClosed(state.stream_id, 0, message))
+        events.append(StreamClosed(state.stream_id, 0, message, status=status))
 
     def _send_trailers(self, stream_id: int, trailers: Sequence[tuple[bytes, bytes]]) -> None:
         if trailers is _OK_TRAILERS or trailers is _OK_TRAILERS_ONLY:

@@ -73,7 +73,10 @@ class DescriptorIndex:
             # A method: look up its service.
             service, _, method = symbol.rpartition(".")
             if service:
-                descriptor = self._first("FindServiceByName", service)
+                try:
+                    descriptor = self._first("FindServiceByName", service)
+                except _NotFound:
+                    raise _NotFound(symbol) from None  # the error names what was asked for
                 if method in descriptor.methods_by_name:
                     return descriptor.file
             raise
