@@ -1,6 +1,6 @@
 """Fresh-eyes review of the protocol core's fast paths (d979746, c752d2f, d390983, 021e3e9):
 a request's HEADERS past h2's parser and the §5.1 "ignore frames on a stream we reset"
-override, the carried-frame receive path, ``_send_now`` and ``acknowledge_connection_data``.
+override, the carried-frame receive path, ``_send_now`` and ``acknowledge_data``.
 
 The failing tests show defects; the others pin behaviour of the new paths that is right now.
 """
@@ -394,7 +394,7 @@ async def test_a_server_stream_of_large_messages_is_held_back_by_a_peer_that_doe
             writer.close()
 
 
-# -- acknowledge_connection_data: only for streams the peer has ended ----------------------------
+# -- acknowledge_data: only for streams the peer has ended ----------------------------
 
 
 def _pump(client: ClientConnection, server: h2.connection.H2Connection, events: list[object]) -> bool:
@@ -419,7 +419,7 @@ def test_a_response_abandoned_without_a_reset_can_still_be_finished_by_the_serve
     """A unary call (our side ended) answered with HTTP 503 and a body larger than our stream
     window (a proxy's error page): the call ends at the headers without a reset (our side
     was closed). The DATA that follows, on a stream the server has NOT ended, now gives back
-    only the connection window (acknowledge_connection_data): the server's stream window
+    only the connection window (acknowledge_data): the server's stream window
     runs dry at 1 MiB and its stream hangs open for good. h2's acknowledge_received_data
     gave the stream its window back too; a RST_STREAM would also do."""
     client = ClientConnection(Configuration(), authority="x", scheme="http", user_agent="t")

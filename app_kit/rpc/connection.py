@@ -460,10 +460,9 @@ class GrpcConnection:
         state.local_closed = state.remote_closed = True
         returned = state.unacked + state.consumed
         if returned:
-            if peer_done:  # only the connection-level window is of use to it now
-                self._h2.acknowledge_connection_data(returned)
-            else:  # the peer may still send (a response we gave up on without a reset)
-                self._h2.acknowledge_received_data(returned, stream_id)
+            # The peer may still send if it had not ended the stream (a response we gave up
+            # on without a reset): then the stream's window too.
+            self._h2.acknowledge_data(returned, stream_id, peer_done)
             state.unacked = state.consumed = 0
 
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
@@ -573,10 +572,7 @@ class GrpcConnection:
             consumed, self._consumed = self._consumed, {}
             for stream_id, state in consumed.items():
                 size, state.consumed = state.consumed, 0
-                if state.remote_closed:  # the stream's own window is of no more use
-                    self._h2.acknowledge_connection_data(size)
-                else:
-                    self._h2.acknowledge_received_data(size, stream_id)
+                self._h2.acknowledge_data(size, stream_id, state.remote_closed)
         events: list[Event] = []
         dirty, self._dirty = self._dirty, {}
         for state in dirty.values():

@@ -327,10 +327,13 @@ class H2Connection(h2.connection.H2Connection):
             out += pack(rest >> 16, rest & 0xFFFF, _DATA, flags, stream_id)
             out += view[offset:]
 
-    def acknowledge_connection_data(self, size: int) -> None:
-        """``acknowledge_received_data`` for a stream the peer has ended (or we forgot): only
-        the connection's window needs the bytes back; h2 would look the stream up and count
-        them against its window too, for nothing."""
+    def acknowledge_data(self, size: int, stream_id: int, peer_ended: bool) -> None:
+        """``acknowledge_received_data``; for a stream the peer has ended (``peer_ended``) only
+        the connection's window needs the bytes back, and h2 would look the stream up and
+        count them against its window too, for nothing."""
+        if not peer_ended:
+            self.acknowledge_received_data(size, stream_id)
+            return
         increment = self._inbound_flow_control_window_manager.process_bytes(size)
         if increment:
             self._data_to_send += _FRAME_HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0) + increment.to_bytes(4, "big")
@@ -393,19 +396,16 @@ class H2Connection(h2.connection.H2Connection):
             if self.config.client_side or stream_id <= self.highest_inbound_stream_id or not stream_id & 1:
                 return None
             self.open_inbound_streams  # noqa: B018  (sweeps out closed streams, as h2 would ask)
-            try:
-                headers = _decode_headers(self.decoder, block)
-                # (RECV_HEADERS on the open connection: a no-op, see above)
-                stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
-                return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
-            except h2.exceptions.ProtocolError as exc:
-                self._terminate_connection(exc.error_code)  # as receive_data does: GOAWAY, then raise
-                raise
-        state = stream.state_machine.state
-        if state is not _STREAM_OPEN and state is not _STREAM_HALF_CLOSED_LOCAL:
+        elif (
+            stream.state_machine.state is not _STREAM_OPEN
+            and stream.state_machine.state is not _STREAM_HALF_CLOSED_LOCAL
+        ):
             return None
         try:
-            headers = _decode_headers(self.decoder, block)
+            headers = _decode_headers(self.decoder, block)  # first: HPACK stays in step whatever follows
+            if stream is None:
+                # (RECV_HEADERS on the open connection: a no-op, see _check_no_op_transitions)
+                stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
             return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
         except h2.exceptions.ProtocolError as exc:
             self._terminate_connection(exc.error_code)  # as receive_data does: GOAWAY, then raise
