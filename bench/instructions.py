@@ -1,13 +1,15 @@
-"""Instructions per unary call of app_kit's bench server.
+"""Instructions per unary call of app_kit's bench server, or of app_kit's client.
 
-``python bench/instructions.py [CALLS] [CONNECTIONS] [STREAMS]``
+``python bench/instructions.py [CALLS] [CONNECTIONS] [STREAMS]`` counts the server;
+``python bench/instructions.py client [CALLS]`` counts the client (100 calls in flight on one
+``Channel``, against app_kit's bench server).
 
-Seconds of CPU move with whatever else the machine does; instructions do not. This runs
-``bench/servers.py app_kit`` under valgrind's callgrind, warms it up with 500 calls from h2load,
-zeroes the counters, sends CALLS unary calls (default 3,000; CONNECTIONS x STREAMS, default
-1 x 100) and prints the instructions counted per call: the same to about 0.05 % from run to run,
-so one change to the hot path can be judged on its own, even with tests running beside it. It
-counts the server process's user-space work only (no system calls, no cache misses): compare
+Seconds of CPU move with whatever else the machine does; instructions do not. The process
+measured runs under valgrind's callgrind: it is warmed up with 500 calls, its counters are
+zeroed, CALLS unary calls are made (default 3,000; for the server CONNECTIONS x STREAMS from
+h2load, default 1 x 100) and the instructions counted per call are printed: the same to about
+0.05 % from run to run, so one change to the hot path can be judged on its own, even with tests
+running beside it. It counts user-space work only (no system calls, no cache misses): compare
 changes with it, and the implementations with ``bench/run.py``. Needs valgrind and h2load.
 """
 
@@ -20,9 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "_gen"), str(HERE / "_gen" / "app_kit")]
+sys.path.append(str(HERE.parent))  # app_kit from the checkout, unless PYTHONPATH says otherwise
 
 
 def h2load(port: int, calls: int, connections: int, streams: int, body: str) -> None:
@@ -33,6 +37,66 @@ def h2load(port: int, calls: int, connections: int, streams: int, body: str) -> 
         raise SystemExit(f"h2load: not every call succeeded\n{out.stdout}{out.stderr}")
 
 
+def under_callgrind(out: pathlib.Path, *arguments: str) -> subprocess.Popen[bytes]:
+    # sys.executable: valgrind must start Python itself, not a launcher script that execs it.
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "-q", sys.executable, *arguments]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def count(process: subprocess.Popen[bytes], scratch: str, warm_up: Callable[[], None], load: Callable[[], None]) -> int:
+    """Instructions ``process`` spends on ``load`` (after ``warm_up``), from callgrind's dump."""
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != b"READY":
+        raise SystemExit("the measured process did not start")
+    warm_up()
+    subprocess.run(["callgrind_control", "-z", str(process.pid)], check=True, capture_output=True)
+    load()
+    subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True, capture_output=True)
+    time.sleep(1)
+    dumps = sorted(pathlib.Path(scratch).glob("callgrind.out*"), key=lambda path: path.stat().st_mtime)
+    match = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.MULTILINE)
+    if match is None:
+        raise SystemExit("no totals in callgrind's dump")
+    return int(match.group(1))
+
+
+def client_process(port: int, calls: int) -> None:
+    """The measured client: prints READY after its warm-up, then runs one batch per stdin line."""
+    import asyncio
+
+    import bench_pb2
+    from bench_grpc import BenchStub
+
+    from app_kit import Channel
+
+    request = bench_pb2.Payload(data=b"0123456789")
+
+    async def main() -> None:
+        async with Channel("127.0.0.1", port) as channel:
+            stub = BenchStub(channel)
+
+            async def batch(total: int) -> None:
+                left = total
+
+                async def worker() -> None:
+                    nonlocal left
+                    while left > 0:
+                        left -= 1
+                        if (await stub.Unary(request)).data != request.data:
+                            raise SystemExit("a wrong reply")
+
+                await asyncio.gather(*(worker() for _ in range(100)))
+
+            await batch(500)
+            print("READY", flush=True)
+            loop = asyncio.get_running_loop()
+            while await loop.run_in_executor(None, sys.stdin.readline):
+                await batch(calls)
+                print("DONE", flush=True)
+
+    asyncio.run(main())
+
+
 def main() -> int:
     from generate import generate
     from run import free_port
@@ -41,43 +105,62 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"{tool} not found: apt-get install valgrind nghttp2-client", file=sys.stderr)
             return 2
-    calls, connections, streams = (int(arg) for arg in [*sys.argv[1:], "3000", "1", "100"][:3])
+    measure_client = sys.argv[1:2] == ["client"]
+    arguments = sys.argv[2:] if measure_client else sys.argv[1:]
+    calls, connections, streams = (int(arg) for arg in [*arguments, "3000", "1", "100"][:3])
     generate()
     import bench_pb2
 
     port = free_port()
     with tempfile.TemporaryDirectory() as scratch:
+        out = pathlib.Path(scratch, "callgrind.out")
+        if measure_client:
+            server = subprocess.Popen(
+                [sys.executable, str(HERE / "servers.py"), "app_kit", str(port)], stdout=subprocess.PIPE
+            )
+            client = None
+            try:
+                assert server.stdout is not None
+                if server.stdout.readline().strip() != b"READY":
+                    raise SystemExit("the bench server did not start")
+                client = under_callgrind(out, str(HERE / "instructions.py"), "--client-process", str(port), str(calls))
+                assert client.stdin is not None and client.stdout is not None
+
+                def run_batch() -> None:
+                    client.stdin.write(b"go\n")  # type: ignore[union-attr]
+                    client.stdin.flush()  # type: ignore[union-attr]
+                    if client.stdout.readline().strip() != b"DONE":  # type: ignore[union-attr]
+                        raise SystemExit("the client failed")
+
+                total = count(client, scratch, lambda: None, run_batch)
+            finally:
+                if client is not None:
+                    client.kill()
+                    client.wait()
+                server.terminate()
+                server.wait()
+            print(f"{total / calls:,.0f} client instructions per unary call (100 in flight, {calls} calls)")
+            return 0
         body = pathlib.Path(scratch, "body")
         payload = bench_pb2.Payload(data=b"0123456789").SerializeToString()
         body.write_bytes(b"\x00" + len(payload).to_bytes(4, "big") + payload)
-        out = pathlib.Path(scratch, "callgrind.out")
-        server = subprocess.Popen(
-            # sys.executable: valgrind must start Python itself, not a launcher script that execs it.
-            [
-                *("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "-q", sys.executable),
-                *(str(HERE / "servers.py"), "app_kit", str(port)),
-            ],
-            stdout=subprocess.PIPE,
-        )
+        server = under_callgrind(out, str(HERE / "servers.py"), "app_kit", str(port))
         try:
-            assert server.stdout is not None
-            if server.stdout.readline().strip() != b"READY":
-                raise SystemExit("the bench server did not start")
-            h2load(port, 500, connections, streams, str(body))
-            subprocess.run(["callgrind_control", "-z", str(server.pid)], check=True, capture_output=True)
-            h2load(port, calls, connections, streams, str(body))
-            subprocess.run(["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True)
-            time.sleep(1)
-            dumps = sorted(pathlib.Path(scratch).glob("callgrind.out*"), key=lambda path: path.stat().st_mtime)
-            match = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.MULTILINE)
-            if match is None:
-                raise SystemExit("no totals in callgrind's dump")
+            total = count(
+                server,
+                scratch,
+                lambda: h2load(port, 500, connections, streams, str(body)),
+                lambda: h2load(port, calls, connections, streams, str(body)),
+            )
         finally:
             server.terminate()
             server.wait()
-    print(f"{int(match.group(1)) / calls:,.0f} instructions per unary call ({connections} x {streams}, {calls} calls)")
+    print(f"{total / calls:,.0f} instructions per unary call ({connections} x {streams}, {calls} calls)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--client-process"]:
+        client_process(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        sys.exit(main())

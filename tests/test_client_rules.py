@@ -329,12 +329,21 @@ async def test_a_response_ending_without_trailers_fails_at_once() -> None:
         assert channel._protocol is not None and channel._protocol.connection.open_streams == 0
 
 
-async def test_a_request_ends_with_its_last_data_frame_not_an_empty_one() -> None:
+@pytest.mark.parametrize("window", [65_535, 1 << 20])
+async def test_a_request_ends_with_its_last_data_frame_not_an_empty_one(window: int) -> None:
     # A unary request is HEADERS + DATA(END_STREAM): no third, empty DATA frame to end it. A
-    # request larger than a frame ends with its last piece.
+    # request larger than a frame ends with its last piece: queued behind the window (h2's
+    # default), or written at once when the windows hold it (a server's 1 MiB, as ours).
     frames: list[tuple[int, int, bool]] = []
 
     class Recording(FakeConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.conn.local_settings = h2.settings.Settings(client=False, initial_values={4: window})
+            super().connection_made(transport)
+            if window > 65_535:
+                self.conn.increment_flow_control_window(window)
+                self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
         def data_received(self, data: bytes) -> None:
             for event in self.conn.receive_data(data):
                 if isinstance(event, h2.events.DataReceived):

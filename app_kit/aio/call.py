@@ -247,11 +247,12 @@ class Call(CallMeasures, Generic[RecvT, SendT]):
 
     # -- sending ---------------------------------------------------------------------
 
-    def _put(self, data: bytes, compress: bool) -> bool:
+    def _put(self, data: bytes, compress: bool, end: bool = False) -> bool:
         """Queue one encoded message on the stream and count it; its write is scheduled.
-        False: the stream is over its send buffer (the sender awaits ``_protocol.drain``)."""
+        ``end``: our side of the stream ends with it. False: the stream is over its send
+        buffer (the sender awaits ``_protocol.drain``)."""
         try:
-            ready = self._connection.send_message(self._stream_id, data, compress)
+            ready = self._connection.send_message(self._stream_id, data, compress, end)
         except StreamGone:
             self._raise_if_over()
             raise

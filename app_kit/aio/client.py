@@ -460,22 +460,40 @@ class Channel:
             if self._closed:
                 raise GRPCError(Status.UNAVAILABLE, "the channel is closed")
             await self._resolve_if_due(wait_for_ready)
-            ready = []
-            for subchannel in self._subchannels:
-                protocol = subchannel.ready_protocol()
-                if protocol is not None:
-                    ready.append(protocol)
-                else:
-                    subchannel.request_connection()
-            if ready:
-                protocol = ready[self._next_pick % len(ready)]
-                self._next_pick += 1
-                self._protocol = protocol
+            protocol = self._pick()
+            if protocol is not None:
                 return protocol
             failing = [s for s in self._subchannels if s.state is ConnectivityState.TRANSIENT_FAILURE]
             if not wait_for_ready and self._subchannels and len(failing) == len(self._subchannels):
                 raise GRPCError(Status.UNAVAILABLE, failing[-1].last_error or "no backend is reachable")
             await self._state_change()
+
+    def _pick(self) -> ClientProtocol | None:
+        """The next READY connection, round-robin, or None; connect the backends that are idle."""
+        ready = []
+        for subchannel in self._subchannels:
+            protocol = subchannel.ready_protocol()
+            if protocol is not None:
+                ready.append(protocol)
+            else:
+                subchannel.request_connection()
+        if not ready:
+            return None
+        protocol = ready[self._next_pick % len(ready)]
+        self._next_pick += 1
+        self._protocol = protocol
+        return protocol
+
+    def _pick_at_once(self) -> ClientProtocol | None:
+        """What :meth:`_connection` and a free stream slot would give without waiting, when
+        that needs no waiting (no name to resolve): a call's usual start takes no await."""
+        if self._closed or self._target.dns_name is not None or not self._subchannels:
+            return None
+        self._used = True
+        protocol = self._pick()
+        if protocol is None or not protocol.connection.can_start_call:
+            return None
+        return protocol
 
     async def _connect_all(self) -> None:
         with contextlib.suppress(GRPCError):
@@ -789,15 +807,17 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
     async def _send_request(self, end: bool) -> None:
         if self._interceptors and not self._entered:
             await self._start_interceptors()
-        try:
-            async with deadline_scope(current_runtime(), self.deadline.time_remaining() if self.deadline else None):
-                protocol = await self._channel._connection(self.wait_for_ready)
-                while not await protocol.wait_for_slot():
+        protocol = self._channel._pick_at_once()
+        if protocol is None:
+            try:
+                async with deadline_scope(current_runtime(), self.deadline.time_remaining() if self.deadline else None):
                     protocol = await self._channel._connection(self.wait_for_ready)
-        except TimeoutError:
-            self._on_deadline()
-            self._raise_if_over()
-            raise
+                    while not await protocol.wait_for_slot():
+                        protocol = await self._channel._connection(self.wait_for_ready)
+            except TimeoutError:
+                self._on_deadline()
+                self._raise_if_over()
+                raise
         self._raise_if_over()
         connection = protocol.connection
         self._stream_id = connection.start_call(
@@ -842,11 +862,9 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
             await self._place()
         self._raise_if_over()
         self._sent += 1
-        ready = self._put(data, compress)
+        ready = self._put(data, compress, end)
         if end:
-            # (Not StreamGone: the message just went on the stream, which is still open.)
             self._send_ended = True
-            self._connection.end_local(self._stream_id, [])
         protocol = self._protocol
         if ready and not protocol.write_paused:
             return
@@ -1105,12 +1123,16 @@ class _Method(Generic[SendT, RecvT]):
     async def _with_retry(
         self, run: Callable[[ClientStream[SendT, RecvT]], Awaitable[Any]], options: CallOptions
     ) -> Any:
-        attempts = self._attempts(options)
+        # The deadline is fixed now; the retry policy is looked up if an attempt fails.
+        options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
+        attempts = None
         while True:
             async with self.open(**options) as stream:
                 try:
                     return await run(stream)
                 except GRPCError as exc:
+                    if attempts is None:
+                        attempts = self._attempts(options)
                     delay = attempts.retry_delay(stream, exc)
                     if delay is None:
                         raise

@@ -23,6 +23,7 @@ __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _LIMIT_BEFORE_SETTINGS = 100
+_STATUSES = tuple(Status(code) for code in range(17))  # by code: Status(code) is an enum lookup per call
 _TE_FIELD = (b"te", b"trailers")
 _MAX_HEADS = 256
 _CANCEL = h2.errors.ErrorCodes.CANCEL
@@ -223,7 +224,7 @@ class ClientConnection(GrpcConnection):
                 details = base64.b64decode(raw_details + b"=" * (-len(raw_details) % 4))
             except binascii.Error:
                 details = None
-        self._end_response(state, Status(int(raw_status)), message, details, headers, events)
+        self._end_response(state, _STATUSES[int(raw_status)], message, details, headers, events)
 
     def _on_stream_ended(self, event: h2.events.StreamEnded, events: list[Event]) -> None:
         # Trailers and trailers-only responses ended the call already (the stream is gone): this

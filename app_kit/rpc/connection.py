@@ -500,8 +500,9 @@ class GrpcConnection:
             return True
         return False
 
-    def send_message(self, stream_id: int, payload: bytes, compress_message: bool = True) -> bool:
+    def send_message(self, stream_id: int, payload: bytes, compress_message: bool = True, end: bool = False) -> bool:
         """Queue one message for the next :meth:`flush_streams`; False: the sender should wait.
+        ``end``: our side of the stream ends with it (the client's half-close, on its frame).
 
         The message is compressed with the stream's send encoding, if it has one, unless
         ``compress_message`` is False (then it goes out with the compressed flag clear); if
@@ -527,7 +528,12 @@ class GrpcConnection:
         pending = state.pending
         if not pending:
             size = len(payload)
-            if size >= self._max_send_buffer and self._send_now(stream_id, flag, payload):
+            if (end or size >= self._max_send_buffer) and self._send_now(stream_id, flag, payload, end):
+                if end:
+                    state.local_closed = True
+                    self._local_ended(state)
+                if size < self._max_send_buffer:
+                    return True
                 # Sent, but as large as the send buffer: its sender waits for the flush to say
                 # so (StreamWritable), as if it had been queued, so that a stream of large
                 # messages still yields and feels the transport's backpressure.
@@ -538,26 +544,32 @@ class GrpcConnection:
             self._dirty[stream_id] = state
         pending += _pack_prefix(flag, len(payload))
         pending += payload
+        if end:
+            state.pending_trailers = []  # END_STREAM rides on the last frame (see _flush)
+            state.local_closed = True  # no more messages may be queued behind the end
         if len(pending) > self._max_send_buffer:
             state.over_limit = True
             return False
         return True
 
-    def _send_now(self, stream_id: int, flag: int, payload: bytes) -> bool:
-        """Hand a large message with nothing queued before it to h2 at once, if the windows
-        hold all of it: copied once, into the frames, and not first into the stream's queue
-        (for a 1 MiB message a tenth of the server's CPU: each fresh buffer costs its page
-        faults too). False: it must wait its turn in the queue."""
+    def _send_now(self, stream_id: int, flag: int, payload: bytes, end: bool) -> bool:
+        """Hand a message with nothing queued before it to h2 at once, if the windows hold
+        all of it; ``end`` sets END_STREAM on its last frame. False: it must wait its turn in
+        the queue. For a client's request with its end (a unary call's), one DATA frame
+        written now, not a queue to flush later; for a large message one copy, into the
+        frames, and not first into the stream's queue (for 1 MiB a tenth of the server's CPU:
+        each fresh buffer costs its page faults too)."""
         h2conn = self._h2
         size = len(payload) + 5
         if size > min(h2conn.outbound_flow_control_window, h2conn.streams[stream_id].outbound_flow_control_window):
             return False
         frame_size = h2conn.max_outbound_frame_size
         first = frame_size - 5  # the prefix rides in the first frame
-        h2conn.send_data_frames(stream_id, _pack_prefix(flag, size - 5) + payload[:first], frame_size)
-        if size > frame_size:
+        rest = size > frame_size
+        h2conn.send_data_frames(stream_id, _pack_prefix(flag, size - 5) + payload[:first], frame_size, end and not rest)
+        if rest:
             with memoryview(payload) as view:
-                h2conn.send_data_frames(stream_id, view[first:], frame_size)
+                h2conn.send_data_frames(stream_id, view[first:], frame_size, end)
         return True
 
     @property

@@ -53,15 +53,15 @@ def decode_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
     ending in ``-bin`` are base64-decoded (padded or not); an invalid one raises
     :class:`ValueError`.
     """
-    if not headers:
-        return _EMPTY  # the common case; read-only, so one instance serves every call
-    result: MultiDict[str | bytes] = MultiDict()
+    result: MultiDict[str | bytes] | None = None
     for name, value in headers:
         if name[:1] == b":" or name[:5] == b"grpc-":
             continue
         key = name.decode("ascii")
         if key in _RESERVED_KEYS:
             continue
+        if result is None:
+            result = MultiDict()
         if key.endswith("-bin"):
             result.add(key, _b64decode(key, value))
         else:
@@ -69,7 +69,8 @@ def decode_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
                 result.add(key, value.decode("ascii"))
             except UnicodeDecodeError:
                 raise ValueError(f"metadata {key!r} is not ASCII; binary values need a -bin key") from None
-    return MultiDictProxy(result)
+    # None custom (the common case): one read-only instance serves every call.
+    return _EMPTY if result is None else MultiDictProxy(result)
 
 
 def _b64decode(key: str, value: bytes) -> bytes:

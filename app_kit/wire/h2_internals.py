@@ -10,7 +10,6 @@ code base uses only their public API.
 
 from __future__ import annotations
 
-import importlib.metadata
 import struct
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 import hpack
+import hyperframe
 from h2.connection import (
     AllowedStreamIDs,
     ConnectionInputs,
@@ -30,16 +30,20 @@ from h2.connection import (
     H2ConnectionStateMachine,
     _decode_headers,
 )
-from h2.events import DataReceived
+from h2.events import DataReceived, TrailersReceived
 from h2.stream import StreamClosedBy, StreamInputs
 from h2.stream import StreamState as H2StreamState
+from h2.utilities import is_informational_response
 from hpack.exceptions import HPACKError
 from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from .config import Configuration
 
-_CACHE_LIMIT = 64  # header blocks the decoder remembers
+_CACHE_LIMIT = 64  # header blocks the decoder remembers, and validated header lists
+#: Bytes (RFC 9113 §6.5.2's count) of the largest header list remembered: gRPC heads are a
+#: few hundred; a peer sending large varied lists must not make each connection keep 64 of them.
+_CACHE_LIST_LIMIT = 1024
 #: RFC 7541's static table, as hpack holds it.
 HPACK_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
 __all__ = [
@@ -61,8 +65,10 @@ TESTED_VERSIONS = {"h2": ((4, 2), (4, 5)), "hpack": ((4, 1), (4, 3)), "hyperfram
 
 def check_versions() -> None:
     """Refuse to run on versions whose internals the tests have not checked."""
+    # The modules' own __version__, not importlib.metadata: that costs a tenth of a launch.
+    modules = {"h2": h2, "hpack": hpack, "hyperframe": hyperframe}
     for name, (lowest, untested) in TESTED_VERSIONS.items():
-        version = importlib.metadata.version(name)
+        version = modules[name].__version__
         parts = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
         if not lowest <= parts < untested:
             raise ImportError(
@@ -155,6 +161,8 @@ class H2Connection(h2.connection.H2Connection):
     _sweep_at = 16
     #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
     frames_sent = 0
+    #: Header lists h2 validated, by (fields, validation flags): see _receive_headers.
+    _validated: dict[tuple[Any, Any], list[Any]] | None = None
 
     def _receive_frame(self, frame: Any) -> list[Any]:
         """h2's handling of one received frame, with two differences.
@@ -406,10 +414,43 @@ class H2Connection(h2.connection.H2Connection):
             if stream is None:
                 # (RECV_HEADERS on the open connection: a no-op, see _check_no_op_transitions)
                 stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
-            return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
+            return self._receive_headers(stream, headers, end_stream)
         except h2.exceptions.ProtocolError as exc:
             self._terminate_connection(exc.error_code)  # as receive_data does: GOAWAY, then raise
             raise
+
+    def _receive_headers(self, stream: h2.stream.H2Stream, headers: Any, end_stream: bool) -> list[Any]:
+        """h2's ``H2Stream.receive_headers`` (the same steps, in its order), remembering the
+        lists its validation passed. Validating is a chain of seven generators over every
+        field, and a pure function of the fields and the flags; calls of a method repeat
+        their requests' fields, responses and trailers theirs, so each list is validated
+        once per connection, not once per call."""
+        if is_informational_response(headers):
+            return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
+        machine = stream.state_machine
+        events = machine.process_input(StreamInputs.RECV_HEADERS)
+        event: Any = events[0]
+        if end_stream:
+            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            event.stream_ended = ended[0]
+            events += ended
+        stream._initialize_content_length(headers)
+        if end_stream is False and isinstance(event, TrailersReceived):
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
+        flags = stream._build_hdr_validation_flags(events)
+        validated = self._validated
+        if validated is None:
+            validated = self._validated = {}
+        key = (tuple(headers), flags)
+        fields = validated.get(key)
+        if fields is None:
+            fields = stream._process_received_headers(headers, flags, self.config.header_encoding)
+            if _list_size(headers) <= _CACHE_LIST_LIMIT:
+                if len(validated) >= _CACHE_LIMIT:
+                    validated.clear()  # lists that vary (a grpc-timeout, a request id) come and go
+                validated[key] = fields
+        event.headers = list(fields)
+        return events
 
     def queue_goaway(self, last_stream_id: int, error_code: int) -> None:
         """Queue a GOAWAY without closing h2's state machine (``close_connection`` would, and
@@ -527,6 +568,11 @@ def oversized_list_size(headers: Sequence[tuple[Any, Any]]) -> int | None:
     return None
 
 
+def _list_size(headers: Sequence[tuple[Any, Any]]) -> int:
+    """A header list's size as RFC 9113 §6.5.2 counts it."""
+    return sum([len(name) + len(value) for name, value in headers]) + _FIELD_OVERHEAD * len(headers)
+
+
 class MemoizingHeaderDecoder(hpack.Decoder):
     """hpack's decoder, answering a block it has seen from memory when that gives the same result.
 
@@ -577,14 +623,20 @@ class MemoizingHeaderDecoder(hpack.Decoder):
                 self._assert_valid_table_size()
                 return list(known[3])
         headers: Any = super().decode(data, raw)  # a list, whatever hpack's annotation says
+        decoded = _list_size(headers)
         if self._advertised is not None:
-            decoded = sum([len(name) + len(value) for name, value in headers]) + _FIELD_OVERHEAD * len(headers)
             if decoded > self._advertised:
                 # Its :status stays, so that h2 still tells a 1xx response from the final one.
                 marker = (OVERSIZED_LIST, str(decoded).encode("ascii"))
                 headers = [*[field for field in headers if field[0] == b":status"][:1], marker]
         entries = table.dynamic_entries
-        if raw and (entries[0] if entries else None) is newest and len(entries) == length and table.maxsize == size:
+        if (
+            raw
+            and decoded <= _CACHE_LIST_LIMIT
+            and (entries[0] if entries else None) is newest
+            and len(entries) == length
+            and table.maxsize == size
+        ):
             if len(self._remembered) >= _CACHE_LIMIT:
                 self._remembered.clear()  # blocks that vary (say, a grpc-timeout) come and go
             self._remembered[data] = (newest, length, size, tuple(headers))
