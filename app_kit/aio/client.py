@@ -819,6 +819,13 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
                 self._raise_if_over()
                 raise
         self._raise_if_over()
+        self._start(protocol)
+        if end:
+            self._send_ended = True
+            self._connection.end_local(self._stream_id, [])
+
+    def _start(self, protocol: ClientProtocol) -> None:
+        """Send the request headers on ``protocol``'s connection (it has a free slot)."""
         connection = protocol.connection
         self._stream_id = connection.start_call(
             self.path,
@@ -830,9 +837,6 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._protocol = protocol
         self._connection = connection
         protocol.calls[self._stream_id] = self
-        if end:
-            self._send_ended = True
-            connection.end_local(self._stream_id, [])
         protocol.schedule_flush()
 
     async def send_message(self, message: SendT, *, end: bool = False, compress: bool = True) -> None:
@@ -859,7 +863,15 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
                     self._abort(exc.status, exc.message or "")
                 raise
         if not self._stream_id:
-            await self._place()
+            # Usually placed here and now: a ready connection with a free slot, nothing to
+            # await first (interceptors, a call placing meanwhile from another task).
+            protocol = None
+            if not self._placing and self._outcome is None and not (self._interceptors and not self._entered):
+                protocol = self._channel._pick_at_once()
+            if protocol is not None:
+                self._start(protocol)
+            else:
+                await self._place()
         self._raise_if_over()
         self._sent += 1
         ready = self._put(data, compress, end)

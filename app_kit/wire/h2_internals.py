@@ -24,7 +24,6 @@ import h2.stream
 import hpack
 import hyperframe
 from h2.connection import (
-    AllowedStreamIDs,
     ConnectionInputs,
     ConnectionState,
     H2ConnectionStateMachine,
@@ -285,6 +284,23 @@ class H2Connection(h2.connection.H2Connection):
             out += chunk
             kind, flags = _CONTINUATION, 0
 
+    def _new_stream(self, stream_id: int, outbound: bool) -> h2.stream.H2Stream:
+        """h2's ``_begin_new_stream`` for an id the caller checked (above every id of its side,
+        of that side's parity), without its three debug-log calls."""
+        stream = h2.stream.H2Stream(
+            stream_id,
+            config=self.config,
+            inbound_window_size=self.local_settings.initial_window_size,
+            outbound_window_size=self.remote_settings.initial_window_size,
+        )
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        self.streams[stream_id] = stream
+        if outbound:
+            self.highest_outbound_stream_id = stream_id
+        else:
+            self.highest_inbound_stream_id = stream_id
+        return stream
+
     def start_stream(self, block: bytes, end_stream: bool, authority: bytes) -> int:
         """``send_headers`` opening our next stream with a request whose header block is
         already encoded (a client's); returns the new stream's id. The caller enforces the
@@ -293,7 +309,7 @@ class H2Connection(h2.connection.H2Connection):
         if stream_id > self.HIGHEST_ALLOWED_STREAM_ID:
             raise h2.exceptions.NoAvailableStreamIDError("Exhausted allowed stream IDs")
         self.open_outbound_streams  # noqa: B018  (sweeps out closed streams, when their count doubled)
-        stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+        stream = self._new_stream(stream_id, True)
         # What h2's send_headers records from the header list it would have seen.
         stream._authority = authority
         stream.request_method = b"POST"
@@ -413,7 +429,7 @@ class H2Connection(h2.connection.H2Connection):
             headers = _decode_headers(self.decoder, block)  # first: HPACK stays in step whatever follows
             if stream is None:
                 # (RECV_HEADERS on the open connection: a no-op, see _check_no_op_transitions)
-                stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+                stream = self._new_stream(stream_id, False)
             return self._receive_headers(stream, headers, end_stream)
         except h2.exceptions.ProtocolError as exc:
             self._terminate_connection(exc.error_code)  # as receive_data does: GOAWAY, then raise
