@@ -13,7 +13,7 @@ from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value
 from app_kit import Configuration
 
 from .conftest import running_server
-from .h2client import RawClient
+from .h2client import RawClient, Response, frame_message
 from .services import EchoService
 
 pytestmark = pytest.mark.anyio
@@ -395,3 +395,27 @@ async def test_sender_waits_for_a_client_that_does_not_read() -> None:
         response = await client.read_response(stream_id, timeout=10)
         assert response.grpc_status == 0
         assert len(response.messages()) == 200
+
+
+async def test_a_header_list_seen_before_is_held_to_its_content_length() -> None:
+    # The core remembers what h2's checks found of a header list (its validation, its
+    # content-length): a request repeating an earlier request's headers word for word is held
+    # to them all the same. Its body longer than its content-length: refused as on its own.
+    body = frame_message(BytesValue(value=b"ok").SerializeToString())
+    headers = [*_base_headers(), (b"content-length", str(len(body)).encode())]
+    for earlier in (0, 2):
+        async with running_server([EchoService()]) as (server, _), RawClient("127.0.0.1", _port(server)) as client:
+            for _ in range(earlier):
+                stream_id = client.new_stream_id()
+                client.send_headers(stream_id, headers)
+                client.conn.send_data(stream_id, body, end_stream=True)
+                client.flush()
+                assert (await client.read_response(stream_id)).grpc_status == 0
+            last = client.new_stream_id()
+            client.send_headers(last, headers)
+            client.conn.send_data(last, body + body, end_stream=True)
+            client.flush()
+            await client.wait_for(lambda: client.responses.get(last, Response()).ended or client.closed.is_set())  # noqa: B023
+            codes = [e.error_code for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+            reset = client.responses.get(last, Response()).reset_code
+            assert reset == PROTOCOL_ERROR or codes == [PROTOCOL_ERROR], (earlier, reset, codes)

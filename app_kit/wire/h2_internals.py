@@ -160,8 +160,8 @@ class H2Connection(h2.connection.H2Connection):
     _sweep_at = 16
     #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
     frames_sent = 0
-    #: Header lists h2 validated, by (fields, validation flags): see _receive_headers.
-    _validated: dict[tuple[Any, Any], list[Any]] | None = None
+    #: What h2's checks found of the header lists received: see _receive_headers.
+    _validated: dict[tuple[Any, Any, Any], tuple[list[Any], int | None]] | None = None
 
     def _receive_frame(self, frame: Any) -> list[Any]:
         """h2's handling of one received frame, with two differences.
@@ -436,11 +436,12 @@ class H2Connection(h2.connection.H2Connection):
             raise
 
     def _receive_headers(self, stream: h2.stream.H2Stream, headers: Any, end_stream: bool) -> list[Any]:
-        """h2's ``H2Stream.receive_headers`` (the same steps, in its order), remembering the
-        lists its validation passed. Validating is a chain of seven generators over every
-        field, and a pure function of the fields and the flags; calls of a method repeat
-        their requests' fields, responses and trailers theirs, so each list is validated
-        once per connection, not once per call."""
+        """h2's ``H2Stream.receive_headers`` (the same steps, in its order), remembering what
+        its checks of a header list found. Validating is a chain of seven generators over
+        every field; it and the content-length h2 reads depend only on the fields, the kind
+        of headers (request, response, trailers) and the side. Calls of a method repeat
+        their requests' fields, responses and trailers theirs, so each list is checked once
+        per connection, not once per call."""
         if is_informational_response(headers):
             return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
         machine = stream.state_machine
@@ -450,21 +451,25 @@ class H2Connection(h2.connection.H2Connection):
             ended = machine.process_input(StreamInputs.RECV_END_STREAM)
             event.stream_ended = ended[0]
             events += ended
-        stream._initialize_content_length(headers)
-        if end_stream is False and isinstance(event, TrailersReceived):
-            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
-        flags = stream._build_hdr_validation_flags(events)
-        validated = self._validated
-        if validated is None:
-            validated = self._validated = {}
-        key = (tuple(headers), flags)
-        fields = validated.get(key)
-        if fields is None:
+        remembered = self._validated
+        if remembered is None:
+            remembered = self._validated = {}
+        key = (tuple(headers), event.__class__, machine.client)
+        known = remembered.get(key)
+        if known is not None and stream.request_method != b"HEAD":
+            fields, stream._expected_content_length = known
+            if end_stream is False and event.__class__ is TrailersReceived:
+                raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
+        else:
+            stream._initialize_content_length(headers)
+            if end_stream is False and isinstance(event, TrailersReceived):
+                raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
+            flags = stream._build_hdr_validation_flags(events)
             fields = stream._process_received_headers(headers, flags, self.config.header_encoding)
-            if _list_size(headers) <= _CACHE_LIST_LIMIT:
-                if len(validated) >= _CACHE_LIMIT:
-                    validated.clear()  # lists that vary (a grpc-timeout, a request id) come and go
-                validated[key] = fields
+            if stream.request_method != b"HEAD" and _list_size(headers) <= _CACHE_LIST_LIMIT:
+                if len(remembered) >= _CACHE_LIMIT:
+                    remembered.clear()  # lists that vary (a grpc-timeout, a request id) come and go
+                remembered[key] = (fields, stream._expected_content_length)
         event.headers = list(fields)
         return events
 
