@@ -88,6 +88,41 @@ _CONNECTION_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _STREAM_SENDING = (H2StreamState.OPEN, H2StreamState.HALF_CLOSED_REMOTE)
 
 
+# h2's stream transitions, split by input: (state -> (side effect, next state)) per input. A
+# lookup in h2's own table hashes the input, a Python-level enum (a Python call per lookup).
+_STREAM_TRANSITIONS = {
+    stream_input: {state: step for (state, each), step in h2.stream._transitions.items() if each is stream_input}
+    for stream_input in StreamInputs
+}
+_SEND_HEADERS = _STREAM_TRANSITIONS[StreamInputs.SEND_HEADERS]
+_SEND_END_STREAM = _STREAM_TRANSITIONS[StreamInputs.SEND_END_STREAM]
+_RECV_HEADERS = _STREAM_TRANSITIONS[StreamInputs.RECV_HEADERS]
+_RECV_END_STREAM = _STREAM_TRANSITIONS[StreamInputs.RECV_END_STREAM]
+
+
+def _advance(
+    machine: h2.stream.H2StreamStateMachine, transitions: dict[Any, Any], stream_input: StreamInputs
+) -> list[Any]:
+    """h2's ``H2StreamStateMachine.process_input`` of ``stream_input``, whose transitions (from
+    :data:`_STREAM_TRANSITIONS`) are ``transitions``: the same state change, events and errors."""
+    state = machine.state
+    step = transitions.get(state)
+    if step is None:
+        machine.state = H2StreamState.CLOSED
+        raise h2.exceptions.ProtocolError(f"Invalid input {stream_input} in state {state}")
+    side_effect, machine.state = step
+    if side_effect is None:
+        return []
+    try:
+        return side_effect(machine, state)
+    except h2.exceptions.ProtocolError:
+        machine.state = H2StreamState.CLOSED
+        raise
+    except AssertionError as exc:
+        machine.state = H2StreamState.CLOSED
+        raise h2.exceptions.ProtocolError(exc) from exc
+
+
 def _check_no_op_transitions() -> None:
     """The hot paths below skip h2's state machine for inputs that, in these states, leave
     the state as it is and do nothing else (each call hashes Python-level enums): an open
@@ -262,10 +297,10 @@ class H2Connection(h2.connection.H2Connection):
         if self.state_machine.state not in _CONNECTION_OPEN:  # (else a no-op: see above)
             self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
         machine = stream.state_machine
-        machine.process_input(StreamInputs.SEND_HEADERS)
+        _advance(machine, _SEND_HEADERS, StreamInputs.SEND_HEADERS)
         flags = 0
         if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
+            _advance(machine, _SEND_END_STREAM, StreamInputs.SEND_END_STREAM)
             flags = _END_STREAM
         out = self._data_to_send
         size = len(block)
@@ -333,7 +368,7 @@ class H2Connection(h2.connection.H2Connection):
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         if end_stream:
-            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+            _advance(stream.state_machine, _SEND_END_STREAM, StreamInputs.SEND_END_STREAM)
         flags = _END_STREAM if end_stream else 0
         out = self._data_to_send
         pack = _FRAME_HEADER.pack
@@ -399,8 +434,8 @@ class H2Connection(h2.connection.H2Connection):
         event.stream_ended = None
         if not end_stream:
             return [event]
-        ended = machine.process_input(StreamInputs.RECV_END_STREAM)
-        event.stream_ended = ended[0]  # type: ignore[assignment]  # the StreamEnded h2 made
+        ended = _advance(machine, _RECV_END_STREAM, StreamInputs.RECV_END_STREAM)
+        event.stream_ended = ended[0]  # the StreamEnded h2 made
         return [event, *ended]
 
     def receive_headers_frame(self, stream_id: int, block: bytes, end_stream: bool) -> list[Any] | None:
@@ -445,10 +480,10 @@ class H2Connection(h2.connection.H2Connection):
         if is_informational_response(headers):
             return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
         machine = stream.state_machine
-        events = machine.process_input(StreamInputs.RECV_HEADERS)
+        events = _advance(machine, _RECV_HEADERS, StreamInputs.RECV_HEADERS)
         event: Any = events[0]
         if end_stream:
-            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            ended = _advance(machine, _RECV_END_STREAM, StreamInputs.RECV_END_STREAM)
             event.stream_ended = ended[0]
             events += ended
         remembered = self._validated
