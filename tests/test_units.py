@@ -159,3 +159,36 @@ def test_limits_from_the_environment_reach_the_server_configuration(monkeypatch:
     assert config.max_receive_message_length == 2 * 1024 * 1024
     assert config.max_connection_receive_buffer == 8 * 1024 * 1024
     assert config.max_connection_inflated_bytes == 6 * 1024 * 1024
+
+
+def test_stream_transitions_by_input_match_h2s_state_machine() -> None:
+    # The hot paths advance h2's stream state machine from h2's own table split by input
+    # (h2_internals._advance): every state and input gives what process_input gives.
+    import h2.exceptions
+    import h2.stream
+
+    from app_kit.wire import h2_internals
+
+    def outcome(advance) -> tuple[object, ...]:  # type: ignore[no-untyped-def]
+        machine = h2.stream.H2StreamStateMachine(1)
+        machine.state = state
+        machine.client = client
+        try:
+            events = advance(machine)
+        except h2.exceptions.ProtocolError as exc:
+            return ("error", str(exc), machine.state)
+        return (
+            [(type(event).__name__, sorted(vars(event).items(), key=str)) for event in events],
+            machine.state,
+            vars(machine),
+        )
+
+    checked = 0
+    for stream_input, transitions in h2_internals._STREAM_TRANSITIONS.items():
+        for state in h2.stream.StreamState:
+            for client in (True, False):
+                ours = outcome(lambda machine: h2_internals._advance(machine, transitions, stream_input))  # noqa: B023
+                theirs = outcome(lambda machine: machine.process_input(stream_input))  # noqa: B023
+                assert repr(ours) == repr(theirs), (stream_input, state, client)
+                checked += 1
+    assert checked == 2 * len(h2.stream.StreamState) * len(h2.stream.StreamInputs)
