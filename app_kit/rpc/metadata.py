@@ -43,6 +43,8 @@ _RESERVED_KEYS = frozenset(
 )
 
 
+_RESERVED_NAMES = frozenset(key.encode("ascii") for key in _RESERVED_KEYS)  # as received
+
 _EMPTY: Metadata = MultiDictProxy(MultiDict())
 
 
@@ -55,11 +57,9 @@ def decode_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
     """
     result: MultiDict[str | bytes] | None = None
     for name, value in headers:
-        if name[:1] == b":" or name[:5] == b"grpc-":
+        if name[:1] == b":" or name[:5] == b"grpc-" or name in _RESERVED_NAMES:
             continue
         key = name.decode("ascii")
-        if key in _RESERVED_KEYS:
-            continue
         if result is None:
             result = MultiDict()
         if key.endswith("-bin"):

@@ -325,8 +325,10 @@ class H2Connection(h2.connection.H2Connection):
         stream = h2.stream.H2Stream(
             stream_id,
             config=self.config,
-            inbound_window_size=self.local_settings.initial_window_size,
-            outbound_window_size=self.remote_settings.initial_window_size,
+            # The settings' current values, without two Python calls each (Settings' property
+            # and __getitem__): a window size is always set.
+            inbound_window_size=self.local_settings._settings[_SETTINGS.INITIAL_WINDOW_SIZE][0],
+            outbound_window_size=self.remote_settings._settings[_SETTINGS.INITIAL_WINDOW_SIZE][0],
         )
         stream.max_outbound_frame_size = self.max_outbound_frame_size
         self.streams[stream_id] = stream
@@ -477,20 +479,22 @@ class H2Connection(h2.connection.H2Connection):
         of headers (request, response, trailers) and the side. Calls of a method repeat
         their requests' fields, responses and trailers theirs, so each list is checked once
         per connection, not once per call."""
-        if is_informational_response(headers):
-            return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
         machine = stream.state_machine
+        remembered = self._validated
+        if remembered is None:
+            remembered = self._validated = {}
+        # What the fields are taken as (request, response, trailers) follows from the side and
+        # whether headers came before; only lists that are not a 1xx response are remembered.
+        key = (tuple(headers), machine.client, machine.headers_received)
+        known = remembered.get(key)
+        if known is None and is_informational_response(headers):
+            return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
         events = _advance(machine, _RECV_HEADERS, StreamInputs.RECV_HEADERS)
         event: Any = events[0]
         if end_stream:
             ended = _advance(machine, _RECV_END_STREAM, StreamInputs.RECV_END_STREAM)
             event.stream_ended = ended[0]
             events += ended
-        remembered = self._validated
-        if remembered is None:
-            remembered = self._validated = {}
-        key = (tuple(headers), event.__class__, machine.client)
-        known = remembered.get(key)
         if known is not None and stream.request_method != b"HEAD":
             fields, stream._expected_content_length = known
             if end_stream is False and event.__class__ is TrailersReceived:
