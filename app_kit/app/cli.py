@@ -14,7 +14,7 @@ from typing import Any
 
 from .._version import __version__
 from ..aio.eventloop import LOOPS, LoopUnavailable, resolve_loop
-from .lifecycle import EXIT_STARTUP_FAILED, App, DeclarationError
+from .lifecycle import EXIT_STARTUP_FAILED, App, DeclarationError, _describe
 from .logs import configure_logging
 from .settings import AppSettings, SettingsError, load_settings
 from .workers import watch_supervisor
@@ -27,11 +27,17 @@ class LoadError(Exception):
     """The ``module:app`` target cannot be loaded."""
 
 
+class AppCodeError(LoadError):
+    """The app's own code raised while it was imported (or its factory called): its
+    ``__cause__`` is the error, whose traceback the CLI prints."""
+
+
 def load_app(target: str) -> App[Any]:
     """Import ``module:attr`` (an App) or ``module:factory()`` (a function returning one).
 
     The target is parsed, never evaluated; the current directory is importable, as it is
-    for ``python -m``. Raises :class:`LoadError`, or the module's
+    for ``python -m``. Raises :class:`LoadError` (:class:`AppCodeError` when the module or the
+    factory raises: a KeyError, a SyntaxError...), or the module's
     :class:`~app_kit.app.lifecycle.DeclarationError` if it declares a resource or service wrongly.
     """
     match = _TARGET.match(target)
@@ -43,6 +49,10 @@ def load_app(target: str) -> App[Any]:
         module = importlib.import_module(match["module"])
     except ImportError as exc:
         raise LoadError(f"cannot import {match['module']}: {exc}") from exc
+    except DeclarationError:
+        raise
+    except Exception as exc:
+        raise AppCodeError(f"importing {match['module']} failed: {_describe(exc)}") from exc
     value: Any = module
     for name in match["attr"].split("."):
         try:
@@ -52,7 +62,12 @@ def load_app(target: str) -> App[Any]:
     if match["call"]:
         if not callable(value):
             raise LoadError(f"{match['module']}:{match['attr']} is not callable")
-        value = value()
+        try:
+            value = value()
+        except DeclarationError:
+            raise
+        except Exception as exc:
+            raise AppCodeError(f"{match['module']}:{match['attr']}() failed: {_describe(exc)}") from exc
     if not isinstance(value, App):
         if not match["call"] and (inspect.isfunction(value) or inspect.ismethod(value)):
             raise LoadError(f"{target} is a function, not an app_kit.App: did you mean {target}()?")
@@ -140,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         app = load_app(args.target)
     except (LoadError, DeclarationError) as exc:
-        if args.debug and isinstance(exc, DeclarationError):
+        if isinstance(exc, AppCodeError) and exc.__cause__ is not None:
+            _print_user_traceback(exc.__cause__)  # the user's code: where it failed matters
+        elif args.debug and isinstance(exc, DeclarationError):
             traceback.print_exception(exc)
         print(f"app_kit: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
@@ -152,6 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level="DEBUG" if args.debug else args.log_level,
         log_config=args.log_config,
     )
+
+
+def _print_user_traceback(exc: BaseException) -> None:
+    """``exc``'s traceback from the first frame of the user's code (load_app and importlib's
+    frames left out; a SyntaxError says where it is by itself)."""
+    tb = exc.__traceback__
+    while tb is not None and (
+        tb.tb_frame.f_code.co_filename in (__file__, importlib.__file__)
+        or tb.tb_frame.f_code.co_filename.startswith("<frozen importlib")
+    ):
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb)
 
 
 def _positive_int(text: str) -> int:

@@ -8,6 +8,7 @@ import inspect
 import logging
 import math
 import socket
+import ssl
 import sys
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
@@ -267,6 +268,7 @@ class App(Generic[S]):
     async def _started(self, settings: S, startup: _Startup) -> AsyncIterator[RunningApp[S]]:
         """:meth:`serve` inside the task group in which ``startup`` watches for the stop."""
         aborted = True  # until start-up is over: see the end
+        tls = _tls_context(settings)  # before any resource too: a wrong file path starts none
         async with contextlib.AsyncExitStack() as stack:
             bound, reuse_port = _bind_early(stack, settings)  # before any resource: a port in use starts none
             values: dict[_Key, Any] = {(type(settings), None): settings}
@@ -339,16 +341,16 @@ class App(Generic[S]):
             stack.push_async_callback(_close_unless_drained, server)
             try:
                 if len(bound) == 1:
-                    await server.start(sock=bound[0], ssl=settings.ssl_context())
+                    await server.start(sock=bound[0], ssl=tls)
                 elif bound:
                     # A host name with several addresses: Server.start takes one ready socket, so
                     # they are bound again, on the port found free before the resources started.
                     port = bound[0].getsockname()[1]
                     for sock in bound:
                         sock.close()
-                    await server.start(settings.host, port, ssl=settings.ssl_context(), reuse_port=reuse_port or None)
+                    await server.start(settings.host, port, ssl=tls, reuse_port=reuse_port or None)
                 else:
-                    await server.start(path=settings.path, ssl=settings.ssl_context())
+                    await server.start(path=settings.path, ssl=tls)
             except Exception as exc:
                 raise StartupError(f"cannot listen: {_describe(exc)}") from exc
             metrics_port = None
@@ -910,6 +912,25 @@ def _bind_early(stack: contextlib.AsyncExitStack, settings: AppSettings) -> tupl
         # Closed by the server once it listens on them, or here if start-up fails before.
         stack.callback(sock.close)
     return bound, reuse_port
+
+
+def _tls_context(settings: AppSettings) -> ssl.SSLContext | None:
+    """The server's TLS context (None without TLS); a file that cannot be used fails start-up,
+    naming the setting and the file."""
+    try:
+        return settings.ssl_context()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(settings, name)
+            try:
+                path.open("rb").close()
+            except OSError as unreadable:
+                reason = unreadable.strerror or _describe(unreadable)
+                raise StartupError(f"cannot use TLS: {name} {str(path)!r}: {reason}") from exc
+        raise StartupError(
+            f"cannot use TLS: tls_cert_file {str(settings.tls_cert_file)!r} and tls_key_file "
+            f"{str(settings.tls_key_file)!r}: {_describe(exc)}"
+        ) from exc
 
 
 def _describe(exc: BaseException) -> str:

@@ -8,8 +8,10 @@ The rules, as uvicorn users expect them:
 - only when nothing is configured does the CLI add one stderr handler: text lines, or one JSON
   object per line with ``APP_LOG_FORMAT=json``;
 - a level given (``--log-level``, ``--debug``, ``APP_LOG_LEVEL``) applies to app_kit's own
-  loggers. Third-party loggers stay at INFO at most: DEBUG never reaches hpack or h2, whose
-  debug lines carry every header value (``authorization`` included).
+  loggers only (the ``app_kit`` logger). The root logger, and so the user's loggers and
+  third-party ones, stays as configured, INFO when the CLI adds its handler: DEBUG never
+  reaches hpack or h2, whose debug lines carry every header value (``authorization``
+  included), and ERROR does not silence the app's own warnings.
 """
 
 from __future__ import annotations
@@ -91,8 +93,7 @@ def configure_logging(level: str | None, *, log_format: str = "text", config_fil
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JSONFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
         root.addHandler(handler)
-        numeric = logging.getLevelName(level or "INFO")
-        root.setLevel(max(numeric, logging.INFO))  # third parties: never DEBUG from our flags
+        root.setLevel(logging.INFO)  # whatever the level given: that one is app_kit's alone
         if level is None:
             level = "INFO"
     if level is not None:

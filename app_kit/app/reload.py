@@ -4,6 +4,11 @@ For development. The App runs in a child process (as one ``--workers`` worker do
 :mod:`app_kit.app.workers`); when a ``.py`` file under the watched directories changes, the
 child is drained as on SIGTERM and a new one started on the same port. A child that exits or
 fails to start waits for the next change. Needs ``watchfiles`` (``pip install app_kit[reload]``).
+
+The reloader never imports the App, so it knows only the listen address the command line or
+the environment gives: only that one does it bind (and hold across restarts, port 0 included).
+Otherwise the App's settings class decides, defaults included (``port: int = 8080`` in a
+subclass), and each child binds its address itself.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Sequence
 
 from .lifecycle import EXIT_STARTUP_FAILED
 from .settings import AppSettings
-from .workers import Supervisor, bind_shared, child_command
+from .workers import SharedListeners, Supervisor, bind_shared, child_command, sharing_mode
 
 __all__ = ["run_reloading"]
 
@@ -30,7 +35,7 @@ def run_reloading(argv: Sequence[str], settings: AppSettings, *, directories: Se
         log.error("--reload needs watchfiles: pip install 'app_kit[reload]'")
         return EXIT_STARTUP_FAILED
     try:
-        shared = bind_shared(settings)
+        shared = bind_shared(settings) if _address_given(settings) else SharedListeners([], {}, [])
     except (OSError, ValueError) as exc:
         log.error("start-up failed: cannot listen: %s", exc)
         return EXIT_STARTUP_FAILED
@@ -55,3 +60,18 @@ def run_reloading(argv: Sequence[str], settings: AppSettings, *, directories: Se
         return asyncio.run(supervise())
     finally:
         shared.close()
+
+
+def _address_given(settings: AppSettings) -> bool:
+    """Whether ``settings`` (plain :class:`AppSettings`, from the command line and environment)
+    name where the App listens, so that the reloader can bind it without imposing
+    ``AppSettings``' defaults on a subclass that has its own.
+
+    A Unix socket path, or a port: with SO_REUSEPORT each child binds its own host on that port
+    beside the reloader's socket; an inherited socket is the reloader's, so its host must be
+    given too.
+    """
+    given = settings.model_fields_set
+    if settings.path is not None:
+        return True
+    return "port" in given and ("host" in given or sharing_mode(settings) == "reuse_port")

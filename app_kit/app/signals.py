@@ -13,9 +13,24 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
-__all__ = ["Closable", "SignalShutdown", "graceful_exit"]
+__all__ = ["Closable", "SignalShutdown", "graceful_exit", "mark_supervised"]
 
 log = logging.getLogger("app_kit.signals")
+
+# Set by mark_supervised(): a repeated signal is the same request, not "exit at once".
+_supervised = False
+
+
+def mark_supervised() -> None:
+    """This process runs under a supervisor (a ``--workers`` worker, the ``--reload`` child).
+
+    Its stop signals can come twice for one stop: from outside (systemd's
+    ``KillMode=control-group``, a ``kill`` of every pid of a service) and from the supervisor,
+    which passes its own on. From now on :class:`SignalShutdown` treats a repeated SIGINT or
+    SIGTERM as the same request; the supervisor sends SIGKILL when it wants the exit forced.
+    """
+    global _supervised
+    _supervised = True
 
 
 class Closable(Protocol):
@@ -92,8 +107,9 @@ class SignalShutdown:
     :meth:`listen` runs as a task: the first of ``signals`` calls ``stop()`` (a graceful
     shutdown); a second cancels ``cancel`` (what is still running, the drain included, is cut
     short) and is kept in :attr:`forced`: exit then with ``128 + forced``, the exit code a
-    shell reports for a process killed by that signal. The handlers that were installed
-    before are restored when it ends.
+    shell reports for a process killed by that signal. Under a supervisor
+    (:func:`mark_supervised`), a second signal changes nothing. The handlers that were
+    installed before are restored when it ends.
     """
 
     def __init__(
@@ -120,8 +136,11 @@ class SignalShutdown:
                 async for signum in received:
                     if first:
                         first = False
-                        log.info("received %s: shutting down gracefully (send it again to exit at once)", signum.name)
+                        hint = "" if _supervised else " (send it again to exit at once)"
+                        log.info("received %s: shutting down gracefully%s", signum.name, hint)
                         self._stop()
+                    elif _supervised:
+                        log.info("received %s again: already shutting down", signum.name)
                     else:
                         log.warning("received %s again: exiting now", signum.name)
                         self.forced = signum

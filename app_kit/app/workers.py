@@ -21,11 +21,14 @@ The port is shared in one of two ways (``APP_WORKERS_SOCKET``):
   that is killed is not lost). A Unix socket (``APP_PATH``) is always shared this way.
 
 The supervisor restarts a worker that dies (after ``APP_WORKER_RESTART_DELAY``, doubled for
-each death in a row), passes SIGTERM/SIGINT on to every worker and waits for all of them to
-drain; a second signal kills them at once. A worker whose start-up fails (exit code 3) is not
-restarted: the others are stopped and the supervisor exits 3. Every line a worker writes to
-stderr is relayed with ``[worker N pid P]`` in front (JSON log lines get ``worker`` and ``pid``
-fields instead).
+each death in a row), stops every worker with SIGTERM on SIGTERM/SIGINT/SIGHUP (as uvicorn does:
+a worker still importing the App dies of it without a KeyboardInterrupt traceback) and waits for
+all of them to drain; a second signal kills them at once (SIGKILL). A worker takes a repeated
+SIGTERM as the same request (systemd's ``KillMode=control-group`` signals every process, so it
+gets one from outside and one from the supervisor). A worker whose start-up fails (exit code 3)
+is not restarted: the others are stopped and the supervisor exits 3. Every line a worker writes
+to stdout or stderr is relayed to the supervisor's own with ``[worker N pid P]`` in front (JSON
+log lines get ``worker`` and ``pid`` fields instead).
 
 :mod:`app_kit.app.reload` runs one worker the same way and replaces it when a file changes.
 """
@@ -44,11 +47,12 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from .lifecycle import EXIT_STARTUP_FAILED
 from .listeners import LISTEN_FDS, REUSE_PORT, bind_tcp, bind_unix
 from .settings import AppSettings
+from .signals import mark_supervised
 
 __all__ = [
     "SharedListeners",
@@ -56,6 +60,7 @@ __all__ = [
     "bind_shared",
     "child_command",
     "run_workers",
+    "sharing_mode",
     "watch_supervisor",
 ]
 
@@ -94,11 +99,16 @@ class SharedListeners:
                     os.remove(path)
 
 
+def sharing_mode(settings: AppSettings) -> str:
+    """``reuse_port`` or ``inherit``: how TCP workers share the port (``APP_WORKERS_SOCKET``)."""
+    if settings.workers_socket != "auto":
+        return settings.workers_socket
+    return "reuse_port" if sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT") else "inherit"
+
+
 def bind_shared(settings: AppSettings) -> SharedListeners:
     """Bind what the workers will share (raises OSError, or ValueError for a mode that cannot be)."""
-    mode = settings.workers_socket
-    if mode == "auto":
-        mode = "reuse_port" if sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT") else "inherit"
+    mode = sharing_mode(settings)
     if settings.path is not None:
         sock = bind_unix(settings.path)
         unix_file = None if settings.path.startswith("\0") else (settings.path, os.stat(settings.path).st_ino)
@@ -140,7 +150,7 @@ class _Slot:
     process: asyncio.subprocess.Process | None = None
     #: Set while it is stopped to be replaced at once (a reload), not because it died.
     replacing: bool = False
-    #: Set once its process was sent SIGTERM/SIGINT: a second one would cut its drain short.
+    #: Set once its process was sent SIGTERM: it is draining, and is not signalled again.
     signalled: bool = False
     #: Wakes a slot waiting for the next reload (reload mode, after its process exited).
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -214,7 +224,7 @@ class Supervisor:
             return
         log.info("%s: restarting", reason)
         for slot in self.slots:
-            # Once: a second SIGTERM would cut the worker's drain short.
+            # Once: the worker is draining from then on.
             if slot.process is not None and slot.process.returncode is None and not slot.signalled:
                 slot.replacing = slot.signalled = True
                 slot.process.send_signal(signal.SIGTERM)
@@ -234,13 +244,14 @@ class Supervisor:
         self.stopping.set()
         # Only the workers hold the port now: it closes with the last of them.
         self.shared.close()
-        # Workers handle SIGINT and SIGTERM only (SIGHUP becomes SIGTERM). A worker signalled
-        # already (draining for a reload) is not signalled again: it would exit at once.
-        graceful = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
+        # SIGTERM whatever the signal (as uvicorn does): a worker still importing the App has
+        # no handler yet, and SIGTERM ends it quietly where SIGINT would print a
+        # KeyboardInterrupt traceback. A worker signalled already (draining for a reload) is
+        # not signalled again (it would take it as the same request anyway).
         for slot in self.slots:
             if slot.process is not None and slot.process.returncode is None and not slot.signalled:
                 slot.signalled = True
-                slot.process.send_signal(graceful)
+                slot.process.send_signal(signal.SIGTERM)
             slot.wake.set()
 
     def _send(self, signum: int) -> None:
@@ -302,6 +313,7 @@ class Supervisor:
             env={**os.environ, **self.shared.env, SUPERVISOR_FD: str(lifeline)},
             pass_fds=(*self.shared.pass_fds, lifeline),
             stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             limit=_RELAY_LINE_LIMIT,
             # A group of its own: a terminal's Ctrl-C reaches the supervisor, which passes it on once.
@@ -314,15 +326,20 @@ class Supervisor:
             log.info("started the app (pid %d)", process.pid)
         else:
             log.info("started worker %d (pid %d)", slot.index, process.pid)
-        assert process.stderr is not None
+        assert process.stdout is not None and process.stderr is not None
         slot.relays = [relay for relay in slot.relays if not relay.done()]
-        slot.relays.append(asyncio.create_task(_relay(process.stderr, label, slot.index, process.pid)))
+        for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
+            slot.relays.append(asyncio.create_task(_relay(stream, out, label, slot.index, process.pid)))
         return process
 
 
-async def _relay(stream: asyncio.StreamReader, label: str, index: int, pid: int) -> None:
-    """Copy a worker's stderr to ours, each line saying which worker wrote it."""
-    out = sys.stderr.buffer
+async def _relay(stream: asyncio.StreamReader, out: IO[str] | None, label: str, index: int, pid: int) -> None:
+    """Copy a worker's stdout or stderr to ``out`` (ours), each line saying which worker wrote it.
+
+    Read to the end even when ``out`` cannot be written (closed, a broken pipe): a worker
+    must never block on a full pipe.
+    """
+    target = getattr(out, "buffer", None)
     prefix = f"[{label}] ".encode()
     at_line_start = True
     while True:
@@ -336,9 +353,13 @@ async def _relay(stream: asyncio.StreamReader, label: str, index: int, pid: int)
             chunk = await stream.read(exc.consumed)  # a piece of a very long line
         if at_line_start:
             chunk = _label_json(chunk, index, pid) or prefix + chunk
-        out.write(chunk)
-        out.flush()
         at_line_start = chunk.endswith(b"\n")
+        if target is not None:
+            try:
+                target.write(chunk)
+                target.flush()
+            except (OSError, ValueError):  # ValueError: closed
+                target = None
 
 
 def _label_json(line: bytes, index: int, pid: int) -> bytes | None:
@@ -365,10 +386,18 @@ def watch_supervisor() -> None:
     process SIGTERM: the usual graceful shutdown, whatever the event loop. Outside a
     supervisor it does nothing. The variable is removed, so the App's own subprocesses do not
     see it.
+
+    The child also takes a repeated SIGTERM/SIGINT as the same request
+    (:func:`~app_kit.app.signals.mark_supervised`), and writes stdout line by line: it is
+    relayed a line at a time, and a pipe would otherwise hold ``print()`` output back.
     """
     text = os.environ.pop(SUPERVISOR_FD, "")
     if not text:
         return
+    mark_supervised()
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
     fd = int(text)
     os.set_inheritable(fd, False)  # pass_fds made it inheritable; it is ours alone
     threading.Thread(target=_await_supervisor_exit, args=(fd,), name="app_kit supervisor watch", daemon=True).start()
