@@ -12,7 +12,7 @@ import socket
 import ssl as ssl_module
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypedDict, TypeVar, Unpack, cast
 
 import h2.errors
@@ -1132,23 +1132,6 @@ class _Method(Generic[SendT, RecvT]):
         policy = self.channel._retry_policies.for_method(self.path)
         return _Attempts(policy, options["deadline"], self.channel.config.max_transparent_retries)
 
-    async def _with_retry(
-        self, run: Callable[[ClientStream[SendT, RecvT]], Awaitable[Any]], options: CallOptions
-    ) -> Any:
-        # The deadline is fixed now; the retry policy is looked up if an attempt fails.
-        options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
-        attempts = None
-        while True:
-            async with self.open(**options) as stream:
-                try:
-                    return await run(stream)
-                except GRPCError as exc:
-                    if attempts is None:
-                        attempts = self._attempts(options)
-                    delay = attempts.retry_delay(stream, exc)
-                    if delay is None:
-                        raise
-            await sleep(delay)
 
 
 class _Attempts:
@@ -1198,8 +1181,7 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
         **options: Unpack[CallOptions],
     ) -> RecvT:
         """Make the call; a non-OK status raises :class:`GRPCError`."""
-        reply, _ = await self.with_call(request, **options)
-        return reply
+        return (await self._call(request, options))[0]
 
     async def with_call(
         self,
@@ -1208,16 +1190,31 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
     ) -> tuple[RecvT, ClientStream[SendT, RecvT]]:
         """Make the call; return the reply and the finished call, whose ``initial_metadata``,
         ``trailing_metadata``, ``response_encoding`` and ``peer`` tell how it went."""
+        return await self._call(request, options)
 
-        async def run(stream: ClientStream[SendT, RecvT]) -> tuple[RecvT, ClientStream[SendT, RecvT]]:
-            await stream.send_message(request, end=True)
-            reply = await stream.recv_message()
-            await stream.recv_trailing_metadata()
-            if reply is None:
-                raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
-            return reply, stream
-
-        return await self._with_retry(run, options)
+    async def _call(self, request: SendT, options: CallOptions) -> tuple[RecvT, ClientStream[SendT, RecvT]]:
+        # The deadline is fixed now (a retry gets what is left of it); the retry policy is
+        # looked up if an attempt fails.
+        options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
+        attempts = None
+        while True:
+            async with self.channel.request(
+                self.path, Cardinality.UNARY_UNARY, self.request_type, self.reply_type, **options
+            ) as stream:
+                try:
+                    await stream.send_message(request, end=True)
+                    reply = await stream.recv_message()
+                    await stream.recv_trailing_metadata()
+                    if reply is None:
+                        raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
+                    return reply, stream
+                except GRPCError as exc:
+                    if attempts is None:
+                        attempts = self._attempts(options)
+                    delay = attempts.retry_delay(stream, exc)
+                    if delay is None:
+                        raise
+            await sleep(delay)
 
 
 class ReplyStream(Generic[SendT, RecvT]):

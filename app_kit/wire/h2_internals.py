@@ -84,6 +84,7 @@ _FRAME_HEADER = struct.Struct(">BHBBL")
 _DATA, _HEADERS, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x8, 0x9
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _STREAM_OPEN, _STREAM_HALF_CLOSED_LOCAL = H2StreamState.OPEN, H2StreamState.HALF_CLOSED_LOCAL
+_STREAM_CLOSED = H2StreamState.CLOSED
 _CONNECTION_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _STREAM_SENDING = (H2StreamState.OPEN, H2StreamState.HALF_CLOSED_REMOTE)
 
@@ -268,27 +269,29 @@ class H2Connection(h2.connection.H2Connection):
 
     @property
     def open_inbound_streams(self) -> int:
-        """What h2 asks before accepting a stream: also where it sweeps out closed streams.
-
-        h2 walks every stream for it on each new inbound stream. We enforce the concurrency
-        limit ourselves (see :class:`_AdvertisedSettings`), so the walk is only needed for
-        the sweep, and doing it whenever the stream count doubles keeps it O(1) per stream.
-        """
-        if len(self.streams) < self._sweep_at:
-            return 0
-        count = self._open_streams(int(not self.config.client_side))
-        self._sweep_at = max(16, 2 * len(self.streams))
-        return count
+        """What h2 asks before accepting a stream (checked against a limit h2 never reaches:
+        see :class:`_AdvertisedSettings`); 0, and the moment to sweep out closed streams."""
+        self._sweep()
+        return 0
 
     @property
     def open_outbound_streams(self) -> int:
-        """The same walk for the streams we open (a client's): the client enforces the peer's
-        stream limit itself, from its own count of calls."""
-        if len(self.streams) < self._sweep_at:
-            return 0
-        count = self._open_streams(int(self.config.client_side))
-        self._sweep_at = max(16, 2 * len(self.streams))
-        return count
+        """The same for the streams we open: the client enforces the peer's stream limit
+        itself, from its own count of calls."""
+        self._sweep()
+        return 0
+
+    def _sweep(self) -> None:
+        """Forget closed streams, as h2's count of open streams does on each new stream: here
+        only whenever their number doubled (O(1) per stream, not a walk over every stream)."""
+        streams = self.streams
+        if len(streams) < self._sweep_at:
+            return
+        closed = [stream_id for stream_id, stream in streams.items() if stream.state_machine.state is _STREAM_CLOSED]
+        how = self._closed_streams  # (bounded: h2 keeps the newest of them)
+        for stream_id in closed:
+            how[stream_id] = streams.pop(stream_id).state_machine.stream_closed_by
+        self._sweep_at = max(16, 2 * len(streams))
 
     def send_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         """``send_headers`` on an open stream, with the header block already encoded."""
@@ -345,7 +348,7 @@ class H2Connection(h2.connection.H2Connection):
         stream_id = self.highest_outbound_stream_id + 2 if self.highest_outbound_stream_id else 1
         if stream_id > self.HIGHEST_ALLOWED_STREAM_ID:
             raise h2.exceptions.NoAvailableStreamIDError("Exhausted allowed stream IDs")
-        self.open_outbound_streams  # noqa: B018  (sweeps out closed streams, when their count doubled)
+        self._sweep()
         stream = self._new_stream(stream_id, True)
         # What h2's send_headers records from the header list it would have seen.
         stream._authority = authority
@@ -456,7 +459,7 @@ class H2Connection(h2.connection.H2Connection):
             # A request: an odd id above every id the client used so far (RFC 9113 §5.1.1).
             if self.config.client_side or stream_id <= self.highest_inbound_stream_id or not stream_id & 1:
                 return None
-            self.open_inbound_streams  # noqa: B018  (sweeps out closed streams, as h2 would ask)
+            self._sweep()  # (as h2's count of open streams would)
         elif (
             stream.state_machine.state is not _STREAM_OPEN
             and stream.state_machine.state is not _STREAM_HALF_CLOSED_LOCAL
