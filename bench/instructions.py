@@ -2,7 +2,8 @@
 
 ``python bench/instructions.py [CALLS] [CONNECTIONS] [STREAMS]`` counts the server;
 ``python bench/instructions.py client [CALLS]`` counts the client (100 calls in flight on one
-``Channel``, against app_kit's bench server).
+``Channel``, against app_kit's bench server); ``python bench/instructions.py bidi [MESSAGES]``
+the server per message of the bench's bidi echo (calls of 100 messages, 10 at once).
 
 Seconds of CPU move with whatever else the machine does; instructions do not. The process
 measured runs under valgrind's callgrind: it is warmed up with 500 calls, its counters are
@@ -29,10 +30,10 @@ sys.path[:0] = [str(HERE), str(HERE / "_gen"), str(HERE / "_gen" / "app_kit")]
 sys.path.append(str(HERE.parent))  # app_kit from the checkout, unless PYTHONPATH says otherwise
 
 
-def h2load(port: int, calls: int, connections: int, streams: int, body: str) -> None:
+def h2load(port: int, calls: int, connections: int, streams: int, body: str, method: str = "Unary") -> None:
     command = ["h2load", "-n", str(calls), "-c", str(connections), "-m", str(streams), "-d", body]
     command += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
-    out = subprocess.run([*command, f"http://127.0.0.1:{port}/bench.Bench/Unary"], capture_output=True, text=True)
+    out = subprocess.run([*command, f"http://127.0.0.1:{port}/bench.Bench/{method}"], capture_output=True, text=True)
     if f"{calls} succeeded" not in out.stdout:
         raise SystemExit(f"h2load: not every call succeeded\n{out.stdout}{out.stderr}")
 
@@ -106,8 +107,11 @@ def main() -> int:
             print(f"{tool} not found: apt-get install valgrind nghttp2-client", file=sys.stderr)
             return 2
     measure_client = sys.argv[1:2] == ["client"]
-    arguments = sys.argv[2:] if measure_client else sys.argv[1:]
+    bidi = sys.argv[1:2] == ["bidi"]
+    arguments = sys.argv[2:] if measure_client or bidi else sys.argv[1:]
     calls, connections, streams = (int(arg) for arg in [*arguments, "3000", "1", "100"][:3])
+    if bidi:  # the bench's bidi echo: calls of 100 messages, 10 at once on one connection
+        calls, connections, streams = max(calls // 100, 1), 1, 10
     generate()
     import bench_pb2
 
@@ -143,18 +147,22 @@ def main() -> int:
             return 0
         body = pathlib.Path(scratch, "body")
         payload = bench_pb2.Payload(data=b"0123456789").SerializeToString()
-        body.write_bytes(b"\x00" + len(payload).to_bytes(4, "big") + payload)
+        body.write_bytes((b"\x00" + len(payload).to_bytes(4, "big") + payload) * (100 if bidi else 1))
+        method = "BidiStream" if bidi else "Unary"
         server = under_callgrind(out, str(HERE / "servers.py"), "app_kit", str(port))
         try:
             total = count(
                 server,
                 scratch,
-                lambda: h2load(port, 500, connections, streams, str(body)),
-                lambda: h2load(port, calls, connections, streams, str(body)),
+                lambda: h2load(port, 50 if bidi else 500, connections, streams, str(body), method),
+                lambda: h2load(port, calls, connections, streams, str(body), method),
             )
         finally:
             server.terminate()
             server.wait()
+    if bidi:
+        print(f"{total / calls / 100:,.0f} instructions per bidi echo message ({calls} calls of 100 messages)")
+        return 0
     print(f"{total / calls:,.0f} instructions per unary call ({connections} x {streams}, {calls} calls)")
     return 0
 
