@@ -468,8 +468,9 @@ class Channel:
                 raise GRPCError(Status.UNAVAILABLE, failing[-1].last_error or "no backend is reachable")
             await self._state_change()
 
-    def _pick(self) -> ClientProtocol | None:
-        """The next READY connection, round-robin, or None; connect the backends that are idle."""
+    def _pick(self, only_with_a_free_slot: bool = False) -> ClientProtocol | None:
+        """The next READY connection, round-robin, or None; connect the backends that are idle.
+        ``only_with_a_free_slot``: None, and the turn not taken, if that one has no free slot."""
         ready = []
         for subchannel in self._subchannels:
             protocol = subchannel.ready_protocol()
@@ -480,20 +481,20 @@ class Channel:
         if not ready:
             return None
         protocol = ready[self._next_pick % len(ready)]
+        if only_with_a_free_slot and not protocol.connection.can_start_call:
+            return None
         self._next_pick += 1
         self._protocol = protocol
         return protocol
 
     def _pick_at_once(self) -> ClientProtocol | None:
         """What :meth:`_connection` and a free stream slot would give without waiting, when
-        that needs no waiting (no name to resolve): a call's usual start takes no await."""
+        that needs no waiting (no name to resolve): a call's usual start takes no await.
+        Otherwise None, and the round-robin turn is left to the waiting path."""
         if self._closed or self._target.dns_name is not None or not self._subchannels:
             return None
         self._used = True
-        protocol = self._pick()
-        if protocol is None or not protocol.connection.can_start_call:
-            return None
-        return protocol
+        return self._pick(only_with_a_free_slot=True)
 
     async def _connect_all(self) -> None:
         with contextlib.suppress(GRPCError):
