@@ -72,6 +72,9 @@ log = logging.getLogger("app_kit.client")
 _USER_AGENT = f"app_kit/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
 _REFUSED_STREAM = int(h2.errors.ErrorCodes.REFUSED_STREAM)
 _ENHANCE_YOUR_CALM = int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+#: The requests of a client-streaming or bidi call kept (encoded) for a transparent retry, at
+#: most: past it the call is committed, never retried (grpc-core's per_rpc_retry_buffer_size).
+_RESEND_LIMIT = 256 * 1024
 
 
 class ClientInterceptor:
@@ -272,27 +275,31 @@ class Channel:
     - ``Channel("10.0.0.7", 50051)``, ``Channel("api:50051")``, ``Channel(path="/run/api.sock")``
       or ``Channel("unix:/run/api.sock")``: one backend (a host name is resolved when connecting);
     - ``Channel("dns:///api.internal:50051")``: every address the name resolves to is a backend,
-      resolved again (at most every ``dns_min_resolution_interval``) when a connection fails or
-      its server sends GOAWAY;
+      resolved again in the background (at most every ``dns_min_resolution_interval``) when a
+      connection fails or its server sends GOAWAY;
     - ``Channel(["10.0.0.7:50051", "10.0.0.8:50051"])``: these backends.
 
     Each backend gets its own connection, opened on demand and reopened after it is lost, with
     gRPC's exponential backoff between failed attempts (``connect_*`` in :class:`Configuration`).
     Calls go round-robin over the ready connections; a server's GOAWAY drains its connection
-    while new calls go elsewhere. A call fails at once with UNAVAILABLE when every backend is
-    failing, unless it asks ``wait_for_ready=True``: then it waits (within its deadline) for
-    one to come back. :meth:`get_state`, :meth:`wait_for_state_change` and
-    :meth:`channel_ready` follow the channel's connectivity.
+    while new calls go elsewhere. A backend that failed stays failing (TRANSIENT_FAILURE) until
+    it is READY again, reconnecting in the background. A call fails at once with UNAVAILABLE
+    when every backend is failing (or the name did not resolve), unless it asks
+    ``wait_for_ready=True``: then it waits (within its deadline) for one to come back.
+    :meth:`get_state`, :meth:`wait_for_state_change` and :meth:`channel_ready` follow the
+    channel's connectivity.
 
     Failed calls are retried by ``retry_policy`` (a :class:`~app_kit.RetryPolicy` for every
     method) or by the ``retryPolicy`` entries of a gRPC ``service_config`` (a dict in its JSON
     shape, per service or method): only calls whose request is a single message, only before
-    response headers came back, always within the call's deadline.
+    response headers came back, always within the call's deadline. A call the server refused or
+    never processed is retried transparently, whatever its kind (see :class:`_RequestSender`).
 
     ``ssl=True`` uses a default TLS context (:func:`~app_kit.client_tls` makes one with your
     roots and a client certificate, for mutual TLS); a context of your own is used as given,
     never changed, and must offer ALPN ``h2``. ``server_hostname`` is the name the server's
-    certificate is checked against (and sent as SNI), when it is not the host connected to.
+    certificate is checked against (and sent as SNI, and as the calls' ``:authority``), when it
+    is not the host connected to.
     ``compression="gzip"`` compresses requests (any registered encoding; a call can say
     otherwise); responses in every registered encoding are accepted.
 
@@ -358,14 +365,23 @@ class Channel:
         #: The connection the latest call was placed on.
         self._protocol: ClientProtocol | None = None
         self._subchannels: list[Subchannel[ClientProtocol]] = []
-        self._resolved_at: float | None = None
-        self._resolve_wanted = True
-        self._resolve_error: str | None = None
-        self._resolving: asyncio.Future[None] | None = None
+        #: The ``:authority`` of requests: the server-name override if any (as grpc-core's
+        #: ssl_target_name_override and grpc-go's credentials' server name make it), else
+        #: the target's name.
+        self._authority = server_hostname if server_hostname is not None else self._target.authority
+        # Resolving a dns: name, in the background: the lookup under way, the timer that
+        # starts the next one (one schedule per channel, whoever asks), and the time before
+        # which none starts (the backoff after a failure, dns_min_resolution_interval after
+        # a success).
+        self._resolving: Any = None
+        self._resolve_timer: Any = None
+        self._resolve_after = 0.0
+        self._resolve_wanted = False  # a backend failed or went away: resolve again when allowed
+        self._resolve_error: str | None = None  # why the last lookup failed
         self._resolve_backoff = Backoff(self.config)
         self._next_pick = 0
         self._changed: asyncio.Future[None] | None = None
-        self._connect_task: asyncio.Future[None] | None = None
+        # A call or try_to_connect asked for connections: backends DNS adds connect at once.
         self._used = False
         self._closed = False
         subtype = self.codec.content_subtype
@@ -395,10 +411,14 @@ class Channel:
             if protocol is not None and not protocol.is_closed:
                 protocol.connection.close(0, "channel closed")
                 protocol.close_transport("the channel was closed")  # its calls fail now
+        if self._resolve_timer is not None:
+            self._resolve_timer.cancel()
+            self._resolve_timer = None
         if self._resolving is not None:
             self._resolving.cancel()
+            self._resolving = None
         self._protocol = None
-        self._notify()
+        self._notify()  # the calls waiting for a backend or for the name end now
 
     # -- connectivity ------------------------------------------------------------------
 
@@ -411,8 +431,7 @@ class Channel:
             return ConnectivityState.SHUTDOWN
         if try_to_connect:
             self._used = True
-            if self._connect_task is None or self._connect_task.done():
-                self._connect_task = current_runtime().create_task(self._connect_all())
+            self._connect_all()
         for subchannel in self._subchannels:
             subchannel.ready_protocol()  # a lost or draining connection shows as IDLE
         states = {subchannel.state for subchannel in self._subchannels}
@@ -445,28 +464,48 @@ class Channel:
         changed, self._changed = self._changed, None
         if changed is not None and not changed.done():
             changed.set_result(None)
-        if subchannel is not None and subchannel.state in (ConnectivityState.TRANSIENT_FAILURE, ConnectivityState.IDLE):
+        if (
+            subchannel is not None
+            and subchannel.state in (ConnectivityState.TRANSIENT_FAILURE, ConnectivityState.IDLE)
+            and self._target.dns_name is not None
+        ):
             self._resolve_wanted = True  # a backend failed or went away: the name may say more now
+            self._resolve_soon()
 
     # -- picking a connection ----------------------------------------------------------
 
     async def _connection(self, wait_for_ready: bool = False) -> ClientProtocol:
         """A READY connection for a new call, round-robin; connect the backends that are idle.
 
-        Fails with UNAVAILABLE when every backend is failing, unless ``wait_for_ready``.
+        Fails with UNAVAILABLE when every backend is failing (or the name does not resolve),
+        unless ``wait_for_ready``: then it waits for the channel's next change (a backend
+        READY, a lookup's result, the channel closed).
         """
         self._used = True
         while True:
             if self._closed:
                 raise GRPCError(Status.UNAVAILABLE, "the channel is closed")
-            await self._resolve_if_due(wait_for_ready)
+            self._start_subchannels()
             protocol = self._pick()
             if protocol is not None:
                 return protocol
-            failing = [s for s in self._subchannels if s.state is ConnectivityState.TRANSIENT_FAILURE]
-            if not wait_for_ready and self._subchannels and len(failing) == len(self._subchannels):
-                raise GRPCError(Status.UNAVAILABLE, failing[-1].last_error or "no backend is reachable")
+            if not wait_for_ready:
+                failure = self._failure()
+                if failure is not None:
+                    raise GRPCError(Status.UNAVAILABLE, failure)
             await self._state_change()
+
+    def _failure(self) -> str | None:
+        """Why a call that does not wait for ready fails now: every backend is in
+        TRANSIENT_FAILURE, or the name's last lookup failed (it is not looked up again for
+        the call: the channel's own schedule does that). None while one may yet connect."""
+        subchannels = self._subchannels
+        if not subchannels:
+            return self._resolve_error  # None while the first lookup runs
+        for subchannel in subchannels:
+            if subchannel.state is not ConnectivityState.TRANSIENT_FAILURE:
+                return None
+        return subchannels[-1].last_error or "no backend is reachable"
 
     def _pick(self, only_with_a_free_slot: bool = False) -> ClientProtocol | None:
         """The next READY connection, round-robin, or None; connect the backends that are idle.
@@ -488,63 +527,84 @@ class Channel:
         return protocol
 
     def _pick_at_once(self) -> ClientProtocol | None:
-        """What :meth:`_connection` and a free stream slot would give without waiting, when
-        that needs no waiting (no name to resolve): a call's usual start takes no await.
-        Otherwise None, and the round-robin turn is left to the waiting path."""
-        if self._closed or self._target.dns_name is not None or not self._subchannels:
+        """What :meth:`_connection` and a free stream slot would give without waiting, once
+        the channel has backends (a name is resolved beside the calls, never by them): a
+        call's usual start takes no await. Otherwise None, and the round-robin turn is left to
+        the waiting path."""
+        if self._closed or not self._subchannels:
             return None
-        self._used = True
         return self._pick(only_with_a_free_slot=True)
 
-    async def _connect_all(self) -> None:
-        with contextlib.suppress(GRPCError):
-            await self._resolve_if_due(True)
+    def _connect_all(self) -> None:
+        self._start_subchannels()
         for subchannel in self._subchannels:
             subchannel.request_connection()
 
-    async def _resolve_if_due(self, wait_for_ready: bool) -> None:
-        """Turn the target into backends: at once for addresses, by DNS for a dns: name (again
-        when a backend failed, at most every ``dns_min_resolution_interval``)."""
-        target = self._target
-        if target.dns_name is None:
-            if not self._subchannels and not self._closed:
-                self._subchannels = [self._subchannel(address) for address in target.addresses]
+    def _start_subchannels(self) -> None:
+        """The backends: the target's addresses, made once; for a dns: name, those of its
+        last lookup, the first one started here (in the background; see :meth:`_resolve_soon`)."""
+        if self._subchannels or self._closed:
+            return
+        if self._target.dns_name is None:
+            self._subchannels = [self._subchannel(address) for address in self._target.addresses]
+        else:
+            self._resolve_soon()
+
+    def _resolve_soon(self) -> None:
+        """Look the name up in the background: now, or once the backoff after a failed lookup
+        (after a successful one: ``dns_min_resolution_interval``) is over. One schedule per
+        channel: asking again while a lookup runs or is scheduled changes nothing."""
+        if self._closed or self._resolving is not None or self._resolve_timer is not None:
             return
         runtime = current_runtime()
-        due = self._resolved_at is None or (
-            self._resolve_wanted and runtime.time() - self._resolved_at >= self.config.dns_min_resolution_interval
-        )
-        while due or not self._subchannels:
-            if self._resolving is None or self._resolving.done():
-                self._resolving = runtime.create_task(self._resolve(target.dns_name, target.dns_port))
-            await wait_shielded(self._resolving)
-            if self._subchannels or self._closed:
-                return
-            if not wait_for_ready:
-                raise GRPCError(Status.UNAVAILABLE, self._resolve_error or "the name resolved to no address")
-            await sleep(self._resolve_backoff.next_delay())
-            due = True
+        wait = self._resolve_after - runtime.time()
+        if wait > 0:
+            self._resolve_timer = runtime.call_later(wait, self._resolve_now)
+        else:
+            self._resolve_now()
+
+    def _resolve_now(self) -> None:
+        self._resolve_timer = None
+        target = self._target
+        if not self._closed and self._resolving is None and target.dns_name is not None:
+            self._resolving = current_runtime().create_task(self._resolve(target.dns_name, target.dns_port))
 
     async def _resolve(self, name: str, port: int) -> None:
+        """One lookup: its addresses become the backends (a failed one keeps those there
+        are); then the next lookup is scheduled if one is wanted. Every outcome is a change
+        the waiting calls see."""
         runtime = current_runtime()
         self._resolve_wanted = False
+        error = None
         try:
             infos = await getaddrinfo(name, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            self._resolved_at = runtime.time()
-            self._resolve_error = f"cannot resolve {name}: {exc}"
-            self._notify()
-            return
-        self._resolved_at = runtime.time()
-        self._resolve_error = None
-        self._resolve_backoff.reset()
+        except Exception as exc:  # socket.gaierror; a name IDNA cannot encode...
+            error = f"cannot resolve {name}: {exc}"
+            infos = []
+        finally:
+            self._resolving = None
         addresses = list(dict.fromkeys(Address(str(info[4][0]), int(info[4][1])) for info in infos))
-        kept = {subchannel.address: subchannel for subchannel in self._subchannels}
-        for address, subchannel in kept.items():
-            if address not in addresses:
-                subchannel.shutdown()  # gone from DNS: its calls finish, no new ones
-        if not self._closed:
+        if self._closed:
+            return
+        if error is not None or not addresses:
+            self._resolve_error = error or f"{name} resolved to no address"
+            self._resolve_after = runtime.time() + self._resolve_backoff.next_delay()
+            if not self._subchannels:
+                self._resolve_wanted = True  # nothing to call: try again after the backoff
+        else:
+            self._resolve_error = None
+            self._resolve_backoff.reset()
+            self._resolve_after = runtime.time() + self.config.dns_min_resolution_interval
+            kept = {subchannel.address: subchannel for subchannel in self._subchannels}
+            for address, subchannel in kept.items():
+                if address not in addresses:
+                    subchannel.shutdown()  # gone from DNS: its calls finish, no new ones
             self._subchannels = [kept.get(address) or self._subchannel(address) for address in addresses]
+            if self._used:
+                for subchannel in self._subchannels:
+                    subchannel.request_connection()
+        if self._resolve_wanted:
+            self._resolve_soon()
         self._notify()
 
     def _subchannel(self, address: Address) -> Subchannel[ClientProtocol]:
@@ -552,11 +612,13 @@ class Channel:
 
     async def _connect(self, address: Address) -> ClientProtocol:
         """Open one connection to ``address`` (OSError, or ConnectionError without ALPN h2)."""
-        authority = self._target.authority
+        authority = self._authority
 
         config = self.config
         if config.keepalive_time != self.keepalive_time:
             config = dataclasses.replace(config, keepalive_time=self.keepalive_time)
+
+        made: list[ClientProtocol] = []  # what the attempt opened, to close if it fails
 
         def factory(loop: Runtime) -> ClientProtocol:
             connection = ClientConnection(
@@ -565,31 +627,32 @@ class Channel:
                 scheme="https" if self._ssl is not None else "http",
                 user_agent=_USER_AGENT,
             )
-            return ClientProtocol(connection, loop)
+            made.append(ClientProtocol(connection, loop))
+            return made[-1]
 
-        protocol = await self._open_transport(factory, address)
-        if self._ssl is not None:
-            assert protocol.transport is not None
-            ssl_object = protocol.transport.get_extra_info("ssl_object")
-            if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
-                protocol.close_transport()
-                raise ConnectionError(
-                    f"{address} did not negotiate HTTP/2 (ALPN h2); a TLS context of your own must offer it:"
-                    ' context.set_alpn_protocols(["h2"]), or make it with app_kit.client_tls()'
-                )
-        # READY once the server speaks HTTP/2, not at TCP connect: a proxy with no live backend
-        # accepts and closes; calls put on that would fail, and reconnecting would not back off.
-        # (Within the attempt's connect deadline, which cancels this.)
         try:
+            protocol = await self._open_transport(factory, address)
+            if self._ssl is not None:
+                assert protocol.transport is not None
+                ssl_object = protocol.transport.get_extra_info("ssl_object")
+                if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+                    raise ConnectionError(
+                        f"{address} did not negotiate HTTP/2 (ALPN h2); a TLS context of your own must offer it:"
+                        ' context.set_alpn_protocols(["h2"]), or make it with app_kit.client_tls()'
+                    )
+            # READY once the server speaks HTTP/2, not at TCP connect: a proxy with no live
+            # backend accepts and closes; calls put on that would fail, and reconnecting would
+            # not back off.
             await protocol.wait_for_settings()
+            if self._closed:  # close() ran while we connected: this connection is nobody's
+                raise ConnectionError("the channel is closed")
         except BaseException:
-            protocol.connection.close(0, "no SETTINGS from the server")
-            protocol.close_transport("no HTTP/2 SETTINGS from the server")
+            # Failed, timed out (the attempt's deadline), or cancelled (the subchannel shut
+            # down): what was opened is closed now, not left to the handshake timeout.
+            for opened in made:
+                opened.connection.close(0, "connection attempt abandoned")
+                opened.close_transport("the connection attempt was abandoned")
             raise
-        if self._closed:  # close() ran while we connected: this connection is nobody's
-            protocol.connection.close(0, "channel closed")
-            protocol.close_transport()
-            raise ConnectionError("the channel is closed")
         protocol.on_too_many_pings = self._back_off_keepalive
         return protocol
 
@@ -727,6 +790,8 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._headers: list[tuple[bytes, bytes]] | None = None
         self._outcome: tuple[Status, str | None, bytes | None, list[tuple[bytes, bytes]]] | None = None
         self._retryable = False
+        # A list while a streaming method's sender keeps the requests sent (see _RequestSender).
+        self._kept: list[bytes] | None = None
         self._deadline_handle: asyncio.TimerHandle | None = None
         # While one of the call's tasks places it (send_request), the others wait for that.
         self._placing = False
@@ -876,6 +941,8 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._raise_if_over()
         self._sent += 1
         ready = self._put(data, compress, end)
+        if self._kept is not None:
+            self._kept.append(data)
         if end:
             self._send_ended = True
         protocol = self._protocol
@@ -886,6 +953,21 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
             # The call ended while this message waited to leave (for its stream's buffer or a
             # full socket): a failure is raised here; a success is the caller's to read (the
             # whole response may have come meanwhile).
+            self._raise_outcome()
+
+    async def _resend(self, data: bytes) -> None:
+        """Send a request message as an earlier attempt of the call sent it (encoded, its
+        interceptors' ``on_message_sent`` run then): a transparent retry of a streaming call."""
+        if not self._stream_id:
+            await self._place()
+        self._raise_if_over()
+        self._sent += 1
+        ready = self._put(data, True)
+        protocol = self._protocol
+        if ready and not protocol.write_paused:
+            return
+        await protocol.drain(self._stream_id, ready)
+        if self._outcome is not None:
             self._raise_outcome()
 
     async def end(self) -> None:
@@ -1133,6 +1215,11 @@ class _Method(Generic[SendT, RecvT]):
         policy = self.channel._retry_policies.for_method(self.path)
         return _Attempts(policy, options["deadline"], self.channel.config.max_transparent_retries)
 
+    def _transparent_attempts(self, options: CallOptions) -> _Attempts:
+        """As :meth:`_attempts`, for a call that streams its requests: transparent retries
+        only (retry policies are for calls with a single request)."""
+        options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
+        return _Attempts(None, options["deadline"], self.channel.config.max_transparent_retries)
 
 
 class _Attempts:
@@ -1249,17 +1336,6 @@ class ReplyStream(Generic[SendT, RecvT]):
         return [reply async for reply in self]
 
 
-async def _send_all(stream: ClientStream[SendT, RecvT], requests: Iterable[SendT] | AsyncIterable[SendT]) -> None:
-    """Send every request (from an iterable or an async iterable), then half-close."""
-    if isinstance(requests, AsyncIterable):
-        async for request in requests:
-            await stream.send_message(request)
-    else:
-        for request in requests:
-            await stream.send_message(request)
-    await stream.end()
-
-
 class UnaryStreamMethod(_Method[SendT, RecvT]):
     """One request, a stream of replies: ``async for reply in stub.Method(request)``."""
 
@@ -1306,23 +1382,34 @@ class StreamUnaryMethod(_Method[SendT, RecvT]):
         """Send every request (an iterable or an async iterable, consumed in a task of its own),
         then return the reply. The server may answer before it read them all: what is left is
         not sent. If the requests' iterator raises, the call is cancelled and its exception
-        raised here."""
-        async with self.open(**options) as stream:
-            # Sent from a task, not inline: the call's deadline (or the server's early answer)
-            # must end it while the iterator waits for its next request.
-            sender = _RequestSender(stream, requests)
-            try:
-                reply = await stream.recv_message()
-                await stream.recv_trailing_metadata()
-            except GRPCError:
-                sender.raise_failure()
-                raise
-            finally:
+        raised here. A call the server refused or never processed is retried transparently
+        (see :class:`_RequestSender`)."""
+        attempts = self._transparent_attempts(options)
+        sender: _RequestSender | None = None
+        try:
+            while True:
+                async with self.open(**options) as stream:
+                    # Sent from a task, not inline: the call's deadline (or the server's early
+                    # answer) must end it while the iterator waits for its next request.
+                    if sender is None:
+                        sender = _RequestSender(stream, requests)
+                    else:
+                        sender.next_attempt(stream)
+                    try:
+                        reply = await stream.recv_message()
+                        await stream.recv_trailing_metadata()
+                        break
+                    except GRPCError as exc:
+                        sender.raise_failure()
+                        if not sender.resendable or attempts.retry_delay(stream, exc) is None:
+                            raise
+        finally:
+            if sender is not None:
                 await sender.stop()
-            sender.raise_failure()
-            if reply is None:
-                raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
-            return reply
+        sender.raise_failure()
+        if reply is None:
+            raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
+        return reply
 
 
 class StreamStreamMethod(_Method[SendT, RecvT]):
@@ -1343,40 +1430,138 @@ class StreamStreamMethod(_Method[SendT, RecvT]):
         """
 
         async def run(replies: ReplyStream[SendT, RecvT]) -> AsyncIterator[RecvT]:
-            async with self.open(**options) as stream:
-                replies.call = stream
-                sender = _RequestSender(stream, requests)
-                try:
-                    async for reply in stream:
-                        yield reply
-                    await stream.recv_trailing_metadata()
-                except GRPCError:
-                    sender.raise_failure()  # the call was cancelled because of it
-                    raise
-                finally:
+            attempts = self._transparent_attempts(options)
+            sender: _RequestSender | None = None
+            try:
+                while True:
+                    async with self.open(**options) as stream:
+                        replies.call = stream
+                        if sender is None:
+                            sender = _RequestSender(stream, requests)
+                        else:
+                            sender.next_attempt(stream)
+                        try:
+                            async for reply in stream:
+                                yield reply
+                            await stream.recv_trailing_metadata()
+                            break
+                        except GRPCError as exc:
+                            sender.raise_failure()  # the call was cancelled because of it
+                            # Never once a reply was yielded: its headers committed the call.
+                            if not sender.resendable or attempts.retry_delay(stream, exc) is None:
+                                raise
+            finally:
+                if sender is not None:
                     await sender.stop()  # the call is over: nobody reads what it would send
-                sender.raise_failure()
+            sender.raise_failure()
 
         return ReplyStream(run)
 
 
-class _RequestSender:
-    """Sends a call's requests from a task of its own (:func:`_send_all`). If that fails while
-    the call runs, the call ends at once: nothing else would end it (the server waits for the
-    requests). A GRPCError raised here (a request over max_send_message_length, an iterator
-    piping another call that failed) ends it with its status; anything else with CANCELLED."""
+_NOTHING = object()  # _RequestSender._send: no request, only what is due before one
 
-    __slots__ = ("_failure", "_task")
+
+class _RequestSender:
+    """Sends a call's requests from a task of its own (reading their iterator once, for every
+    attempt of the call). If that fails while the call runs, the call ends at once: nothing
+    else would end it (the server waits for the requests). A GRPCError raised here (a request
+    over max_send_message_length, an iterator piping another call that failed) ends it with
+    its status; anything else with CANCELLED.
+
+    A call the server refused or never processed (REFUSED_STREAM, above a GOAWAY's
+    last-stream-id) is retried transparently, as grpc-core does: the requests sent so far are
+    kept, encoded, and the next attempt (:meth:`next_attempt`) is sent them again before the
+    rest. They are kept until response headers come (the call is committed) or they total
+    more than ``_RESEND_LIMIT`` bytes; then they are let go, and the call is not retried.
+    """
+
+    __slots__ = ("_ended", "_failure", "_kept", "_kept_size", "_next", "_on", "_stream", "_task")
 
     def __init__(self, stream: ClientStream[Any, Any], requests: Iterable[Any] | AsyncIterable[Any]) -> None:
         self._failure: BaseException | None = None  # what failed the call, raised to the caller
-        self._task = current_runtime().create_task(_send_all(stream, requests))
-        self._task.add_done_callback(functools.partial(self._sent, stream))
+        self._stream = stream  # the call's current attempt
+        self._on = stream  # the attempt that was sent what was kept
+        self._kept: list[bytes] | None = []  # None: the call cannot be retried
+        self._kept_size = 0
+        self._ended = False  # the iterator is exhausted: the attempts half-close
+        self._next: Any = None  # a future while waiting for the next attempt
+        stream._kept = self._kept
+        self._task = current_runtime().create_task(self._send_all(requests))
+        self._task.add_done_callback(self._sent)
 
-    def _sent(self, stream: ClientStream[Any, Any], task: Any) -> None:
+    @property
+    def resendable(self) -> bool:
+        """Whether a next attempt can be sent everything this one was."""
+        return self._kept is not None
+
+    def next_attempt(self, stream: ClientStream[Any, Any]) -> None:
+        """Send on ``stream`` from now on, what was sent before first (only if resendable)."""
+        self._stream = stream
+        stream._kept = self._kept
+        waiter, self._next = self._next, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _forget(self) -> None:
+        self._kept = self._stream._kept = None
+
+    async def _send_all(self, requests: Iterable[Any] | AsyncIterable[Any]) -> None:
+        """Send every request (from an iterable or an async iterable), then half-close."""
+        if isinstance(requests, AsyncIterable):
+            async for request in requests:
+                await self._send(request)
+        else:
+            for request in requests:
+                await self._send(request)
+        self._ended = True
+        await self._send(_NOTHING)
+        while self._kept is not None:  # the call may yet be retried: send it all again then
+            await self._attempt_after(self._stream)
+            await self._send(_NOTHING)
+
+    async def _send(self, request: Any) -> None:
+        """Send ``request`` (or, once the requests ended, the half-close) on the call's current
+        attempt, after what the attempts before it were sent; if the attempt ends and the call
+        may be retried, on the next attempt."""
+        while True:
+            stream = self._stream
+            if self._kept is not None and stream._headers is not None:
+                self._forget()  # response headers came: the call is committed
+            kept = self._kept
+            count = len(kept) if kept is not None else 0
+            try:
+                if stream is not self._on:
+                    assert kept is not None  # (a next attempt only while resendable)
+                    for data in kept:
+                        await stream._resend(data)
+                    self._on = stream
+                if request is not _NOTHING:
+                    await stream.send_message(request)
+                elif self._ended:
+                    await stream.end()
+                return
+            except (GRPCError, ProtocolError, StreamGone):
+                if not (stream._retryable and self._kept is not None):
+                    raise  # the call ended for good (or failed because of this request)
+            finally:
+                if kept is not None and len(kept) > count:  # the request went out, and is kept
+                    request = _NOTHING
+                    self._kept_size += len(kept[-1])
+                    if self._kept_size > _RESEND_LIMIT and stream is self._stream:
+                        self._forget()  # (once a next attempt started, it is sent them all)
+            await self._attempt_after(stream)
+
+    async def _attempt_after(self, stream: ClientStream[Any, Any]) -> None:
+        """Wait for the attempt after ``stream`` (stop() ends the wait if none comes)."""
+        while self._stream is stream:
+            self._next = waiter = current_runtime().create_future()
+            await waiter
+
+    def _sent(self, task: Any) -> None:
         if task.cancelled():
             return  # stopped: the call is over
         failure = task.exception()  # (retrieved in any case: asyncio logs one never retrieved)
+        stream = self._stream
         if failure is None or stream._outcome is not None:
             return  # sent them all, or failed because the call ended: its outcome tells
         self._failure = failure

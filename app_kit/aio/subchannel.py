@@ -2,15 +2,16 @@
 connectivity states and reconnect backoff of gRPC's connectivity and connection-backoff specs.
 
 A :class:`Subchannel` owns the connection to one address. It connects when a call needs it
-(IDLE → CONNECTING → READY); a failed attempt puts it in TRANSIENT_FAILURE until its backoff
-expires (then IDLE again: the next call that needs it tries anew, backing off further); a
-READY connection that is lost or told to go away (GOAWAY) makes it IDLE at once, its calls in
-flight finishing on the old connection.
+(IDLE → CONNECTING → READY). A failed attempt puts it in TRANSIENT_FAILURE, where it stays until
+a connection is READY (gRFC A62's sticky TRANSIENT_FAILURE: calls that do not wait for ready
+fail at once meanwhile), trying again in the background each time its backoff expires, backing
+off further after each failure. A READY connection that is lost or told to go away (GOAWAY)
+makes it IDLE at once, its calls in flight finishing on the old connection; the next call that
+needs it connects anew.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import random
@@ -183,7 +184,8 @@ class Subchannel(Generic[ConnectionT]):
         return protocol
 
     def request_connection(self) -> None:
-        """Start connecting if IDLE (a call needs a connection)."""
+        """Start connecting if IDLE (a call needs a connection). In TRANSIENT_FAILURE the next
+        attempt starts by itself when the backoff expires."""
         self.ready_protocol()
         if self.state is ConnectivityState.IDLE:
             self._set(ConnectivityState.CONNECTING)
@@ -196,21 +198,23 @@ class Subchannel(Generic[ConnectionT]):
         try:
             # gRPC's rule: each attempt may take the larger of the backoff and the minimum.
             # (_connect returns once the server's SETTINGS came: a connection closed before
-            # it spoke HTTP/2 is a failed attempt, backed off, never READY.)
+            # it spoke HTTP/2 is a failed attempt, backed off, never READY. Cancelled by
+            # shutdown(), it closes what it opened.)
             async with deadline_scope(loop, max(delay, self._config.connect_min_timeout)):
                 protocol = await self._connect(self.address)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # OSError, TimeoutError, a TLS or ALPN failure: all transient
+            self._task = None
             if self.state is ConnectivityState.SHUTDOWN:
                 return
             self.last_error = f"cannot connect to {self.address}: {_describe(exc)}"
-            self._set(ConnectivityState.TRANSIENT_FAILURE)
             self._retry_handle = loop.call_at(retry_at, self._backoff_over)
+            # Told each time (not only on entering TRANSIENT_FAILURE): the channel resolves
+            # its name again, and the calls waiting for a backend look again.
+            self.state = ConnectivityState.TRANSIENT_FAILURE
+            self._on_change(self)
             return
-        finally:
-            self._task = None
-        if self.state is ConnectivityState.SHUTDOWN:  # shut down while connecting: nobody's
+        self._task = None
+        if self.state is ConnectivityState.SHUTDOWN:  # shut down as it connected: nobody's
             protocol.close_when_idle()
             return
         self._backoff.reset()
@@ -219,9 +223,10 @@ class Subchannel(Generic[ConnectionT]):
         self._set(ConnectivityState.READY)
 
     def _backoff_over(self) -> None:
+        """Try again, in the background, staying in TRANSIENT_FAILURE until READY."""
         self._retry_handle = None
-        if self.state is ConnectivityState.TRANSIENT_FAILURE:
-            self._set(ConnectivityState.IDLE)
+        if self.state is ConnectivityState.TRANSIENT_FAILURE and self._task is None:
+            self._task = current_runtime().create_task(self._attempt())
 
     def _connection_changed(self) -> None:
         if self.protocol is not None:
@@ -233,15 +238,18 @@ class Subchannel(Generic[ConnectionT]):
             self._on_change(self)
 
     def shutdown(self) -> None:
-        """Stop; the connection closes once its calls are done (now, if none). An attempt under
-        way is not cancelled (a connection it made would be left open): it closes what it gets."""
+        """Stop: an attempt under way is cancelled (closing the connection it was opening),
+        no further one is made; the connection closes once its calls are done (now, if none)."""
+        self.state = ConnectivityState.SHUTDOWN
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
         if self._retry_handle is not None:
             self._retry_handle.cancel()
             self._retry_handle = None
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
             protocol.close_when_idle()
-        self.state = ConnectivityState.SHUTDOWN
 
 
 def _describe(exc: BaseException) -> str:
