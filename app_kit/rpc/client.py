@@ -23,7 +23,8 @@ __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _LIMIT_BEFORE_SETTINGS = 100
-_STATUSES = tuple(Status(code) for code in range(17))  # by code: Status(code) is an enum lookup per call
+# By the grpc-status value's bytes: Status(int(...)) is a parse and an enum lookup per call.
+_STATUS_BY_CODE = {str(code).encode("ascii"): Status(code) for code in range(17)}
 _TE_FIELD = (b"te", b"trailers")
 _MAX_HEADS = 256
 _CANCEL = h2.errors.ErrorCodes.CANCEL
@@ -160,14 +161,16 @@ class ClientConnection(GrpcConnection):
         headers = event.headers or []
         fields = dict(headers)
         raw_status = fields.get(b":status", b"")
-        http_status = int(raw_status) if raw_status.isdigit() else 0
         trailers_only = event.stream_ended is not None
-        if http_status != 200:
+        if raw_status != b"200":
+            # Three ASCII digits (RFC 9110 §15), or no status: int() of a peer's bytes unchecked
+            # is a ValueError past 4300 digits, and the connection's other calls went with it.
+            http_status = int(raw_status) if len(raw_status) == 3 and raw_status.isdigit() else 0
             size = oversized_list_size(headers)  # it may have no :status: checked only when failing
             if size is not None:
                 self._header_list_too_large(state, "response", size, events)
                 return
-            message = f"HTTP status {http_status or raw_status.decode('latin-1')} from the server"
+            message = f"HTTP status {http_status or repr(excerpt(raw_status.decode('latin-1')))} from the server"
             self._end_response(state, status_for_http(http_status), message, None, headers, events)
             return
         content_type = fields.get(b"content-type", b"")
@@ -203,7 +206,10 @@ class ClientConnection(GrpcConnection):
         raw_status = fields.get(b"grpc-status")
         raw_message = fields.get(b"grpc-message")
         message = decode_grpc_message(raw_message) if raw_message else None
-        if raw_status is None or not raw_status.isdigit() or int(raw_status) > 16:
+        # By table, never int(): a peer's digits may be more than int() takes (4300), and the
+        # ValueError would end the connection. Only a code's own digits are that code.
+        status = _STATUS_BY_CODE.get(raw_status) if raw_status is not None else None
+        if status is None:
             size = oversized_list_size(headers)  # it has no grpc-status, so the check costs only here
             if size is not None:
                 self._header_list_too_large(state, "trailer", size, events)
@@ -213,7 +219,7 @@ class ClientConnection(GrpcConnection):
                 shown = "missing in the trailers"
             else:
                 text = raw_status.decode("latin-1")
-                shown = (excerpt(text) if text.isdigit() else repr(excerpt(text))) + " from the server"
+                shown = (excerpt(text) if raw_status.isdigit() else repr(excerpt(text))) + " from the server"
             unknown = f"grpc-status {shown}" + (f": {message}" if message else "")
             self._end_response(state, Status.UNKNOWN, unknown, None, headers, events)
             return
@@ -224,7 +230,7 @@ class ClientConnection(GrpcConnection):
                 details = base64.b64decode(raw_details + b"=" * (-len(raw_details) % 4))
             except binascii.Error:
                 details = None
-        self._end_response(state, _STATUSES[int(raw_status)], message, details, headers, events)
+        self._end_response(state, status, message, details, headers, events)
 
     def _on_stream_ended(self, event: h2.events.StreamEnded, events: list[Event]) -> None:
         # Trailers and trailers-only responses ended the call already (the stream is gone): this

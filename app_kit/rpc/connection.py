@@ -47,6 +47,14 @@ _INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 _SETTINGS = h2.settings.SettingCodes
 _PING_LICENCES = 1024  # well above the DATA frames of one write to many streams
 _LATE_RESETS = 1024  # finished streams remembered for a reset that crossed their answer
+# What a message handed to the application costs until it is taken, besides the bytes flow
+# control counts for it: its entry in its call's queue (a tuple and a slot, ~64 bytes) and
+# its bytes object's header (~33). Counted against max_connection_receive_buffer for each
+# message a stream holds beyond its first _FREE_MESSAGES (those cost at most a few KiB per
+# stream, which max_concurrent_streams bounds, and nothing to count on a unary call's path):
+# without it, a window's worth of empty messages (5 bytes each) held ~16 times the window.
+_MESSAGE_OVERHEAD = 96
+_FREE_MESSAGES = 16
 
 
 class StreamGone(Exception):
@@ -57,6 +65,7 @@ class StreamState:
     """Per-stream protocol state."""
 
     __slots__ = (
+        "blocked",
         "consumed",
         "decoder",
         "headers_sent",
@@ -66,6 +75,7 @@ class StreamState:
         "partial",
         "pending",
         "pending_trailers",
+        "queued",
         "recv_encoding",
         "remote_closed",
         "send_encoding",
@@ -86,12 +96,17 @@ class StreamState:
         self.consumed = 0
         #: Bytes of an incomplete message, as counted for the connection's cap.
         self.partial = 0
+        #: Messages handed to the application and not taken yet (see _MESSAGE_OVERHEAD).
+        self.queued = 0
         #: Bytes of the last message inflated for the application, as counted for the cap.
         self.inflated = 0
         #: Outbound DATA not yet handed to h2: queued this loop turn, or waiting for window.
         self.pending = bytearray()
         #: A sender was told to wait until ``pending`` drains (StreamWritable then).
         self.over_limit = False
+        #: While ``pending`` waits for window: the connection's table of the streams waiting
+        #: for that window (their own, or the connection's; see GrpcConnection._flush).
+        self.blocked: dict[int, StreamState] | None = None
         #: Trailers to send once ``pending`` is out (they must follow the data).
         self.pending_trailers: Sequence[tuple[bytes, bytes]] | None = None
         #: Whether our HEADERS for the stream went out.
@@ -145,9 +160,15 @@ class GrpcConnection:
         self._partial_bytes = 0
         self._inflated_bytes = 0
         self._max_partial_bytes = max(config.max_connection_receive_buffer, config.max_receive_message_length + 5)
+        # What of that budget is left to them: less what the messages handed to the
+        # application and not taken yet cost besides their bytes (see _MESSAGE_OVERHEAD).
+        # (One attribute, not a counter more: a client's connection has 29, and from 30 on
+        # CPython 3.11 reads each of an instance's attributes more slowly, its keys no longer
+        # sharing the class's: measured, +2,000 instructions per client call.)
+        self._partial_limit = self._max_partial_bytes
         self._max_inflated_bytes = max(config.max_connection_inflated_bytes, config.max_receive_message_length)
-        # Streams with DATA waiting for window, in the order they got blocked.
-        self._blocked: dict[int, StreamState] = {}
+        # Streams with DATA waiting for window (see _Blocked).
+        self._blocked = _Blocked()
         # Streams with DATA queued since the last flush, in order.
         self._dirty: dict[int, StreamState] = {}
         # Streams whose consumed messages' window is still to be given back.
@@ -161,6 +182,7 @@ class GrpcConnection:
     def initiate(self) -> None:
         """Queue the connection preface (our SETTINGS and connection window)."""
         self._h2.initiate_connection()
+        self._guard.settings_sent()
         increment = self.config.initial_connection_window_size - 65535
         if increment > 0:
             self._h2.increment_flow_control_window(increment)
@@ -284,7 +306,7 @@ class GrpcConnection:
     def _connection_lost(self, error_code: int, reason: str) -> list[Event]:
         self.closed = True
         self._streams.clear()
-        self._blocked.clear()
+        self._blocked = _Blocked()
         self._dirty.clear()
         self._consumed.clear()
         return [ConnectionClosed(error_code, reason)]
@@ -316,20 +338,24 @@ class GrpcConnection:
         # Padding and bytes of a not yet complete message are acknowledged right away:
         # withholding them would stall any message larger than the window. So flow control
         # does not bound them; the message size limit does per stream, and this per connection.
+        # Nor does it bound what complete messages cost besides their bytes (a window holds
+        # 200,000 empty ones): that counts here too (see _MESSAGE_OVERHEAD).
         partial = decoder.buffered
         self._partial_bytes += partial - state.partial
         state.partial = partial
-        if self._partial_bytes > self._max_partial_bytes:
+        if self._partial_bytes > self._partial_limit:
             state.unacked += flow
-            self._abort(
-                state,
-                Status.RESOURCE_EXHAUSTED,
-                f"incomplete messages on the connection over max ({self._max_partial_bytes} bytes)",
-                events,
-            )
+            self._over_receive_budget(state, events)
             return
         immediate = leftover + flow - len(data)
         if messages:
+            state.queued = queued = state.queued + len(messages)
+            if queued > _FREE_MESSAGES:
+                self._count_queued(queued - max(queued - len(messages), _FREE_MESSAGES))
+                if self._partial_bytes > self._partial_limit:
+                    state.unacked += flow
+                    self._over_receive_budget(state, events)
+                    return
             if compressed:
                 if state.recv_encoding is None:
                     state.unacked += flow
@@ -344,6 +370,19 @@ class GrpcConnection:
             state.unacked += flow - immediate  # the shares of the messages just queued
         if immediate:
             self._h2.acknowledge_received_data(immediate, stream_id)
+
+    def _count_queued(self, messages: int) -> None:
+        """``messages`` more (or fewer) unread messages count against the receive budget."""
+        self._partial_limit -= messages * _MESSAGE_OVERHEAD
+
+    def _over_receive_budget(self, state: StreamState, events: list[Event]) -> None:
+        """The stream's DATA took the connection over max_connection_receive_buffer."""
+        if self._partial_bytes > self._max_partial_bytes:
+            what = "incomplete messages"
+        else:
+            what = f"incomplete and unread messages ({_MESSAGE_OVERHEAD} bytes each past {_FREE_MESSAGES} a stream)"
+        message = f"{what} on the connection over max ({self._max_partial_bytes} bytes)"
+        self._abort(state, Status.RESOURCE_EXHAUSTED, message, events)
 
     def inflate(self, stream_id: int, payload: Compressed) -> bytes:
         """Inflate a message the application takes from ``stream_id``, within the budgets.
@@ -361,7 +400,7 @@ class GrpcConnection:
         if state is not None:
             self._inflated_bytes -= state.inflated
             state.inflated = 0
-            buffer_room = self._max_partial_bytes - self._partial_bytes - self._inflated_bytes
+            buffer_room = self._partial_limit - self._partial_bytes - self._inflated_bytes
             inflated_room = self._max_inflated_bytes - self._inflated_bytes
             limit = max(0, min(limit, buffer_room, inflated_room))
         try:
@@ -407,7 +446,8 @@ class GrpcConnection:
 
     def _on_window_updated(self, event: h2.events.WindowUpdated, events: list[Event]) -> None:
         if event.stream_id:
-            state = self._blocked.get(event.stream_id)
+            # (One waiting for the connection's window still waits: the update is no use to it.)
+            state = self._blocked.on_stream.get(event.stream_id)
             if state is not None:
                 self._flush(state, events)
         else:
@@ -416,7 +456,10 @@ class GrpcConnection:
     def _on_remote_settings(self, event: h2.events.RemoteSettingsChanged, events: list[Event]) -> None:
         self.handshake_complete = True
         if _SETTINGS.INITIAL_WINDOW_SIZE in event.changed_settings:
-            self._flush_blocked(events)
+            # Every stream's window moved: each one waiting for its own is tried (if the
+            # connection's is shut, it moves to the streams waiting for that one).
+            for state in list(self._blocked.on_stream.values()):
+                self._flush(state, events)
 
     def _on_ping_ack(self, event: h2.events.PingAckReceived, events: list[Event]) -> None:
         events.append(PingAcknowledged(event.ping_data))
@@ -448,12 +491,16 @@ class GrpcConnection:
         stream_id = state.stream_id
         if self._streams.pop(stream_id, None) is not None:
             self._partial_bytes -= state.partial
+            if state.queued > _FREE_MESSAGES:
+                self._count_queued(_FREE_MESSAGES - state.queued)
             self._inflated_bytes -= state.inflated
             finished = self._finished
             finished[stream_id] = None
             if len(finished) > _LATE_RESETS:
                 finished.popitem(last=False)  # O(1); a dict's oldest key costs a scan past its holes
-        self._blocked.pop(stream_id, None)
+        if state.blocked is not None:
+            del state.blocked[stream_id]
+            state.blocked = None
         self._dirty.pop(stream_id, None)
         self._consumed.pop(stream_id, None)
         peer_done = state.remote_closed
@@ -484,7 +531,8 @@ class GrpcConnection:
     # -- output ----------------------------------------------------------------------
 
     def acknowledge(self, stream_id: int, size: int) -> bool:
-        """The application consumed a message: give its bytes of window back to the peer.
+        """The application consumed a message (one call per message): give its bytes of
+        window back to the peer. It no longer counts as held for the application.
 
         They are handed to h2 at the next :meth:`flush_streams`, together (per message, h2's
         bookkeeping was a quarter of a bidi echo's CPU). True when that flush is still to be
@@ -493,6 +541,10 @@ class GrpcConnection:
         state = self._streams.get(stream_id)
         if state is None or not size:
             return False  # released streams returned their window already
+        queued = state.queued
+        if queued > _FREE_MESSAGES:
+            self._count_queued(-1)
+        state.queued = queued - 1
         state.unacked -= size
         state.consumed += size
         if state.consumed == size:
@@ -588,7 +640,7 @@ class GrpcConnection:
         events: list[Event] = []
         dirty, self._dirty = self._dirty, {}
         for state in dirty.values():
-            if state.stream_id in self._streams and state.stream_id not in self._blocked:
+            if state.blocked is None and state.stream_id in self._streams:
                 self._flush(state, events)
         return events
 
@@ -601,7 +653,8 @@ class GrpcConnection:
         stream_id = state.stream_id
         pending = state.pending
         h2conn = self._h2
-        window = min(h2conn.outbound_flow_control_window, h2conn.streams[stream_id].outbound_flow_control_window)
+        stream_window = h2conn.streams[stream_id].outbound_flow_control_window
+        window = min(h2conn.outbound_flow_control_window, stream_window)
         size = len(pending)
         frame_size = h2conn.max_outbound_frame_size
         trailers = state.pending_trailers
@@ -615,10 +668,20 @@ class GrpcConnection:
                 h2conn.send_data_frames(stream_id, view[:sent], frame_size, False)
         if sent < size:
             del pending[:sent]
-            self._blocked[stream_id] = state
+            # Whichever window ran out: the stream's own first (if both did, the stream's
+            # update moves it on, to wait for the connection's if that is still shut).
+            blocked = self._blocked
+            table = blocked.on_stream if stream_window <= sent else blocked.on_connection
+            if state.blocked is not table:
+                if state.blocked is not None:
+                    del state.blocked[stream_id]
+                table[stream_id] = state
+                state.blocked = table
             return False
         state.pending = bytearray()
-        self._blocked.pop(stream_id, None)
+        if state.blocked is not None:
+            del state.blocked[stream_id]
+            state.blocked = None
         if trailers is not None:
             state.pending_trailers = None
             if end_with_data:
@@ -631,9 +694,13 @@ class GrpcConnection:
         return True
 
     def _flush_blocked(self, events: list[Event]) -> None:
-        for state in list(self._blocked.values()):
-            if not self._flush(state, events) and self._h2.outbound_flow_control_window <= 0:
-                break  # the connection window is used up again
+        """The connection's window opened: the streams waiting for it go, in the order they
+        got blocked, as far as it goes. Each one tried leaves the table (sent, or now waiting
+        for its own window) or shuts the window: the walk never sees a stream it cannot move."""
+        waiting = self._blocked.on_connection
+        h2conn = self._h2
+        while waiting and h2conn.outbound_flow_control_window > 0:
+            self._flush(next(iter(waiting.values())), events)
 
     def end_local(self, stream_id: int, trailers: Sequence[tuple[bytes, bytes]]) -> None:
         """End our side of the stream, after any DATA still waiting for window.
@@ -710,6 +777,7 @@ class GrpcConnection:
     def ping(self, data: bytes) -> None:
         """Send a PING with 8 bytes of opaque data."""
         self._h2.ping(data)
+        self._guard.ping_sent()
 
     def send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
         """Queue a GOAWAY frame without closing h2's state machine.
@@ -733,6 +801,20 @@ class GrpcConnection:
         megabyte per large message): the caller owns it, and nothing here touches it again.
         """
         return self._h2.take_output()
+
+
+class _Blocked:
+    """A connection's streams with DATA waiting for window, in the order they got blocked:
+    for the connection's (their own has room), and for their own (whatever the
+    connection's). A connection WINDOW_UPDATE walks the first only, from its front, as far
+    as the window goes (an OrderedDict: a dict's first key costs a scan past its holes); a
+    stream's own moves just that stream (see GrpcConnection._flush)."""
+
+    __slots__ = ("on_connection", "on_stream")
+
+    def __init__(self) -> None:
+        self.on_connection: dict[int, StreamState] = collections.OrderedDict()
+        self.on_stream: dict[int, StreamState] = {}
 
 
 class Compressed(bytes):

@@ -23,6 +23,7 @@ __all__ = ["RetryPolicy", "RetryPolicies", "pushback_delay"]
 
 _MAX_ATTEMPTS_CAP = 5  # gRFC A6: larger values are treated as 5
 _DURATION = re.compile(r"\A(\d+(?:\.\d*)?)s\Z")
+_MAX_PUSHBACK_DIGITS = 9  # up to 999,999,999 ms (11.5 days): an int's digits, not a bignum's
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,10 +107,16 @@ class RetryPolicies:
 
 
 def pushback_delay(values: Iterable[str]) -> float | None:
-    """``grpc-retry-pushback-ms`` as seconds to wait; None: the server says do not retry."""
+    """``grpc-retry-pushback-ms`` as seconds to wait; None: the server says do not retry.
+
+    Only ASCII digits are a number here (``str.isdigit`` alone also takes "²" and other
+    digits ``int`` refuses), and at most ``_MAX_PUSHBACK_DIGITS`` of them: more would be a
+    wait of years, past any deadline, and a number ``int`` may refuse or a float not hold.
+    Anything else is malformed: no retry, as gRFC A6 says. Never raises.
+    """
     for value in values:
-        if not value.isdigit():
-            return None  # negative or malformed: no retry, as gRFC A6 says
+        if not (0 < len(value) <= _MAX_PUSHBACK_DIGITS and value.isascii() and value.isdigit()):
+            return None  # negative, malformed or absurdly long: no retry, as gRFC A6 says
         return int(value) / 1000
     return 0.0  # no pushback: the policy's own backoff applies (0 marks "none given")
 

@@ -42,7 +42,10 @@ class Configuration:
     #: Bytes of incomplete messages one connection may hold across its streams. Their bytes
     #: are acknowledged as they come (a message may be larger than the window), so flow
     #: control does not bound them; the stream that goes over gets RESOURCE_EXHAUSTED. One
-    #: message of ``max_receive_message_length`` always fits, whatever this says.
+    #: message of ``max_receive_message_length`` always fits, whatever this says. Each
+    #: message a call received and has not read yet counts 96 bytes too, past 16 a stream
+    #: (flow control counts a message's bytes, not what holding it costs: a window of empty
+    #: messages would hold ~16 times the window).
     max_connection_receive_buffer: int = 64 * _MiB
     #: Bytes of inflated messages the calls of one connection hold at once (they count against
     #: ``max_connection_receive_buffer`` too). A compressed message is inflated when its call
@@ -117,7 +120,8 @@ class Configuration:
     max_pings_per_window: int = 100_000
     #: SETTINGS frames the peer may send per window.
     max_settings_per_window: int = 100
-    #: DATA frames without data or END_STREAM, and empty HEADERS/CONTINUATION, per window.
+    #: DATA frames without data or END_STREAM, empty HEADERS/CONTINUATION, frames of an
+    #: unknown type, and PING or SETTINGS ACKs that answer nothing we sent, per window.
     max_empty_frames_per_window: int = 1000
     #: RST_STREAM frames per window: the bound on the "rapid reset" attack (CVE-2023-44487).
     max_resets_per_window: int = 1000

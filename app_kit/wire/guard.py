@@ -104,14 +104,17 @@ class FrameGuard:
     """Tracks frame boundaries in the incoming byte stream and enforces the flood limits.
 
     Frames that carry nothing for us — empty DATA, HEADERS and CONTINUATION, PRIORITY (which
-    gRPC never uses), and WINDOW_UPDATEs that no DATA frame of ours called for — share the
-    ``max_empty_frames_per_window`` budget. ``reset_licensed`` answers, for each RST_STREAM,
-    whether it cancels a stream we had already finished (its reset crossed our answer: no
-    rapid reset). ``update_licensed`` answers, for each WINDOW_UPDATE,
-    whether our DATA licenses it (a peer may send two per DATA frame it gets: stream and
-    connection). ``ping_context`` answers, for each PING received, whether one of our HEADERS or DATA
-    frames licenses it and whether calls are open (see :class:`PingPolicy`); ``ping_policy``
-    None leaves out the strikes (gRPC enforces them on servers only).
+    gRPC never uses), frames of a type we do not know (ignored, as RFC 9113 §5.5 says),
+    WINDOW_UPDATEs that no DATA frame of ours called for, and PING or SETTINGS
+    acknowledgements of nothing we sent (the connection says what it sends: :meth:`ping_sent`,
+    :meth:`settings_sent`) — share the ``max_empty_frames_per_window`` budget.
+    ``reset_licensed`` answers, for each RST_STREAM, whether it cancels a stream we had
+    already finished (its reset crossed our answer: no rapid reset). ``update_licensed``
+    answers, for each WINDOW_UPDATE, whether our DATA licenses it (a peer may send two per
+    DATA frame it gets: stream and connection). ``ping_context`` answers, for each PING
+    received, whether one of our HEADERS or DATA frames licenses it and whether calls are
+    open (see :class:`PingPolicy`); ``ping_policy`` None leaves out the strikes (gRPC
+    enforces them on servers only).
     """
 
     __slots__ = (
@@ -126,8 +129,10 @@ class FrameGuard:
         "_max_frame",
         "_ping_context",
         "_ping_policy",
+        "_pings_unanswered",
         "_preface_left",
         "_reset_licensed",
+        "_settings_unanswered",
         "_skip",
         "_update_licensed",
         "_window",
@@ -153,6 +158,9 @@ class FrameGuard:
         self._ping_context = ping_context
         self._update_licensed = update_licensed
         self._reset_licensed = reset_licensed
+        # Our PINGs and SETTINGS not acknowledged yet: each licenses one ACK.
+        self._pings_unanswered = 0
+        self._settings_unanswered = 0
         self._ping_policy = ping_policy
         self._preface_left = PREFACE if expect_preface else b""
         self._header = b""  # an incomplete frame header carried over from the last chunk
@@ -268,21 +276,37 @@ class FrameGuard:
         elif kind == _PING:
             if not flags & _ACK:
                 self._ping()
+            elif self._pings_unanswered:
+                self._pings_unanswered -= 1
+            else:
+                self._count(_EMPTY_FRAMES)  # it answers no PING of ours
         elif kind == _SETTINGS:
             if not flags & _ACK:
                 self._count(_SETTINGS_FRAMES)
             elif length:
                 # RFC 9113 §6.5 (h2 would call it a PROTOCOL_ERROR).
                 raise PeerMisbehaved(_FRAME_SIZE_ERROR, "SETTINGS acknowledgement with a payload")
+            elif self._settings_unanswered:
+                self._settings_unanswered -= 1
+            else:
+                self._count(_EMPTY_FRAMES)  # it answers no SETTINGS of ours
         elif kind == _RST_STREAM:
             if not self._reset_licensed(int.from_bytes(header[5:9], "big") & 0x7FFFFFFF):
                 self._count(_RESETS)
         elif kind == _WINDOW_UPDATE:
             if not self._update_licensed():
                 self._count(_EMPTY_FRAMES)
-        elif kind == _PRIORITY:
-            self._count(_EMPTY_FRAMES)
+        elif kind == _PRIORITY or kind > _CONTINUATION:
+            self._count(_EMPTY_FRAMES)  # PRIORITY (gRPC has no use for it), or a type unknown
         return length
+
+    def ping_sent(self) -> None:
+        """We sent a PING: one PING ACK is owed to us."""
+        self._pings_unanswered += 1
+
+    def settings_sent(self) -> None:
+        """We sent SETTINGS: one SETTINGS ACK is owed to us."""
+        self._settings_unanswered += 1
 
     def count_empty(self) -> None:
         """A frame that carried nothing, found out after parsing (DATA of padding only)."""
