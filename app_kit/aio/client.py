@@ -1248,11 +1248,15 @@ class _Attempts:
         if error.status not in policy.retryable_status_codes:
             return None
         raw = stream._outcome[3] if stream._outcome is not None else []
-        pushback = pushback_delay(value.decode("latin-1") for name, value in raw if name == b"grpc-retry-pushback-ms")
-        if pushback is None:
-            return None  # the server says: do not retry
+        pushbacks = [value for name, value in raw if name == b"grpc-retry-pushback-ms"]
         self._attempts += 1
-        delay = pushback or policy.backoff(self._attempts - 1)
+        if pushbacks:
+            # The server's word, 0 included (at once); a malformed one: do not retry.
+            delay = pushback_delay(pushbacks[0].decode("latin-1"))
+            if delay is None:
+                return None
+        else:
+            delay = policy.backoff(self._attempts - 1)
         if self._deadline is not None and self._deadline.time_remaining() <= delay:
             return None  # no time left for another attempt
         return delay

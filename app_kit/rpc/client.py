@@ -283,6 +283,9 @@ class ClientConnection(GrpcConnection):
     def _on_goaway(self, last_stream_id: int, events: list[Event]) -> None:
         super()._on_goaway(last_stream_id, events)
         self.going_away = True
+        self._refuse_unprocessed(last_stream_id, events)
+
+    def _refuse_unprocessed(self, last_stream_id: int, events: list[Event]) -> None:
         # Streams above last_stream_id were never processed: safe to try again elsewhere.
         for stream_id in [sid for sid in self._streams if sid > last_stream_id]:
             self._release(self._streams[stream_id])

@@ -473,11 +473,17 @@ class GrpcConnection:
         reason = f"peer sent GOAWAY {event.error_code!r}"
         if event.additional_data:  # what gRPC peers put there: "too_many_pings", ...
             reason += f" ({excerpt(event.additional_data.decode('latin-1'))})"
+        # Even so, the streams above its last-stream-id were never processed (RFC 9113 §6.8).
+        self._refuse_unprocessed(event.last_stream_id or 0, events)
         events.extend(self._connection_lost(code, reason))
 
     def _on_goaway(self, last_stream_id: int, events: list[Event]) -> None:
         """The peer sent a graceful GOAWAY (subclasses add what it means for their side)."""
         events.append(GoAwayReceived(last_stream_id))
+
+    def _refuse_unprocessed(self, last_stream_id: int, events: list[Event]) -> None:
+        """A GOAWAY said the streams we opened above ``last_stream_id`` were never processed
+        (a client's: subclasses end them as refused, safe to try again)."""
 
     # -- stream bookkeeping ----------------------------------------------------------
 

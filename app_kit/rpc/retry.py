@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .status import Status
@@ -106,19 +106,18 @@ class RetryPolicies:
         return policy
 
 
-def pushback_delay(values: Iterable[str]) -> float | None:
-    """``grpc-retry-pushback-ms`` as seconds to wait; None: the server says do not retry.
+def pushback_delay(value: str) -> float | None:
+    """A ``grpc-retry-pushback-ms`` value as seconds to wait (0: at once); None: the server
+    says do not retry.
 
     Only ASCII digits are a number here (``str.isdigit`` alone also takes "²" and other
     digits ``int`` refuses), and at most ``_MAX_PUSHBACK_DIGITS`` of them: more would be a
     wait of years, past any deadline, and a number ``int`` may refuse or a float not hold.
     Anything else is malformed: no retry, as gRFC A6 says. Never raises.
     """
-    for value in values:
-        if not (0 < len(value) <= _MAX_PUSHBACK_DIGITS and value.isascii() and value.isdigit()):
-            return None  # negative, malformed or absurdly long: no retry, as gRFC A6 says
-        return int(value) / 1000
-    return 0.0  # no pushback: the policy's own backoff applies (0 marks "none given")
+    if not (0 < len(value) <= _MAX_PUSHBACK_DIGITS and value.isascii() and value.isdigit()):
+        return None  # negative, malformed or absurdly long: no retry, as gRFC A6 says
+    return int(value) / 1000
 
 
 def _seconds(value: object) -> float:
