@@ -4,12 +4,13 @@ they arrive, requests from async iterables; over real sockets, against our serve
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
 from google.protobuf.wrappers_pb2 import Int64Value
 
-from app_kit import Cardinality, Channel, Handler, Stream
+from app_kit import Cardinality, Channel, CodecBase, GRPCError, Handler, Server, Status, Stream
 from app_kit.aio.client import method_for
 
 from .conftest import running_server
@@ -145,3 +146,50 @@ async def test_a_failing_request_iterator_cancels_the_call_and_raises() -> None:
 def _split(target: str) -> tuple[str, int]:
     host, port = target.rsplit(":", 1)
     return host, int(port)
+
+
+class _JsonCodec(CodecBase):
+    """A codec of our own: dicts as JSON (``application/grpc+json``)."""
+
+    content_subtype = "json"
+
+    def encode(self, message: object, message_type: object) -> bytes:
+        if not isinstance(message, dict):
+            raise TypeError(f"dict expected, got {type(message).__name__}")
+        return json.dumps(message).encode()
+
+    def decode(self, data: bytes, message_type: object) -> object:
+        value = json.loads(data)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
+
+
+async def test_a_codec_of_ones_own_serves_and_calls_both_ways() -> None:
+    # The codec's decode runs per message on both sides (through CodecBase.decoder's default),
+    # a request it cannot parse answers INTERNAL, and the content-type names its subtype.
+    async def double(stream: Stream[dict[str, int], dict[str, int]]) -> None:
+        async for request in stream:
+            await stream.send_message({"n": request["n"] * 2})
+
+    class Doubler:
+        def __mapping__(self) -> dict[str, Handler]:
+            return {"/t.J/Double": Handler(double, Cardinality.STREAM_STREAM, dict, dict)}
+
+    server = Server([Doubler()], codec=_JsonCodec())
+    await server.start("127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with Channel("127.0.0.1", port, codec=_JsonCodec()) as channel:
+            stub = method_for(channel, "/t.J/Double", Cardinality.STREAM_STREAM, dict, dict)
+            assert await stub([{"n": 1}, {"n": 20}]) == [{"n": 2}, {"n": 40}]
+            async with stub.open() as call:
+                await call.send_message({"n": 3})
+                assert await call.recv_message() == {"n": 6}
+                call._put(b"[1, 2]", False)  # a message the codec refuses (sent as is): INTERNAL
+                with pytest.raises(GRPCError) as info:
+                    await call.recv_message()
+                assert info.value.status is Status.INTERNAL
+    finally:
+        server.close()
+        await server.wait_closed()

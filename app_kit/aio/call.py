@@ -130,7 +130,7 @@ class Call(CallMeasures, Generic[RecvT, SendT]):
         self._path = path
         self._cardinality = cardinality
         # Bound once: they run per message.
-        self._decode = codec.decode
+        self._decode = codec.decoder(recv_type)
         self._encode = codec.encode
         self._recv_type = recv_type
         self._send_type = send_type
@@ -231,7 +231,7 @@ class Call(CallMeasures, Generic[RecvT, SendT]):
         self._messages_received += 1
         self._bytes_received += len(data)
         try:
-            message = self._decode(data, self._recv_type)
+            message = self._decode(data)
         except Exception:
             raise self._undecodable() from None
         if self._recv_hooks:

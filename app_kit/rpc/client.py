@@ -97,8 +97,7 @@ class ClientConnection(GrpcConnection):
     @property
     def can_start_call(self) -> bool:
         """Whether a new call may start now (open, and under the peer's stream limit)."""
-        h2conn = self._h2
-        limit = h2conn.remote_settings.max_concurrent_streams
+        limit = self._h2.peer_max_concurrent_streams
         if not self.handshake_complete:
             # h2 assumes no limit until the server's SETTINGS arrive; gRPC clients assume 100,
             # which every gRPC server allows, so a burst on a new connection is not refused.

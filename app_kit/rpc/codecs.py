@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .status import Status
@@ -35,6 +35,12 @@ class CodecBase(abc.ABC):
     def decode(self, data: bytes, message_type: Any) -> Any:
         """Parse ``data`` into an instance of ``message_type``; raise on malformed data."""
 
+    def decoder(self, message_type: Any) -> Callable[[bytes], Any]:
+        """:meth:`decode` for ``message_type``, as a one-argument function (a call looks it
+        up once, and runs it per message)."""
+        decode = self.decode
+        return lambda data: decode(data, message_type)
+
 
 class ProtoCodec(CodecBase):
     """The default codec: protocol buffers messages."""
@@ -50,6 +56,11 @@ class ProtoCodec(CodecBase):
     def decode(self, data: bytes, message_type: Any) -> Any:
         """Parse a protobuf message of ``message_type``."""
         return message_type.FromString(data)
+
+    def decoder(self, message_type: Any) -> Callable[[bytes], Any]:
+        """``message_type.FromString`` itself: no Python call per message around it."""
+        from_string: Callable[[bytes], Any] | None = getattr(message_type, "FromString", None)
+        return from_string if from_string is not None else super().decoder(message_type)
 
 
 class StatusDetailsCodecBase(abc.ABC):

@@ -549,7 +549,7 @@ class GrpcConnection:
             return False  # released streams returned their window already
         queued = state.queued
         if queued > _FREE_MESSAGES:
-            self._count_queued(-1)
+            self._partial_limit += _MESSAGE_OVERHEAD  # _count_queued(-1), inline: once per message
         state.queued = queued - 1
         state.unacked -= size
         state.consumed += size

@@ -85,6 +85,7 @@ _DATA, _HEADERS, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x8, 0x9
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _STREAM_OPEN, _STREAM_HALF_CLOSED_LOCAL = H2StreamState.OPEN, H2StreamState.HALF_CLOSED_LOCAL
 _STREAM_CLOSED = H2StreamState.CLOSED
+_NO_STREAM_LIMIT = 2**32 + 1  # what h2's Settings answer while the peer set no limit
 _CONNECTION_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _STREAM_SENDING = (H2StreamState.OPEN, H2StreamState.HALF_CLOSED_REMOTE)
 
@@ -321,6 +322,15 @@ class H2Connection(h2.connection.H2Connection):
             out += _FRAME_HEADER.pack(len(chunk) >> 16, len(chunk) & 0xFFFF, kind, flags, stream_id)
             out += chunk
             kind, flags = _CONTINUATION, 0
+
+    @property
+    def peer_max_concurrent_streams(self) -> int:
+        """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (h2's ``remote_settings`` property, its
+        default when unset), without the three Python calls of Settings' property: a client
+        asks for every call."""
+        values = self.remote_settings._settings.get(_SETTINGS.MAX_CONCURRENT_STREAMS)
+        value = values[0] if values else None
+        return _NO_STREAM_LIMIT if value is None else value
 
     def _new_stream(self, stream_id: int, outbound: bool) -> h2.stream.H2Stream:
         """h2's ``_begin_new_stream`` for an id the caller checked (above every id of its side,
