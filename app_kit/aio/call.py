@@ -38,6 +38,9 @@ class Host(Protocol):
 
     loop: Runtime
     write_paused: bool
+    @property
+    def flush_scheduled(self) -> object:
+        """Not None while a flush is scheduled for the end of this loop turn."""
 
     def schedule_flush(self) -> None:
         """Write what is queued at the end of this loop turn."""
@@ -261,7 +264,9 @@ class Call(CallMeasures, Generic[RecvT, SendT]):
             raise GRPCError(exc.status, exc.message) from None
         self._messages_sent += 1
         self._bytes_sent += len(data)
-        self._protocol.schedule_flush()
+        protocol = self._protocol
+        if protocol.flush_scheduled is None:  # (once per loop turn: not a call per message)
+            protocol.schedule_flush()
         return ready
 
     def _raise_too_large(self, data: bytes) -> None:

@@ -37,7 +37,8 @@ class ConnectionProtocol(asyncio.Protocol):
         #: The event loop (on trio: a :class:`~app_kit.aio.runtime.TrioRuntime`).
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self._flush_handle: asyncio.Handle | None = None
+        #: The flush scheduled for the end of this loop turn, if one is.
+        self.flush_scheduled: asyncio.Handle | None = None
         self._write_resumed: asyncio.Future[None] | None = None
         # Senders waiting for their stream's queued bytes to leave, by stream id.
         self._writers: dict[int, asyncio.Future[None]] = {}
@@ -97,9 +98,9 @@ class ConnectionProtocol(asyncio.Protocol):
         """Stop timers, release waiting writers, tell the layer above."""
         self._closed = True
         self.write_paused = False
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        if self.flush_scheduled is not None:
+            self.flush_scheduled.cancel()
+            self.flush_scheduled = None
         for handle in (self._keepalive_handle, self._handshake_handle, self._linger_handle):
             if handle is not None:
                 handle.cancel()
@@ -150,11 +151,11 @@ class ConnectionProtocol(asyncio.Protocol):
 
     def schedule_flush(self) -> None:
         """Write what the core queued at the end of this loop turn, together with the rest."""
-        if self._flush_handle is None and not self._closed:
-            self._flush_handle = self.loop.call_soon(self._scheduled_flush)
+        if self.flush_scheduled is None and not self._closed:
+            self.flush_scheduled = self.loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
-        self._flush_handle = None
+        self.flush_scheduled = None
         self.flush()
 
     def flush(self) -> None:
