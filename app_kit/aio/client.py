@@ -945,14 +945,16 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
             self._kept.append(data)
         if end:
             self._send_ended = True
-        protocol = self._protocol
-        if ready and not protocol.write_paused:
-            return
-        await protocol.drain(self._stream_id, ready)
+        if not ready or self._protocol.write_paused:
+            await self._wait_sent(ready)
+
+    async def _wait_sent(self, ready: bool) -> None:
+        """Wait while a message just queued must wait to leave (for its stream's buffer or a
+        full socket)."""
+        await self._protocol.drain(self._stream_id, ready)
         if self._outcome is not None:
-            # The call ended while this message waited to leave (for its stream's buffer or a
-            # full socket): a failure is raised here; a success is the caller's to read (the
-            # whole response may have come meanwhile).
+            # The call ended meanwhile: a failure is raised here; a success is the caller's to
+            # read (the whole response may have come meanwhile).
             self._raise_outcome()
 
     async def _resend(self, data: bytes) -> None:
@@ -963,12 +965,8 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._raise_if_over()
         self._sent += 1
         ready = self._put(data, True)
-        protocol = self._protocol
-        if ready and not protocol.write_paused:
-            return
-        await protocol.drain(self._stream_id, ready)
-        if self._outcome is not None:
-            self._raise_outcome()
+        if not ready or self._protocol.write_paused:
+            await self._wait_sent(ready)
 
     async def end(self) -> None:
         """Half-close: no more request messages."""
