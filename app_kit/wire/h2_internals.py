@@ -39,7 +39,7 @@ from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from .config import Configuration
 
-_CACHE_LIMIT = 64  # header blocks the decoder remembers, and validated header lists
+_CACHE_LIMIT = 64  # header blocks the decoder remembers, and header lists _receive_headers does
 #: Bytes (RFC 9113 §6.5.2's count) of the largest header list remembered: gRPC heads are a
 #: few hundred; a peer sending large varied lists must not make each connection keep 64 of them.
 _CACHE_LIST_LIMIT = 1024
@@ -197,7 +197,7 @@ class H2Connection(h2.connection.H2Connection):
     _sweep_at = 16
     #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
     frames_sent = 0
-    #: What h2's checks found of the header lists received: see _receive_headers.
+    #: What h2 made of the header lists received: see _receive_headers.
     _validated: dict[tuple[Any, Any, Any], tuple[list[Any], int | None]] | None = None
 
     def _receive_frame(self, frame: Any) -> list[Any]:
@@ -487,11 +487,12 @@ class H2Connection(h2.connection.H2Connection):
 
     def _receive_headers(self, stream: h2.stream.H2Stream, headers: Any, end_stream: bool) -> list[Any]:
         """h2's ``H2Stream.receive_headers`` (the same steps, in its order), remembering what
-        its checks of a header list found. Validating is a chain of seven generators over
-        every field; it and the content-length h2 reads depend only on the fields, the kind
-        of headers (request, response, trailers) and the side. Calls of a method repeat
-        their requests' fields, responses and trailers theirs, so each list is checked once
-        per connection, not once per call."""
+        it makes of a header list: the content-length it reads and the list its processing
+        passes on (its 1xx check, validation flags and processing pipeline; the validation
+        itself our configuration leaves to the gRPC layer). They depend only on the fields, the
+        kind of headers (request, response, trailers) and the side. Calls of a method repeat
+        their requests' fields, responses and trailers theirs, so each list is taken apart
+        once per connection, not once per call."""
         machine = stream.state_machine
         remembered = self._validated
         if remembered is None:
