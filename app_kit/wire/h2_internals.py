@@ -509,14 +509,14 @@ class H2Connection(h2.connection.H2Connection):
             ended = _advance(machine, _RECV_END_STREAM, StreamInputs.RECV_END_STREAM)
             event.stream_ended = ended[0]
             events += ended
+        fields = None
         if known is not None and stream.request_method != b"HEAD":
             fields, stream._expected_content_length = known
-            if end_stream is False and event.__class__ is TrailersReceived:
-                raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
         else:
             stream._initialize_content_length(headers)
-            if end_stream is False and isinstance(event, TrailersReceived):
-                raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
+        if end_stream is False and isinstance(event, TrailersReceived):
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
+        if fields is None:
             flags = stream._build_hdr_validation_flags(events)
             fields = stream._process_received_headers(headers, flags, self.config.header_encoding)
             if stream.request_method != b"HEAD" and _list_size(headers) <= _CACHE_LIST_LIMIT:
