@@ -14,11 +14,13 @@ import h2.connection
 import h2.events
 import h2.settings
 import hpack
+import hpack.exceptions
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app_kit import Configuration, Status
-from app_kit.rpc.events import RequestHead, RequestReceived
+from app_kit.rpc.events import RequestHead, RequestReceived, StreamWritable
 from app_kit.rpc.framing import frame_message
 from app_kit.rpc.server import ServerConnection, parse_request
 from app_kit.wire.h2_internals import MemoizingHeaderDecoder
@@ -73,16 +75,19 @@ def test_repeated_response_blocks_shrink_to_indices() -> None:
 # -- the same exchange over h2's own send path and over ours ------------------------------
 
 
-def _client(header_table_size: int = 4096) -> h2.connection.H2Connection:
+def _client(header_table_size: int = 4096, window: int = 65535) -> h2.connection.H2Connection:
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     client.local_settings = h2.settings.Settings(
         client=True,
         initial_values={
             h2.settings.SettingCodes.HEADER_TABLE_SIZE: header_table_size,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 1 << 20,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
         },
     )
     client.initiate_connection()
+    if window > 65535:
+        client.increment_flow_control_window(window - 65535)
     return client
 
 
@@ -169,10 +174,10 @@ class _ViaH2(ServerConnection):
         self._encoder = HeaderBlockEncoder()  # literals only: readable by a fresh decoder
 
 
-def _serve(cls: type[ServerConnection], respond, *, header_table_size: int = 4096):  # type: ignore[no-untyped-def]
+def _serve(cls: type[ServerConnection], respond, *, header_table_size: int = 4096, window: int = 65535):  # type: ignore[no-untyped-def]
     server = cls(Configuration(max_frame_size=16384))
     server.initiate()
-    client = _client(header_table_size)
+    client = _client(header_table_size, window)
     _pump(client, server)
     seen: list[tuple[object, ...]] = []
     states = []
@@ -182,7 +187,7 @@ def _serve(cls: type[ServerConnection], respond, *, header_table_size: int = 409
         (request,) = [event for event in server_events if isinstance(event, RequestReceived)]
         respond(server, request.stream_id, body)
         flush_events = server.flush_streams()
-        assert not flush_events
+        assert all(isinstance(event, StreamWritable) for event in flush_events)  # (after a large message)
         states.append(_stream_state(server, stream_id) if stream_id in server._h2.streams else None)
         client_events, _ = _pump(client, server)
         seen += _comparable(client_events)
@@ -206,13 +211,48 @@ def _trailers_only(server: ServerConnection, stream_id: int, body: bytes) -> Non
     server.send_status(stream_id, Status.OK)
 
 
+def _large_messages(server: ServerConnection, stream_id: int, body: bytes) -> None:
+    # Payloads written by reference (bytes, from 64 KiB), between frames that are copied.
+    server.send_response_headers(stream_id, [(b"x-meta", body)])
+    server.send_message(stream_id, body * 40000)
+    server.send_message(stream_id, b"s" * 100)
+    server.send_message(stream_id, bytes(range(256)) * 1000 + body)
+    server.send_status(stream_id, Status.OK)
+
+
 def test_our_send_path_gives_the_peer_and_h2_what_h2s_own_path_gives() -> None:
-    for respond in (_unary, _with_metadata_and_error, _trailers_only):
+    for respond in (_unary, _with_metadata_and_error, _trailers_only, _large_messages):
         for table_size in (4096, 0, 100):
-            ours = _serve(ServerConnection, respond, header_table_size=table_size)
-            reference = _serve(_ViaH2, respond, header_table_size=table_size)
+            ours = _serve(ServerConnection, respond, header_table_size=table_size, window=1 << 22)
+            reference = _serve(_ViaH2, respond, header_table_size=table_size, window=1 << 22)
             assert ours == reference, (respond.__name__, table_size)
             assert any(kind == "ended" for kind, *_ in ours[0])
+
+
+def test_large_payloads_go_out_by_reference_and_mutable_ones_as_copies() -> None:
+    server = ServerConnection(Configuration(max_frame_size=16384))
+    server.initiate()
+    client = _client(window=1 << 22)
+    _pump(client, server)
+    stream_id = _request(client, b"x")
+    server.receive_data(client.data_to_send())
+    server.send_response_headers(stream_id, [])
+    message = b"m" * 200_000
+    server.send_message(stream_id, message)
+    output = server.take_output()
+    assert type(output) is list  # the payload's frames are views of it, not a copy
+    assert any(type(part) is memoryview and part.obj is message for part in output)
+    wire = b"".join(output)
+    assert wire.count(message[: 16384 - 5]) >= 1 and len(wire) > len(message)
+    mutable = bytearray(b"b" * 200_000)  # a codec may return a bytearray, and reuse it
+    server.send_message(stream_id, mutable)
+    mutable[:] = b"X" * len(mutable)
+    server.send_status(stream_id, Status.OK)
+    sent = server.data_to_send()  # one buffer, whatever was queued
+    assert type(sent) is bytearray and b"X" not in sent and sent.count(b"b") >= 200_000
+    events = client.receive_data(bytes(wire) + bytes(sent))
+    received = b"".join(bytes(event.data) for event in events if isinstance(event, h2.events.DataReceived))
+    assert received == frame_message(message) + frame_message(b"b" * 200_000)
 
 
 def test_large_header_blocks_go_out_in_continuation_frames() -> None:

@@ -38,6 +38,7 @@ class Host(Protocol):
 
     loop: Runtime
     write_paused: bool
+
     @property
     def flush_scheduled(self) -> object:
         """Not None while a flush is scheduled for the end of this loop turn."""

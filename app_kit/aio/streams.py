@@ -79,6 +79,11 @@ class StreamTransport:
             self._write_paused = True
             self._protocol.pause_writing()
 
+    def writelines(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        """Queue each of ``buffers``, in order."""
+        for data in buffers:
+            self.write(data)
+
     def can_write_eof(self) -> bool:
         """Whether the stream can be half-closed (TCP and Unix, not TLS)."""
         return not isinstance(self._stream, TLSStream)

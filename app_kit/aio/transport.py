@@ -165,9 +165,12 @@ class ConnectionProtocol(asyncio.Protocol):
             events = connection.flush_streams()
             if events:
                 self.handle_events(events)
-        data = connection.data_to_send()
+        data = connection.take_output()
         if data and not self._closed and self.transport is not None:
-            self.transport.write(data)
+            if isinstance(data, bytearray):
+                self.transport.write(data)
+            else:
+                self.transport.writelines(data)  # (uvloop's: one writev, no copy)
 
     async def drain(self, stream_id: int, ready: bool) -> None:
         """After a message was queued on a stream: schedule the write, and wait while the

@@ -801,11 +801,18 @@ class GrpcConnection:
         self._connection_lost(error_code, reason)
 
     def data_to_send(self) -> bytearray:
-        """Everything queued for the peer since the last call.
+        """Everything queued for the peer since the last call, in one buffer.
 
         The buffer itself is handed over, not a copy (h2's ``data_to_send`` copies it, a
         megabyte per large message): the caller owns it, and nothing here touches it again.
         """
+        output = self._h2.take_output()
+        return output if isinstance(output, bytearray) else bytearray().join(output)
+
+    def take_output(self) -> bytearray | list[bytes | bytearray | memoryview]:
+        """What :meth:`data_to_send` returns, for a transport that writes lists of buffers
+        (``writelines``): a large message's payload is not copied but listed, as views of
+        it, between its frame headers. A list only when there is such a payload."""
         return self._h2.take_output()
 
 

@@ -43,6 +43,8 @@ _CACHE_LIMIT = 64  # header blocks the decoder remembers, and header lists _rece
 #: Bytes (RFC 9113 §6.5.2's count) of the largest header list remembered: gRPC heads are a
 #: few hundred; a peer sending large varied lists must not make each connection keep 64 of them.
 _CACHE_LIST_LIMIT = 1024
+# DATA payloads from this size on are written by reference (see send_data_frames).
+_BY_REFERENCE = 65536
 #: RFC 7541's static table, as hpack holds it.
 HPACK_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
 __all__ = [
@@ -199,6 +201,8 @@ class H2Connection(h2.connection.H2Connection):
     frames_sent = 0
     #: What h2 made of the header lists received: see _receive_headers.
     _validated: dict[tuple[Any, Any, Any], tuple[list[Any], int | None]] | None = None
+    #: Buffers queued before ``_data_to_send``, while a large payload is queued by reference.
+    _parts: list[bytes | bytearray | memoryview] | None = None
 
     def _receive_frame(self, frame: Any) -> list[Any]:
         """h2's handling of one received frame, with two differences.
@@ -391,6 +395,25 @@ class H2Connection(h2.connection.H2Connection):
             out += pack(size >> 16, size & 0xFFFF, _DATA, flags, stream_id)
             out += data
             return
+        if size >= _BY_REFERENCE and type(data.obj if type(data) is memoryview else data) is bytes:
+            # Immutable: its frames are queued as views of it, not copied into the output (a
+            # fresh megabyte per large message, whose page faults cost more than the copy).
+            parts = self._parts
+            if parts is None:
+                self._parts = parts = []
+            if out:
+                parts.append(out)
+                self._data_to_send = bytearray()
+            view = memoryview(data)  # (not released here: the views queued are of it)
+            offset, last = 0, size - frame_size
+            while offset < last:
+                parts.append(pack(frame_size >> 16, frame_size & 0xFFFF, _DATA, 0, stream_id))
+                parts.append(view[offset : offset + frame_size])
+                offset += frame_size
+            rest = size - offset
+            parts.append(pack(rest >> 16, rest & 0xFFFF, _DATA, flags, stream_id))
+            parts.append(view[offset:])
+            return
         with memoryview(data) as view:  # (slices of a view: no copy but the one into out)
             offset, last = 0, size - frame_size
             while offset < last:
@@ -534,11 +557,18 @@ class H2Connection(h2.connection.H2Connection):
         frame.error_code = error_code
         self._data_to_send += frame.serialize()  # behind what h2 queued, like our other frames
 
-    def take_output(self) -> bytearray:
+    def take_output(self) -> bytearray | list[bytes | bytearray | memoryview]:
         """Everything queued since the last call: the buffer itself (h2's ``data_to_send``
-        copies it, a megabyte per large message); the caller owns it from now on."""
+        copies it, a megabyte per large message), which the caller owns from now on; or, if
+        a large payload was queued by reference, the list of buffers to write in order."""
         data, self._data_to_send = self._data_to_send, bytearray()
-        return data
+        parts = self._parts
+        if parts is None:
+            return data
+        self._parts = None
+        if data:
+            parts.append(data)
+        return parts
 
     def use_encoder(self, encoder: Any) -> None:
         """Encode every header block h2 sends with ``encoder`` (one per connection, as HPACK
