@@ -10,7 +10,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import pytest
@@ -153,7 +153,12 @@ async def test_bidi_call_ends_when_sending_its_requests_fails_with_a_grpc_error(
 class _StalledPeer(asyncio.Protocol):
     """An HTTP/2 peer that grants every window, then never reads again (a hung server)."""
 
+    # Held here: a transport that neither reads nor writes is referenced by nothing else, and
+    # the garbage collector would close it (a reset) whenever a collection happens to run.
+    transports: ClassVar[list[asyncio.BaseTransport]] = []
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transports.append(transport)
         largest = 2**31 - 1
         settings = (4).to_bytes(2, "big") + largest.to_bytes(4, "big")  # SETTINGS_INITIAL_WINDOW_SIZE
         window = frame(WINDOW_UPDATE, 0, 0, (largest - 65535).to_bytes(4, "big"))
@@ -185,6 +190,9 @@ async def test_a_deadline_ends_a_call_whose_request_waits_for_a_full_socket() ->
             assert info.value.status is Status.DEADLINE_EXCEEDED
     finally:
         server.close()
+        for transport in _StalledPeer.transports:
+            transport.close()
+        _StalledPeer.transports.clear()
 
 
 # -- a connection is READY once the server speaks HTTP/2, not at TCP connect ------------------
