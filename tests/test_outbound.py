@@ -319,6 +319,21 @@ def test_memoized_decoding_matches_hpack_and_leaves_the_same_table(script) -> No
             assert ours.header_table.maxsize == reference.header_table.maxsize
 
 
+def test_a_remembered_block_is_refused_like_a_fresh_one_when_the_table_was_not_shrunk() -> None:
+    # We lowered SETTINGS_HEADER_TABLE_SIZE and the peer never sent the size update: hpack
+    # refuses every block from then on, one it decoded before (ours remembers it) included.
+    encoder = hpack.Encoder()
+    block = encoder.encode([(b"x-a", b"1"), (b"x-b", b"2")])
+    again = encoder.encode([(b"x-a", b"1"), (b"x-b", b"2")])  # indices now
+    ours, reference = MemoizingHeaderDecoder(1 << 16), hpack.Decoder(1 << 16)
+    for decoder in (ours, reference):
+        decoder.decode(block, raw=True)
+        decoder.decode(again, raw=True)  # remembered by ours
+        decoder.max_allowed_table_size = 0
+        with pytest.raises(hpack.exceptions.InvalidTableSizeError):
+            decoder.decode(again, raw=True)
+
+
 def test_remembered_request_heads_equal_fresh_ones() -> None:
     server = ServerConnection(Configuration())
     server.initiate()

@@ -718,13 +718,14 @@ class MemoizingHeaderDecoder(hpack.Decoder):
         table = self.header_table
         entries = table.dynamic_entries
         newest = entries[0] if entries else None
-        length, size = len(entries), table.maxsize
+        length, size = len(entries), table._maxsize  # (hpack's maxsize property, without the call)
         if raw:
             if type(data) is not bytes:
                 data = bytes(data)
             known = self._remembered.get(data)
             if known is not None and known[0] is newest and known[1] == length and known[2] == size:
-                self._assert_valid_table_size()
+                if size > self.max_allowed_table_size:  # hpack's check at the end of a block
+                    self._assert_valid_table_size()  # (which raises)
                 return list(known[3])
         headers: Any = super().decode(data, raw)  # a list, whatever hpack's annotation says
         decoded = _list_size(headers)
