@@ -10,12 +10,13 @@ measured runs under valgrind's callgrind: it is warmed up with 500 calls, its co
 zeroed, CALLS unary calls are made (default 3,000; for the server CONNECTIONS x STREAMS from
 h2load, default 1 x 100) and the instructions counted per call are printed: the same to about
 0.05 % from run to run, so one change to the hot path can be judged on its own, even with tests
-running beside it. It counts user-space work only (no system calls, no cache misses): compare
+running beside it (``INSTRUCTIONS_DUMP=path`` keeps callgrind's dump, for ``callgrind_annotate``). It counts user-space work only (no system calls, no cache misses): compare
 changes with it, and the implementations with ``bench/run.py``. Needs valgrind and h2load.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import shutil
@@ -40,7 +41,7 @@ def h2load(port: int, calls: int, connections: int, streams: int, body: str, met
 
 def under_callgrind(out: pathlib.Path, *arguments: str) -> subprocess.Popen[bytes]:
     # sys.executable: valgrind must start Python itself, not a launcher script that execs it.
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "-q", sys.executable, *arguments]
+    command = ["valgrind", "--tool=callgrind", "--compress-strings=no", f"--callgrind-out-file={out}", "-q", sys.executable, *arguments]
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
@@ -55,6 +56,9 @@ def count(process: subprocess.Popen[bytes], scratch: str, warm_up: Callable[[], 
     subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True, capture_output=True)
     time.sleep(1)
     dumps = sorted(pathlib.Path(scratch).glob("callgrind.out*"), key=lambda path: path.stat().st_mtime)
+    keep = os.environ.get("INSTRUCTIONS_DUMP")  # a path: keep the dump, for callgrind_annotate
+    if keep:
+        shutil.copy(dumps[-1], keep)
     match = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.MULTILINE)
     if match is None:
         raise SystemExit("no totals in callgrind's dump")

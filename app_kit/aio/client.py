@@ -804,20 +804,26 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._started_at = 0.0
 
     async def __aenter__(self) -> ClientStream[SendT, RecvT]:
-        if self.deadline is not None:
-            self._deadline_handle = current_runtime().call_later(self.deadline.time_remaining(), self._on_deadline)
+        self._enter()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self._leave(exc_info[1])
+
+    def _enter(self) -> None:
+        if self.deadline is not None:
+            self._deadline_handle = current_runtime().call_later(self.deadline.time_remaining(), self._on_deadline)
+
+    def _leave(self, error: object) -> None:
+        """The caller is done with the call (``error``: what it raised, or None)."""
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
         if self._outcome is None:
-            error = exc_info[1]
             if isinstance(error, GRPCError):
                 # Failed on our side (no backend, a request too large...): the call ends as raised.
                 self._abort(error.status, error.message or "")
             else:
-                await self.cancel()
+                self._abort(Status.CANCELLED, "cancelled by the client")
         if self._entered:
             self._end_interceptors()
 
@@ -1061,6 +1067,29 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._raise_outcome()
         return self.trailing_metadata  # type: ignore[return-value]
 
+    async def _unary_reply(self) -> RecvT:
+        """What a unary stub call reads: :meth:`recv_message`, then :meth:`recv_trailing_metadata`,
+        in one coroutine. Its reply is the result only with its status (a second reply fails
+        the call), so it waits for that first; everything came then, in order."""
+        while self._outcome is None:
+            self._waiter = waiter = self._protocol.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        if self._headers is None:
+            self._raise_outcome()  # (a failure raises; an OK without headers: no metadata)
+            self._headers = []
+        try:
+            self.initial_metadata = decode_metadata(self._headers)
+        except ValueError as exc:
+            raise GRPCError(Status.INTERNAL, f"invalid response metadata: {exc}") from None
+        reply = self._take(self._queue.popleft())  # the end, if no reply came: a failure raises
+        self._raise_outcome()
+        if reply is None:
+            raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
+        return reply
+
     # -- outcome ---------------------------------------------------------------------
 
     def _raise_outcome(self) -> None:
@@ -1288,22 +1317,28 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
         options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
         attempts = None
         while True:
-            async with self.channel.request(
+            # `async with channel.request(...) as stream`, without its two coroutines.
+            stream = self.channel.request(
                 self.path, Cardinality.UNARY_UNARY, self.request_type, self.reply_type, **options
-            ) as stream:
-                try:
-                    await stream.send_message(request, end=True)
-                    reply = await stream.recv_message()
-                    await stream.recv_trailing_metadata()
-                    if reply is None:
-                        raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
-                    return reply, stream
-                except GRPCError as exc:
-                    if attempts is None:
-                        attempts = self._attempts(options)
-                    delay = attempts.retry_delay(stream, exc)
-                    if delay is None:
-                        raise
+            )
+            stream._enter()
+            try:
+                await stream.send_message(request, end=True)
+                reply = await stream._unary_reply()
+            except GRPCError as exc:
+                if attempts is None:
+                    attempts = self._attempts(options)
+                delay = attempts.retry_delay(stream, exc)
+                if delay is None:
+                    stream._leave(exc)
+                    raise
+                stream._leave(None)
+            except BaseException as exc:
+                stream._leave(exc)
+                raise
+            else:
+                stream._leave(None)
+                return reply, stream
             await sleep(delay)
 
 
