@@ -10,8 +10,10 @@ measured runs under valgrind's callgrind: it is warmed up with 500 calls, its co
 zeroed, CALLS unary calls are made (default 3,000; for the server CONNECTIONS x STREAMS from
 h2load, default 1 x 100) and the instructions counted per call are printed: the same to about
 0.05 % from run to run, so one change to the hot path can be judged on its own, even with tests
-running beside it (``INSTRUCTIONS_DUMP=path`` keeps callgrind's dump, for ``callgrind_annotate``). It counts user-space work only (no system calls, no cache misses): compare
+running beside it. It counts user-space work only (no system calls, no cache misses): compare
 changes with it, and the implementations with ``bench/run.py``. Needs valgrind and h2load.
+``INSTRUCTIONS_DUMP=path`` keeps callgrind's dump there (function names uncompressed: self
+costs per function can be summed from it).
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ def h2load(port: int, calls: int, connections: int, streams: int, body: str, met
 
 def under_callgrind(out: pathlib.Path, *arguments: str) -> subprocess.Popen[bytes]:
     # sys.executable: valgrind must start Python itself, not a launcher script that execs it.
-    command = ["valgrind", "--tool=callgrind", "--compress-strings=no", f"--callgrind-out-file={out}", "-q", sys.executable, *arguments]
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--compress-strings=no",
+        f"--callgrind-out-file={out}",
+        "-q",
+        sys.executable,
+        *arguments,
+    ]
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
@@ -113,7 +123,8 @@ def main() -> int:
     measure_client = sys.argv[1:2] == ["client"]
     bidi = sys.argv[1:2] == ["bidi"]
     arguments = sys.argv[2:] if measure_client or bidi else sys.argv[1:]
-    calls, connections, streams = (int(arg) for arg in [*arguments, "3000", "1", "100"][:3])
+    defaults = ["3000", "1", "100"]
+    calls, connections, streams = (int(arg) for arg in [*arguments, *defaults[len(arguments) :]][:3])
     if bidi:  # the bench's bidi echo: calls of 100 messages, 10 at once on one connection
         calls, connections, streams = max(calls // 100, 1), 1, 10
     generate()

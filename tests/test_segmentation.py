@@ -18,6 +18,7 @@ from app_kit import Configuration, Status
 from app_kit.rpc.client import ClientConnection
 from app_kit.rpc.events import EndOfStream, MessagesReceived, RequestReceived
 from app_kit.rpc.server import ServerConnection
+from app_kit.wire import guard as guard_module
 from app_kit.wire.guard import FrameGuard
 
 from .frames import (
@@ -152,17 +153,31 @@ def test_frame_header_split_at_every_offset() -> None:
 
 
 def _seen_by_guard(pieces: list[bytes]) -> list[tuple[int, int]]:
+    """(type, length) of each frame header the guard parsed: the headers within a read as
+    it unpacks them, and those completed from two reads, which go to ``_frame``."""
     seen: list[tuple[int, int]] = []
+    start = guard_module._FRAME_START
+
+    class RecordingStart:
+        def unpack_from(self, data: bytes, offset: int) -> tuple[int, ...]:
+            high, low, kind, flags = start.unpack_from(data, offset)
+            seen.append((kind, high << 8 | low))
+            return high, low, kind, flags
 
     class Recording(FrameGuard):
         def _frame(self, header: bytes) -> int:
             length = super()._frame(header)
-            seen.append((header[3], length))
+            if header is self._header:  # (headers within a read were recorded as unpacked)
+                seen.append((header[3], length))
             return length
 
     guard = Recording(CONFIG, lambda: 0.0, expect_preface=True)
-    for piece in pieces:
-        guard.scan(piece)
+    guard_module._FRAME_START = RecordingStart()  # type: ignore[assignment]
+    try:
+        for piece in pieces:
+            guard.scan(piece)
+    finally:
+        guard_module._FRAME_START = start
     return seen
 
 
@@ -202,3 +217,83 @@ def test_client_core_sees_the_same_whatever_the_segmentation(calls: list[list[by
     assert not any("ConnectionClosed" in line for line in whole), whole
     assert replay(_cut(server_bytes, cuts)) == whole
     assert replay([server_bytes[i : i + 1] for i in range(min(len(server_bytes), 300))] + [server_bytes[300:]]) == whole
+
+
+class _EveryFrameGuard(FrameGuard):
+    """The reference: the guard as it was before its fast path, every frame through _frame."""
+
+    __slots__ = ()
+
+    def scan(self, data: bytes) -> tuple[list[int], int]:
+        plain_frames: list[int] = []
+        size = len(data)
+        position = min(self._skip, size)
+        self._skip -= position
+        if self._skip:
+            return plain_frames, 0
+        if self._header:
+            missing = 9 - len(self._header)
+            self._header += data[position : position + missing]
+            position += missing
+            if len(self._header) < 9:
+                return plain_frames, 0
+            position += self._frame(self._header)
+            self._header = b""
+        self.carried_end = position
+        start, plain = -1, False
+        while position + 9 <= size:
+            end = position + 9
+            plain = self._block < 0
+            length = self._frame(data[position:end])
+            if plain:
+                kind = data[position + 3]
+                if kind == DATA:
+                    plain = not data[position + 4] & 0x8
+                else:
+                    plain = kind == HEADERS and data[position + 4] & 0x2C == END_HEADERS
+                if plain and end + length <= size:
+                    plain_frames.append(position)
+            start = position
+            position = end + length
+        if position < size:
+            self._header = data[position:]
+            self.carried_plain = False
+            return plain_frames, position
+        if position > size:
+            self._skip = position - size
+            if start < 0:
+                return plain_frames, 0
+            self.carried_plain = plain
+            return plain_frames, start
+        return plain_frames, size
+
+
+_SMALL_LIMITS = Configuration(max_frame_size=16384, max_header_block_size=8000, max_header_list_size=8000)
+_any_frame = st.tuples(
+    st.sampled_from([DATA, HEADERS, CONTINUATION, PING, 0x4, WINDOW_UPDATE, RST_STREAM, 0x2, 0x20]),
+    st.integers(0, 255),  # flags: padded, priority, END_HEADERS, END_STREAM, ACK, whatever
+    st.sampled_from([0, 1, 4, 8, 100, 7999, 8000, 8001, 16384, 16385]),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(_any_frame, max_size=25), cuts=every_cut)
+def test_the_guards_fast_path_decides_as_every_frame_through_frame(frames, cuts) -> None:  # type: ignore[no-untyped-def]
+    # DATA and whole header blocks skip _frame: the same plain frames, counts, block state,
+    # carried bytes and refusals as when every frame went through it, however the bytes are cut.
+    data = b"".join(
+        frame(kind, flags, 1 + index % 3, bytes(length)) for index, (kind, flags, length) in enumerate(frames)
+    )
+    results = []
+    for cls in (FrameGuard, _EveryFrameGuard):
+        guard = cls(_SMALL_LIMITS, lambda: 0.0, expect_preface=False)
+        outcome: list[object] = []
+        for piece in [piece for piece in _cut(data, cuts) if piece]:
+            try:
+                outcome.append(guard.scan(piece))
+            except Exception as exc:
+                outcome.append((type(exc).__name__, str(exc)))
+                break
+            outcome.append((guard.carried_plain, guard.carried_end, guard._block, list(guard._counts), guard._skip))
+        results.append(outcome)
+    assert results[0] == results[1]

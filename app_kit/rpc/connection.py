@@ -43,6 +43,8 @@ log = logging.getLogger("app_kit.protocol")
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _pack_prefix = struct.Struct(">BI").pack  # a message's compressed flag and length
+# A frame header: its length (as 16 + 8 bits), type, flags and stream id, in one call.
+_FRAME_HEADER = struct.Struct(">HBBBL")
 _INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 _SETTINGS = h2.settings.SettingCodes
 _PING_LICENCES = 1024  # well above the DATA frames of one write to many streams
@@ -251,19 +253,20 @@ class GrpcConnection:
         """
         h2conn = self._h2
         h2_events: list[h2.events.Event] = []
+        unpack = _FRAME_HEADER.unpack_from
         for offset in plain_frames:
             if offset < start:
                 continue  # (in the frame completed from an earlier read: taken already)
             if offset > start:
                 h2_events += h2conn.receive_data(data[start:offset])  # the frames before it first
                 start = offset
-            end = offset + 9 + int.from_bytes(data[offset : offset + 3], "big")
-            stream_id = int.from_bytes(data[offset + 5 : offset + 9], "big") & 0x7FFFFFFF
-            end_stream = bool(data[offset + 4] & 0x1)
-            if data[offset + 3]:  # HEADERS
-                taken = h2conn.receive_headers_frame(stream_id, data[offset + 9 : end], end_stream)
+            high, low, kind, flags, stream_id = unpack(data, offset)
+            end = offset + 9 + (high << 8 | low)
+            stream_id &= 0x7FFFFFFF
+            if kind:  # HEADERS
+                taken = h2conn.receive_headers_frame(stream_id, data[offset + 9 : end], flags & 1 == 1)
             else:
-                taken = h2conn.receive_data_frame(stream_id, data[offset + 9 : end], end_stream)
+                taken = h2conn.receive_data_frame(stream_id, data[offset + 9 : end], flags & 1 == 1)
             if taken is not None:
                 h2_events += taken
                 start = end

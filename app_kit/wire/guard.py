@@ -14,6 +14,7 @@ PING that answers our own HEADERS or DATA is ordinary traffic, never abuse.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 
 from .config import Configuration
@@ -26,6 +27,8 @@ _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PING = 0x0, 0x1, 0x2, 0x3, 
 _PUSH_PROMISE, _WINDOW_UPDATE, _CONTINUATION = 0x5, 0x8, 0x9
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 _NOT_PLAIN_HEADERS = _END_HEADERS | _PADDED | _PRIORITY_FLAG  # of these, END_HEADERS only
+# A frame header's length (as 16 + 8 bits), type and flags, in one call rather than slices.
+_FRAME_START = struct.Struct(">HBBB")
 _PROTOCOL_ERROR, _FRAME_SIZE_ERROR, _ENHANCE_YOUR_CALM = 0x1, 0x6, 0xB
 
 # What is counted per window, and which Configuration field limits it.
@@ -213,18 +216,33 @@ class FrameGuard:
         self.carried_end = base + position
         start = -1  # where the last frame begun in this read starts
         plain = False
+        unpack = _FRAME_START.unpack_from
+        max_frame = self._max_frame
         while position + 9 <= size:
             end = position + 9
+            high, low, kind, flags = unpack(data, position)
+            length = high << 8 | low
             plain = self._block < 0  # before this frame: a frame inside a block is h2's to refuse
-            length = self._frame(data[position:end])
-            if plain:
-                kind = data[position + 3]
-                if kind == _DATA:
-                    plain = not data[position + 4] & _PADDED
-                else:
-                    plain = kind == _HEADERS and data[position + 4] & _NOT_PLAIN_HEADERS == _END_HEADERS
-                if plain and end + length <= size:
-                    plain_frames.append(base + position)
+            if kind == _DATA and 0 < length <= max_frame:
+                # A message's DATA (what most frames are): nothing to count (see _frame).
+                plain = plain and not flags & _PADDED
+            elif (
+                kind == _HEADERS
+                and plain
+                and flags & _NOT_PLAIN_HEADERS == _END_HEADERS
+                and 0 < length <= max_frame
+                and length <= self._max_block
+            ):
+                pass  # a whole header block: nothing to count or to remember (see _frame)
+            else:
+                length = self._frame(data[position:end])
+                if plain:
+                    if kind == _DATA:
+                        plain = not flags & _PADDED
+                    else:
+                        plain = kind == _HEADERS and flags & _NOT_PLAIN_HEADERS == _END_HEADERS
+            if plain and end + length <= size:
+                plain_frames.append(base + position)
             start = position
             position = end + length
         if position < size:
