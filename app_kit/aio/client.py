@@ -75,6 +75,7 @@ _ENHANCE_YOUR_CALM = int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 #: The requests of a client-streaming or bidi call kept (encoded) for a transparent retry, at
 #: most: past it the call is committed, never retried (grpc-core's per_rpc_retry_buffer_size).
 _RESEND_LIMIT = 256 * 1024
+_OK, _UNARY_UNARY = Status.OK, Cardinality.UNARY_UNARY  # (off their class: a __getattr__ hook on 3.11)
 
 
 class ClientInterceptor:
@@ -1095,7 +1096,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
     def _raise_outcome(self) -> None:
         assert self._outcome is not None
         status, message, details, _ = self._outcome
-        if status is Status.OK:
+        if status is _OK:
             return
         decoded = None
         codec = self._channel.status_details_codec
@@ -1141,7 +1142,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
     ) -> None:
         if self._outcome is not None:
             return
-        if self._messages_arrived > 1 and status is Status.OK and not self._cardinality.server_streaming:
+        if self._messages_arrived > 1 and status is _OK and not self._cardinality.server_streaming:
             # Two replies to a call that takes one: the server is broken, not the first reply
             # the result (grpc-go and grpc-java fail it so). Checked once here, not per message.
             status, message = Status.INTERNAL, "cardinality violation: more than one reply to a unary call"
@@ -1318,9 +1319,7 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
         attempts = None
         while True:
             # `async with channel.request(...) as stream`, without its two coroutines.
-            stream = self.channel.request(
-                self.path, Cardinality.UNARY_UNARY, self.request_type, self.reply_type, **options
-            )
+            stream = self.channel.request(self.path, _UNARY_UNARY, self.request_type, self.reply_type, **options)
             stream._enter()
             try:
                 await stream.send_message(request, end=True)

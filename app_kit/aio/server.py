@@ -811,6 +811,7 @@ def _intercepted(
 
 
 _EXPIRED = (Status.DEADLINE_EXCEEDED, "Deadline exceeded")
+_OK = Status.OK  # (an Enum member read off its class costs a __getattr__ hook on 3.11)
 
 
 async def _serve_call(stream: Stream[object, object], handler: Handler, interceptors: InterceptorChain) -> None:
@@ -857,7 +858,7 @@ async def _answer_call(
 
     ``run_expired`` runs instead when the deadline had passed on arrival (the interceptors,
     around no handler): they hear of the call too."""
-    status = Status.OK
+    status = _OK
     message: str | None = None
     details = None
     trailers: MetadataLike | None = None
@@ -901,7 +902,7 @@ async def _answer_call(
         log.exception("error in handler of %s", stream.method)
         status, message = Status.UNKNOWN, "Unexpected error"
     else:
-        if stream.closed or status is not Status.OK:
+        if stream.closed or status is not _OK:
             pass
         elif deadline is not None and deadline.time_remaining() <= 0:
             status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"  # it never yielded

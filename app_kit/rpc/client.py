@@ -26,6 +26,7 @@ _LIMIT_BEFORE_SETTINGS = 100
 # By the grpc-status value's bytes: Status(int(...)) is a parse and an enum lookup per call.
 _STATUS_BY_CODE = {str(code).encode("ascii"): Status(code) for code in range(17)}
 _TE_FIELD = (b"te", b"trailers")
+_OK = Status.OK  # (an Enum member read off its class costs a __getattr__ hook on 3.11)
 _MAX_HEADS = 256
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
@@ -249,7 +250,7 @@ class ClientConnection(GrpcConnection):
         events: list[Event],
     ) -> None:
         """The call's outcome is known: report it and forget the stream."""
-        if state.decoder.buffered and status is Status.OK:
+        if state.decoder.buffered and status is _OK:
             status, message = Status.INTERNAL, "the response ended in the middle of a message"
         events.append(ResponseEnded(state.stream_id, status, message, details, trailers))
         state.remote_closed = True
@@ -257,7 +258,7 @@ class ClientConnection(GrpcConnection):
             # The server is done with the call; stop sending to it.
             stream = self._h2.streams.get(state.stream_id)
             if stream is not None and not stream.closed:
-                self._h2.reset_stream(state.stream_id, _NO_ERROR if status is Status.OK else _CANCEL)
+                self._h2.reset_stream(state.stream_id, _NO_ERROR if status is _OK else _CANCEL)
         self._release(state)
 
     def _header_list_too_large(self, state: StreamState, what: str, size: int, events: list[Event]) -> None:

@@ -57,6 +57,7 @@ _COMMON_NAMES = frozenset(
 _GRPC_CONTENT_TYPE = b"application/grpc"
 _CONTENT_TYPE_FIELD = (b"content-type", b"application/grpc")
 _OK_FIELD = (b"grpc-status", b"0")
+_OK = Status.OK  # (an Enum member read off its class costs a __getattr__ hook on 3.11)
 # The header lists of nearly every response, encoded once per connection (see header_block);
 # the plain response head also carries grpc-accept-encoding, made per connection.
 _OK_TRAILERS = (_OK_FIELD,)
@@ -324,7 +325,7 @@ class ServerConnection(GrpcConnection):
         details: bytes | None,
         metadata: list[tuple[bytes, bytes]],
     ) -> Sequence[tuple[bytes, bytes]]:
-        if status is Status.OK and not message and details is None and not metadata:
+        if status is _OK and not message and details is None and not metadata:
             if state.headers_sent:
                 return _OK_TRAILERS
             state.headers_sent = True

@@ -102,6 +102,11 @@ _SEND_HEADERS = _STREAM_TRANSITIONS[StreamInputs.SEND_HEADERS]
 _SEND_END_STREAM = _STREAM_TRANSITIONS[StreamInputs.SEND_END_STREAM]
 _RECV_HEADERS = _STREAM_TRANSITIONS[StreamInputs.RECV_HEADERS]
 _RECV_END_STREAM = _STREAM_TRANSITIONS[StreamInputs.RECV_END_STREAM]
+# The inputs themselves, for h2's own process_input where a table has no entry (an Enum member
+# read off its class costs Python 3.11 a __getattr__ hook).
+_IN_SEND_HEADERS, _IN_SEND_END_STREAM = StreamInputs.SEND_HEADERS, StreamInputs.SEND_END_STREAM
+_IN_RECV_HEADERS, _IN_RECV_END_STREAM = StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM
+_IN_SEND_DATA = StreamInputs.SEND_DATA
 
 
 def _advance(
@@ -138,7 +143,7 @@ def _check_no_op_transitions() -> None:
             if connection.get((state, event)) != (None, state):
                 raise ImportError(f"h2's connection state machine changed: {state} on {event}")
     for stream_state in _STREAM_SENDING:
-        if h2.stream._transitions.get((stream_state, StreamInputs.SEND_DATA)) != (None, stream_state):
+        if h2.stream._transitions.get((stream_state, _IN_SEND_DATA)) != (None, stream_state):
             raise ImportError(f"h2's stream state machine changed: {stream_state} on SEND_DATA")
 
 
@@ -305,10 +310,10 @@ class H2Connection(h2.connection.H2Connection):
         if self.state_machine.state not in _CONNECTION_OPEN:  # (else a no-op: see above)
             self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
         machine = stream.state_machine
-        _advance(machine, _SEND_HEADERS, StreamInputs.SEND_HEADERS)
+        _advance(machine, _SEND_HEADERS, _IN_SEND_HEADERS)
         flags = 0
         if end_stream:
-            _advance(machine, _SEND_END_STREAM, StreamInputs.SEND_END_STREAM)
+            _advance(machine, _SEND_END_STREAM, _IN_SEND_END_STREAM)
             flags = _END_STREAM
         out = self._data_to_send
         size = len(block)
@@ -383,11 +388,11 @@ class H2Connection(h2.connection.H2Connection):
         if self.state_machine.state not in _CONNECTION_OPEN:  # (else a no-op: see above)
             self.state_machine.process_input(ConnectionInputs.SEND_DATA)
         if stream.state_machine.state not in _STREAM_SENDING:  # (else a no-op), an error
-            stream.state_machine.process_input(StreamInputs.SEND_DATA)
+            stream.state_machine.process_input(_IN_SEND_DATA)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         if end_stream:
-            _advance(stream.state_machine, _SEND_END_STREAM, StreamInputs.SEND_END_STREAM)
+            _advance(stream.state_machine, _SEND_END_STREAM, _IN_SEND_END_STREAM)
         flags = _END_STREAM if end_stream else 0
         out = self._data_to_send
         pack = _FRAME_HEADER.pack
@@ -472,7 +477,7 @@ class H2Connection(h2.connection.H2Connection):
         event.stream_ended = None
         if not end_stream:
             return [event]
-        ended = _advance(machine, _RECV_END_STREAM, StreamInputs.RECV_END_STREAM)
+        ended = _advance(machine, _RECV_END_STREAM, _IN_RECV_END_STREAM)
         event.stream_ended = ended[0]  # the StreamEnded h2 made
         return [event, *ended]
 
@@ -526,10 +531,10 @@ class H2Connection(h2.connection.H2Connection):
         known = remembered.get(key)
         if known is None and is_informational_response(headers):
             return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
-        events = _advance(machine, _RECV_HEADERS, StreamInputs.RECV_HEADERS)
+        events = _advance(machine, _RECV_HEADERS, _IN_RECV_HEADERS)
         event: Any = events[0]
         if end_stream:
-            ended = _advance(machine, _RECV_END_STREAM, StreamInputs.RECV_END_STREAM)
+            ended = _advance(machine, _RECV_END_STREAM, _IN_RECV_END_STREAM)
             event.stream_ended = ended[0]
             events += ended
         fields = None
