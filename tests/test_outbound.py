@@ -277,6 +277,16 @@ def test_closed_streams_are_swept_from_h2() -> None:
         _pump(client, server)
         assert len(server._h2.streams) <= 32
     assert len(server._h2._closed_streams) > 100  # swept streams are still known as closed
+    server._h2._closed_streams._size_limit = 150  # and h2's bound on them holds (its oldest go)
+    for _ in range(100):
+        _request(client, b"x")
+        _, events = _pump(client, server)
+        (request,) = [event for event in events if isinstance(event, RequestReceived)]
+        _unary(server, request.stream_id, b"x")
+        server.flush_streams()
+        _pump(client, server)
+    assert len(server._h2._closed_streams) == 150
+    assert min(server._h2._closed_streams) > 600  # the first 300 streams (ids 1..599) went
 
 
 # -- the memoizing decoder against hpack's own ---------------------------------------------

@@ -10,6 +10,7 @@ code base uses only their public API.
 
 from __future__ import annotations
 
+import collections
 import struct
 import sys
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from h2.connection import (
 from h2.events import DataReceived, TrailersReceived
 from h2.stream import StreamClosedBy, StreamInputs
 from h2.stream import StreamState as H2StreamState
-from h2.utilities import is_informational_response
+from h2.utilities import SizeLimitDict, is_informational_response
 from hpack.exceptions import HPACKError
 from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
@@ -81,12 +82,15 @@ def check_versions() -> None:
 check_versions()
 
 _SETTINGS = h2.settings.SettingCodes
+# (Read off their class per use, Enum members cost Python 3.11 a __getattr__ hook.)
+_MAX_CONCURRENT_STREAMS, _INITIAL_WINDOW_SIZE = _SETTINGS.MAX_CONCURRENT_STREAMS, _SETTINGS.INITIAL_WINDOW_SIZE
 # RFC 9113 §4.1: 24-bit length (as a high byte and 16 bits), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">BHBBL")
 _DATA, _HEADERS, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x8, 0x9
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _STREAM_OPEN, _STREAM_HALF_CLOSED_LOCAL = H2StreamState.OPEN, H2StreamState.HALF_CLOSED_LOCAL
 _STREAM_CLOSED = H2StreamState.CLOSED
+_set_ordered = collections.OrderedDict.__setitem__
 _NO_STREAM_LIMIT = 2**32 + 1  # what h2's Settings answer while the peer set no limit
 _CONNECTION_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _STREAM_SENDING = (H2StreamState.OPEN, H2StreamState.HALF_CLOSED_REMOTE)
@@ -299,8 +303,14 @@ class H2Connection(h2.connection.H2Connection):
             return
         closed = [stream_id for stream_id, stream in streams.items() if stream.state_machine.state is _STREAM_CLOSED]
         how = self._closed_streams  # (bounded: h2 keeps the newest of them)
-        for stream_id in closed:
-            how[stream_id] = streams.pop(stream_id).state_machine.stream_closed_by
+        if type(how) is SizeLimitDict:
+            # Its bound applied once after them all, not per stream (two Python calls each).
+            for stream_id in closed:
+                _set_ordered(how, stream_id, streams.pop(stream_id).state_machine.stream_closed_by)
+            how._check_size_limit()
+        else:
+            for stream_id in closed:
+                how[stream_id] = streams.pop(stream_id).state_machine.stream_closed_by
         self._sweep_at = max(16, 2 * len(streams))
 
     def send_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
@@ -337,7 +347,7 @@ class H2Connection(h2.connection.H2Connection):
         """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (h2's ``remote_settings`` property, its
         default when unset), without the three Python calls of Settings' property: a client
         asks for every call."""
-        values = self.remote_settings._settings.get(_SETTINGS.MAX_CONCURRENT_STREAMS)
+        values = self.remote_settings._settings.get(_MAX_CONCURRENT_STREAMS)
         value = values[0] if values else None
         return _NO_STREAM_LIMIT if value is None else value
 
@@ -349,8 +359,8 @@ class H2Connection(h2.connection.H2Connection):
             config=self.config,
             # The settings' current values, without two Python calls each (Settings' property
             # and __getitem__): a window size is always set.
-            inbound_window_size=self.local_settings._settings[_SETTINGS.INITIAL_WINDOW_SIZE][0],
-            outbound_window_size=self.remote_settings._settings[_SETTINGS.INITIAL_WINDOW_SIZE][0],
+            inbound_window_size=self.local_settings._settings[_INITIAL_WINDOW_SIZE][0],
+            outbound_window_size=self.remote_settings._settings[_INITIAL_WINDOW_SIZE][0],
         )
         stream.max_outbound_frame_size = self.max_outbound_frame_size
         self.streams[stream_id] = stream
