@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 
 import pytest
@@ -220,3 +221,95 @@ async def test_backoff_is_random_up_to_a_growing_cap() -> None:
         assert 0 <= min(delays) and max(delays) <= cap
         assert max(delays) > cap * 0.8  # uses the whole range
     await asyncio.sleep(0)
+
+
+# -- a service config's timeout and waitForReady -------------------------------------------
+
+
+class _SlowlyUnavailable:
+    """Answers UNAVAILABLE after ``delay`` seconds, every time; counts the attempts."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.attempts = 0
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/t.S/Slow": Handler(self.slow, Cardinality.UNARY_UNARY, Int64Value, Int64Value)}
+
+    async def slow(self, stream: Stream[Int64Value, Int64Value]) -> None:
+        await stream.recv_message()
+        self.attempts += 1
+        await asyncio.sleep(self.delay)
+        raise GRPCError(Status.UNAVAILABLE, "not now")
+
+
+def _config(**settings: object) -> dict[str, object]:
+    return {"methodConfig": [{"name": [{"service": "t.S"}], **settings}]}
+
+
+async def test_a_service_config_timeout_bounds_every_call_of_the_method_and_all_its_attempts() -> None:
+    retry = {
+        "maxAttempts": 5,
+        "initialBackoff": "0.01s",
+        "maxBackoff": "0.01s",
+        "backoffMultiplier": 1,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    service = _SlowlyUnavailable(0.2)
+    async with running_server([service]) as (_, target):
+        async with Channel(target, service_config=_config(timeout="0.5s", retryPolicy=retry)) as channel:
+            slow = method_for(channel, "/t.S/Slow", Cardinality.UNARY_UNARY, Int64Value, Int64Value)
+            for timeout in (None, 30.0):  # no deadline of its own, or a later one: the config's wins
+                began, attempts = time.monotonic(), service.attempts
+                with pytest.raises(GRPCError) as info:
+                    await slow(Int64Value(), timeout=timeout)
+                elapsed = time.monotonic() - began
+                assert info.value.status is Status.DEADLINE_EXCEEDED
+                assert 0.45 < elapsed < 1.5  # not five attempts of 0.2 s, each with a fresh 0.5 s
+                assert service.attempts - attempts == 3  # 0.2 s each within 0.5 s, the third cut short
+            began = time.monotonic()
+            with pytest.raises(GRPCError) as info:
+                await slow(Int64Value(), timeout=0.1)  # its own sooner deadline wins
+            assert info.value.status is Status.DEADLINE_EXCEEDED and time.monotonic() - began < 0.4
+            async with method_for(channel, "/t.S/Slow", Cardinality.UNARY_UNARY, Int64Value, Int64Value).open() as call:
+                assert call.deadline is not None and 0.3 < call.deadline.time_remaining() <= 0.5  # open() too
+
+
+async def test_a_service_config_wait_for_ready_is_the_methods_default() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = _config(waitForReady=True)
+    async with Channel("127.0.0.1", port, service_config=config) as channel:
+        slow = method_for(channel, "/t.S/Slow", Cardinality.UNARY_UNARY, Int64Value, Int64Value)
+        other = method_for(channel, "/t.Other/M", Cardinality.UNARY_UNARY, Int64Value, Int64Value)
+        await asyncio.sleep(0.3)  # the first connection attempt fails: TRANSIENT_FAILURE
+        began = time.monotonic()
+        with pytest.raises(GRPCError) as info:
+            await slow(Int64Value(), timeout=0.5)  # waits for a backend, until its deadline
+        assert info.value.status is Status.DEADLINE_EXCEEDED and time.monotonic() - began >= 0.45
+        for fails_at_once in (other(Int64Value(), timeout=5), slow(Int64Value(), timeout=5, wait_for_ready=False)):
+            began = time.monotonic()
+            with pytest.raises(GRPCError) as info:
+                await fails_at_once  # no waitForReady for it, or the call's own False wins
+            assert info.value.status is Status.UNAVAILABLE and time.monotonic() - began < 0.3
+
+
+def test_service_config_settings_that_are_wrong_or_unsupported(caplog: pytest.LogCaptureFixture) -> None:
+    for bad in ({"timeout": "-1s"}, {"timeout": "soon"}, {"timeout": 0}, {"waitForReady": "yes"}):
+        with pytest.raises(ValueError):
+            RetryPolicies(_config(**bad))
+    config = {
+        **_config(timeout="1s", hedgingPolicy={"maxAttempts": 2}, maxRequestMessageBytes=10),
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+        "loadBalancingConfig": [{"pick_first": {}}],
+    }
+    with caplog.at_level("WARNING", logger="app_kit.client"):
+        Channel("127.0.0.1", 1, service_config=config)
+    warned = " ".join(record.getMessage() for record in caplog.records)
+    for what in ("hedgingPolicy", "maxRequestMessageBytes", "retryThrottling", "pick_first"):
+        assert what in warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="app_kit.client"):
+        Channel("127.0.0.1", 1, service_config={**_config(timeout="1s"), "loadBalancingPolicy": "round_robin"})
+    assert not caplog.records  # what the channel does anyway is no cause for a warning

@@ -295,6 +295,8 @@ class Channel:
     shape, per service or method): only calls whose request is a single message, only before
     response headers came back, always within the call's deadline. A call the server refused or
     never processed is retried transparently, whatever its kind (see :class:`_RequestSender`).
+    The service config's ``timeout`` per method bounds its calls (retries included) and its
+    ``waitForReady`` is their default; what the channel does not implement is logged and ignored.
 
     ``ssl=True`` uses a default TLS context (:func:`~app_kit.client_tls` makes one with your
     roots and a client certificate, for mutual TLS); a context of your own is used as given,
@@ -363,6 +365,8 @@ class Channel:
         #: pinged too often (GOAWAY ENHANCE_YOUR_CALM "too_many_pings"), as gRPC clients do.
         self.keepalive_time = self.config.keepalive_time
         self._retry_policies = RetryPolicies(service_config, default=retry_policy)
+        for what in self._retry_policies.ignored:
+            log.warning("service config: %s is not supported by app_kit's channel, and is ignored", what)
         #: The connection the latest call was placed on.
         self._protocol: ClientProtocol | None = None
         self._subchannels: list[Subchannel[ClientProtocol]] = []
@@ -703,13 +707,19 @@ class Channel:
         deadline: Deadline | None = None,
         metadata: MetadataLike | None = None,
         compression: str | None = None,
-        wait_for_ready: bool = False,
+        wait_for_ready: bool | None = None,
     ) -> ClientStream[Any, Any]:
         """A call to ``path``, used as ``async with channel.request(...) as stream``.
 
         ``wait_for_ready``: while no backend is reachable, wait (within the deadline) instead
-        of failing with UNAVAILABLE at once."""
+        of failing with UNAVAILABLE at once (None: as the service config says for the
+        method, else False). A ``timeout`` the service config gives the method bounds the
+        call's deadline too."""
         deadline = _earliest(timeout, deadline)
+        if self._retry_policies.has_call_settings:
+            deadline = _earliest(self._retry_policies.timeout_for(path), deadline)
+            if wait_for_ready is None:
+                wait_for_ready = self._retry_policies.wait_for_ready_for(path)
         return ClientStream(
             self,
             path,
@@ -719,7 +729,7 @@ class Channel:
             metadata=encode_metadata(metadata),
             deadline=deadline,
             compression=self.compression if compression is None else _request_encoding(compression),
-            wait_for_ready=wait_for_ready,
+            wait_for_ready=bool(wait_for_ready),
         )
 
 
@@ -1229,6 +1239,8 @@ class _Method(Generic[SendT, RecvT]):
         self.path = path
         self.request_type = request_type
         self.reply_type = reply_type
+        #: The service config's timeout for the method (seconds), if it gives one.
+        self._config_timeout = channel._retry_policies.timeout_for(path)
 
     def open(
         self,
@@ -1237,16 +1249,23 @@ class _Method(Generic[SendT, RecvT]):
         """A call to use as ``async with method.open(...) as stream``."""
         return self.channel.request(self.path, self.cardinality, self.request_type, self.reply_type, **options)
 
+    def _fix_deadline(self, options: CallOptions) -> None:
+        """The call's deadline, fixed once for all its attempts (a retry gets what is left of
+        it): the sooner of its timeout, its deadline and the service config's timeout."""
+        options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
+        if self._config_timeout is not None:
+            options["deadline"] = _earliest(self._config_timeout, options["deadline"])
+
     def _attempts(self, options: CallOptions) -> _Attempts:
         """The call's deadline fixed once (a retry gets what is left of it), and its retries."""
-        options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
+        self._fix_deadline(options)
         policy = self.channel._retry_policies.for_method(self.path)
         return _Attempts(policy, options["deadline"], self.channel.config.max_transparent_retries)
 
     def _transparent_attempts(self, options: CallOptions) -> _Attempts:
         """As :meth:`_attempts`, for a call that streams its requests: transparent retries
         only (retry policies are for calls with a single request)."""
-        options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
+        self._fix_deadline(options)
         return _Attempts(None, options["deadline"], self.channel.config.max_transparent_retries)
 
 
@@ -1316,6 +1335,8 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
         # The deadline is fixed now (a retry gets what is left of it); the retry policy is
         # looked up if an attempt fails.
         options["deadline"] = _earliest(options.pop("timeout", None), options.get("deadline"))
+        if self._config_timeout is not None:  # (_fix_deadline's, inline: it runs per call)
+            options["deadline"] = _earliest(self._config_timeout, options["deadline"])
         attempts = None
         while True:
             # `async with channel.request(...) as stream`, without its two coroutines.

@@ -73,37 +73,82 @@ class RetryPolicy:
 
 
 class RetryPolicies:
-    """Which policy applies to which method: a service config's ``methodConfig`` list.
+    """What a service config's ``methodConfig`` list says per method: its retry policy
+    (``retryPolicy``), its timeout (``timeout``, the longest a call may take: a call's own
+    shorter deadline wins) and whether its calls wait for a ready backend (``waitForReady``,
+    unless a call says).
 
     Each entry names methods (``{"service": "pkg.Svc", "method": "M"}``, a whole service
-    without ``method``, or every method with ``{}``); the most specific name wins.
+    without ``method``, or every method with ``{}``); each of these settings comes from the
+    most specific name that has it. What app_kit does not do (hedging, retry throttling,
+    per-method message size limits, load-balancing choices) is listed in :attr:`ignored`.
     """
 
     def __init__(self, service_config: Mapping[str, Any] | None = None, *, default: RetryPolicy | None = None) -> None:
-        self._methods: dict[str, RetryPolicy] = {}
-        self._services: dict[str, RetryPolicy] = {}
-        #: For methods no entry names.
-        self._default = default
+        self._methods: dict[str, dict[str, Any]] = {}
+        self._services: dict[str, dict[str, Any]] = {}
+        #: For methods no entry names: the retry policy given apart.
+        self._everything: dict[str, Any] = {} if default is None else {"retry": default}
+        #: The service config's settings app_kit leaves alone (for the channel to warn about).
+        self.ignored: list[str] = [key for key in (service_config or {}) if key in _IGNORED_AT_TOP]
+        balancing = _balancing(service_config or {})
+        if balancing not in (None, "round_robin"):  # what the channel does anyway
+            self.ignored.append(f"load balancing {balancing!r} (app_kit's channel balances round_robin)")
         for entry in (service_config or {}).get("methodConfig", []):
+            settings: dict[str, Any] = {}
             raw = entry.get("retryPolicy")
-            if raw is None:
-                continue
-            policy = RetryPolicy.from_json(raw)
+            if raw is not None:
+                settings["retry"] = RetryPolicy.from_json(raw)
+            if "timeout" in entry:
+                timeout = _seconds(entry["timeout"])
+                if timeout <= 0:
+                    raise ValueError(f"invalid timeout {entry['timeout']!r}: it must be positive")
+                settings["timeout"] = timeout
+            if "waitForReady" in entry:
+                if not isinstance(entry["waitForReady"], bool):
+                    raise ValueError(f"waitForReady must be true or false, not {entry['waitForReady']!r}")
+                settings["wait_for_ready"] = entry["waitForReady"]
+            self.ignored += [f"methodConfig {key}" for key in entry if key in _IGNORED_PER_METHOD]
             for name in entry.get("name", []):
                 service, method = name.get("service", ""), name.get("method", "")
                 if method:
-                    self._methods[f"/{service}/{method}"] = policy
+                    self._methods.setdefault(f"/{service}/{method}", {}).update(settings)
                 elif service:
-                    self._services[service] = policy
+                    self._services.setdefault(service, {}).update(settings)
                 else:
-                    self._default = policy
+                    self._everything.update(settings)
+        #: Whether any method has a timeout or a waitForReady (else calls need not look).
+        self.has_call_settings = any(
+            "timeout" in settings or "wait_for_ready" in settings
+            for settings in (*self._methods.values(), *self._services.values(), self._everything)
+        )
+
+    def _setting(self, path: str, key: str) -> Any:
+        settings = self._methods.get(path)
+        if settings is not None and key in settings:
+            return settings[key]
+        settings = self._services.get(path[1:].partition("/")[0])
+        if settings is not None and key in settings:
+            return settings[key]
+        return self._everything.get(key)
 
     def for_method(self, path: str) -> RetryPolicy | None:
-        """The policy of ``/package.Service/Method``, if any."""
-        policy = self._methods.get(path)
-        if policy is None:
-            policy = self._services.get(path[1:].partition("/")[0], self._default)
+        """The retry policy of ``/package.Service/Method``, if any."""
+        policy: RetryPolicy | None = self._setting(path, "retry")
         return policy
+
+    def timeout_for(self, path: str) -> float | None:
+        """The method's ``timeout`` in seconds, if the service config gives one."""
+        timeout: float | None = self._setting(path, "timeout")
+        return timeout
+
+    def wait_for_ready_for(self, path: str) -> bool:
+        """The method's ``waitForReady`` (False if the service config does not say)."""
+        return bool(self._setting(path, "wait_for_ready"))
+
+
+_IGNORED_AT_TOP = ("retryThrottling", "healthCheckConfig")
+_IGNORED_PER_METHOD = ("hedgingPolicy", "maxRequestMessageBytes", "maxResponseMessageBytes")
 
 
 def pushback_delay(value: str) -> float | None:
@@ -118,6 +163,15 @@ def pushback_delay(value: str) -> float | None:
     if not (0 < len(value) <= _MAX_PUSHBACK_DIGITS and value.isascii() and value.isdigit()):
         return None  # negative, malformed or absurdly long: no retry, as gRFC A6 says
     return int(value) / 1000
+
+
+def _balancing(service_config: Mapping[str, Any]) -> str | None:
+    """The load-balancing policy a service config asks for, if it names one."""
+    configs = service_config.get("loadBalancingConfig")
+    if isinstance(configs, list) and configs and isinstance(configs[0], dict) and configs[0]:
+        return str(next(iter(configs[0])))
+    policy = service_config.get("loadBalancingPolicy")
+    return None if policy is None else str(policy).lower()
 
 
 def _seconds(value: object) -> float:
