@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -71,18 +71,19 @@ class StreamTransport:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; the writer task sends it."""
+        self.writelines((data,))
+
+    def writelines(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Queue each of ``buffers``, in order; the writer task sends them."""
         if self._closing or self._lost:
             return
-        self._out += data
+        out = self._out
+        for data in buffers:
+            out += data
         self._has_output.set()
-        if not self._write_paused and len(self._out) + self._in_flight > self._high:
+        if not self._write_paused and len(out) + self._in_flight > self._high:
             self._write_paused = True
             self._protocol.pause_writing()
-
-    def writelines(self, buffers: list[bytes | bytearray | memoryview]) -> None:
-        """Queue each of ``buffers``, in order."""
-        for data in buffers:
-            self.write(data)
 
     def can_write_eof(self) -> bool:
         """Whether the stream can be half-closed (TCP and Unix, not TLS)."""
