@@ -229,6 +229,23 @@ def test_our_send_path_gives_the_peer_and_h2_what_h2s_own_path_gives() -> None:
             assert any(kind == "ended" for kind, *_ in ours[0])
 
 
+def test_h2s_own_data_to_send_includes_payloads_queued_by_reference() -> None:
+    server = ServerConnection(Configuration(max_frame_size=16384))
+    server.initiate()
+    client = _client(window=1 << 22)
+    _pump(client, server)
+    stream_id = _request(client, b"x")
+    server.receive_data(client.data_to_send())
+    server.send_response_headers(stream_id, [])
+    message = bytes(range(256)) * 800
+    server.send_message(stream_id, message)
+    server.send_status(stream_id, Status.OK)
+    events = client.receive_data(server._h2.data_to_send())
+    received = b"".join(bytes(event.data) for event in events if isinstance(event, h2.events.DataReceived))
+    assert received == frame_message(message) and any(isinstance(event, h2.events.StreamEnded) for event in events)
+    assert not server.data_to_send()  # nothing left behind, nothing twice
+
+
 def test_large_payloads_go_out_by_reference_and_mutable_ones_as_copies() -> None:
     server = ServerConnection(Configuration(max_frame_size=16384))
     server.initiate()

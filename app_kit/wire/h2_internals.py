@@ -572,6 +572,13 @@ class H2Connection(h2.connection.H2Connection):
         frame.error_code = error_code
         self._data_to_send += frame.serialize()  # behind what h2 queued, like our other frames
 
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        """h2's, with any payloads queued by reference in their place."""
+        if self._parts is not None:
+            self._data_to_send = bytearray().join([*self._parts, self._data_to_send])
+            self._parts = None
+        return super().data_to_send(amount)
+
     def take_output(self) -> bytearray | list[bytes | bytearray | memoryview]:
         """Everything queued since the last call: the buffer itself (h2's ``data_to_send``
         copies it, a megabyte per large message), which the caller owns from now on; or, if
