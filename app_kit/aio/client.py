@@ -1037,7 +1037,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         try:
             self.initial_metadata = decode_metadata(self._headers)
         except ValueError as exc:
-            raise GRPCError(Status.INTERNAL, f"invalid response metadata: {exc}") from None
+            raise self._fail_here(Status.INTERNAL, f"invalid response metadata: {exc}") from None
         return self.initial_metadata
 
     async def recv_message(self) -> RecvT | None:
@@ -1079,10 +1079,11 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         return self.trailing_metadata  # type: ignore[return-value]
 
     async def _unary_reply(self) -> RecvT:
-        """What a unary stub call reads: :meth:`recv_message`, then :meth:`recv_trailing_metadata`,
-        in one coroutine. Its reply is the result only with its status (a second reply fails
-        the call), so it waits for that first; everything came then, in order."""
-        while self._outcome is None:
+        """What a unary stub call reads, in one coroutine: :meth:`recv_message` (the response
+        headers, then the reply, each taken as it arrives: a bad one fails the call at once),
+        then :meth:`recv_trailing_metadata`."""
+        while self._headers is None and self._outcome is None:
+            # _wait's body (usually the only wait: headers, reply and status come together).
             self._waiter = waiter = self._protocol.loop.create_future()
             try:
                 await waiter
@@ -1094,11 +1095,15 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         try:
             self.initial_metadata = decode_metadata(self._headers)
         except ValueError as exc:
-            raise GRPCError(Status.INTERNAL, f"invalid response metadata: {exc}") from None
+            raise self._fail_here(Status.INTERNAL, f"invalid response metadata: {exc}") from None
+        if not self._queue:
+            await self._arrival()
         reply = self._take(self._queue.popleft())  # the end, if no reply came: a failure raises
+        while self._outcome is None:
+            await self._wait()
         self._raise_outcome()
         if reply is None:
-            raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
+            raise self._fail_here(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
         return reply
 
     # -- outcome ---------------------------------------------------------------------
@@ -1125,8 +1130,18 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
     _fail = _abort  # a reply that cannot be inflated ends the call (RST_STREAM CANCEL)
 
     def _undecodable(self) -> GRPCError:
-        self._abort(Status.INTERNAL, "could not decode the reply message")
-        return GRPCError(Status.INTERNAL, "could not decode the reply message")
+        return self._fail_here(Status.INTERNAL, "could not decode the reply message")
+
+    def _fail_here(self, status: Status, message: str) -> GRPCError:
+        """The call fails on our side (what came back is unusable), whatever status the server
+        sent: an OK becomes ``status`` for the call's ``status`` and its interceptors too,
+        as the caller gets it; a call still running is ended (RST_STREAM CANCEL)."""
+        if self._outcome is None:
+            self._abort(status, message)
+        elif self._outcome[0] is _OK:
+            self._outcome = (status, message, None, self._outcome[3])
+            self._status, self._status_message = status, message
+        return GRPCError(status, message)
 
     def _end_taken(self) -> None:
         self._raise_outcome()
@@ -1455,6 +1470,8 @@ class StreamUnaryMethod(_Method[SendT, RecvT]):
                     try:
                         reply = await stream.recv_message()
                         await stream.recv_trailing_metadata()
+                        if reply is None:  # (failed inside the call: its interceptors hear so)
+                            raise stream._fail_here(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
                         break
                     except GRPCError as exc:
                         sender.raise_failure()
@@ -1464,8 +1481,6 @@ class StreamUnaryMethod(_Method[SendT, RecvT]):
             if sender is not None:
                 await sender.stop()
         sender.raise_failure()
-        if reply is None:
-            raise GRPCError(Status.UNIMPLEMENTED, "the server sent no reply to a unary call")
         return reply
 
 
