@@ -75,7 +75,7 @@ def test_repeated_response_blocks_shrink_to_indices() -> None:
 # -- the same exchange over h2's own send path and over ours ------------------------------
 
 
-def _client(header_table_size: int = 4096, window: int = 65535) -> h2.connection.H2Connection:
+def _client(header_table_size: int = 4096, window: int = 65535, frame: int = 16384) -> h2.connection.H2Connection:
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     client.local_settings = h2.settings.Settings(
         client=True,
@@ -83,8 +83,10 @@ def _client(header_table_size: int = 4096, window: int = 65535) -> h2.connection
             h2.settings.SettingCodes.HEADER_TABLE_SIZE: header_table_size,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 1 << 20,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: frame,  # (grpcio's peers say 4 or 16 MiB)
         },
     )
+    client.max_inbound_frame_size = client.incoming_buffer.max_frame_size = frame  # (h2 read it at construction)
     client.initiate_connection()
     if window > 65535:
         client.increment_flow_control_window(window - 65535)
@@ -164,7 +166,10 @@ class _ViaH2(ServerConnection):
 
         h2conn.send_header_block = send_header_block  # type: ignore[method-assign]
 
-        def send_data_frames(stream_id: int, data: bytes, frame_size: int, end_stream: bool = False) -> None:
+        def send_data_frames(
+            stream_id: int, data: bytes, frame_size: int, end_stream: bool = False, prefix: bytes = b""
+        ) -> None:
+            data = prefix + bytes(data)
             for offset in range(0, len(data), frame_size):
                 chunk = bytes(data[offset : offset + frame_size])
                 h2conn.send_data(stream_id, chunk, end_stream=end_stream and offset + len(chunk) == len(data))
@@ -174,10 +179,12 @@ class _ViaH2(ServerConnection):
         self._encoder = HeaderBlockEncoder()  # literals only: readable by a fresh decoder
 
 
-def _serve(cls: type[ServerConnection], respond, *, header_table_size: int = 4096, window: int = 65535):  # type: ignore[no-untyped-def]
+def _serve(
+    cls: type[ServerConnection], respond, *, header_table_size: int = 4096, window: int = 65535, frame: int = 16384
+):  # type: ignore[no-untyped-def]
     server = cls(Configuration(max_frame_size=16384))
     server.initiate()
-    client = _client(header_table_size, window)
+    client = _client(header_table_size, window, frame)
     _pump(client, server)
     seen: list[tuple[object, ...]] = []
     states = []
@@ -222,10 +229,10 @@ def _large_messages(server: ServerConnection, stream_id: int, body: bytes) -> No
 
 def test_our_send_path_gives_the_peer_and_h2_what_h2s_own_path_gives() -> None:
     for respond in (_unary, _with_metadata_and_error, _trailers_only, _large_messages):
-        for table_size in (4096, 0, 100):
-            ours = _serve(ServerConnection, respond, header_table_size=table_size, window=1 << 22)
-            reference = _serve(_ViaH2, respond, header_table_size=table_size, window=1 << 22)
-            assert ours == reference, (respond.__name__, table_size)
+        for table_size, frame in ((4096, 16384), (0, 16384), (100, 1 << 22), (4096, 100_000)):
+            ours = _serve(ServerConnection, respond, header_table_size=table_size, window=1 << 22, frame=frame)
+            reference = _serve(_ViaH2, respond, header_table_size=table_size, window=1 << 22, frame=frame)
+            assert ours == reference, (respond.__name__, table_size, frame)
             assert any(kind == "ended" for kind, *_ in ours[0])
 
 
@@ -246,10 +253,11 @@ def test_h2s_own_data_to_send_includes_payloads_queued_by_reference() -> None:
     assert not server.data_to_send()  # nothing left behind, nothing twice
 
 
-def test_large_payloads_go_out_by_reference_and_mutable_ones_as_copies() -> None:
+@pytest.mark.parametrize("frame", [16384, 1 << 22])  # many frames, or one (grpcio's peers allow 4 MiB)
+def test_large_payloads_go_out_by_reference_and_mutable_ones_as_copies(frame: int) -> None:
     server = ServerConnection(Configuration(max_frame_size=16384))
     server.initiate()
-    client = _client(window=1 << 22)
+    client = _client(window=1 << 22, frame=frame)
     _pump(client, server)
     stream_id = _request(client, b"x")
     server.receive_data(client.data_to_send())

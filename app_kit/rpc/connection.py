@@ -624,13 +624,7 @@ class GrpcConnection:
         size = len(payload) + 5
         if size > min(h2conn.outbound_flow_control_window, h2conn.streams[stream_id].outbound_flow_control_window):
             return False
-        frame_size = h2conn.max_outbound_frame_size
-        first = frame_size - 5  # the prefix rides in the first frame
-        rest = size > frame_size
-        h2conn.send_data_frames(stream_id, _pack_prefix(flag, size - 5) + payload[:first], frame_size, end and not rest)
-        if rest:
-            with memoryview(payload) as view:
-                h2conn.send_data_frames(stream_id, view[first:], frame_size, end)
+        h2conn.send_data_frames(stream_id, payload, h2conn.max_outbound_frame_size, end, _pack_prefix(flag, size - 5))
         return True
 
     @property

@@ -386,14 +386,25 @@ class H2Connection(h2.connection.H2Connection):
         return stream_id
 
     def send_data_frames(
-        self, stream_id: int, data: bytes | bytearray | memoryview, frame_size: int, end_stream: bool = False
+        self,
+        stream_id: int,
+        data: bytes | bytearray | memoryview,
+        frame_size: int,
+        end_stream: bool = False,
+        prefix: bytes = b"",
     ) -> None:
-        """``send_data`` of ``data`` (not empty), which the caller fitted into the windows, as
-        DATA frames of ``frame_size`` (the last one shorter); ``end_stream`` sets END_STREAM on
-        the last (our side of the stream ends with it). One state change for all the frames: a
-        large message is many, and per-frame state machine calls were a fifth of its cost."""
+        """``send_data`` of ``prefix + data`` (not empty), which the caller fitted into the
+        windows, as DATA frames of ``frame_size`` (the last one shorter); ``end_stream`` sets
+        END_STREAM on the last (our side of the stream ends with it). One state change for
+        all the frames: a large message is many, and per-frame state machine calls were a
+        fifth of its cost. ``prefix`` (a message's 5 bytes) leads the first frame, without
+        ``prefix + data`` being made.
+
+        ``data`` of 64 KiB and more whose buffer is immutable ``bytes`` is queued by reference:
+        its frames are views of it between their headers, not copied into the output (a
+        fresh megabyte per large message, whose page faults cost more than the copy)."""
         stream = self.streams[stream_id]
-        size = len(data)
+        size = len(prefix) + len(data)
         self.frames_sent += -(-size // frame_size)
         if self.state_machine.state not in _CONNECTION_OPEN:  # (else a no-op: see above)
             self.state_machine.process_input(ConnectionInputs.SEND_DATA)
@@ -406,38 +417,43 @@ class H2Connection(h2.connection.H2Connection):
         flags = _END_STREAM if end_stream else 0
         out = self._data_to_send
         pack = _FRAME_HEADER.pack
-        if size <= frame_size:  # the common case: one frame
+        if size <= frame_size and size < _BY_REFERENCE:  # the common case: one frame, copied
             out += pack(size >> 16, size & 0xFFFF, _DATA, flags, stream_id)
+            if prefix:
+                out += prefix
             out += data
             return
         if size >= _BY_REFERENCE and type(data.obj if type(data) is memoryview else data) is bytes:
-            # Immutable: its frames are queued as views of it, not copied into the output (a
-            # fresh megabyte per large message, whose page faults cost more than the copy).
             parts = self._parts
             if parts is None:
                 self._parts = parts = []
             if out:
                 parts.append(out)
                 self._data_to_send = bytearray()
-            view = memoryview(data)  # (not released here: the views queued are of it)
-            offset, last = 0, size - frame_size
-            while offset < last:
-                parts.append(pack(frame_size >> 16, frame_size & 0xFFFF, _DATA, 0, stream_id))
-                parts.append(view[offset : offset + frame_size])
-                offset += frame_size
-            rest = size - offset
-            parts.append(pack(rest >> 16, rest & 0xFFFF, _DATA, flags, stream_id))
-            parts.append(view[offset:])
-            return
+            self._frame_into(parts.append, memoryview(data), size, frame_size, flags, stream_id, prefix)
+            return  # (the view is not released: the views queued are of it)
         with memoryview(data) as view:  # (slices of a view: no copy but the one into out)
-            offset, last = 0, size - frame_size
-            while offset < last:
-                out += pack(frame_size >> 16, frame_size & 0xFFFF, _DATA, 0, stream_id)
-                out += view[offset : offset + frame_size]
-                offset += frame_size
-            rest = size - offset
-            out += pack(rest >> 16, rest & 0xFFFF, _DATA, flags, stream_id)
-            out += view[offset:]
+            self._frame_into(out.extend, view, size, frame_size, flags, stream_id, prefix)
+
+    @staticmethod
+    def _frame_into(
+        add: Any, view: memoryview, size: int, frame_size: int, flags: int, stream_id: int, prefix: bytes
+    ) -> None:
+        """``add`` each frame's header, then its share of ``prefix`` and ``view`` (``flags`` on
+        the last frame only)."""
+        pack = _FRAME_HEADER.pack
+        position = 0  # in view
+        while size:
+            length = frame_size if size > frame_size else size
+            size -= length
+            add(pack(length >> 16, length & 0xFFFF, _DATA, 0 if size else flags, stream_id))
+            if prefix:
+                add(prefix)
+                length -= len(prefix)
+                prefix = b""
+            if length:
+                add(view[position : position + length])
+                position += length
 
     def acknowledge_data(self, size: int, stream_id: int, peer_ended: bool) -> None:
         """``acknowledge_received_data``; for a stream the peer has ended (``peer_ended``) only
