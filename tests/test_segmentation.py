@@ -32,6 +32,7 @@ from .frames import (
     RST_STREAM,
     WINDOW_UPDATE,
     frame,
+    request_block,
 )
 
 CONFIG = Configuration()
@@ -297,3 +298,24 @@ def test_the_guards_fast_path_decides_as_every_frame_through_frame(frames, cuts)
             outcome.append((guard.carried_plain, guard.carried_end, guard._block, list(guard._counts), guard._skip))
         results.append(outcome)
     assert results[0] == results[1]
+
+
+def test_a_message_in_one_large_frame_over_many_reads_arrives_whole_as_bytes() -> None:
+    # grpcio's clients send a 1 MiB message as one DATA frame (they allow 4 MiB frames), which
+    # TCP hands over in many reads: the frame is joined once and the message copied out once,
+    # whatever the cuts; tiny reads are gathered, not kept one object each.
+    message = bytes(range(256)) * 4000  # (a frame holds at most max_frame_size, 1 MiB)
+    data = HANDSHAKE + frame(HEADERS, END_HEADERS, 1, request_block()) + frame(DATA, END_STREAM, 1, _prefixed(message))
+    start = len(HANDSHAKE) + 9 + len(request_block()) + 3  # inside the DATA frame's header
+    pieces = [data[:start]] + [data[n : n + 1] for n in range(start, start + 700)]
+    pieces += [data[n : n + 100_000] for n in range(start + 700, len(data), 100_000)]
+    connection = ServerConnection(CONFIG)
+    connection.initiate()
+    received = []
+    for number, piece in enumerate(pieces):
+        for item in connection.receive_data(piece):
+            if isinstance(item, MessagesReceived):
+                received += [payload for payload, _ in item.messages]
+        if number == 700:  # 700 one-byte reads of the frame so far
+            assert len(connection._carry) <= 2  # gathered into one bytearray
+    assert len(received) == 1 and type(received[0]) is bytes and received[0] == message

@@ -33,7 +33,7 @@ from .events import (
     StreamClosed,
     StreamWritable,
 )
-from .framing import FramingError, MessageDecoder, MessageTooLarge
+from .framing import _SMALL_PIECE, FramingError, MessageDecoder, MessageTooLarge
 from .metadata import excerpt
 from .status import Status
 
@@ -152,9 +152,11 @@ class GrpcConnection:
         # Streams finished lately, each licensing one late RST_STREAM (see _reset_licensed).
         self._finished: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._h2 = new_h2_connection(config, client_side=client_side)
-        # The bytes of a frame not complete yet (at most a frame header and max_frame_size):
-        # h2 is handed whole frames only, so the guard's walk over the frames is the one.
-        self._carry = bytearray()
+        # The bytes of a frame not complete yet (at most a frame header and max_frame_size),
+        # in the pieces they came in (joined once, when the frame is complete; small pieces
+        # gathered in a bytearray, see _SMALL_PIECE): h2 is handed whole frames only, so the
+        # guard's walk over the frames is the one.
+        self._carry: list[bytes | bytearray | memoryview] = []
         self._streams: dict[int, StreamState] = {}
         self._max_send_buffer = config.max_send_buffer_size
         # Bytes of incomplete messages buffered across all streams (see _on_data), and of
@@ -201,18 +203,24 @@ class GrpcConnection:
             carry = self._carry
             if carry:  # a frame begun in an earlier read: complete it first
                 if not whole:
-                    carry += data  # still not complete
+                    _keep(carry, data)  # still not complete
                     return []
-                # Only that frame is copied together; the rest is taken where it lies.
+                # Only that frame is copied together (once); the rest is taken where it lies.
                 end = guard.carried_end
-                carry += data[:end]
-                first = bytes(carry)
+                carry.append(memoryview(data)[:end])
+                first: bytes | memoryview = b"".join(carry)
+                if carried_plain:
+                    # Taken past h2's parser: its payload is a view of the joined frame (a
+                    # large message, one frame over many reads, is not copied again).
+                    first = memoryview(first)
                 h2_events = self._take_frames(first, [0] if carried_plain else [], 0, len(first))
                 h2_events += self._take_frames(data, plain_frames, end, whole)
-                self._carry = bytearray(data[whole:])
+                self._carry = []
+                if whole < len(data):
+                    _keep(self._carry, data[whole:])
             else:
                 if whole < len(data):
-                    self._carry = bytearray(data[whole:])  # h2 gets whole frames only
+                    _keep(carry, data[whole:])  # h2 gets whole frames only
                 h2_events = self._take_frames(data, plain_frames, 0, whole)
         except PeerMisbehaved as exc:
             self._h2.close_connection(exc.error_code, additional_data=exc.debug or None)
@@ -241,7 +249,9 @@ class GrpcConnection:
             return self._connection_lost(int(_INTERNAL_ERROR), f"internal error: {exc!r}")
         return events
 
-    def _take_frames(self, data: bytes, plain_frames: list[int], start: int, stop: int) -> list[h2.events.Event]:
+    def _take_frames(
+        self, data: bytes | memoryview, plain_frames: list[int], start: int, stop: int
+    ) -> list[h2.events.Event]:
         """h2's events for the whole frames in ``data[start:stop]``: its plain ones (offsets
         from the guard) taken past h2's frame parser where h2 allows (DATA and HEADERS on
         open streams, a request's HEADERS), the rest given to h2 in runs of whole frames, so
@@ -811,6 +821,18 @@ class GrpcConnection:
         (``writelines``): a large message's payload is not copied but listed, as views of
         it, between its frame headers. A list only when there is such a payload."""
         return self._h2.take_output()
+
+
+def _keep(pieces: list[bytes | bytearray | memoryview], data: bytes) -> None:
+    """Keep ``data`` (bytes of an incomplete frame) as it came, or if small, in a bytearray
+    with the small pieces before it: the heap a frame cut into tiny reads holds stays within a
+    small factor of its bytes (see framing._SMALL_PIECE)."""
+    if len(data) >= _SMALL_PIECE:
+        pieces.append(data)
+    elif pieces and type(pieces[-1]) is bytearray:
+        pieces[-1] += data
+    else:
+        pieces.append(bytearray(data))
 
 
 class _Blocked:

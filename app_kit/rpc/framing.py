@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 __all__ = ["FramingError", "MessageDecoder", "MessageTooLarge", "frame_message"]
 
@@ -49,7 +50,7 @@ class MessageDecoder:
     def __init__(self, max_length: int) -> None:
         self._max_length = max_length
         self._prefix = b""  # an incomplete length prefix
-        self._chunks: list[bytes | bytearray] = []  # the pieces of the message being received
+        self._chunks: list[bytes | bytearray | memoryview] = []  # the pieces of the message being received
         self._missing = -1  # bytes of that message still to come; -1 while reading a prefix
         self._length = 0  # the length its prefix announced
         self._compressed = False
@@ -61,7 +62,7 @@ class MessageDecoder:
             return len(self._prefix)
         return _PREFIX + self._length - self._missing
 
-    def feed(self, data: bytes) -> tuple[list[tuple[bytes, int]], list[int], int]:
+    def feed(self, data: bytes | memoryview) -> tuple[list[tuple[bytes, int]], list[int], int]:
         """Take one DATA payload; return the messages it completes and the bytes it left over.
 
         Returns ``(messages, compressed, leftover)``. Each message is ``(payload, share)``, where
@@ -71,11 +72,13 @@ class MessageDecoder:
         as it is). ``leftover`` counts the bytes of ``data`` that only went into an
         incomplete message.
         """
-        messages: list[tuple[bytes, int]] = []
+        messages: list[tuple[Any, int]] = []  # (bytes; memoryview slices while data is a view)
         compressed: list[int] = []
         size = len(data)
         position = 0
         share_start = 0  # where the share of the next completed message starts in data
+        prefix: bytes | memoryview
+        payload: bytes | memoryview
         if self._missing < 0 and not self._prefix:
             # The common case first: whole messages, back to back from the frame's start.
             limit = self._max_length
@@ -140,4 +143,8 @@ class MessageDecoder:
             messages.append((payload, position - share_start))
             share_start = position
             self._missing = -1
+        if type(data) is memoryview and messages:
+            # A view of a frame joined from many reads (see GrpcConnection.receive_data): the
+            # messages handed over are bytes, each copied out of it once.
+            messages = [(bytes(payload), share) for payload, share in messages]
         return messages, compressed, size - share_start

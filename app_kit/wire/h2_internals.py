@@ -466,7 +466,7 @@ class H2Connection(h2.connection.H2Connection):
         if increment:
             self._data_to_send += _FRAME_HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0) + increment.to_bytes(4, "big")
 
-    def receive_data_frame(self, stream_id: int, payload: bytes, end_stream: bool) -> list[Any] | None:
+    def receive_data_frame(self, stream_id: int, payload: bytes | memoryview, end_stream: bool) -> list[Any] | None:
         """What ``receive_data`` does with one whole, unpadded DATA frame, without h2's frame
         buffer, frame object and logging: the same window and state changes, the same events.
 
@@ -498,7 +498,7 @@ class H2Connection(h2.connection.H2Connection):
         # Made without __init__, whose signature changed in h2 4.3; the same four attributes.
         event = DataReceived.__new__(DataReceived)
         event.stream_id = stream_id
-        event.data = payload
+        event.data = payload  # type: ignore[assignment]  # (a view of a frame joined from many reads)
         event.flow_controlled_length = size
         event.stream_ended = None
         if not end_stream:
@@ -507,7 +507,7 @@ class H2Connection(h2.connection.H2Connection):
         event.stream_ended = ended[0]  # the StreamEnded h2 made
         return [event, *ended]
 
-    def receive_headers_frame(self, stream_id: int, block: bytes, end_stream: bool) -> list[Any] | None:
+    def receive_headers_frame(self, stream_id: int, block: bytes | memoryview, end_stream: bool) -> list[Any] | None:
         """What ``receive_data`` does with one HEADERS frame that is a whole header block,
         without padding or priority: h2's own decoding and stream handling, without its frame
         buffer, frame object and logging.
@@ -529,6 +529,8 @@ class H2Connection(h2.connection.H2Connection):
             and stream.state_machine.state is not _STREAM_HALF_CLOSED_LOCAL
         ):
             return None
+        if type(block) is memoryview:
+            block = bytes(block)  # (of a frame joined from many reads: hpack takes bytes)
         try:
             headers = _decode_headers(self.decoder, block)  # first: HPACK stays in step whatever follows
             if stream is None:
