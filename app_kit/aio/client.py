@@ -1127,7 +1127,10 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
             self._raise_outcome()
             raise ProtocolError("the call is finished")
 
-    _fail = _abort  # a reply that cannot be inflated ends the call (RST_STREAM CANCEL)
+    def _fail(self, status: Status, message: str) -> None:
+        """A reply that cannot be inflated (or a request not compressed) ends the call here,
+        whatever status the server sent (see :meth:`_fail_here`)."""
+        self._fail_here(status, message)
 
     def _undecodable(self) -> GRPCError:
         return self._fail_here(Status.INTERNAL, "could not decode the reply message")

@@ -123,7 +123,9 @@ class MessageDecoder:
             if end > size:
                 chunks = self._chunks
                 if size - position >= _SMALL_PIECE:
-                    chunks.append(data[position:])  # as it came (a whole payload: not even copied)
+                    # As it came (a whole payload: not even copied); out of a view (of a frame
+                    # joined from many reads), a copy: a view would hold all that frame.
+                    chunks.append(data[position:] if type(data) is not memoryview else bytes(data[position:]))
                 elif chunks and type(chunks[-1]) is bytearray:
                     chunks[-1] += data[position:]  # (a bytearray: extended in place)
                 else:
