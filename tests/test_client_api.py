@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-from google.protobuf.wrappers_pb2 import Int64Value
+from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
 from app_kit import Cardinality, Channel, CodecBase, GRPCError, Handler, Server, Status, Stream
 from app_kit.aio.client import method_for
@@ -193,3 +193,24 @@ async def test_a_codec_of_ones_own_serves_and_calls_both_ways() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+class _SendsTheWrongType:
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/t.W/Unary": Handler(self.unary, Cardinality.UNARY_UNARY, Int64Value, Int64Value)}
+
+    async def unary(self, stream: Stream[Int64Value, Int64Value]) -> None:
+        await stream.recv_message()
+        await stream.send_message(StringValue(value="not an Int64Value"))  # type: ignore[arg-type]
+
+
+async def test_a_message_of_another_type_is_refused_on_both_sides() -> None:
+    # The codec's fast serializer is for messages of exactly the method's type; any other
+    # still goes through ProtoCodec.encode, which refuses it (it would serialize as garbage).
+    async with running_server([_SendsTheWrongType()]) as (_, target), Channel(target) as channel:
+        unary = method_for(channel, "/t.W/Unary", Cardinality.UNARY_UNARY, Int64Value, Int64Value)
+        with pytest.raises(TypeError, match="Int64Value expected, got StringValue"):
+            await unary(StringValue(value="x"))  # type: ignore[arg-type]
+        with pytest.raises(GRPCError) as info:
+            await unary(Int64Value(value=1), timeout=5)  # the handler's reply is refused
+        assert info.value.status is Status.UNKNOWN

@@ -89,6 +89,7 @@ class Call(CallMeasures, Generic[RecvT, SendT]):
         "_connection",
         "_decode",
         "_encode",
+        "_encode_exact",
         "_ended_at",
         "_entered",
         "_last_compressed",
@@ -136,6 +137,9 @@ class Call(CallMeasures, Generic[RecvT, SendT]):
         # Bound once: they run per message.
         self._decode = codec.decoder(recv_type)
         self._encode = codec.encode
+        # For a message of exactly the send type, the codec's own serializer if it has one
+        # (for protobuf, the type's SerializeToString: no Python call per message around it).
+        self._encode_exact = codec.encoder(send_type)
         self._recv_type = recv_type
         self._send_type = send_type
         self._max_send = max_send

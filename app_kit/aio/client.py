@@ -935,7 +935,11 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
             await self._start_interceptors()  # before the message hooks see the call
         if self._send_hooks and self._outcome is None:  # never after the call ended
             message = run_hooks(self._send_hooks, self, message)
-        data = self._encode(message, self._send_type)
+        encode_exact = self._encode_exact
+        if encode_exact is not None and type(message) is self._send_type:
+            data = encode_exact(message)
+        else:
+            data = self._encode(message, self._send_type)
         if len(data) > self._max_send:
             try:
                 self._raise_too_large(data)

@@ -212,7 +212,11 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
             if self._state in TERMINAL:  # no hook runs after the call ended: raise as sending would
                 transition(self._state, CallInput.SEND_REPLY, self._closed_reason)
             message = run_hooks(self._send_hooks, self, message)
-        data = self._encode(message, self._send_type)
+        encode_exact = self._encode_exact
+        if encode_exact is not None and type(message) is self._send_type:
+            data = encode_exact(message)
+        else:
+            data = self._encode(message, self._send_type)
         if self._state is not _STREAMING:
             self._before_reply(data)
         elif len(data) > self._max_send:
