@@ -286,6 +286,15 @@ def test_large_header_blocks_go_out_in_continuation_frames() -> None:
     assert (b"x-big", b"m" * 40000) in head[0]  # 40 KB of field over 16 KiB frames
 
 
+def _one_call(client: h2.connection.H2Connection, server: ServerConnection) -> None:
+    _request(client, b"x")
+    _, events = _pump(client, server)
+    (request,) = [event for event in events if isinstance(event, RequestReceived)]
+    _unary(server, request.stream_id, b"x")
+    server.flush_streams()
+    _pump(client, server)
+
+
 def test_closed_streams_are_swept_from_h2() -> None:
     # h2 sweeps closed streams when asked how many are open; we ask only when their number
     # doubled, so a long-lived connection still keeps a bounded number of them.
@@ -294,22 +303,12 @@ def test_closed_streams_are_swept_from_h2() -> None:
     client = _client()
     _pump(client, server)
     for _ in range(500):
-        _request(client, b"x")
-        _, events = _pump(client, server)
-        (request,) = [event for event in events if isinstance(event, RequestReceived)]
-        _unary(server, request.stream_id, b"x")
-        server.flush_streams()
-        _pump(client, server)
+        _one_call(client, server)
         assert len(server._h2.streams) <= 32
     assert len(server._h2._closed_streams) > 100  # swept streams are still known as closed
     server._h2._closed_streams._size_limit = 150  # and h2's bound on them holds (its oldest go)
     for _ in range(100):
-        _request(client, b"x")
-        _, events = _pump(client, server)
-        (request,) = [event for event in events if isinstance(event, RequestReceived)]
-        _unary(server, request.stream_id, b"x")
-        server.flush_streams()
-        _pump(client, server)
+        _one_call(client, server)
     assert len(server._h2._closed_streams) == 150
     assert min(server._h2._closed_streams) > 600  # the first 300 streams (ids 1..599) went
 
