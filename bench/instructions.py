@@ -3,7 +3,9 @@
 ``python bench/instructions.py [CALLS] [CONNECTIONS] [STREAMS]`` counts the server;
 ``python bench/instructions.py client [CALLS]`` counts the client (100 calls in flight on one
 ``Channel``, against app_kit's bench server); ``python bench/instructions.py bidi [MESSAGES]``
-the server per message of the bench's bidi echo (calls of 100 messages, 10 at once).
+the server per message of the bench's bidi echo (calls of 100 messages, 10 at once), and
+``python bench/instructions.py stream [MESSAGES]`` per message of its server-streaming calls
+(100 replies of 10 bytes per call, 10 calls at once).
 
 Seconds of CPU move with whatever else the machine does; instructions do not. The process
 measured runs under valgrind's callgrind: it is warmed up with 500 calls, its counters are
@@ -122,10 +124,11 @@ def main() -> int:
             return 2
     measure_client = sys.argv[1:2] == ["client"]
     bidi = sys.argv[1:2] == ["bidi"]
-    arguments = sys.argv[2:] if measure_client or bidi else sys.argv[1:]
+    stream = sys.argv[1:2] == ["stream"]
+    arguments = sys.argv[2:] if measure_client or bidi or stream else sys.argv[1:]
     defaults = ["3000", "1", "100"]
     calls, connections, streams = (int(arg) for arg in [*arguments, *defaults[len(arguments) :]][:3])
-    if bidi:  # the bench's bidi echo: calls of 100 messages, 10 at once on one connection
+    if bidi or stream:  # the bench's shapes: calls of 100 messages, 10 at once on one connection
         calls, connections, streams = max(calls // 100, 1), 1, 10
     generate()
     import bench_pb2
@@ -161,15 +164,18 @@ def main() -> int:
             print(f"{total / calls:,.0f} client instructions per unary call (100 in flight, {calls} calls)")
             return 0
         body = pathlib.Path(scratch, "body")
-        payload = bench_pb2.Payload(data=b"0123456789").SerializeToString()
+        if stream:
+            payload = bench_pb2.StreamRequest(count=100, size=10).SerializeToString()
+        else:
+            payload = bench_pb2.Payload(data=b"0123456789").SerializeToString()
         body.write_bytes((b"\x00" + len(payload).to_bytes(4, "big") + payload) * (100 if bidi else 1))
-        method = "BidiStream" if bidi else "Unary"
+        method = "BidiStream" if bidi else "ServerStream" if stream else "Unary"
         server = under_callgrind(out, str(HERE / "servers.py"), "app_kit", str(port))
         try:
             total = count(
                 server,
                 scratch,
-                lambda: h2load(port, 50 if bidi else 500, connections, streams, str(body), method),
+                lambda: h2load(port, 50 if bidi or stream else 500, connections, streams, str(body), method),
                 lambda: h2load(port, calls, connections, streams, str(body), method),
             )
         finally:
@@ -177,6 +183,9 @@ def main() -> int:
             server.wait()
     if bidi:
         print(f"{total / calls / 100:,.0f} instructions per bidi echo message ({calls} calls of 100 messages)")
+        return 0
+    if stream:
+        print(f"{total / calls / 100:,.0f} instructions per streamed reply ({calls} calls of 100 messages)")
         return 0
     print(f"{total / calls:,.0f} instructions per unary call ({connections} x {streams}, {calls} calls)")
     return 0

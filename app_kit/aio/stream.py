@@ -9,8 +9,9 @@ from typing import Any, Generic, Protocol, TypeVar
 from ..rpc.call_state import TERMINAL, CallInput, CallState, transition
 from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
 from ..rpc.compression import IDENTITY, get_encoding
-from ..rpc.connection import StreamGone
+from ..rpc.connection import StreamGone, StreamState
 from ..rpc.deadline import Deadline
+from ..rpc.framing import pack_prefix
 from ..rpc.handlers import Handler
 from ..rpc.metadata import Metadata, MetadataLike, encode_metadata
 from ..rpc.server import ServerConnection
@@ -55,11 +56,13 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
     __slots__ = (
         "_closed_reason",
         "_dispatched",
+        "_max_send_buffer",
         "_reply_encoding",
         "_server_streaming",
         "_state",
         "_status_details_codec",
         "_trailers",
+        "_wire",
         "accepted_encodings",
         "deadline",
         "metadata",
@@ -72,6 +75,8 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
     _SENDS = "reply"
     _connection: ServerConnection
     _protocol: CallHost
+    _wire: StreamState  # a server stream's, from its first reply on (send_message's fast path)
+    _max_send_buffer: int
 
     def __init__(
         self,
@@ -219,8 +224,30 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
             data = self._encode(message, self._send_type)
         if self._state is not _STREAMING:
             self._before_reply(data)
-        elif len(data) > self._max_send:
-            self._raise_too_large(data)
+        else:
+            size = len(data)
+            if size > self._max_send:
+                self._raise_too_large(data)
+            wire = self._wire
+            pending = wire.pending
+            if pending and wire.send_encoding is None and not wire.local_closed:
+                # Past the first reply, with earlier ones still queued (their flush is
+                # arranged): this one joins them here, as the connection's send_message
+                # would (see StreamState.pending), without two calls per message.
+                pending += pack_prefix(0, size)
+                pending += data
+                wire.messages += 1
+                self._messages_sent += 1
+                self._bytes_sent += size
+                protocol = self._protocol
+                ready = len(pending) <= self._max_send_buffer
+                if ready and not protocol.write_paused:
+                    return
+                if not ready:
+                    wire.over_limit = True
+                await protocol.drain(self._stream_id, ready)
+                self._raise_if_over()
+                return
         ready = self._put(data, compress)
         protocol = self._protocol
         if ready and not protocol.write_paused:
@@ -296,8 +323,15 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         if state is _OPEN:
             self._connection.send_response_headers(self._stream_id, [], self._reply_encoding)
         self._sent += 1
-        # From now on a server stream checks one state per message: only its end changes it.
-        self._state = transition(replying, _STREAM) if self._server_streaming else replying
+        if self._server_streaming:
+            # From now on a server stream checks one state per message (only its end changes
+            # it), and its messages may join the stream's queue themselves (see send_message).
+            connection = self._connection
+            self._wire = connection.sender_state(self._stream_id)
+            self._max_send_buffer = connection.config.max_send_buffer_size
+            self._state = transition(replying, _STREAM)
+        else:
+            self._state = replying
 
     def _end_now(self, status: Status, message: str) -> None:
         """End the call at once with a status that cannot fail to encode (dropping what is

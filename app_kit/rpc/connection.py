@@ -33,7 +33,7 @@ from .events import (
     StreamClosed,
     StreamWritable,
 )
-from .framing import _SMALL_PIECE, FramingError, MessageDecoder, MessageTooLarge
+from .framing import _SMALL_PIECE, FramingError, MessageDecoder, MessageTooLarge, pack_prefix
 from .metadata import excerpt
 from .status import Status
 
@@ -42,7 +42,6 @@ __all__ = ["Compressed", "GrpcConnection", "MessageRejected", "StreamGone", "Str
 log = logging.getLogger("app_kit.protocol")
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
-_pack_prefix = struct.Struct(">BI").pack  # a message's compressed flag and length
 # A frame header: its length (as 16 + 8 bits), type, flags and stream id, in one call.
 _FRAME_HEADER = struct.Struct(">HBBBL")
 _INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
@@ -73,6 +72,7 @@ class StreamState:
         "headers_sent",
         "inflated",
         "local_closed",
+        "messages",
         "over_limit",
         "partial",
         "pending",
@@ -103,7 +103,15 @@ class StreamState:
         #: Bytes of the last message inflated for the application, as counted for the cap.
         self.inflated = 0
         #: Outbound DATA not yet handed to h2: queued this loop turn, or waiting for window.
+        #: While it is not empty, the stream's flush is arranged (or it waits for window), so
+        #: an uncompressed message may join it without the connection: a sender that holds
+        #: this state appends the message's prefix and bytes, counts it in ``messages``, and
+        #: sets ``over_limit`` and waits once ``pending`` is over the send buffer, as
+        #: :meth:`GrpcConnection.send_message` does (the server's per-message fast path).
+        #: Never while ``local_closed``: the stream ended, or the connection let it go.
         self.pending = bytearray()
+        #: Messages in ``pending`` not counted yet in the messages sent (counted as flushed).
+        self.messages = 0
         #: A sender was told to wait until ``pending`` drains (StreamWritable then).
         self.over_limit = False
         #: While ``pending`` waits for window: the connection's table of the streams waiting
@@ -115,6 +123,10 @@ class StreamState:
         self.headers_sent = False
         self.remote_closed = False
         self.local_closed = False
+
+
+_GONE = StreamState(0, MessageDecoder(0), None)  # what sender_state says of a stream gone
+_GONE.local_closed = _GONE.remote_closed = True
 
 
 class GrpcConnection:
@@ -148,7 +160,7 @@ class GrpcConnection:
         # How many of h2.frames_sent licensed a PING already, and WINDOW_UPDATEs (two each).
         self._pings_licensed = 0
         self._updates_licensed = 0
-        self._messages_out = 0  # messages queued to send: each licenses WINDOW_UPDATEs too
+        self._messages_out = 0  # messages handed to h2: each licenses WINDOW_UPDATEs too
         # Streams finished lately, each licensing one late RST_STREAM (see _reset_licensed).
         self._finished: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._h2 = new_h2_connection(config, client_side=client_side)
@@ -318,6 +330,8 @@ class GrpcConnection:
 
     def _connection_lost(self, error_code: int, reason: str) -> list[Event]:
         self.closed = True
+        for state in self._streams.values():  # for senders that hold them (see pending)
+            state.local_closed = state.remote_closed = True
         self._streams.clear()
         self._blocked = _Blocked()
         self._dirty.clear()
@@ -547,6 +561,12 @@ class GrpcConnection:
             raise StreamGone(stream_id)
         return state
 
+    def sender_state(self, stream_id: int) -> StreamState:
+        """The stream's state, for a sender that appends to its ``pending`` itself (see
+        :attr:`StreamState.pending`); if the stream is gone already, a closed one."""
+        state = self._streams.get(stream_id)
+        return _GONE if state is None else state
+
     # -- output ----------------------------------------------------------------------
 
     def acknowledge(self, stream_id: int, size: int) -> bool:
@@ -595,11 +615,11 @@ class GrpcConnection:
                 message = f"could not compress the message with {state.send_encoding}: {exc}"
                 raise MessageRejected(Status.INTERNAL, message) from None
             flag = 1
-        self._messages_out += 1
         pending = state.pending
         if not pending:
             size = len(payload)
             if (end or size >= self._max_send_buffer) and self._send_now(stream_id, flag, payload, end):
+                self._messages_out += 1
                 if end:
                     state.local_closed = True
                     self._local_ended(state)
@@ -613,8 +633,9 @@ class GrpcConnection:
                 return False
             # Else the stream is queued already: for this turn's flush, or for window.
             self._dirty[stream_id] = state
-        pending += _pack_prefix(flag, len(payload))
+        pending += pack_prefix(flag, len(payload))
         pending += payload
+        state.messages += 1
         if end:
             state.pending_trailers = []  # END_STREAM rides on the last frame (see _flush)
             state.local_closed = True  # no more messages may be queued behind the end
@@ -634,7 +655,7 @@ class GrpcConnection:
         size = len(payload) + 5
         if size > min(h2conn.outbound_flow_control_window, h2conn.streams[stream_id].outbound_flow_control_window):
             return False
-        h2conn.send_data_frames(stream_id, payload, h2conn.max_outbound_frame_size, end, _pack_prefix(flag, size - 5))
+        h2conn.send_data_frames(stream_id, payload, h2conn.max_outbound_frame_size, end, pack_prefix(flag, size - 5))
         return True
 
     @property
@@ -665,6 +686,9 @@ class GrpcConnection:
         """
         stream_id = state.stream_id
         pending = state.pending
+        if state.messages:
+            self._messages_out += state.messages
+            state.messages = 0
         h2conn = self._h2
         stream_window = h2conn.streams[stream_id].outbound_flow_control_window
         window = min(h2conn.outbound_flow_control_window, stream_window)

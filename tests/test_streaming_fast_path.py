@@ -1,0 +1,189 @@
+"""The server's per-message fast path (``Stream.send_message`` appending to a stream's queue
+itself, without the connection): it must keep every rule the connection's own path keeps.
+
+Real sockets, hand-built frames: the peer acknowledges each message, holds the window shut,
+resets the stream or drops the connection while the handler is still sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import hpack
+import pytest
+from google.protobuf.wrappers_pb2 import BytesValue, Int64Value
+from hyperframe.frame import DataFrame
+
+from app_kit import Cardinality, GRPCError, Handler, Stream
+
+from .conftest import running_server
+from .frames import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HANDSHAKE,
+    HEADERS,
+    PREFACE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    RawPeer,
+    frame,
+    request_block,
+)
+
+pytestmark = pytest.mark.anyio
+
+_PACED_MESSAGE = b"p" * 1024
+
+
+class Streamer:
+    """A server stream of many tiny replies, and one that sends a reply every 10 ms until it fails."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.ended: BaseException | None = None
+        self.done = asyncio.Event()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        us = Cardinality.UNARY_STREAM
+        return {
+            "/test.Streamer/Tiny": Handler(self.tiny, us, Int64Value, Int64Value),
+            "/test.Streamer/Paced": Handler(self.paced, us, Int64Value, BytesValue),
+        }
+
+    async def tiny(self, stream: Stream[Int64Value, Int64Value]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        for index in range(request.value):
+            await stream.send_message(Int64Value(value=index))
+
+    async def paced(self, stream: Stream[Int64Value, BytesValue]) -> None:
+        await stream.recv_message()
+        try:
+            while True:
+                await stream.send_message(BytesValue(value=_PACED_MESSAGE))
+                self.sent += 1
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    pass  # carries on regardless (as a handler that shields its work would):
+                    # only send_message can tell it the call is over
+        except BaseException as exc:
+            self.ended = exc
+            raise
+        finally:
+            self.done.set()
+
+
+def _request(path: str, value: int, stream_id: int = 1) -> bytes:
+    body = Int64Value(value=value).SerializeToString()
+    message = b"\x00" + len(body).to_bytes(4, "big") + body
+    return frame(HEADERS, END_HEADERS, stream_id, request_block(hpack.Encoder(), path)) + frame(
+        DATA, END_STREAM, stream_id, message
+    )
+
+
+def _messages(payload: bytes) -> tuple[list[bytes], bytes]:
+    """The whole gRPC messages in ``payload``, and what is left of an incomplete one."""
+    messages = []
+    while len(payload) >= 5:
+        (length,) = struct.unpack_from(">I", payload, 1)
+        if len(payload) < 5 + length:
+            break
+        messages.append(payload[5 : 5 + length])
+        payload = payload[5 + length :]
+    return messages, payload
+
+
+async def test_window_updates_for_each_streamed_message_are_not_a_flood() -> None:
+    # gRPC clients give back each message's window as their application reads it: two
+    # WINDOW_UPDATEs per message, against a stream of tiny replies packed many to a frame.
+    # Each message sent licenses them (the last 1,024 messages' licences are in stock);
+    # messages the fast path failed to count would make 2,000 updates for a handful of
+    # frames look like a flood (over the 1,000 unlicensed frames allowed: ENHANCE_YOUR_CALM).
+    count = 1000
+    async with running_server([Streamer()]) as (_, target):
+        async with RawPeer(int(target.rsplit(":", 1)[1])) as peer:
+            await peer.send(HANDSHAKE + _request("/test.Streamer/Tiny", count))
+            seen, rest, values = 0, b"", []
+            for _ in range(1000):
+                frames = peer.frames[seen:]
+                seen += len(frames)
+                updates = []
+                for data_frame in frames:
+                    if isinstance(data_frame, DataFrame):
+                        messages, rest = _messages(rest + bytes(data_frame.data))
+                        for message in messages:
+                            values.append(Int64Value.FromString(message).value)
+                            update = (len(message) + 5).to_bytes(4, "big")
+                            updates += [frame(WINDOW_UPDATE, 0, 1, update), frame(WINDOW_UPDATE, 0, 0, update)]
+                if updates:
+                    await peer.send(b"".join(updates))
+                if 1 in peer.trailer_statuses() or peer.closed.is_set():
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)  # the last updates reach the guard
+            assert not peer.goaways, peer.goaways
+            assert peer.trailer_statuses().get(1) == b"0"
+            assert values == list(range(count))
+
+
+async def _paced_until(action: str) -> Streamer:
+    """Start a paced stream to a peer whose window is shut (its replies stay queued on the
+    server: the fast path's case), let it queue a few, then reset the stream or drop the
+    connection; the handler's next send must fail."""
+    streamer = Streamer()
+    shut = struct.pack(">HI", 0x4, 0)  # SETTINGS_INITIAL_WINDOW_SIZE 0
+    async with running_server([streamer]) as (_, target):
+        async with RawPeer(int(target.rsplit(":", 1)[1])) as peer:
+            await peer.send(PREFACE + frame(SETTINGS, 0, 0, shut) + _request("/test.Streamer/Paced", 0))
+            for _ in range(200):
+                if streamer.sent >= 5:
+                    break
+                await asyncio.sleep(0.01)
+            assert streamer.sent >= 5 and not streamer.done.is_set()
+            before = streamer.sent
+            if action == "reset":
+                await peer.send(frame(RST_STREAM, 0, 1, (8).to_bytes(4, "big")))  # CANCEL
+            else:
+                peer.writer.transport.abort()
+            await asyncio.wait_for(streamer.done.wait(), 2)
+            # One reply may have been sent while the reset or the close was on its way;
+            # queued into a stream already gone, the replies would go on until the send
+            # buffer filled (64 of them, 0.64 s).
+            assert streamer.sent - before <= 2, (before, streamer.sent)
+            assert isinstance(streamer.ended, GRPCError), repr(streamer.ended)
+    return streamer
+
+
+async def test_a_send_after_the_peer_reset_the_stream_fails() -> None:
+    await _paced_until("reset")
+
+
+async def test_a_send_after_the_connection_is_lost_fails() -> None:
+    await _paced_until("abort")
+
+
+async def test_a_sender_over_its_buffer_waits_for_the_window_then_finishes() -> None:
+    # With the window shut every reply stays queued; over max_send_buffer_size (64 KiB) the
+    # handler must wait, and go on when the peer opens the window: all 20,000 replies
+    # (160 KB) arrive.
+    count = 20_000
+    async with running_server([Streamer()]) as (_, target):
+        async with RawPeer(int(target.rsplit(":", 1)[1])) as peer:
+            shut = struct.pack(">HI", 0x4, 0)
+            await peer.send(PREFACE + frame(SETTINGS, 0, 0, shut) + _request("/test.Streamer/Tiny", count))
+            await asyncio.sleep(0.2)
+            assert not any(isinstance(f, DataFrame) for f in peer.frames)
+            grant = (1 << 20).to_bytes(4, "big")
+            await peer.send(frame(WINDOW_UPDATE, 0, 1, grant) + frame(WINDOW_UPDATE, 0, 0, grant))
+            for _ in range(400):
+                if 1 in peer.trailer_statuses():
+                    break
+                await asyncio.sleep(0.01)
+            assert peer.trailer_statuses().get(1) == b"0"
+            payload = b"".join(bytes(f.data) for f in peer.frames if isinstance(f, DataFrame))
+            messages, rest = _messages(payload)
+            assert [Int64Value.FromString(m).value for m in messages] == list(range(count)) and not rest
