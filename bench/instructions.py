@@ -4,8 +4,9 @@
 ``python bench/instructions.py client [CALLS]`` counts the client (100 calls in flight on one
 ``Channel``, against app_kit's bench server); ``python bench/instructions.py bidi [MESSAGES]``
 the server per message of the bench's bidi echo (calls of 100 messages, 10 at once), and
-``python bench/instructions.py stream [MESSAGES]`` per message of its server-streaming calls
-(100 replies of 10 bytes per call, 10 calls at once).
+``python bench/instructions.py stream [MESSAGES] [PER_CALL]`` per message of its
+server-streaming calls (PER_CALL replies of 10 bytes per call, default 100, 10 calls at once:
+two runs with different PER_CALL separate the cost per call from the cost per message).
 
 Seconds of CPU move with whatever else the machine does; instructions do not. The process
 measured runs under valgrind's callgrind: it is warmed up with 500 calls, its counters are
@@ -128,8 +129,9 @@ def main() -> int:
     arguments = sys.argv[2:] if measure_client or bidi or stream else sys.argv[1:]
     defaults = ["3000", "1", "100"]
     calls, connections, streams = (int(arg) for arg in [*arguments, *defaults[len(arguments) :]][:3])
+    per_call = int(arguments[1]) if stream and len(arguments) > 1 else 100
     if bidi or stream:  # the bench's shapes: calls of 100 messages, 10 at once on one connection
-        calls, connections, streams = max(calls // 100, 1), 1, 10
+        calls, connections, streams = max(calls // per_call, 1), 1, 10
     generate()
     import bench_pb2
 
@@ -165,7 +167,7 @@ def main() -> int:
             return 0
         body = pathlib.Path(scratch, "body")
         if stream:
-            payload = bench_pb2.StreamRequest(count=100, size=10).SerializeToString()
+            payload = bench_pb2.StreamRequest(count=per_call, size=10).SerializeToString()
         else:
             payload = bench_pb2.Payload(data=b"0123456789").SerializeToString()
         body.write_bytes((b"\x00" + len(payload).to_bytes(4, "big") + payload) * (100 if bidi else 1))
@@ -185,7 +187,7 @@ def main() -> int:
         print(f"{total / calls / 100:,.0f} instructions per bidi echo message ({calls} calls of 100 messages)")
         return 0
     if stream:
-        print(f"{total / calls / 100:,.0f} instructions per streamed reply ({calls} calls of 100 messages)")
+        print(f"{total / calls / per_call:,.0f} instructions per streamed reply ({calls} calls of {per_call} messages)")
         return 0
     print(f"{total / calls:,.0f} instructions per unary call ({connections} x {streams}, {calls} calls)")
     return 0
