@@ -11,7 +11,7 @@ from ..rpc.codecs import CodecBase, StatusDetailsCodecBase
 from ..rpc.compression import IDENTITY, get_encoding
 from ..rpc.connection import StreamGone, StreamState
 from ..rpc.deadline import Deadline
-from ..rpc.framing import pack_prefix
+from ..rpc.framing import SMALL_PREFIXES, pack_prefix
 from ..rpc.handlers import Handler
 from ..rpc.metadata import Metadata, MetadataLike, encode_metadata
 from ..rpc.server import ServerConnection
@@ -234,7 +234,7 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
                 # Past the first reply, with earlier ones still queued (their flush is
                 # arranged): this one joins them here, as the connection's send_message
                 # would (see StreamState.pending), without two calls per message.
-                pending += pack_prefix(0, size)
+                pending += SMALL_PREFIXES[size] if size < 256 else pack_prefix(0, size)
                 pending += data
                 wire.messages += 1
                 self._messages_sent += 1

@@ -33,7 +33,7 @@ from .events import (
     StreamClosed,
     StreamWritable,
 )
-from .framing import _SMALL_PIECE, FramingError, MessageDecoder, MessageTooLarge, pack_prefix
+from .framing import _SMALL_PIECE, SMALL_PREFIXES, FramingError, MessageDecoder, MessageTooLarge, pack_prefix
 from .metadata import excerpt
 from .status import Status
 
@@ -616,8 +616,8 @@ class GrpcConnection:
                 raise MessageRejected(Status.INTERNAL, message) from None
             flag = 1
         pending = state.pending
+        size = len(payload)
         if not pending:
-            size = len(payload)
             if (end or size >= self._max_send_buffer) and self._send_now(stream_id, flag, payload, end):
                 self._messages_out += 1
                 if end:
@@ -633,7 +633,7 @@ class GrpcConnection:
                 return False
             # Else the stream is queued already: for this turn's flush, or for window.
             self._dirty[stream_id] = state
-        pending += pack_prefix(flag, len(payload))
+        pending += SMALL_PREFIXES[size] if size < 256 and not flag else pack_prefix(flag, size)
         pending += payload
         state.messages += 1
         if end:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-__all__ = ["FramingError", "MessageDecoder", "MessageTooLarge", "frame_message", "pack_prefix"]
+__all__ = ["SMALL_PREFIXES", "FramingError", "MessageDecoder", "MessageTooLarge", "frame_message", "pack_prefix"]
 
 _PREFIX = 5
 _unpack_prefix = struct.Struct(">BI").unpack_from
 #: ``pack_prefix(flag, length)``: a message's 5-byte prefix (flag 1: compressed).
 pack_prefix = struct.Struct(">BI").pack
+#: The prefixes of uncompressed messages shorter than 256 bytes, by length, made once: packing
+#: one per message was 5 % of a streamed reply's cost.
+SMALL_PREFIXES = tuple(pack_prefix(0, length) for length in range(256))
 #: Pieces of an incomplete message shorter than this are gathered into one bytearray: kept
 #: as a bytes object each, a piece costs ~50 bytes of heap besides its own (a 2-byte DATA
 #: frame ~25 times what ``max_connection_receive_buffer`` counts for it). From this size on,
