@@ -16,6 +16,7 @@ from google.protobuf.wrappers_pb2 import BytesValue, Int64Value
 from hyperframe.frame import DataFrame
 
 from app_kit import Cardinality, GRPCError, Handler, Stream
+from app_kit.rpc.framing import frame_message
 
 from .conftest import running_server
 from .frames import (
@@ -32,6 +33,7 @@ from .frames import (
     frame,
     request_block,
 )
+from .services import EchoService
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +41,7 @@ _PACED_MESSAGE = b"p" * 1024
 
 
 class Streamer:
-    """A server stream of many tiny replies, and one that sends a reply every 10 ms until it fails."""
+    """A server stream that sends a reply every 10 ms until sending fails."""
 
     def __init__(self) -> None:
         self.sent = 0
@@ -47,17 +49,7 @@ class Streamer:
         self.done = asyncio.Event()
 
     def __mapping__(self) -> dict[str, Handler]:
-        us = Cardinality.UNARY_STREAM
-        return {
-            "/test.Streamer/Tiny": Handler(self.tiny, us, Int64Value, Int64Value),
-            "/test.Streamer/Paced": Handler(self.paced, us, Int64Value, BytesValue),
-        }
-
-    async def tiny(self, stream: Stream[Int64Value, Int64Value]) -> None:
-        request = await stream.recv_message()
-        assert request is not None
-        for index in range(request.value):
-            await stream.send_message(Int64Value(value=index))
+        return {"/test.Streamer/Paced": Handler(self.paced, Cardinality.UNARY_STREAM, Int64Value, BytesValue)}
 
     async def paced(self, stream: Stream[Int64Value, BytesValue]) -> None:
         await stream.recv_message()
@@ -77,12 +69,10 @@ class Streamer:
             self.done.set()
 
 
-def _request(path: str, value: int, stream_id: int = 1) -> bytes:
-    body = Int64Value(value=value).SerializeToString()
-    message = b"\x00" + len(body).to_bytes(4, "big") + body
-    return frame(HEADERS, END_HEADERS, stream_id, request_block(hpack.Encoder(), path)) + frame(
-        DATA, END_STREAM, stream_id, message
-    )
+def _request(path: str, value: int) -> bytes:
+    """Stream 1: a request of ``value`` (for EchoService's ServerStream, how many replies)."""
+    message = frame_message(Int64Value(value=value).SerializeToString())
+    return frame(HEADERS, END_HEADERS, 1, request_block(hpack.Encoder(), path)) + frame(DATA, END_STREAM, 1, message)
 
 
 def _messages(payload: bytes) -> tuple[list[bytes], bytes]:
@@ -104,9 +94,9 @@ async def test_window_updates_for_each_streamed_message_are_not_a_flood() -> Non
     # messages the fast path failed to count would make 2,000 updates for a handful of
     # frames look like a flood (over the 1,000 unlicensed frames allowed: ENHANCE_YOUR_CALM).
     count = 1000
-    async with running_server([Streamer()]) as (_, target):
+    async with running_server([EchoService()]) as (_, target):
         async with RawPeer(int(target.rsplit(":", 1)[1])) as peer:
-            await peer.send(HANDSHAKE + _request("/test.Streamer/Tiny", count))
+            await peer.send(HANDSHAKE + _request("/test.Echo/ServerStream", count))
             seen, rest, values = 0, b"", []
             for _ in range(1000):
                 frames = peer.frames[seen:]
@@ -171,10 +161,10 @@ async def test_a_sender_over_its_buffer_waits_for_the_window_then_finishes() -> 
     # handler must wait, and go on when the peer opens the window: all 20,000 replies
     # (160 KB) arrive.
     count = 20_000
-    async with running_server([Streamer()]) as (_, target):
+    async with running_server([EchoService()]) as (_, target):
         async with RawPeer(int(target.rsplit(":", 1)[1])) as peer:
             shut = struct.pack(">HI", 0x4, 0)
-            await peer.send(PREFACE + frame(SETTINGS, 0, 0, shut) + _request("/test.Streamer/Tiny", count))
+            await peer.send(PREFACE + frame(SETTINGS, 0, 0, shut) + _request("/test.Echo/ServerStream", count))
             await asyncio.sleep(0.2)
             assert not any(isinstance(f, DataFrame) for f in peer.frames)
             grant = (1 << 20).to_bytes(4, "big")
