@@ -17,15 +17,15 @@ class Cardinality(enum.Enum):
     STREAM_UNARY = (True, False)
     STREAM_STREAM = (True, True)
 
-    @property
-    def client_streaming(self) -> bool:
-        """The client sends a stream of messages."""
-        return self.value[0]
+    #: The client sends a stream of messages.
+    client_streaming: bool
+    #: The server sends a stream of messages.
+    server_streaming: bool
 
-    @property
-    def server_streaming(self) -> bool:
-        """The server sends a stream of messages."""
-        return self.value[1]
+    def __init__(self, client_streaming: bool, server_streaming: bool) -> None:
+        # Plain attributes, read per call: a property over ``value`` was two Python calls.
+        self.client_streaming = client_streaming
+        self.server_streaming = server_streaming
 
 
 class Handler(NamedTuple):

@@ -213,6 +213,11 @@ class H2Connection(h2.connection.H2Connection):
     #: Buffers queued before ``_data_to_send``, while a large payload is queued by reference.
     _parts: list[bytes | bytearray | memoryview] | None = None
 
+    def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
+        super().__init__(config)
+        # Read per request: h2's option is a Python descriptor (a call per read).
+        self._server_side = not self.config.client_side
+
     def _receive_frame(self, frame: Any) -> list[Any]:
         """h2's handling of one received frame, with two differences.
 
@@ -521,7 +526,7 @@ class H2Connection(h2.connection.H2Connection):
         stream = self.streams.get(stream_id)
         if stream is None:
             # A request: an odd id above every id the client used so far (RFC 9113 §5.1.1).
-            if self.config.client_side or stream_id <= self.highest_inbound_stream_id or not stream_id & 1:
+            if not self._server_side or stream_id <= self.highest_inbound_stream_id or not stream_id & 1:
                 return None
             self._sweep()  # (as h2's count of open streams would)
         elif (
