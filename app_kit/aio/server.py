@@ -628,6 +628,11 @@ class ServerProtocol(ConnectionProtocol):
             elif kind is ConnectionClosed:
                 if event.error_code:  # type: ignore[attr-defined]
                     self._server._connection_error(event.error_code)  # type: ignore[attr-defined]
+                # No frame of a call goes out any more: each is over now, as when the
+                # socket goes (not only once the linger ends), and its handler hears so.
+                for stream, task in list(calls.values()):
+                    stream._on_closed(event.reason)  # type: ignore[attr-defined]
+                    self._cancel_handler(stream, task)
                 peer_log.log(logging.INFO, "closing connection from %s: %s", self._peer_address(), event.reason)  # type: ignore[attr-defined]
                 self.close_transport()
         self._close_if_done()

@@ -686,9 +686,6 @@ class GrpcConnection:
         """
         stream_id = state.stream_id
         pending = state.pending
-        if state.messages:
-            self._messages_out += state.messages
-            state.messages = 0
         h2conn = self._h2
         stream_window = h2conn.streams[stream_id].outbound_flow_control_window
         window = min(h2conn.outbound_flow_control_window, stream_window)
@@ -697,6 +694,9 @@ class GrpcConnection:
         trailers = state.pending_trailers
         end_with_data = trailers is not None and not trailers and size > 0
         sent = min(size, max(window, 0))
+        if sent and state.messages:  # (they go out now, or with what follows them)
+            self._messages_out += state.messages
+            state.messages = 0
         if sent == size:
             if size:  # (the common case: all of it, usually one frame)
                 h2conn.send_data_frames(stream_id, pending, frame_size, end_with_data)
