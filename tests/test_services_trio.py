@@ -407,6 +407,72 @@ async def test_the_metrics_endpoint_limits_the_request_head_and_the_wait_for_it(
         assert 0.25 < time.monotonic() - began < 3
 
 
+class _BigPage:
+    """A collector whose page is far larger than the sockets' buffers (~8 MB)."""
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily("padding", "x" * 100, labels=["n"])
+        for n in range(80_000):
+            family.add_metric([f"{n:064d}"], n)
+        yield family
+
+
+def _scrape_without_reading(port: int, wait: float) -> tuple[int, int]:
+    """Ask for the page, read nothing for ``wait`` seconds, then read until the endpoint
+    closes: (bytes received, the length the response announced)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        time.sleep(wait)
+        received = b""
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    return len(body), length
+
+
+async def test_the_metrics_endpoint_drops_a_scraper_that_does_not_read(backend: str) -> None:
+    # A client that asks for the page and never reads it held its connection (and the
+    # page) as long as it liked: the send waited for it without a bound.
+    registry = CollectorRegistry()
+    registry.register(_BigPage())
+    async with serve_metrics("127.0.0.1", 0, registry, write_timeout=0.3) as port:
+        received, length = await in_thread(_scrape_without_reading, port, 1.5)
+        assert length > 5_000_000 and received < length  # dropped before the page was out
+        # The endpoint still answers others.
+        status, _, _ = await in_thread(_get, f"http://127.0.0.1:{port}/metrics", "HEAD")
+        assert status == 200
+
+
+async def test_the_metrics_endpoint_limits_its_open_connections(backend: str) -> None:
+    # Connections that send nothing are each held up to read_timeout; over max_connections
+    # more are closed at once instead of piling up.
+    async with serve_metrics("127.0.0.1", 0, CollectorRegistry(), max_connections=3, read_timeout=30) as port:
+        idle = [await in_thread(socket.create_connection, ("127.0.0.1", port), 5) for _ in range(3)]
+        try:
+            await anyio.sleep(0.1)
+            began = time.monotonic()
+            assert await in_thread(_exchange, port, b"GET /metrics HTTP/1.1\r\n\r\n") == b""
+            assert time.monotonic() - began < 2  # closed at once, not after read_timeout
+        finally:
+            for sock in idle:
+                sock.close()
+        for _ in range(100):  # their tasks end as the endpoint sees them closed
+            reply = await in_thread(_exchange, port, b"GET /metrics HTTP/1.1\r\n\r\n")
+            if reply:
+                break
+            await anyio.sleep(0.05)
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 async def test_server_metrics_and_the_collector_scraped_from_a_server_on_this_loop(backend: str) -> None:
     registry = CollectorRegistry()
     health = Health()

@@ -218,6 +218,10 @@ class ServerStatsCollector(Collector):
 DEFAULT_MAX_REQUEST_BYTES = 8192
 #: Seconds the metrics endpoint waits for a request head before it drops the connection.
 DEFAULT_READ_TIMEOUT = 10.0
+#: Seconds the metrics endpoint gives a scraper to take the page before it drops the connection.
+DEFAULT_WRITE_TIMEOUT = 10.0
+#: Connections the metrics endpoint keeps open at once; more are closed as they are accepted.
+DEFAULT_MAX_CONNECTIONS = 64
 #: Seconds the endpoint waits after it failed to accept a connection (out of file descriptors,
 #: say) before it tries again: asyncio's servers wait as long.
 _ACCEPT_RETRY_DELAY = 1.0
@@ -231,6 +235,8 @@ async def serve_metrics(
     *,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> AsyncIterator[int]:
     """Serve ``registry`` in the Prometheus text format at ``/metrics`` over HTTP/1.1, in this
     event loop (asyncio or trio), while the block runs; yield the bound port (``port=0`` picks
@@ -244,17 +250,28 @@ async def serve_metrics(
     usual size takes well under a millisecond. Leaving the block stops listening and drops the
     connections still open. Enter and leave it in the same task (the connections are tasks of
     a task group it holds).
+
+    What one client can hold is bounded: the request head by ``max_request_bytes`` and
+    ``read_timeout``, the answer by ``write_timeout`` (a scraper that does not read is dropped),
+    and at most ``max_connections`` are open at once (more are closed as they come).
     """
+    open_connections = 0
 
     async def handle(stream: SocketStream) -> None:
+        nonlocal open_connections
         async with stream:
+            if open_connections >= max_connections:
+                return  # closed at once: idle connections must not pile up
+            open_connections += 1
             try:
-                await _answer(stream, registry, max_request_bytes, read_timeout)
+                await _answer(stream, registry, max_request_bytes, read_timeout, write_timeout)
             except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError, ValueError):
-                pass  # a client that went away or sent garbage: nothing to answer
+                pass  # a client that went away, sent garbage or did not read: nothing to answer
             except Exception:
                 # A collector that failed, say: this scrape fails, not the block around it.
                 log.exception("the metrics endpoint failed to answer")
+            finally:
+                open_connections -= 1
 
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=100)
     failure: Exception | None = None
@@ -294,6 +311,7 @@ async def _answer(
     registry: CollectorRegistry,
     max_request_bytes: int,
     read_timeout: float,
+    write_timeout: float,
 ) -> None:
     with anyio.fail_after(read_timeout):
         head = await _read_head(stream, max_request_bytes)
@@ -317,7 +335,8 @@ async def _answer(
     headers = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
-    await stream.send(headers.encode("latin-1") + (b"" if method == "HEAD" else body))
+    with anyio.fail_after(write_timeout):
+        await stream.send(headers.encode("latin-1") + (b"" if method == "HEAD" else body))
 
 
 async def _read_head(stream: ByteStream, limit: int) -> bytes:
