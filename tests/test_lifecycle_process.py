@@ -202,6 +202,25 @@ async def test_cafe_app_process_serves_and_reflects() -> None:
         assert "order store closed" in app.log
 
 
+async def test_env_file_sets_the_environment_as_uvicorn_does(tmp_path, events_file: str) -> None:  # type: ignore[no-untyped-def]
+    # --env-file fed the settings only: code reading os.environ (at import, in a resource)
+    # did not see the file's variables, where uvicorn's --env-file sets the environment.
+    # Variables already set still win over the file, as they do for the settings.
+    env_file = tmp_path / "app.env"
+    env_file.write_text(f"LIFECYCLE_EVENTS={events_file}\nLIFECYCLE_PROBE='from the file'\n")
+    async with AppProcess(APP, "--port", "0", "--env-file", str(env_file)) as app:
+        await app.ready()
+        app.signal(signal.SIGTERM)
+        assert await app.wait() == 0
+    assert read_events(events_file)[0] == "probe at import from the file, at start from the file"
+    os.unlink(events_file)
+    async with AppProcess(APP, "--port", "0", "--env-file", str(env_file), env={"LIFECYCLE_PROBE": "set"}) as app:
+        await app.ready()
+        app.signal(signal.SIGTERM)
+        assert await app.wait() == 0
+    assert read_events(events_file)[0] == "probe at import set, at start set"
+
+
 async def test_env_file_and_help(tmp_path) -> None:  # type: ignore[no-untyped-def]
     env_file = tmp_path / "settings.env"
     env_file.write_text("APP_GRACE_PERIOD=soon\nAPP_LOG_LEVEL=INFO\n")

@@ -96,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--host", help="interface to listen on (overrides APP_HOST)")
     run.add_argument("--port", type=int, help="TCP port (overrides APP_PORT)")
     run.add_argument("--path", help="listen on this Unix socket instead (overrides APP_PATH)")
-    run.add_argument("--env-file", help="read settings from this .env file too")
+    run.add_argument(
+        "--env-file", help="load this .env file into the environment (variables already set win), settings included"
+    )
     run.add_argument(
         "--workers",
         type=_positive_int,
@@ -140,9 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reload and args.workers is not None and args.workers > 1:
         parser.error("--reload runs one process: it cannot be used with --workers")
     # pydantic-settings skips a missing env file; one the user named is a mistake.
-    if args.env_file is not None and not os.path.isfile(args.env_file):
-        print(f"app_kit: --env-file {args.env_file}: no such file", file=sys.stderr)
-        return EXIT_STARTUP_FAILED
+    if args.env_file is not None:
+        if not os.path.isfile(args.env_file):
+            print(f"app_kit: --env-file {args.env_file}: no such file", file=sys.stderr)
+            return EXIT_STARTUP_FAILED
+        _load_env_file(args.env_file)
     # --reload and --workers children get the same command line (--loop included) and environment.
     overrides = {
         name: getattr(args, name) for name in ("host", "port", "path", "loop") if getattr(args, name) is not None
@@ -169,6 +173,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level="DEBUG" if args.debug else args.log_level,
         log_config=args.log_config,
     )
+
+
+def _load_env_file(path: str) -> None:
+    """Put the file's variables into the environment, before the App is imported, as
+    uvicorn's ``--env-file`` does: code that reads ``os.environ`` sees them, and so do
+    ``--workers`` and ``--reload`` children. A variable already set wins, as it does for
+    the settings (the file is parsed as pydantic-settings parses it, by python-dotenv)."""
+    from dotenv import dotenv_values
+
+    for name, value in dotenv_values(path).items():
+        if value is not None:  # (a bare ``NAME`` line: no value)
+            os.environ.setdefault(name, value)
 
 
 def _print_user_traceback(exc: BaseException) -> None:

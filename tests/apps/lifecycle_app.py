@@ -2,6 +2,8 @@
 
 LIFECYCLE_EVENTS: file to append "enter X" / "exit X" lines to.
 LIFECYCLE_FAIL: name of the resource whose start-up raises.
+LIFECYCLE_PROBE: when set, its value at import and when the journal starts is journalled
+(what the process's environment holds, not the settings: see --env-file).
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ class Cache:
 
 
 app = App(LifecycleSettings, name="lifecycle")
+_PROBE_AT_IMPORT = os.environ.get("LIFECYCLE_PROBE")
 
 
 @app.resource
 async def journal(settings: LifecycleSettings) -> AsyncIterator[Journal]:
     value = Journal(settings.events_file)
+    if "LIFECYCLE_PROBE" in os.environ:
+        value.write(f"probe at import {_PROBE_AT_IMPORT}, at start {os.environ['LIFECYCLE_PROBE']}")
     value.write("enter journal")
     try:
         yield value
