@@ -19,6 +19,7 @@ from typing import Any
 
 import h2.errors
 
+from ..rpc.call_state import TERMINAL
 from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from ..rpc.compression import IDENTITY, get_encoding
 from ..rpc.deadline import Deadline
@@ -710,7 +711,7 @@ class ServerProtocol(ConnectionProtocol):
         """Cancel the task of a call that is over. One whose handler has not started yet, in
         a server with interceptors, is left to start: it tells them how the call ended (see
         _serve_call), as every call's end reaches them (metrics, access log, spans)."""
-        if stream._dispatched or not self._server.interceptors:
+        if stream._dispatched or not self._server.interceptors.interceptors:
             task.cancel()
 
     def _close_if_done(self) -> None:
@@ -821,7 +822,7 @@ _OK = Status.OK  # (an Enum member read off its class costs a __getattr__ hook o
 
 async def _serve_call(stream: Stream[object, object], handler: Handler, interceptors: InterceptorChain) -> None:
     """Run one call's handler (inside its interceptors, if any) and end it with a status."""
-    if not interceptors:
+    if not interceptors.interceptors:  # (not the chain's own __bool__: a Python call)
         await _answer_call(stream, handler)  # the handler alone: nothing built per call
         return
     try:
@@ -907,14 +908,14 @@ async def _answer_call(
         log.exception("error in handler of %s", stream.method)
         status, message = Status.UNKNOWN, "Unexpected error"
     else:
-        if stream.closed or status is not _OK:
+        if stream._state in TERMINAL or status is not _OK:  # (stream.closed, without its call)
             pass
         elif deadline is not None and deadline.time_remaining() <= 0:
             status, message = Status.DEADLINE_EXCEEDED, "Deadline exceeded"  # it never yielded
         elif not stream._sent and not handler.cardinality.server_streaming:
             log.error("handler of unary method %s returned without sending a reply", stream.method)
             status, message = Status.INTERNAL, "The handler sent no reply"
-    if stream.closed:
+    if stream._state in TERMINAL:
         return
     try:
         await stream.send_trailing_metadata(

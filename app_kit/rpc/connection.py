@@ -745,13 +745,15 @@ class GrpcConnection:
         ``trailers`` go out as a HEADERS frame with END_STREAM (the server's status); an
         empty list ends the stream with an empty DATA frame (the client's half-close).
         """
-        state = self.stream_state(stream_id)
+        self._end_local(self.stream_state(stream_id), trailers)
+
+    def _end_local(self, state: StreamState, trailers: Sequence[tuple[bytes, bytes]]) -> None:
         if state.local_closed:
-            raise StreamGone(stream_id)
+            raise StreamGone(state.stream_id)
         if state.pending:
             state.pending_trailers = trailers
             state.local_closed = True  # no more messages may be queued behind the end
-            self._dirty[stream_id] = state
+            self._dirty[state.stream_id] = state
             return
         self._end_local_now(state, trailers)
 

@@ -315,7 +315,7 @@ class ServerConnection(GrpcConnection):
     ) -> None:
         """End the call: trailers, or a Trailers-Only response if no HEADERS went out yet."""
         state = self.stream_state(stream_id)
-        self.end_local(stream_id, self._status_fields(state, status, message, details, metadata))
+        self._end_local(state, self._status_fields(state, status, message, details, metadata))
 
     def _status_fields(
         self,
