@@ -102,6 +102,37 @@ def test_factory_without_parentheses_gets_a_hint() -> None:
     )
 
 
+def test_a_module_the_app_imports_that_is_missing_shows_where(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A missing dependency of the app's module was reported as if the target were wrong,
+    # in one line without a traceback (--debug included): which file imports it did not show.
+    (tmp_path / "helper_module.py").write_text("import not_installed_anywhere\n")
+    (tmp_path / "app_module.py").write_text("import helper_module\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "app_kit", "run", "app_module:app"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == EXIT_STARTUP_FAILED, done.stderr
+    assert "Traceback" in done.stderr and 'helper_module.py", line 1' in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "app_kit: importing app_module failed: ModuleNotFoundError: No module named 'not_installed_anywhere'"
+    )
+    # A target that is not there is still one line: the mistake is the command's.
+    typo = subprocess.run(
+        [sys.executable, "-m", "app_kit", "run", "app_modul:app"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert typo.returncode == EXIT_STARTUP_FAILED
+    assert typo.stderr.splitlines() == ["app_kit: cannot import app_modul: No module named 'app_modul'"]
+
+
 def test_missing_env_file_is_an_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     missing = str(tmp_path / "nope.env")
     assert run_cli(APP, "--env-file", missing) == [f"app_kit: --env-file {missing}: no such file"]

@@ -48,7 +48,11 @@ def load_app(target: str) -> App[Any]:
     try:
         module = importlib.import_module(match["module"])
     except ImportError as exc:
-        raise LoadError(f"cannot import {match['module']}: {exc}") from exc
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing is not None and (match["module"] == missing or match["module"].startswith(missing + ".")):
+            raise LoadError(f"cannot import {match['module']}: {exc}") from exc  # the target is not there
+        # Something the module imports: where, is the user's to see.
+        raise AppCodeError(f"importing {match['module']} failed: {_describe(exc)}") from exc
     except DeclarationError:
         raise
     except Exception as exc:
