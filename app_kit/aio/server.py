@@ -620,9 +620,16 @@ class ServerProtocol(ConnectionProtocol):
             elif kind is StreamClosed:
                 call = calls.get(event.stream_id)  # type: ignore[attr-defined]
                 if call is not None:
-                    if event.by_peer and call[0]._dispatched:  # type: ignore[attr-defined]
-                        self.connection.forgive_reset()  # a cancelled call, not a rapid reset
-                    call[0]._on_closed(event.reason, event.status)  # type: ignore[attr-defined]
+                    stream, status = call[0], event.status  # type: ignore[attr-defined]
+                    if event.by_peer:  # type: ignore[attr-defined]
+                        if stream._dispatched:
+                            self.connection.forgive_reset()  # a cancelled call, not a rapid reset
+                        deadline = stream.deadline
+                        if deadline is not None and deadline.time_remaining() <= 0:
+                            # The client's reset at its deadline beat our own timer to it:
+                            # the call ended as its caller saw it end.
+                            status = Status.DEADLINE_EXCEEDED
+                    stream._on_closed(event.reason, status)  # type: ignore[attr-defined]
                     self._cancel_handler(*call)
             elif kind is GoAwayReceived:
                 self._peer_going_away = True

@@ -353,7 +353,8 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
 
     def _on_closed(self, reason: str, status: Status | None = None) -> None:
         """The call is over from outside its handler (reset, deadline, the connection's end);
-        ``status``: what the core answered it with, if it did (else it was cancelled)."""
+        ``status``: what the core answered it with, if it did, or DEADLINE_EXCEEDED for a reset
+        that came once the deadline had passed (else it was cancelled)."""
         if self._state is not _ENDED and self._closed_reason is None:
             self._closed_reason = reason
             self._status, self._status_message = status or Status.CANCELLED, reason
