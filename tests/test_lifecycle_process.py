@@ -123,6 +123,33 @@ async def test_second_signal_exits_at_once() -> None:
             call.cancel()
 
 
+async def test_second_signal_cancels_the_handlers_before_the_resources_close(events_file: str) -> None:
+    # The forced exit cut the drain short and closed the resources while handlers still ran
+    # (a handler in the middle of a query met a closed pool); they were cancelled only after.
+    env = {"APP_GRACE_PERIOD": "30", "LIFECYCLE_EVENTS": events_file}
+    async with AppProcess(APP, "--port", "0", env=env) as app:
+        port = await app.ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = channel.unary_unary(
+                "/test.Sleeper/Watch",
+                request_serializer=DoubleValue.SerializeToString,
+                response_deserializer=DoubleValue.FromString,
+            )
+            call = watch(DoubleValue(value=30))
+            await asyncio.sleep(0.3)
+            app.signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            app.signal(signal.SIGTERM)
+            assert await app.wait(5) == 128 + signal.SIGTERM
+            assert time.monotonic() - started < 2
+            call.cancel()
+    events = read_events(events_file)
+    assert "watch cancelled" in events, events
+    assert events.index("watch cancelled") < events.index("exit cache"), events
+    assert events[-1] == "exit journal"
+
+
 async def test_failing_resource_unwinds_and_exits_3(events_file: str) -> None:
     env = {"LIFECYCLE_EVENTS": events_file, "LIFECYCLE_FAIL": "cache"}
     async with AppProcess(APP, "--port", "0", env=env) as app:

@@ -73,3 +73,37 @@ async def test_a_call_past_its_deadline_is_recorded_as_deadline_exceeded_whoever
                 assert failed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         await _until(ends.statuses, 4)
     assert ends.statuses == [Status.DEADLINE_EXCEEDED] * 4
+
+
+async def test_closing_again_with_a_shorter_grace_cuts_the_grace_period_short() -> None:
+    # What a forced exit does (a second SIGTERM): the calls still running are answered
+    # UNAVAILABLE at once rather than at the end of the first close's grace period, and
+    # wait_calls_done() returns once their handlers have unwound.
+    from app_kit import Server
+
+    from .services import EchoService
+
+    service = EchoService()
+    server = Server([service])
+    await server.start("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            sleep = grpcio_method(channel, "unary_unary", "/test.Echo/Sleep", DoubleValue, DoubleValue)
+            call = sleep(DoubleValue(value=30))
+            await asyncio.wait_for(service.started.wait(), 5)
+            server.close(grace=30)
+            await asyncio.sleep(0.1)
+            assert not service.cancelled.is_set()
+            server.close(grace=60)  # a later end changes nothing
+            began = time.monotonic()
+            server.close(grace=0.2)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+            await asyncio.wait_for(server.wait_calls_done(), 2)
+            assert service.cancelled.is_set()
+            assert 0.15 < time.monotonic() - began < 2
+    finally:
+        server.close(grace=0)
+        await asyncio.wait_for(server.wait_closed(), 5)

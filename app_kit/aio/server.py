@@ -155,8 +155,10 @@ class Server:
         self._address_budgets: dict[str, AddressBudget] = {}
         self._closing = False
         self._grace_handle: Any = None
+        self._grace_ends: float | None = None  # the runtime's time when the grace period ends
         self._closed = False
         self._closed_waiters: list[Any] = []
+        self._idle_waiters: list[Any] = []  # wait_calls_done()
         # Started, or served a connection: wait_closed() has something to wait for.
         self._in_use = False
         self._connections_total = 0
@@ -385,8 +387,15 @@ class Server:
         then is served. After ``grace`` seconds (None: no limit), calls still running are
         cancelled and answered UNAVAILABLE. Idle connections close as soon as the final
         GOAWAY is out. Calling it on a server never started keeps it from starting.
+
+        Calling it again with a grace that ends sooner cuts the grace period short
+        (``grace=0``: now, as on a forced exit); otherwise a later call changes nothing.
         """
         if self._closing:
+            if grace is not None and self._runtime is not None and self._in_use:
+                ends = self._runtime.time() + grace
+                if self._grace_ends is None or ends < self._grace_ends:
+                    self._schedule_grace_end(grace)
             return
         self._closing = True
         if self._listener is not None:
@@ -402,8 +411,19 @@ class Server:
         for connection in list(self._connections):
             connection.start_shutdown()
         if grace is not None and self._in_use and self._runtime is not None:
-            self._grace_handle = self._runtime.call_later(grace, self._grace_expired)
+            self._schedule_grace_end(grace)
         self._check_closed()
+
+    def _schedule_grace_end(self, grace: float) -> None:
+        assert self._runtime is not None
+        if self._grace_handle is not None:
+            self._grace_handle.cancel()
+        self._grace_ends = self._runtime.time() + grace
+        if grace <= 0:
+            self._grace_handle = None
+            self._grace_expired()
+        else:
+            self._grace_handle = self._runtime.call_later(grace, self._grace_expired)
 
     def _close_trio_listeners(self) -> None:
         """Close the listening sockets now, as asyncio's close() does (a client connecting
@@ -494,6 +514,14 @@ class Server:
         if self._served is not None and not self._served.done():
             await self._served
 
+    async def wait_calls_done(self) -> None:
+        """Return once no handler is running (after :meth:`close`: once those still running
+        have ended, or unwound from their cancellation when the grace period ended)."""
+        if self._tasks:
+            waiter = current_runtime().create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
     def _check_closed(self) -> None:
         if self._closing and not self._connections and not self._tasks and not self._closed:
             self._closed = True
@@ -554,6 +582,11 @@ class Server:
 
     def _task_done(self, task: Any) -> None:
         self._tasks.discard(task)
+        if not self._tasks and self._idle_waiters:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
         if self._closing:
             self._check_closed()
 

@@ -37,6 +37,9 @@ log = logging.getLogger("app_kit.app")
 
 #: Exit code of a process whose start-up failed (bad settings, a resource, the port, ...).
 EXIT_STARTUP_FAILED = 3
+#: On a forced exit, how long the handlers still running get to unwind from their
+#: cancellation before the resources close (the exit is meant to be at once).
+_FORCED_UNWIND = 1.0
 
 
 S = TypeVar("S", bound=AppSettings)
@@ -442,7 +445,16 @@ class App(Generic[S]):
             await anyio.sleep(settings.drain_delay)
         health.close()
         server.close(grace=settings.grace_period)
-        await server.wait_closed()
+        try:
+            await server.wait_closed()
+        except anyio.get_cancelled_exc_class():
+            # A forced exit (a second signal): the rest of the grace period is cut short, and
+            # the handlers still running unwind from their cancellation before the resources
+            # they use close (not for longer than _FORCED_UNWIND).
+            server.close(grace=0)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_FORCED_UNWIND):
+                await server.wait_calls_done()
+            raise
         log.info("server drained")
 
     async def run(self, settings: S | None = None) -> None:

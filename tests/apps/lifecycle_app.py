@@ -90,7 +90,19 @@ class Sleeper:
         return {
             "/test.Sleeper/Sleep": Handler(self.sleep, Cardinality.UNARY_UNARY, DoubleValue, DoubleValue),
             "/test.Sleeper/Hold": Handler(self.hold, Cardinality.STREAM_STREAM, BytesValue, Int64Value),
+            "/test.Sleeper/Watch": Handler(self.watch, Cardinality.UNARY_UNARY, DoubleValue, DoubleValue),
         }
+
+    async def watch(self, stream: Stream[DoubleValue, DoubleValue]) -> None:
+        """Sleep, as Sleep does, and journal the handler's cancellation (with its resources in use)."""
+        request = await stream.recv_message()
+        assert request is not None
+        try:
+            await asyncio.sleep(request.value)
+        except asyncio.CancelledError:
+            self.journal.write("watch cancelled")
+            raise
+        await stream.send_message(request)
 
     async def hold(self, stream: Stream[BytesValue, Int64Value]) -> None:
         """Holds each request message for a while, then says how large it was."""
