@@ -13,8 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class AppProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: str = ROOT) -> None:
         self.args = args
+        self.cwd = cwd
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.lines: list[str] = []
         self.port: int | None = None
@@ -27,7 +28,7 @@ class AppProcess:
             "app_kit",
             "run",
             *self.args,
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

@@ -107,3 +107,23 @@ async def test_closing_again_with_a_shorter_grace_cuts_the_grace_period_short() 
     finally:
         server.close(grace=0)
         await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def test_a_client_interceptor_reads_the_method_as_a_server_interceptor_does() -> None:
+    # The server's call has .method; the client's had only .path (AttributeError).
+    from app_kit import ClientInterceptor
+
+    from .services import EchoService
+
+    seen: list[str] = []
+
+    class Methods(ClientInterceptor):
+        async def start(self, call: object) -> None:
+            seen.append(call.method)  # type: ignore[attr-defined]
+
+    async with running_server([EchoService()]) as (_, target):
+        host, port = target.rsplit(":", 1)
+        async with Channel(host, int(port), interceptors=[Methods()]) as channel:
+            sleep = method_for(channel, "/test.Echo/Sleep", Cardinality.UNARY_UNARY, DoubleValue, DoubleValue)
+            assert (await sleep(DoubleValue(value=0))).value == 0
+    assert seen == ["/test.Echo/Sleep"]

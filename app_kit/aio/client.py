@@ -790,6 +790,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._channel = channel
         #: Wait for a backend to be reachable instead of failing UNAVAILABLE at once.
         self.wait_for_ready = wait_for_ready
+        #: ``/package.Service/Method`` of the call (also :attr:`method`).
         self.path = path
         self._metadata = metadata
         #: When the call gives up with DEADLINE_EXCEEDED.
@@ -886,6 +887,12 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         if not self._stream_id:
             self._raise_if_over()
             raise ProtocolError("the call could not be placed")
+
+    @property
+    def method(self) -> str:
+        """``/package.Service/Method`` of the call: :attr:`path`, under the name the server's
+        :class:`~app_kit.Stream` gives it (one interceptor can serve both sides)."""
+        return self.path
 
     async def _send_request(self, end: bool) -> None:
         if self._interceptors and not self._entered:
