@@ -409,11 +409,12 @@ def test_every_bad_setting_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError) as info:
         load_settings(AppSettings, compression="brotli", health_check_timeout=0)
     *problems, compression = str(info.value).split("; ")
+    # Each named as it was set: a variable by its name, an override (an argument) by its field's.
     assert problems == [
-        "invalid settings: port: Input should be a valid integer, unable to parse string as an integer",
-        "tls_key_file: tls_cert_file and tls_key_file go together",
-        "grace_period: cannot be negative",
-        "reflection_max_requests_per_second: cannot be negative (0: no limit)",
+        "invalid settings: APP_PORT: Input should be a valid integer, unable to parse string as an integer",
+        "APP_TLS_KEY_FILE: tls_cert_file and tls_key_file go together",
+        "APP_GRACE_PERIOD: cannot be negative",
+        "APP_REFLECTION_MAX_REQUESTS_PER_SECOND: cannot be negative (0: no limit)",
         "health_check_timeout: must be positive",
     ]
     assert compression.startswith("compression: compression 'brotli' is not a registered encoding (gzip")
@@ -421,5 +422,9 @@ def test_every_bad_setting_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APP_TLS_CERT_FILE", "cert.pem")
     monkeypatch.delenv("APP_GRACE_PERIOD")
     monkeypatch.delenv("APP_REFLECTION_MAX_REQUESTS_PER_SECOND")
-    with pytest.raises(SettingsError, match=r"^invalid settings: port: must be from 0 to 65535$"):
+    with pytest.raises(SettingsError, match=r"^invalid settings: APP_PORT: must be from 0 to 65535$"):
         load_settings(AppSettings)
+    monkeypatch.delenv("APP_PORT")
+    monkeypatch.delenv("APP_TLS_CERT_FILE")
+    monkeypatch.delenv("APP_TLS_KEY_FILE")
+    assert load_settings(AppSettings, compression="GZIP").compression == "gzip"  # any case

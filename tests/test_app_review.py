@@ -284,7 +284,7 @@ def test_an_empty_app_path_is_unset_or_an_invalid_setting(monkeypatch: pytest.Mo
     try:
         settings = load_settings(AppSettings)
     except SettingsError as exc:
-        assert "path" in str(exc)
+        assert "APP_PATH" in str(exc)
     else:
         assert settings.path is None, f"APP_PATH= gave path={settings.path!r}"
 
@@ -307,7 +307,7 @@ def test_server_limits_are_checked_with_the_other_settings(monkeypatch: pytest.M
         try:
             load_settings(AppSettings)
         except SettingsError as exc:
-            assert name.removeprefix("APP_").lower() in str(exc)
+            assert name in str(exc)
         else:
             accepted.append(name)
         monkeypatch.delenv(name)

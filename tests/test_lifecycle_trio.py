@@ -459,7 +459,7 @@ def test_an_unknown_loop_is_refused() -> None:
     done = run_cli("tests.apps.lifecycle_app:app", "--port", "0", APP_LOOP="curio")
     assert done.returncode == 3, done.stderr
     [line] = done.stderr.splitlines()
-    assert line.startswith("app_kit: invalid settings: loop: ") and "'trio'" in line
+    assert line.startswith("app_kit: invalid settings: APP_LOOP: ") and "'trio'" in line
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

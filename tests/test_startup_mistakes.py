@@ -140,8 +140,8 @@ def test_missing_env_file_is_an_error(tmp_path) -> None:  # type: ignore[no-unty
 
 def test_every_bad_setting_is_reported() -> None:
     [line] = run_cli(APP, APP_PORT="abc", APP_GRACE_PERIOD="-1", APP_HEALTH_CHECK_TIMEOUT="0")
-    assert line.startswith("app_kit: invalid settings: port: Input should be a valid integer"), line
-    assert "grace_period: cannot be negative" in line and "health_check_timeout: must be positive" in line
+    assert line.startswith("app_kit: invalid settings: APP_PORT: Input should be a valid integer"), line
+    assert "APP_GRACE_PERIOD: cannot be negative" in line and "APP_HEALTH_CHECK_TIMEOUT: must be positive" in line
 
 
 @pytest.mark.anyio

@@ -161,7 +161,7 @@ async def test_supervisor_start_up_failures_start_no_worker() -> None:
     try:
         async with AppProcess(APP, "--port", str(port), "--workers", "2") as app:
             assert await app.wait() == 3
-        assert "cannot listen" in app.log and "Address already in use" in app.log
+        assert f"cannot listen on 127.0.0.1:{port}" in app.log and "Address already in use" in app.log
         assert not workers(app)
     finally:
         blocker.close()
@@ -169,7 +169,7 @@ async def test_supervisor_start_up_failures_start_no_worker() -> None:
     env = {"APP_WORKER_RESTART_DELAY": "-1", "APP_WORKERS": "0"}
     async with AppProcess(APP, "--port", "0", env=env) as app:
         assert await app.wait() == 3
-    assert "workers: must be at least 1" in app.log and "worker_restart_delay: must be positive" in app.log
+    assert "APP_WORKERS: must be at least 1" in app.log and "APP_WORKER_RESTART_DELAY: must be positive" in app.log
     assert not workers(app)
 
 

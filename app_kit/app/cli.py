@@ -172,8 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers != 1:  # more, or APP_WORKERS decides (a worker is run with --workers 1)
         return _supervise(parser, args, argv, app, overrides)
     return app.run_sync(
-        env_file=args.env_file,
-        overrides=overrides,
+        overrides=overrides,  # (--env-file is in the environment already: not read twice)
         log_level="DEBUG" if args.debug else args.log_level,
         log_config=args.log_config,
     )
@@ -224,7 +223,7 @@ def _supervise(
     if args.workers is not None:
         overrides = {**overrides, "workers": args.workers}
     try:
-        settings = load_settings(settings_type, env_file=args.env_file, **overrides)
+        settings = load_settings(settings_type, **overrides)  # (--env-file: in the environment)
     except SettingsError as exc:
         print(f"app_kit: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILED

@@ -25,7 +25,7 @@ from ..aio.server import Server, ServerInterceptor
 from ..rpc.handlers import Handler, ServiceLike
 from ..services.health import Health, HealthCheck
 from .logs import configure_logging
-from .settings import AppSettings, SettingsError, load_settings
+from .settings import AppSettings, SettingsError, listen_address, load_settings
 from .signals import SignalShutdown
 
 if TYPE_CHECKING:
@@ -355,7 +355,7 @@ class App(Generic[S]):
                 else:
                     await server.start(path=settings.path, ssl=tls)
             except Exception as exc:
-                raise StartupError(f"cannot listen: {_describe(exc)}") from exc
+                raise StartupError(f"cannot listen on {listen_address(settings)}: {_describe(exc)}") from exc
             metrics_port = None
             if registry is not None:
                 metrics_port = await self._serve_metrics(stack, settings, server, registry)
@@ -919,7 +919,7 @@ def _bind_early(stack: contextlib.AsyncExitStack, settings: AppSettings) -> tupl
         else:
             bound = bind_tcp(settings.host, settings.port, reuse_port=reuse_port)
     except OSError as exc:
-        raise StartupError(f"cannot listen: {_describe(exc)}") from exc
+        raise StartupError(f"cannot listen on {listen_address(settings)}: {_describe(exc)}") from exc
     for sock in bound:
         # Closed by the server once it listens on them, or here if start-up fails before.
         stack.callback(sock.close)

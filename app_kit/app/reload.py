@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 
 from .lifecycle import EXIT_STARTUP_FAILED
-from .settings import AppSettings
+from .settings import AppSettings, listen_address
 from .workers import SharedListeners, Supervisor, bind_shared, child_command, sharing_mode
 
 __all__ = ["run_reloading"]
@@ -37,7 +37,7 @@ def run_reloading(argv: Sequence[str], settings: AppSettings, *, directories: Se
     try:
         shared = bind_shared(settings) if _address_given(settings) else SharedListeners([], {}, [])
     except (OSError, ValueError) as exc:
-        log.error("start-up failed: cannot listen: %s", exc)
+        log.error("start-up failed: cannot listen on %s: %s", listen_address(settings), exc)
         return EXIT_STARTUP_FAILED
     paths = [os.path.abspath(directory) for directory in directories]
     log.info("reloader (pid %d) watching %s", os.getpid(), ", ".join(paths))

@@ -165,9 +165,12 @@ class AppSettings(BaseSettings):
     @field_validator("compression")
     @classmethod
     def _compression(cls, value: str | None) -> str | None:
-        if value is not None and not is_supported(value):
-            known = ", ".join([*registered_encodings(), IDENTITY])
-            raise ValueError(f"compression {value!r} is not a registered encoding ({known})")
+        if value is not None:
+            if not is_supported(value) and is_supported(value.lower()):
+                value = value.lower()  # (any case, as the log level: "GZIP" is gzip)
+            if not is_supported(value):
+                known = ", ".join([*registered_encodings(), IDENTITY])
+                raise ValueError(f"compression {value!r} is not a registered encoding ({known})")
         return value
 
     def server_config(self) -> Configuration:
@@ -188,6 +191,13 @@ class AppSettings(BaseSettings):
         return context
 
 
+def listen_address(settings: AppSettings) -> str:
+    """Where ``settings`` say to listen (``host:port``, or the Unix socket's path), for messages."""
+    if settings.path is not None:
+        return settings.path
+    return f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
+
+
 class SettingsError(Exception):
     """Settings failed validation; the message lists every bad field."""
 
@@ -204,8 +214,13 @@ def load_settings(settings_type: type[S], *, env_file: str | Path | None = None,
         return settings_type(_env_file=env_file, **overrides)  # type: ignore[call-arg, arg-type]
     except ValidationError as exc:
         problems = []
+        prefix = str(settings_type.model_config.get("env_prefix") or "")
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]) or "settings"
+            field = settings_type.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+            if field is not None and error["loc"][0] not in overrides:
+                # Named as it is set: its variable (a field with an alias is reported by it already).
+                where = (prefix + str(error["loc"][0])).upper() + where[len(str(error["loc"][0])) :]
             # Our validators' own words, without pydantic's "Value error, " prefix.
             cause = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
             problems.append(f"{where}: {cause if cause is not None else error['msg']}")

@@ -51,7 +51,7 @@ from typing import IO, Any
 
 from .lifecycle import EXIT_STARTUP_FAILED
 from .listeners import LISTEN_FDS, REUSE_PORT, bind_tcp, bind_unix
-from .settings import AppSettings
+from .settings import AppSettings, listen_address
 from .signals import mark_supervised
 
 __all__ = [
@@ -440,7 +440,7 @@ def run_workers(argv: Sequence[str], settings: AppSettings, *, count: int) -> in
     try:
         shared = bind_shared(settings)
     except (OSError, ValueError) as exc:
-        log.error("start-up failed: cannot listen: %s", exc)
+        log.error("start-up failed: cannot listen on %s: %s", listen_address(settings), exc)
         return EXIT_STARTUP_FAILED
     where = settings.path if settings.path is not None else f"{settings.host}:{shared.arguments[1]}"
     log.info("supervisor (pid %d): %d workers on %s", os.getpid(), count, where)
