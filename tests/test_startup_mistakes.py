@@ -107,28 +107,25 @@ def test_a_module_the_app_imports_that_is_missing_shows_where(tmp_path) -> None:
     # in one line without a traceback (--debug included): which file imports it did not show.
     (tmp_path / "helper_module.py").write_text("import not_installed_anywhere\n")
     (tmp_path / "app_module.py").write_text("import helper_module\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "app_kit", "run", "app_module:app"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+
+    def run(target: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app_kit", "run", target],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": ROOT},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    done = run("app_module:app")
     assert done.returncode == EXIT_STARTUP_FAILED, done.stderr
     assert "Traceback" in done.stderr and 'helper_module.py", line 1' in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == (
         "app_kit: importing app_module failed: ModuleNotFoundError: No module named 'not_installed_anywhere'"
     )
     # A target that is not there is still one line: the mistake is the command's.
-    typo = subprocess.run(
-        [sys.executable, "-m", "app_kit", "run", "app_modul:app"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    typo = run("app_modul:app")
     assert typo.returncode == EXIT_STARTUP_FAILED
     assert typo.stderr.splitlines() == ["app_kit: cannot import app_modul: No module named 'app_modul'"]
 
