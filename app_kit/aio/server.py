@@ -156,6 +156,7 @@ class Server:
         self._closing = False
         self._grace_handle: Any = None
         self._grace_ends: float | None = None  # the runtime's time when the grace period ends
+        self._grace_over = False
         self._closed = False
         self._closed_waiters: list[Any] = []
         self._idle_waiters: list[Any] = []  # wait_calls_done()
@@ -498,6 +499,7 @@ class Server:
                 os.unlink(path)
 
     def _grace_expired(self) -> None:
+        self._grace_over = True
         for connection in list(self._connections):
             connection.abort_calls(Status.UNAVAILABLE, "the server is shutting down")
 
@@ -551,6 +553,8 @@ class Server:
         self._connections.add(connection)
         if self._closing:
             connection.start_shutdown()
+            if self._grace_over:  # (taken from the listen backlog after it ended: no call runs on)
+                connection.abort_calls(Status.UNAVAILABLE, "the server is shutting down")
 
     def _connection_error(self, error_code: int) -> None:
         try:
@@ -669,13 +673,8 @@ class ServerProtocol(ConnectionProtocol):
             elif kind is ConnectionClosed:
                 if event.error_code:  # type: ignore[attr-defined]
                     self._server._connection_error(event.error_code)  # type: ignore[attr-defined]
-                # No frame of a call goes out any more: each is over now, as when the
-                # socket goes (not only once the linger ends), and its handler hears so.
-                for stream, task in list(calls.values()):
-                    stream._on_closed(event.reason)  # type: ignore[attr-defined]
-                    self._cancel_handler(stream, task)
                 peer_log.log(logging.INFO, "closing connection from %s: %s", self._peer_address(), event.reason)  # type: ignore[attr-defined]
-                self.close_transport()
+                self.close_transport(event.reason)  # type: ignore[attr-defined]
         self._close_if_done()
 
     def _reply_encoding(self, request_encoding: str | None, accepted: frozenset[str]) -> str | None:
@@ -753,6 +752,16 @@ class ServerProtocol(ConnectionProtocol):
         _serve_call), as every call's end reaches them (metrics, access log, spans)."""
         if stream._dispatched or not self._server.interceptors.interceptors:
             task.cancel()
+
+    def close_transport(self, reason: str = "the server closed the connection") -> None:
+        """Close the connection; the calls still on it are over now (their handlers hear so),
+        whatever closed it: the peer's error, a keepalive PING unanswered, our own error. No
+        frame of theirs goes out any more, and the socket's end comes only after the linger."""
+        if not self.is_closed:
+            for stream, task in list(self._calls.values()):
+                stream._on_closed(reason)
+                self._cancel_handler(stream, task)
+        super().close_transport(reason)
 
     def _close_if_done(self) -> None:
         if self._calls or self.is_closed:

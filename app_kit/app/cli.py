@@ -14,6 +14,7 @@ from typing import Any
 
 from .._version import __version__
 from ..aio.eventloop import LOOPS, LoopUnavailable, resolve_loop
+from .envfile import load_env_file
 from .lifecycle import EXIT_STARTUP_FAILED, App, DeclarationError, _describe
 from .logs import configure_logging
 from .settings import AppSettings, SettingsError, load_settings
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not os.path.isfile(args.env_file):
             print(f"app_kit: --env-file {args.env_file}: no such file", file=sys.stderr)
             return EXIT_STARTUP_FAILED
-        _load_env_file(args.env_file)
+        load_env_file(args.env_file)
     # --reload and --workers children get the same command line (--loop included) and environment.
     overrides = {
         name: getattr(args, name) for name in ("host", "port", "path", "loop") if getattr(args, name) is not None
@@ -176,18 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level="DEBUG" if args.debug else args.log_level,
         log_config=args.log_config,
     )
-
-
-def _load_env_file(path: str) -> None:
-    """Put the file's variables into the environment, before the App is imported, as
-    uvicorn's ``--env-file`` does: code that reads ``os.environ`` sees them, and so do
-    ``--workers`` and ``--reload`` children. A variable already set wins, as it does for
-    the settings (the file is parsed as pydantic-settings parses it, by python-dotenv)."""
-    from dotenv import dotenv_values
-
-    for name, value in dotenv_values(path).items():
-        if value is not None:  # (a bare ``NAME`` line: no value)
-            os.environ.setdefault(name, value)
 
 
 def _print_user_traceback(exc: BaseException) -> None:

@@ -440,17 +440,18 @@ class App(Generic[S]):
 
     async def _drain(self, server: Server, health: Health, settings: AppSettings) -> None:
         health.enter_graceful_shutdown()
-        if settings.drain_delay:
-            log.info("NOT_SERVING; still serving for the drain delay of %ss", settings.drain_delay)
-            await anyio.sleep(settings.drain_delay)
-        health.close()
-        server.close(grace=settings.grace_period)
         try:
+            if settings.drain_delay:
+                log.info("NOT_SERVING; still serving for the drain delay of %ss", settings.drain_delay)
+                await anyio.sleep(settings.drain_delay)
+            health.close()
+            server.close(grace=settings.grace_period)
             await server.wait_closed()
         except anyio.get_cancelled_exc_class():
-            # A forced exit (a second signal): the rest of the grace period is cut short, and
-            # the handlers still running unwind from their cancellation before the resources
-            # they use close (not for longer than _FORCED_UNWIND).
+            # A forced exit (a second signal), in the drain delay or the grace period: what is
+            # left of them is cut short, and the handlers still running unwind from their
+            # cancellation before the resources they use close (not for longer than _FORCED_UNWIND).
+            health.close()
             server.close(grace=0)
             with anyio.CancelScope(shield=True), anyio.move_on_after(_FORCED_UNWIND):
                 await server.wait_calls_done()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import ssl
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -198,6 +199,35 @@ def listen_address(settings: AppSettings) -> str:
     return f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
 
 
+def _where(settings_type: type[AppSettings], loc: tuple[int | str, ...], overrides: dict[str, object]) -> str:
+    """How a settings error names what is wrong: the variable that was set (``APP_PORT``;
+    of a field's alias choices, the one in the environment; ``APP_DB__PORT`` for a nested
+    field with a nested delimiter), or the field, when an argument set it."""
+    parts = [str(part) for part in loc]
+    if not parts:
+        return "settings"
+    config = settings_type.model_config
+    names: list[str] = []
+    for name, field in settings_type.model_fields.items():
+        alias = field.validation_alias
+        choices = [alias] if isinstance(alias, str) else getattr(alias, "choices", None) or []
+        spelled = [choice for choice in choices if isinstance(choice, str)]
+        if parts[0] == name or parts[0] in spelled:
+            if name in overrides:
+                return ".".join(parts)
+            names = spelled or [str(config.get("env_prefix") or "") + name]
+            break
+    if not names:
+        return ".".join(parts)
+    delimiter = config.get("env_nested_delimiter")
+    present = {variable.lower() for variable in os.environ}
+    candidates = [name + "".join(delimiter + part for part in parts[1:]) for name in names] if delimiter else []
+    for candidate in [*candidates, *names]:
+        if candidate.lower() in present:
+            return ".".join([candidate.upper(), *([] if candidate in candidates else parts[1:])])
+    return ".".join([names[0].upper(), *parts[1:]])
+
+
 class SettingsError(Exception):
     """Settings failed validation; the message lists every bad field."""
 
@@ -214,13 +244,8 @@ def load_settings(settings_type: type[S], *, env_file: str | Path | None = None,
         return settings_type(_env_file=env_file, **overrides)  # type: ignore[call-arg, arg-type]
     except ValidationError as exc:
         problems = []
-        prefix = str(settings_type.model_config.get("env_prefix") or "")
         for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "settings"
-            field = settings_type.model_fields.get(str(error["loc"][0])) if error["loc"] else None
-            if field is not None and error["loc"][0] not in overrides:
-                # Named as it is set: its variable (a field with an alias is reported by it already).
-                where = (prefix + str(error["loc"][0])).upper() + where[len(str(error["loc"][0])) :]
+            where = _where(settings_type, error["loc"], overrides)
             # Our validators' own words, without pydantic's "Value error, " prefix.
             cause = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
             problems.append(f"{where}: {cause if cause is not None else error['msg']}")

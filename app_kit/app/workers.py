@@ -49,6 +49,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from .envfile import environment_for_children
 from .lifecycle import EXIT_STARTUP_FAILED
 from .listeners import LISTEN_FDS, REUSE_PORT, bind_tcp, bind_unix
 from .settings import AppSettings, listen_address
@@ -310,7 +311,7 @@ class Supervisor:
         process = await asyncio.create_subprocess_exec(
             *self.command,
             *self.shared.arguments,
-            env={**os.environ, **self.shared.env, SUPERVISOR_FD: str(lifeline)},
+            env={**environment_for_children(), **self.shared.env, SUPERVISOR_FD: str(lifeline)},
             pass_fds=(*self.shared.pass_fds, lifeline),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
