@@ -197,6 +197,23 @@ async def test_a_forced_exit_during_the_drain_delay_lets_the_handlers_unwind_bef
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+async def test_a_third_signal_while_the_handlers_unwind_does_not_cut_the_exit_short(tmp_path: Any, loop: str) -> None:
+    # Failed before its fix: once the second signal had forced the exit, the signal listener
+    # was cancelled with the rest and put back the default handlers, while the exit still
+    # waited (up to 1 s) for the handlers to unwind. A third SIGTERM then (an impatient
+    # operator, a script repeating its kill) killed the process by the default action: no
+    # resource closed, no on_call_end. Now it is logged and changes nothing.
+    events = str(tmp_path / "events")
+    code, status, _ = await _forced_exit(events, loop, {"APP_GRACE_PERIOD": "30"}, 0.1, 0.2, 0.1)
+    assert code == 128 + signal.SIGTERM, code
+    assert status is grpc.StatusCode.UNAVAILABLE
+    journal = _events(events)
+    assert journal.index("unwound") < journal.index("exit cache"), journal
+    assert journal[-1] == "exit journal", journal
+
+
+@pytest.mark.anyio
 async def test_a_forced_exit_on_trio_lets_the_handlers_unwind_and_records_what_the_client_got(tmp_path: Any) -> None:
     # Passes: wait_calls_done() on trio (--loop trio) waits for the cancelled handler's
     # shielded clean-up before the resources close, and on_call_end records UNAVAILABLE, as

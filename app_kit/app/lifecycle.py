@@ -474,6 +474,8 @@ class App(Generic[S]):
                     await stop.wait()
             except StartupAborted:
                 log.info("shutdown requested during start-up; everything started was stopped")
+            finally:
+                signals.release()  # (a forced exit holds the signals until its teardown is over)
             group.cancel_scope.cancel()  # stop listening
         if signals.forced is not None:
             raise SystemExit(128 + signals.forced)

@@ -107,9 +107,10 @@ class SignalShutdown:
     :meth:`listen` runs as a task: the first of ``signals`` calls ``stop()`` (a graceful
     shutdown); a second cancels ``cancel`` (what is still running, the drain included, is cut
     short) and is kept in :attr:`forced`: exit then with ``128 + forced``, the exit code a
-    shell reports for a process killed by that signal. Under a supervisor
-    (:func:`mark_supervised`), a second signal changes nothing. The handlers that were
-    installed before are restored when it ends.
+    shell reports for a process killed by that signal; from then on it holds the signals
+    (later ones are logged, and change nothing) until :meth:`release` is called, once the
+    exit's teardown is over. Under a supervisor (:func:`mark_supervised`), a second signal
+    changes nothing. The handlers that were installed before are restored when it ends.
     """
 
     def __init__(
@@ -123,6 +124,13 @@ class SignalShutdown:
         self._signals = tuple(signal.Signals(signum) for signum in signals)
         #: The signal that forced the exit (the second one), if any.
         self.forced: int | None = None
+        self._holding: anyio.CancelScope | None = None
+
+    def release(self) -> None:
+        """The exit's teardown is over: after a forced exit, stop holding the signals (the
+        listener then ends, and the handlers that were there before are put back)."""
+        if self._holding is not None:
+            self._holding.cancel()
 
     async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Handle the signals until cancelled (start it with ``task_group.start``: handlers installed)."""
@@ -145,6 +153,11 @@ class SignalShutdown:
                         log.warning("received %s again: exiting now", signum.name)
                         self.forced = signum
                         self._cancel.cancel()
+                        # The handlers stay ours while the exit unwinds (see release()): the
+                        # default action of a third signal would kill it before its teardown.
+                        with anyio.CancelScope(shield=True) as self._holding:
+                            async for later in received:
+                                log.warning("received %s again: already exiting", later.name)
                         return
         except NotImplementedError:
             raise RuntimeError(
