@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     watch_supervisor()
     if args.reload and args.workers is not None and args.workers > 1:
         parser.error("--reload runs one process: it cannot be used with --workers")
-    # pydantic-settings skips a missing env file; one the user named is a mistake.
+    # A missing env file the user named is a mistake (dotenv would read it as empty).
     if args.env_file is not None:
         if not os.path.isfile(args.env_file):
             print(f"app_kit: --env-file {args.env_file}: no such file", file=sys.stderr)
