@@ -631,9 +631,11 @@ class ServerProtocol(ConnectionProtocol):
         for handle in (self._shutdown_handle, self._idle_handle):
             if handle is not None:
                 handle.cancel()
-        for stream, task in self._calls.values():
+        for stream_id, (stream, task) in list(self._calls.items()):
             stream._on_closed("the connection was lost")
             task.cancel()
+            if stream._status_queued:  # its status never went
+                self._settle(stream_id, Status.CANCELLED, "the connection was lost")
         if self._address is not None:
             self._server._address_left(self._address)
         self._server._connection_closed(self)
@@ -653,7 +655,11 @@ class ServerProtocol(ConnectionProtocol):
                 if call is not None:
                     call[0]._on_end()
             elif kind is StreamWritable:
-                self.release_writer(event.stream_id)  # type: ignore[attr-defined]
+                call = calls.get(event.stream_id)  # type: ignore[attr-defined]
+                if call is not None and call[0]._status_queued:
+                    self._settle(event.stream_id)  # type: ignore[attr-defined]  # its status went
+                else:  # (a call whose status is queued has no sender left to wake)
+                    self.release_writer(event.stream_id)  # type: ignore[attr-defined]
             elif kind is StreamClosed:
                 call = calls.get(event.stream_id)  # type: ignore[attr-defined]
                 if call is not None:
@@ -668,6 +674,8 @@ class ServerProtocol(ConnectionProtocol):
                             status = Status.DEADLINE_EXCEEDED
                     stream._on_closed(event.reason, status)  # type: ignore[attr-defined]
                     self._cancel_handler(*call)
+                    if stream._status_queued:  # reset before its status went
+                        self._settle(event.stream_id, status or Status.CANCELLED, event.reason)  # type: ignore[attr-defined]
             elif kind is GoAwayReceived:
                 self._peer_going_away = True
             elif kind is ConnectionClosed:
@@ -724,7 +732,9 @@ class ServerProtocol(ConnectionProtocol):
 
     def _call_done(self, stream_id: int, task: Any) -> None:
         calls = self._calls
-        calls.pop(stream_id, None)
+        call = calls.get(stream_id)
+        if call is not None and not call[0]._status_queued:  # (else it ends in _settle)
+            del calls[stream_id]
         if not calls:
             self._idle_since = self.loop.time()
         self._server._task_done(task)
@@ -745,6 +755,17 @@ class ServerProtocol(ConnectionProtocol):
         stream._end_now(status, message)
         stream._on_closed(message)
         self._cancel_handler(stream, task)
+        if stream._status_queued:
+            self._settle(stream_id)  # with the status just sent instead
+
+    def _settle(self, stream_id: int, status: Status | None = None, message: str | None = None) -> None:
+        """A call whose handler is done and whose status was queued behind its replies ends
+        now: with that status once it went (``status`` None), else with ``status``."""
+        stream = self._calls.pop(stream_id)[0]
+        stream._status_queued = False
+        if status is not None:
+            stream._status, stream._status_message = status, message
+        _report_end(stream, self._server.interceptors.interceptors)
 
     def _cancel_handler(self, stream: Stream[object, object], task: Any) -> None:
         """Cancel the task of a call that is over. One whose handler has not started yet, in
@@ -758,15 +779,18 @@ class ServerProtocol(ConnectionProtocol):
         whatever closed it: the peer's error, a keepalive PING unanswered, our own error. No
         frame of theirs goes out any more, and the socket's end comes only after the linger."""
         if not self.is_closed:
-            for stream, task in list(self._calls.values()):
+            for stream_id, (stream, task) in list(self._calls.items()):
                 stream._on_closed(reason)
                 self._cancel_handler(stream, task)
+                if stream._status_queued:  # its status never went
+                    self._settle(stream_id, Status.CANCELLED, reason)
         super().close_transport(reason)
 
     def _close_if_done(self) -> None:
-        if self._calls or self.is_closed:
-            return
-        if self.connection.drained or (self._peer_going_away and not self.connection.open_streams):
+        connection = self.connection
+        if self._calls or self._closed or not (connection.shutdown_phase or self._peer_going_away):
+            return  # (the common case, in attributes: it runs per call)
+        if connection.drained or (self._peer_going_away and not connection.open_streams):
             self.close_transport()
 
     def _idle_check(self) -> None:
@@ -892,15 +916,29 @@ async def _serve_call(stream: Stream[object, object], handler: Handler, intercep
             _intercepted(stream, handler, interceptors.interceptors),
             _intercepted(stream, handler, interceptors.interceptors, instead=_EXPIRED),
         )
+        state = stream._connection.sender_state(stream._stream_id)
+        if state.pending_trailers is not None:
+            # Its status waits behind its replies (for the client's window, or only for this
+            # turn's flush): the call is over for its client when that goes, or ends as a
+            # reset, the grace period's end or the connection's loss says first. Its protocol
+            # reports it then (StreamWritable once the status went: ServerProtocol._settle).
+            stream._status_queued = True
+            state.over_limit = True
     finally:
-        stream._ended_at = time.perf_counter()
-        if stream._status is None:  # (every end records one; this is the last line of defence)
-            stream._status, stream._status_message = Status.UNKNOWN, "the call ended without a status"
-        for interceptor in reversed(interceptors.interceptors[: stream._entered]):
-            try:
-                interceptor.on_call_end(stream)
-            except Exception:
-                log.exception("%r failed in on_call_end of %s", interceptor, stream.method)
+        if not stream._status_queued:
+            _report_end(stream, interceptors.interceptors)
+
+
+def _report_end(stream: Stream[object, object], interceptors: tuple[ServerInterceptor, ...]) -> None:
+    """Tell the interceptors that started for a call how it ended (once per call)."""
+    stream._ended_at = time.perf_counter()
+    if stream._status is None:  # (every end records one; this is the last line of defence)
+        stream._status, stream._status_message = Status.UNKNOWN, "the call ended without a status"
+    for interceptor in reversed(interceptors[: stream._entered]):
+        try:
+            interceptor.on_call_end(stream)
+        except Exception:
+            log.exception("%r failed in on_call_end of %s", interceptor, stream.method)
 
 
 async def _answer_call(

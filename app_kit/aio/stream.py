@@ -61,6 +61,7 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         "_server_streaming",
         "_state",
         "_status_details_codec",
+        "_status_queued",
         "_trailers",
         "_wire",
         "accepted_encodings",
@@ -137,6 +138,9 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         self._dispatched = False
         #: Why a CANCELLED call ended (said to a handler that goes on using it).
         self._closed_reason: str | None = None
+        #: Its handler is done and its status waits behind its replies for the client's
+        #: window; the interceptors hear of its end when that settles (ServerProtocol._settle).
+        self._status_queued = False
         self._started_at = time.perf_counter()  # not loop.time(): uvloop's ticks in milliseconds
 
     # -- receiving -------------------------------------------------------------------
