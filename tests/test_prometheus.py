@@ -116,7 +116,7 @@ async def test_server_metrics_count_calls_of_every_kind_by_type_method_and_code(
             assert value(samples, "grpc_server_handled_total", **call_labels("unary", "Sleep"), grpc_code="OK") is None
             held.cancel()
             samples = await eventually(
-                metrics_port, "grpc_server_handled_total", 1, **call_labels("unary", "Sleep"), grpc_code="CANCELLED"
+                metrics_port, "grpc_server_handled_total", 1, **call_labels("unary", "Sleep"), grpc_code="Canceled"
             )
 
     started = labelled(samples, "grpc_server_started_total")
@@ -139,9 +139,9 @@ async def test_server_metrics_count_calls_of_every_kind_by_type_method_and_code(
             ("client_stream", "ClientStream", "OK", 1),
             ("server_stream", "ServerStream", "OK", 1),
             ("bidi_stream", "Bidi", "OK", 1),
-            ("unary", "Fail", "NOT_FOUND", 1),
-            ("unary", "Fail", "UNKNOWN", 1),
-            ("unary", "Sleep", "CANCELLED", 1),
+            ("unary", "Fail", "NotFound", 1),
+            ("unary", "Fail", "Unknown", 1),
+            ("unary", "Sleep", "Canceled", 1),  # Go's names, as go-grpc-prometheus
         ]
     }
     received = labelled(samples, "grpc_server_msg_received_total")
@@ -217,8 +217,8 @@ async def test_client_metrics_of_app_kit_channel_calls() -> None:
         ("client_stream", "ClientStream", "OK", 3, 1),
         ("server_stream", "ServerStream", "OK", 1, 4),
         ("bidi_stream", "Bidi", "OK", 5, 5),
-        ("unary", "Fail", "NOT_FOUND", 1, 0),
-        ("unary", "Sleep", "DEADLINE_EXCEEDED", 1, 0),
+        ("unary", "Fail", "NotFound", 1, 0),
+        ("unary", "Sleep", "DeadlineExceeded", 1, 0),
     ]
     assert labelled(samples, "grpc_client_started_total") == {
         frozenset(call_labels(kind, method).items()): 1 for kind, method, *_ in rows

@@ -69,7 +69,7 @@ async def test_calls_the_core_ends_before_their_handler_ran_reach_the_intercepto
     # Defect: a call the sans-IO core ends (INTERNAL) in the same read as its request headers
     # -- two requests to a unary method, a stream that ends inside a message -- is answered,
     # but its task is cancelled before it first ran, so no interceptor hears of it: no access
-    # log line, no grpc_server_handled_total{grpc_code="INTERNAL"}, no span; the same client
+    # log line, no grpc_server_handled_total{grpc_code="Internal"}, no span; the same client
     # bytes sent in two writes (handler already waiting) are heard. The docs exempt only calls
     # to a method the server does not serve.
     caplog.set_level(logging.INFO, logger="app_kit.access")
@@ -91,7 +91,7 @@ async def test_calls_the_core_ends_before_their_handler_ran_reach_the_intercepto
         await asyncio.sleep(0.1)
     assert ends.statuses == [Status.INTERNAL, Status.INTERNAL]
     assert [r.grpc_status for r in caplog.records if r.name == "app_kit.access"] == ["INTERNAL", "INTERNAL"]  # type: ignore[attr-defined]
-    labels = {"grpc_type": "unary", "grpc_service": "test.Echo", "grpc_method": "Unary", "grpc_code": "INTERNAL"}
+    labels = {"grpc_type": "unary", "grpc_service": "test.Echo", "grpc_method": "Unary", "grpc_code": "Internal"}
     assert registry.get_sample_value("grpc_server_handled_total", labels) == 2
 
 

@@ -426,10 +426,16 @@ class App(Generic[S]):
     async def _serve_metrics(
         self, stack: contextlib.AsyncExitStack, settings: AppSettings, server: Server, registry: Any
     ) -> int:
-        """``/metrics`` on ``APP_METRICS_PORT`` (same host as the server), until the stack unwinds."""
-        from ..observe.prometheus import ServerStatsCollector, serve_metrics
+        """``/metrics`` on ``APP_METRICS_PORT`` (same host as the server), until the stack unwinds:
+        the App's own metrics, and whatever the process registered in prometheus_client's
+        global ``REGISTRY`` (the app's metrics, its channels', ``process_*``), as a process's
+        ``start_http_server`` would serve them."""
+        from prometheus_client import REGISTRY
+
+        from ..observe.prometheus import RegistryCollector, ServerStatsCollector, serve_metrics
 
         registry.register(ServerStatsCollector(server))
+        registry.register(RegistryCollector(REGISTRY))
         host = settings.host if settings.path is None else "127.0.0.1"
         try:
             port: int = await stack.enter_async_context(serve_metrics(host, settings.metrics_port or 0, registry))

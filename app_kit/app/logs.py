@@ -11,7 +11,8 @@ The rules, as uvicorn users expect them:
   loggers only (the ``app_kit`` logger). The root logger, and so the user's loggers and
   third-party ones, stays as configured, INFO when the CLI adds its handler: DEBUG never
   reaches hpack or h2, whose debug lines carry every header value (``authorization``
-  included), and ERROR does not silence the app's own warnings.
+  included), and ERROR does not silence the app's own warnings. (A root logger the user
+  sets to DEBUG does not reach hpack either: see app_kit.wire.h2_internals.)
 """
 
 from __future__ import annotations

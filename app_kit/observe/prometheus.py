@@ -1,15 +1,15 @@
 """Prometheus metrics: the standard gRPC names, a server's connection gauges, and ``/metrics``.
 
 Needs the ``prometheus`` extra (``prometheus-client``). The per-call metrics have the names
-and labels of go-grpc-prometheus and py-grpc-prometheus, so existing dashboards and alerts
-work unchanged:
+and labels of go-grpc-prometheus, so existing dashboards and alerts work unchanged:
 
 * ``grpc_server_started_total``, ``grpc_server_msg_received_total``,
   ``grpc_server_msg_sent_total`` and the ``grpc_server_handling_seconds`` histogram, labelled
   ``grpc_type`` (``unary``, ``client_stream``, ``server_stream``, ``bidi_stream``),
   ``grpc_service`` (``package.Service``) and ``grpc_method``;
-* ``grpc_server_handled_total``, labelled as well with ``grpc_code`` (``OK``,
-  ``CANCELLED``...);
+* ``grpc_server_handled_total``, labelled as well with ``grpc_code``: the code's name as
+  go-grpc-prometheus writes it (Go's ``codes.Code``: ``OK``, ``Canceled``, ``NotFound``,
+  ``DeadlineExceeded``...), which the usual alerts match;
 * the same with ``grpc_client_`` from :class:`ClientMetrics`.
 
 Only methods a server serves get labels (an unknown method is refused before any interceptor
@@ -40,15 +40,40 @@ log = logging.getLogger("app_kit.metrics")
 
 __all__ = [
     "DEFAULT_BUCKETS",
+    "GO_CODE_NAMES",
     "ClientMetrics",
+    "RegistryCollector",
     "ServerMetrics",
     "ServerStatsCollector",
     "serve_metrics",
 ]
 
-#: Upper bounds (seconds) of the handling-time histograms: Prometheus's default buckets, as
-#: go-grpc-prometheus uses them.
-DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+#: Upper bounds (seconds) of the handling-time histograms: Prometheus's default buckets as
+#: go-grpc-prometheus uses them (Go's ``prometheus.DefBuckets``; Python's client adds three).
+DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: ``grpc_code`` label values: Go's names of the codes, as go-grpc-prometheus writes them
+#: (``codes.Code.String()``), so that alerts such as ``grpc_code=~"Unavailable|DeadlineExceeded"``
+#: match app_kit's services as they match Go's.
+GO_CODE_NAMES: dict[Status, str] = {
+    Status.OK: "OK",
+    Status.CANCELLED: "Canceled",
+    Status.UNKNOWN: "Unknown",
+    Status.INVALID_ARGUMENT: "InvalidArgument",
+    Status.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    Status.NOT_FOUND: "NotFound",
+    Status.ALREADY_EXISTS: "AlreadyExists",
+    Status.PERMISSION_DENIED: "PermissionDenied",
+    Status.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    Status.FAILED_PRECONDITION: "FailedPrecondition",
+    Status.ABORTED: "Aborted",
+    Status.OUT_OF_RANGE: "OutOfRange",
+    Status.UNIMPLEMENTED: "Unimplemented",
+    Status.INTERNAL: "Internal",
+    Status.UNAVAILABLE: "Unavailable",
+    Status.DATA_LOSS: "DataLoss",
+    Status.UNAUTHENTICATED: "Unauthenticated",
+}
 
 GRPC_TYPES = {
     Cardinality.UNARY_UNARY: "unary",
@@ -109,7 +134,7 @@ class _CallMetrics:
         status = status if status is not None else Status.UNKNOWN
         handled = self._handled.get((path, status))
         if handled is None:
-            handled = self.handled.labels(*self._labels(path, cardinality), status.name)
+            handled = self.handled.labels(*self._labels(path, cardinality), GO_CODE_NAMES[status])
             self._handled[(path, status)] = handled
         _, received_counter, sent_counter, seconds = self.children(path, cardinality)
         handled.inc()
@@ -178,6 +203,19 @@ class ClientMetrics(ClientInterceptor):
         self._metrics.ended(
             call.path, call.cardinality, call.status, call.elapsed, call.messages_received, call.messages_sent
         )
+
+
+class RegistryCollector(Collector):
+    """Everything another registry holds, collected afresh at each scrape: how an App's
+    ``/metrics`` also serves prometheus_client's global ``REGISTRY`` (the app's own metrics,
+    ``ClientMetrics`` of its channels, the ``process_*`` and ``python_*`` ones)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        """The other registry's metrics, as it collects them now."""
+        yield from self._registry.collect()
 
 
 class ServerStatsCollector(Collector):

@@ -11,6 +11,7 @@ code base uses only their public API.
 from __future__ import annotations
 
 import collections
+import logging
 import struct
 import sys
 from collections.abc import Sequence
@@ -80,6 +81,13 @@ def check_versions() -> None:
 
 
 check_versions()
+
+# hpack logs every header it decodes at DEBUG, values included: a root logger at DEBUG (set
+# for the app's own debugging) would print each caller's ``authorization``. Unless the
+# process chose a level for hpack itself, it stays at INFO (h2 logs to a no-op logger).
+_HPACK_LOG = logging.getLogger("hpack")
+if _HPACK_LOG.level == logging.NOTSET:
+    _HPACK_LOG.setLevel(logging.INFO)
 
 _SETTINGS = h2.settings.SettingCodes
 # (Read off their class per use, Enum members cost Python 3.11 a __getattr__ hook.)
