@@ -22,6 +22,7 @@ import h2.errors
 from ..rpc.call_state import TERMINAL
 from ..rpc.codecs import CodecBase, ProtoCodec, ProtoStatusDetailsCodec, StatusDetailsCodecBase
 from ..rpc.compression import IDENTITY, get_encoding
+from ..rpc.connection import ReceiveBudget
 from ..rpc.deadline import Deadline
 from ..rpc.events import (
     ConnectionClosed,
@@ -153,6 +154,11 @@ class Server:
         self._tasks: set[Any] = set()
         # Reset budgets shared by the connections from one address (while any is open).
         self._address_budgets: dict[str, AddressBudget] = {}
+        # What all connections' incomplete and inflated messages may hold at once.
+        config = self.config
+        self._receive_budget = ReceiveBudget(
+            max(config.max_server_receive_buffer, config.max_receive_message_length + 5)
+        )
         self._closing = False
         self._grace_handle: Any = None
         self._grace_ends: float | None = None  # the runtime's time when the grace period ends
@@ -616,6 +622,7 @@ class ServerProtocol(ConnectionProtocol):
         super().connection_made(transport)
         self._peer = Peer(transport)
         self._server._connection_opened(self)
+        self.connection.share_receive_budget(self._server._receive_budget)
         log.debug("connection from %s", self._peer_address())
         address = self._peer.addr()
         if isinstance(address, tuple) and address:  # TCP: resets also count per peer address

@@ -108,6 +108,7 @@ class ConnectionProtocol(asyncio.Protocol):
         if self._write_resumed is not None and not self._write_resumed.done():
             self._write_resumed.set_result(None)
         self._wake_paused_writers()
+        self.connection.transport_lost()
         self.on_connection_lost(exc)
 
     #: Stop reading a peer that does not take what we send (servers: new requests would only

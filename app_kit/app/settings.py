@@ -65,6 +65,8 @@ class AppSettings(BaseSettings):
     max_connection_receive_buffer: int = 64 * _MiB
     #: Bytes of inflated messages the calls of one connection may hold (see :class:`Configuration`).
     max_connection_inflated_bytes: int = 32 * _MiB
+    #: Bytes of incomplete and inflated messages all connections may hold (see :class:`Configuration`).
+    max_server_receive_buffer: int = 128 * _MiB
     #: How replies are compressed unless a handler says otherwise: unset answers in the request's
     #: encoding, ``identity`` never compresses, ``gzip`` (or any registered encoding)
     #: compresses for every client that accepts it.
@@ -118,6 +120,7 @@ class AppSettings(BaseSettings):
         "max_send_message_length",
         "max_connection_receive_buffer",
         "max_connection_inflated_bytes",
+        "max_server_receive_buffer",
     )
     @classmethod
     def _positive_limit(cls, value: int) -> int:
@@ -181,6 +184,7 @@ class AppSettings(BaseSettings):
             max_send_message_length=self.max_send_message_length,
             max_connection_receive_buffer=self.max_connection_receive_buffer,
             max_connection_inflated_bytes=self.max_connection_inflated_bytes,
+            max_server_receive_buffer=self.max_server_receive_buffer,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:

@@ -37,7 +37,7 @@ from .framing import _SMALL_PIECE, SMALL_PREFIXES, FramingError, MessageDecoder,
 from .metadata import excerpt
 from .status import Status
 
-__all__ = ["Compressed", "GrpcConnection", "MessageRejected", "StreamGone", "StreamState"]
+__all__ = ["Compressed", "GrpcConnection", "MessageRejected", "ReceiveBudget", "StreamGone", "StreamState"]
 
 log = logging.getLogger("app_kit.protocol")
 
@@ -55,7 +55,24 @@ _LATE_RESETS = 1024  # finished streams remembered for a reset that crossed thei
 # stream, which max_concurrent_streams bounds, and nothing to count on a unary call's path):
 # without it, a window's worth of empty messages (5 bytes each) held ~16 times the window.
 _MESSAGE_OVERHEAD = 96
+#: A DATA frame of fewer bytes than this, inside a message it neither begins nor ends, carries
+#: next to nothing and counts as an empty frame: each one costs us a frame's work (a message
+#: in frames of 1 byte took ~3 µs of CPU per byte). Senders cut a message at their frame size
+#: or at the window's end, so such pieces are rare in real traffic (one in a few hundred
+#: window updates, when the window happens to end that close to a frame's start).
+_CRUMB = 64
 _FREE_MESSAGES = 16
+
+
+class ReceiveBudget:
+    """Bytes of incomplete and inflated messages that the connections sharing it hold at once
+    (a server's: Configuration.max_server_receive_buffer), as each connection counts its own."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 class StreamGone(Exception):
@@ -131,6 +148,10 @@ _GONE.local_closed = _GONE.remote_closed = True
 
 class GrpcConnection:
     """One HTTP/2 connection carrying gRPC calls, without I/O."""
+
+    #: The budget shared with the other connections of a server (share_receive_budget), if any
+    #: (a class attribute until then: a client's connection has no attribute to spare).
+    _shared_budget: ReceiveBudget | None = None
 
     #: Which method handles which h2 event (a class attribute: nothing per connection).
     _HANDLERS: ClassVar[dict[type, str]] = {
@@ -333,6 +354,9 @@ class GrpcConnection:
         for state in self._streams.values():  # for senders that hold them (see pending)
             state.local_closed = state.remote_closed = True
         self._streams.clear()
+        if self._shared_budget is not None:
+            self._shared_budget.used -= self._partial_bytes + self._inflated_bytes
+        self._partial_bytes = self._inflated_bytes = 0
         self._blocked = _Blocked()
         self._dirty.clear()
         self._consumed.clear()
@@ -368,11 +392,22 @@ class GrpcConnection:
         # Nor does it bound what complete messages cost besides their bytes (a window holds
         # 200,000 empty ones): that counts here too (see _MESSAGE_OVERHEAD).
         partial = decoder.buffered
-        self._partial_bytes += partial - state.partial
+        if not messages and state.partial and len(data) < _CRUMB and partial:
+            self._guard.count_empty()
+        grown = partial - state.partial
+        self._partial_bytes += grown
         state.partial = partial
+        shared = self._shared_budget
+        if grown and shared is not None:
+            shared.used += grown
         if self._partial_bytes > self._partial_limit:
             state.unacked += flow
             self._over_receive_budget(state, events)
+            return
+        if shared is not None and grown > 0 and shared.used > shared.limit:
+            state.unacked += flow
+            message = f"incomplete messages on the server over max ({shared.limit} bytes)"
+            self._abort(state, Status.RESOURCE_EXHAUSTED, message, events)
             return
         immediate = leftover + flow - len(data)
         if messages:
@@ -424,17 +459,24 @@ class GrpcConnection:
         """
         limit = self.config.max_receive_message_length
         state = self._streams.get(stream_id)
+        shared = self._shared_budget
         if state is not None:
             self._inflated_bytes -= state.inflated
+            if shared is not None:
+                shared.used -= state.inflated
             state.inflated = 0
             buffer_room = self._partial_limit - self._partial_bytes - self._inflated_bytes
             inflated_room = self._max_inflated_bytes - self._inflated_bytes
             limit = max(0, min(limit, buffer_room, inflated_room))
+            if shared is not None:
+                limit = max(0, min(limit, shared.limit - shared.used))
         try:
             data = decompress(payload.encoding, payload, limit)
         except DecompressedTooLarge:
             if limit < self.config.max_receive_message_length:
-                if inflated_room <= buffer_room:
+                if shared is not None and limit >= shared.limit - shared.used:
+                    budget = f"the server's max_server_receive_buffer ({shared.limit} bytes)"
+                elif inflated_room <= buffer_room:
                     budget = f"max_connection_inflated_bytes ({self._max_inflated_bytes} bytes)"
                 else:
                     budget = f"max_connection_receive_buffer ({self._max_partial_bytes} bytes)"
@@ -449,6 +491,8 @@ class GrpcConnection:
         if state is not None:
             state.inflated = len(data)
             self._inflated_bytes += state.inflated
+            if shared is not None:
+                shared.used += state.inflated
         return data
 
     def _on_stream_ended(self, event: h2.events.StreamEnded, events: list[Event]) -> None:
@@ -519,14 +563,21 @@ class GrpcConnection:
         self._streams[stream_id] = state
         return state
 
+    def _give_back(self, state: StreamState) -> None:
+        """What a stream that ends held of incomplete and inflated messages is free again."""
+        self._partial_bytes -= state.partial
+        self._inflated_bytes -= state.inflated
+        if self._shared_budget is not None:
+            self._shared_budget.used -= state.partial + state.inflated
+
     def _release(self, state: StreamState) -> None:
         """Forget a finished stream, returning any window its unread messages held."""
         stream_id = state.stream_id
         if self._streams.pop(stream_id, None) is not None:
-            self._partial_bytes -= state.partial
+            if state.partial or state.inflated:  # (rarely: a call that ended holding messages)
+                self._give_back(state)
             if state.queued > _FREE_MESSAGES:
                 self._count_queued(_FREE_MESSAGES - state.queued)
-            self._inflated_bytes -= state.inflated
             finished = self._finished
             finished[stream_id] = None
             if len(finished) > _LATE_RESETS:
@@ -793,6 +844,11 @@ class GrpcConnection:
         self._h2.reset_stream(stream_id, error_code)
         self._guard.count_reset()
 
+    def share_receive_budget(self, budget: ReceiveBudget) -> None:
+        """Count this connection's incomplete and inflated messages in ``budget`` too."""
+        self._shared_budget = budget
+        budget.used += self._partial_bytes + self._inflated_bytes
+
     def share_reset_budget(self, budget: AddressBudget) -> None:
         """Count this connection's resets in its peer address's ``budget`` too."""
         self._guard.share_resets(budget)
@@ -825,6 +881,12 @@ class GrpcConnection:
         GOAWAY promises to finish, so the frame is built and queued by hand.
         """
         self._h2.queue_goaway(last_stream_id, error_code)
+
+    def transport_lost(self) -> None:
+        """The bytes stopped (the socket closed or failed) before the connection was closed:
+        forget its streams, giving back what they held of a shared budget."""
+        if not self.closed:
+            self._connection_lost(0, "the connection was lost")
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Close the connection at once with a final GOAWAY."""

@@ -54,6 +54,12 @@ class Configuration:
     #: gets RESOURCE_EXHAUSTED. The default fits 8 calls each holding a message of the default
     #: ``max_receive_message_length``; one such message always fits, whatever this says.
     max_connection_inflated_bytes: int = 32 * _MiB
+    #: The two above, across every connection of a server (server side): bytes of incomplete
+    #: and of inflated messages all its connections hold at once. A peer that opens many
+    #: connections stays under each one's budget, not under this one (eight connections each
+    #: at its 64 MiB held 520 MiB). The stream that goes over gets RESOURCE_EXHAUSTED; one
+    #: message of ``max_receive_message_length`` always fits, whatever this says.
+    max_server_receive_buffer: int = 128 * _MiB
     #: SETTINGS_INITIAL_WINDOW_SIZE: how much of one stream's data the peer may send before
     #: the handler consumes it. Bounds what a handler that does not read can make us buffer.
     initial_stream_window_size: int = 1 * _MiB
@@ -121,7 +127,8 @@ class Configuration:
     #: SETTINGS frames the peer may send per window.
     max_settings_per_window: int = 100
     #: DATA frames without data or END_STREAM, empty HEADERS/CONTINUATION, frames of an
-    #: unknown type, and PING or SETTINGS ACKs that answer nothing we sent, per window.
+    #: unknown type, PING or SETTINGS ACKs that answer nothing we sent, and DATA frames of
+    #: under 64 bytes in the middle of a message (see rpc/connection.py), per window.
     max_empty_frames_per_window: int = 1000
     #: RST_STREAM frames per window: the bound on the "rapid reset" attack (CVE-2023-44487).
     max_resets_per_window: int = 1000
@@ -139,6 +146,7 @@ class Configuration:
             "max_send_buffer_size",
             "max_connection_receive_buffer",
             "max_connection_inflated_bytes",
+            "max_server_receive_buffer",
             "max_connection_send_buffer",
             "max_pings_per_window",
             "max_settings_per_window",

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable
 
 from .config import Configuration
+from .h2_internals import MAX_CONTINUATION_FRAMES
 
 __all__ = ["AddressBudget", "FrameGuard", "PeerMisbehaved", "PingPolicy"]
 
@@ -125,6 +126,7 @@ class FrameGuard:
         "_address_limit",
         "_block",
         "_clock",
+        "_continuations",
         "_counts",
         "_header",
         "_limits",
@@ -169,6 +171,7 @@ class FrameGuard:
         self._header = b""  # an incomplete frame header carried over from the last chunk
         self._skip = 0  # payload bytes of the current frame still to come
         self._block = -1  # size of the header block being assembled, or -1
+        self._continuations = 0  # CONTINUATION frames of that block so far
         #: Whether the frame that the last read left incomplete is a plain one (see :meth:`scan`).
         self.carried_plain = False
         #: Where in the last read the frame begun in an earlier one ended (see :meth:`scan`).
@@ -279,8 +282,18 @@ class FrameGuard:
         elif kind == _HEADERS or kind == _CONTINUATION or kind == _PUSH_PROMISE:
             if kind != _CONTINUATION:  # a block starts (PUSH_PROMISE's too: h2 assembles it)
                 self._block = length
+                self._continuations = 0
             elif self._block >= 0:
                 self._block += length
+                self._continuations += 1
+                if self._continuations > MAX_CONTINUATION_FRAMES:
+                    # RFC 9113 allows any number; h2 stops at 63 (nghttp2 at 8), where no real
+                    # client goes (they split at the frame size): said plainly, as a flood.
+                    raise PeerMisbehaved(
+                        _ENHANCE_YOUR_CALM,
+                        f"header block in more than {MAX_CONTINUATION_FRAMES} CONTINUATION frames",
+                        b"too_many_continuation_frames",
+                    )
             if not length:
                 self._count(_EMPTY_FRAMES)
             if self._block > self._max_block:

@@ -21,6 +21,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import h2.stream
 import hpack
@@ -47,11 +48,15 @@ _CACHE_LIMIT = 64  # header blocks the decoder remembers, and header lists _rece
 _CACHE_LIST_LIMIT = 1024
 # DATA payloads from this size on are written by reference (see send_data_frames).
 _BY_REFERENCE = 65536
+#: CONTINUATION frames one header block may have: h2 refuses a block of more frames (a
+#: PROTOCOL_ERROR without a word); the guard says so first (wire/guard.py).
+MAX_CONTINUATION_FRAMES: int = h2.frame_buffer.CONTINUATION_BACKLOG - 1  # its count includes the HEADERS
 #: RFC 7541's static table, as hpack holds it.
 HPACK_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
 __all__ = [
     "TESTED_VERSIONS",
     "HPACK_STATIC_TABLE",
+    "MAX_CONTINUATION_FRAMES",
     "GoAwayTolerantStateMachine",
     "H2Connection",
     "MemoizingHeaderDecoder",
