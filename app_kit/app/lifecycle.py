@@ -25,7 +25,7 @@ from ..aio.server import Server, ServerInterceptor
 from ..rpc.handlers import Handler, ServiceLike
 from ..services.health import Health, HealthCheck
 from .logs import configure_logging
-from .settings import AppSettings, SettingsError, listen_address, load_settings
+from .settings import AppSettings, SettingsError, listen_address, load_settings, unknown_variables
 from .signals import SignalShutdown
 
 if TYPE_CHECKING:
@@ -515,6 +515,9 @@ class App(Generic[S]):
         except ValueError as exc:
             print(f"app_kit: {exc}", file=sys.stderr)
             return EXIT_STARTUP_FAILED
+        unknown = unknown_variables(type(settings))
+        if unknown:  # (said once logging is set up: in the format the user chose)
+            log.warning("ignored: no setting is named %s", ", ".join(unknown))
         try:
             eventloop.resolve_loop(settings.loop)
         except (ValueError, eventloop.LoopUnavailable) as exc:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 import ssl
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -14,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..rpc.compression import IDENTITY, is_supported, registered_encodings
 from ..wire.config import Configuration
 
-__all__ = ["AppSettings", "SettingsError", "load_settings"]
+__all__ = ["AppSettings", "SettingsError", "load_settings", "unknown_variables"]
 
 _MiB = 1024 * 1024
 
@@ -252,5 +254,45 @@ def load_settings(settings_type: type[S], *, env_file: str | Path | None = None,
             where = _where(settings_type, error["loc"], overrides)
             # Our validators' own words, without pydantic's "Value error, " prefix.
             cause = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
-            problems.append(f"{where}: {cause if cause is not None else error['msg']}")
+            problem = f"{where}: {cause if cause is not None else error['msg']}"
+            value = error.get("input")
+            if isinstance(value, str) and _SERVICE_LINK_VALUE.match(value):
+                problem += (
+                    f" ({value!r} is what Kubernetes sets for a Service named like the prefix:"
+                    " set enableServiceLinks: false in the pod spec)"
+                )
+            problems.append(problem)
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+# Kubernetes' service links: a Service named "app" sets APP_PORT=tcp://10.0.0.7:80,
+# APP_SERVICE_HOST, APP_PORT_80_TCP_ADDR... in every pod of its namespace.
+_SERVICE_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://")
+_SERVICE_LINK_NAME = re.compile(r"^SERVICE_(HOST|PORT)(_\w+)?$|^PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?$")
+
+
+def unknown_variables(settings_type: type[AppSettings]) -> list[str]:
+    """The environment's ``APP_*`` variables (the settings' prefix) that name no setting, each
+    with the setting it may be a misspelling of: ``APP_DRAIN_DELAYS`` would be ignored
+    silently. Kubernetes' service links (``APP_SERVICE_HOST``...) are not counted."""
+    config = settings_type.model_config
+    prefix = str(config.get("env_prefix") or "").upper()
+    if not prefix:
+        return []
+    delimiter = str(config.get("env_nested_delimiter") or "").upper()
+    known = set()
+    for name, field in settings_type.model_fields.items():
+        alias = field.validation_alias  # (read instead of the prefixed name, as _where says)
+        choices = [alias] if isinstance(alias, str) else getattr(alias, "choices", None) or []
+        spelled = [choice.upper() for choice in choices if isinstance(choice, str)]
+        known.update(spelled or [prefix + name.upper()])
+    found = []
+    for variable in os.environ:
+        name = variable.upper()
+        if not name.startswith(prefix) or name in known or _SERVICE_LINK_NAME.match(name[len(prefix) :]):
+            continue
+        if delimiter and any(name.startswith(each + delimiter) for each in known):
+            continue  # a nested field's part
+        close = difflib.get_close_matches(name, known, n=1)
+        found.append(f"{variable} (did you mean {close[0]}?)" if close else variable)
+    return sorted(found)

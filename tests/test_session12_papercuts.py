@@ -1,0 +1,52 @@
+"""Papercuts an operator's trial found (session 12): settings that are silently ignored, and
+a Kubernetes habit that makes every pod of a namespace fail to start."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from app_kit import AppSettings
+from app_kit.app.settings import SettingsError, load_settings, unknown_variables
+
+from .process import AppProcess
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_misspelt_setting_is_named_in_a_warning_with_the_setting_it_may_mean() -> None:
+    # pydantic-settings ignores APP_* variables that name no field: APP_DRAIN_DELAYS=5 left
+    # the drain delay at its default without a word.
+    env = {"APP_DRAIN_DELAYS": "5", "APP_SERVICE_HOST": "10.0.0.7", "APP_PORT_80_TCP": "tcp://10.0.0.7:80"}
+    async with AppProcess("tests.apps.lifecycle_app:app", "--port", "0", env=env) as app:
+        await app.ready()
+        app.signal(signal.SIGTERM)
+        assert await app.wait() == 0, app.log
+    warnings = [line for line in app.lines if "no setting is named" in line]
+    assert len(warnings) == 1, app.log
+    assert "APP_DRAIN_DELAYS (did you mean APP_DRAIN_DELAY?)" in warnings[0]
+    assert "SERVICE_HOST" not in warnings[0] and "80_TCP" not in warnings[0]  # Kubernetes' own
+
+
+def test_variables_of_settings_and_of_their_aliases_are_not_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import Field
+
+    class Mine(AppSettings):
+        db_url: str = Field("", validation_alias="MINE_DB_URL")
+
+    monkeypatch.setenv("APP_PORT", "1")
+    monkeypatch.setenv("app_host", "127.0.0.1")  # any case, as pydantic-settings reads them
+    monkeypatch.setenv("MINE_DB_URL", "x")
+    monkeypatch.setenv("APP_DB_URL", "x")  # the field's alias replaces its prefixed name
+    assert unknown_variables(Mine) == ["APP_DB_URL (did you mean MINE_DB_URL?)"]
+
+
+def test_a_kubernetes_service_link_in_app_port_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Service named "app" puts APP_PORT=tcp://10.0.0.7:80 in every pod of its namespace:
+    # the settings error says where the value comes from and what turns it off.
+    monkeypatch.setenv("APP_PORT", "tcp://10.0.0.7:80")
+    with pytest.raises(SettingsError) as failed:
+        load_settings(AppSettings)
+    assert "APP_PORT" in str(failed.value)
+    assert "enableServiceLinks: false" in str(failed.value)
