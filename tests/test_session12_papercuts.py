@@ -4,6 +4,7 @@ a Kubernetes habit that makes every pod of a namespace fail to start."""
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 
@@ -50,3 +51,45 @@ def test_a_kubernetes_service_link_in_app_port_is_explained(monkeypatch: pytest.
         load_settings(AppSettings)
     assert "APP_PORT" in str(failed.value)
     assert "enableServiceLinks: false" in str(failed.value)
+
+
+async def test_how_long_handlers_unwind_on_a_forced_exit_is_a_setting(tmp_path: Any) -> None:
+    # It was a constant (1 s). The handler's clean-up takes 0.3 s: with 0.05 s to unwind the
+    # resources close under it (the operator asked for that); with the default it is waited for.
+    from .test_session11_review import _events, _forced_exit
+
+    short, default = str(tmp_path / "short"), str(tmp_path / "default")
+    code, _, _ = await _forced_exit(short, "asyncio", {"APP_FORCED_EXIT_UNWIND": "0.05"}, 0.1, 0.1)
+    assert code == 128 + signal.SIGTERM
+    journal = _events(short)
+    assert "exit cache" in journal and (
+        "unwound" not in journal or journal.index("exit cache") < journal.index("unwound")
+    ), journal
+    code, _, _ = await _forced_exit(default, "asyncio", {}, 0.1, 0.1)
+    journal = _events(default)
+    assert journal.index("unwound") < journal.index("exit cache"), journal
+
+
+@pytest.mark.parametrize("broken", [{"APP_PORT": "x"}, {"APP_LOOP": "nope"}])
+def test_a_start_up_error_before_logging_is_a_json_line_when_json_logs_are_asked_for(broken: dict[str, str]) -> None:
+    # Settings that do not load were said in plain text whatever APP_LOG_FORMAT asked for: a
+    # log pipeline parsing JSON lines choked on the one line that mattered.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .process import ROOT
+
+    env = {**os.environ, "APP_LOG_FORMAT": "json", **broken}
+    done = subprocess.run(
+        [sys.executable, "-m", "app_kit", "run", "tests.apps.lifecycle_app:app"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert done.returncode == 3, done.stderr
+    lines = [json.loads(line) for line in done.stderr.strip().splitlines()]
+    assert lines[-1]["level"] == "ERROR" and next(iter(broken)) in lines[-1]["message"], lines

@@ -16,7 +16,7 @@ from .._version import __version__
 from ..aio.eventloop import LOOPS, LoopUnavailable, resolve_loop
 from .envfile import load_env_file
 from .lifecycle import EXIT_STARTUP_FAILED, App, DeclarationError, _describe
-from .logs import configure_logging
+from .logs import configure_logging, report_early
 from .settings import AppSettings, SettingsError, load_settings
 from .workers import watch_supervisor
 
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A missing env file the user named is a mistake (dotenv would read it as empty).
     if args.env_file is not None:
         if not os.path.isfile(args.env_file):
-            print(f"app_kit: --env-file {args.env_file}: no such file", file=sys.stderr)
+            report_early(f"--env-file {args.env_file}: no such file")
             return EXIT_STARTUP_FAILED
         load_env_file(args.env_file)
     # --reload and --workers children get the same command line (--loop included) and environment.
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_user_traceback(exc.__cause__)  # the user's code: where it failed matters
         elif args.debug and isinstance(exc, DeclarationError):
             traceback.print_exception(exc)
-        print(f"app_kit: {exc}", file=sys.stderr)
+        report_early(f"{exc}")
         return EXIT_STARTUP_FAILED
     if args.workers != 1:  # more, or APP_WORKERS decides (a worker is run with --workers 1)
         return _supervise(parser, args, argv, app, overrides)
@@ -214,7 +214,7 @@ def _supervise(
     try:
         settings = load_settings(settings_type, **overrides)  # (--env-file: in the environment)
     except SettingsError as exc:
-        print(f"app_kit: {exc}", file=sys.stderr)
+        report_early(f"{exc}")
         return EXIT_STARTUP_FAILED
     if args.reload and settings.workers > 1:
         parser.error(f"--reload runs one process: it cannot be used with APP_WORKERS={settings.workers}")
@@ -224,14 +224,14 @@ def _supervise(
     try:
         resolve_loop(settings.loop)  # once here, rather than in every worker
     except LoopUnavailable as exc:
-        print(f"app_kit: APP_LOOP / --loop: {exc}", file=sys.stderr)
+        report_early(f"APP_LOOP / --loop: {exc}")
         return EXIT_STARTUP_FAILED
     if level is None and "log_level" in settings.model_fields_set:
         level = settings.log_level
     try:
         configure_logging(level, log_format=settings.log_format, config_file=args.log_config)
     except ValueError as exc:
-        print(f"app_kit: {exc}", file=sys.stderr)
+        report_early(f"{exc}")
         return EXIT_STARTUP_FAILED
     if args.reload:
         from .reload import run_reloading

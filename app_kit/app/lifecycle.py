@@ -9,7 +9,6 @@ import logging
 import math
 import socket
 import ssl
-import sys
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from ..aio import eventloop
 from ..aio.server import Server, ServerInterceptor
 from ..rpc.handlers import Handler, ServiceLike
 from ..services.health import Health, HealthCheck
-from .logs import configure_logging
+from .logs import configure_logging, report_early
 from .settings import AppSettings, SettingsError, listen_address, load_settings, unknown_variables
 from .signals import SignalShutdown
 
@@ -37,10 +36,6 @@ log = logging.getLogger("app_kit.app")
 
 #: Exit code of a process whose start-up failed (bad settings, a resource, the port, ...).
 EXIT_STARTUP_FAILED = 3
-#: On a forced exit, how long the handlers still running get to unwind from their
-#: cancellation before the resources close (the exit is meant to be at once).
-_FORCED_UNWIND = 1.0
-
 
 S = TypeVar("S", bound=AppSettings)
 T = TypeVar("T")
@@ -456,10 +451,10 @@ class App(Generic[S]):
         except anyio.get_cancelled_exc_class():
             # A forced exit (a second signal), in the drain delay or the grace period: what is
             # left of them is cut short, and the handlers still running unwind from their
-            # cancellation before the resources they use close (not for longer than _FORCED_UNWIND).
+            # cancellation before the resources they use close (APP_FORCED_EXIT_UNWIND at most).
             health.close()
             server.close(grace=0)
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_FORCED_UNWIND):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(settings.forced_exit_unwind):
                 await server.wait_calls_done()
             raise
         log.info("server drained")
@@ -507,13 +502,13 @@ class App(Generic[S]):
             if settings is None:
                 settings = load_settings(self.settings_type, env_file=env_file, **(overrides or {}))
         except SettingsError as exc:
-            print(f"app_kit: {exc}", file=sys.stderr)
+            report_early(f"{exc}")
             return EXIT_STARTUP_FAILED
         level = log_level or (settings.log_level if "log_level" in settings.model_fields_set else None)
         try:
             configure_logging(level, log_format=settings.log_format, config_file=log_config)
         except ValueError as exc:
-            print(f"app_kit: {exc}", file=sys.stderr)
+            report_early(f"{exc}")
             return EXIT_STARTUP_FAILED
         unknown = unknown_variables(type(settings))
         if unknown:  # (said once logging is set up: in the format the user chose)
@@ -521,7 +516,7 @@ class App(Generic[S]):
         try:
             eventloop.resolve_loop(settings.loop)
         except (ValueError, eventloop.LoopUnavailable) as exc:
-            print(f"app_kit: APP_LOOP / --loop: {exc}", file=sys.stderr)
+            report_early(f"APP_LOOP / --loop: {exc}")
             return EXIT_STARTUP_FAILED
         try:
             eventloop.run(self.run, settings, loop=settings.loop)

@@ -21,11 +21,12 @@ import datetime
 import json
 import logging
 import logging.config
+import os
 import pathlib
 import sys
 from typing import Any
 
-__all__ = ["JSONFormatter", "configure_logging", "load_log_config"]
+__all__ = ["JSONFormatter", "configure_logging", "load_log_config", "report_early"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # The attributes every LogRecord has: what is left on a record are the caller's ``extra`` fields.
@@ -99,3 +100,15 @@ def configure_logging(level: str | None, *, log_format: str = "text", config_fil
             level = "INFO"
     if level is not None:
         logging.getLogger("app_kit").setLevel(level)
+
+
+def report_early(message: str) -> None:
+    """A start-up error said before logging is set up (settings that do not load, an app
+    that does not import): one line on stderr, a JSON object like every other line when
+    ``APP_LOG_FORMAT=json`` asks for them (a log pipeline would choke on plain text)."""
+    if os.environ.get("APP_LOG_FORMAT", "").strip().lower() == "json":
+        record = logging.LogRecord("app_kit", logging.ERROR, __file__, 0, message, None, None)
+        line = JSONFormatter().format(record)
+    else:
+        line = f"app_kit: {message}"
+    print(line, file=sys.stderr)

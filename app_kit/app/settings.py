@@ -43,6 +43,9 @@ class AppSettings(BaseSettings):
     grace_period: float = 20.0
     #: Seconds between NOT_SERVING and closing the listeners, so load balancers stop routing here.
     drain_delay: float = 0.0
+    #: On a forced exit (a second signal), seconds the handlers still running get to unwind
+    #: from their cancellation before the resources close (the exit is meant to be at once).
+    forced_exit_unwind: float = 1.0
     #: The level of app_kit's own loggers (any case); other libraries' stay at INFO at most.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     #: ``text`` lines, or ``json``: one JSON object per line (when the CLI sets up logging).
@@ -92,6 +95,7 @@ class AppSettings(BaseSettings):
     @field_validator(
         "grace_period",
         "drain_delay",
+        "forced_exit_unwind",
         "health_check_ttl",
         "reflection_max_requests_per_second",
         "reflection_max_response_bytes_per_second",
