@@ -421,7 +421,8 @@ class GrpcConnection:
             if compressed:
                 if state.recv_encoding is None:
                     state.unacked += flow
-                    self._abort(state, Status.INTERNAL, "compressed message received without grpc-encoding", events)
+                    message = "compressed message received, but grpc-encoding is identity or absent"
+                    self._abort(state, Status.INTERNAL, message, events)
                     return
                 # Inflated only when the application takes them (inflate()): until then they
                 # are the compressed bytes flow control bounds.
