@@ -12,7 +12,7 @@ import socket
 import ssl as ssl_module
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypedDict, TypeVar, Unpack, cast
 
 import h2.errors
@@ -43,6 +43,7 @@ from .runtime import (
     Runtime,
     current_runtime,
     deadline_scope,
+    expire_scope,
     getaddrinfo,
     is_cancellation,
     running_on_trio,
@@ -116,7 +117,7 @@ class ClientProtocol(ConnectionProtocol):
         super().__init__(connection, loop)
         self.calls: dict[int, ClientStream[Any, Any]] = {}
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        #: Called when the connection stops taking new calls (lost, or GOAWAY received).
+        #: Called when the connection stops taking new calls (lost, or draining).
         self.on_unusable: Callable[[], None] | None = None
         #: Called if the server ends the connection for pinging too often.
         self.on_too_many_pings: Callable[[], None] | None = None
@@ -157,7 +158,7 @@ class ClientProtocol(ConnectionProtocol):
                 self._fail_all(f"connection closed: {reason}")
                 self.close_transport()
         self._wake_slot_waiters()
-        if self.connection.going_away or self.connection.closed:
+        if self.connection.draining or self.connection.closed:
             self._unusable()
             if not self.calls:
                 self.close_transport()
@@ -217,14 +218,16 @@ class ClientProtocol(ConnectionProtocol):
 
     @property
     def takes_calls(self) -> bool:
-        """Open, and not told to go away: new calls may start here."""
+        """Open, and not draining (GOAWAY, stream ids spent): new calls may start here."""
         connection = self.connection
-        return not self.is_closed and not connection.closed and not connection.going_away
+        return not self.is_closed and not connection.closed and connection.draining is None
 
     @property
-    def lost(self) -> bool:
-        """Closed, rather than draining after a GOAWAY."""
-        return self.is_closed or self.connection.closed
+    def unusable_reason(self) -> str:
+        """Why it takes no new calls: lost, or draining (and why)."""
+        if self.is_closed or self.connection.closed:
+            return "connection lost"
+        return self.connection.draining or "connection draining"
 
     def close_when_idle(self) -> None:
         """Take no more calls; close once the calls on the connection are done."""
@@ -243,7 +246,8 @@ class ClientProtocol(ConnectionProtocol):
             call._on_outcome(Status.UNAVAILABLE, reason, None, [])
 
     def _wake_slot_waiters(self) -> None:
-        while self._slot_waiters and (self.connection.can_start_call or self.is_closed or self.connection.going_away):
+        connection = self.connection
+        while self._slot_waiters and (connection.can_start_call or self.is_closed or connection.draining is not None):
             waiter = self._slot_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
@@ -252,7 +256,7 @@ class ClientProtocol(ConnectionProtocol):
         """Wait until the server's stream limit lets a call start; False if it never will here."""
         connection = self.connection
         while not connection.can_start_call:
-            if self.is_closed or connection.closed or connection.going_away:
+            if self.is_closed or connection.closed or connection.draining is not None:
                 return False
             waiter = self.loop.create_future()
             self._slot_waiters.append(waiter)
@@ -805,8 +809,9 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         # A list while a streaming method's sender keeps the requests sent (see _RequestSender).
         self._kept: list[bytes] | None = None
         self._deadline_handle: asyncio.TimerHandle | None = None
-        # While one of the call's tasks places it (send_request), the others wait for that.
-        self._placing = False
+        # While one of the call's tasks places it (see _placing_step), the scope that bounds
+        # that; the others wait for it.
+        self._placing: Any = None
         self._placed: Any = None  # a future, made when a second task waits
         #: Response headers' metadata, once :meth:`recv_initial_metadata` returned.
         self.initial_metadata: Metadata | None = None
@@ -863,30 +868,59 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
 
     async def send_request(self, *, end: bool = False) -> None:
         """Send the request headers (implicit with the first message); ``end`` half-closes too."""
-        if self._stream_id or self._placing:
+        if self._stream_id or self._placing is not None:
             raise ProtocolError("the request was sent already")
         self._raise_if_over()
-        self._placing = True
-        try:
-            await self._send_request(end)
-        finally:
-            self._placing = False
-            placed, self._placed = self._placed, None
-            if placed is not None:
-                placed.set_result(None)
+        if not self._interceptors or self._entered:
+            protocol = self._channel._pick_at_once()
+            if protocol is not None:  # the common case: nothing to wait for, no step to bound
+                self._start(protocol, end)
+                return
+        await self._placing_step(self._send_request, end)
 
     async def _place(self) -> None:
         """Place the call (its request headers) if not yet, or wait while another of its
-        tasks does (a bidi call's sender and receiver both start it). Raises if it could not."""
-        if self._placing:
-            if self._placed is None:
-                self._placed = current_runtime().create_future()
-            await wait_shielded(self._placed)
-        elif not self._stream_id:
-            await self.send_request()
-        if not self._stream_id:
+        tasks does (a bidi call's sender and receiver both start it). Raises if the call
+        ended first."""
+        while not self._stream_id:
             self._raise_if_over()
-            raise ProtocolError("the call could not be placed")
+            if self._placing is None:
+                await self.send_request()
+            else:
+                if self._placed is None:
+                    self._placed = current_runtime().create_future()
+                await wait_shielded(self._placed)
+
+    async def _placing_step(self, step: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run a step of placing the call (its interceptors' start, waiting for a connection
+        and a stream slot, sending the headers) as its one placing task; its other tasks wait
+        (:meth:`_place`). The deadline bounds the step, and the call's end cuts it short
+        (:meth:`_on_outcome`: cancel() from another task, the deadline's timer); the call's
+        status is raised then. A step that fails otherwise ends the call (CANCELLED if its
+        task was cancelled): the call is one, whichever of its tasks placed it."""
+        deadline = self.deadline
+        scope = deadline_scope(current_runtime(), deadline.time_remaining() if deadline is not None else None)
+        try:
+            async with scope:
+                self._placing = scope
+                try:
+                    await step(*args)
+                finally:
+                    self._placing = None
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError) and scope.expired():
+                self._on_deadline()  # (unless the call ended first: that is what expired it)
+                self._raise_if_over()
+            if self._outcome is None:
+                if isinstance(exc, GRPCError):
+                    self._abort(exc.status, exc.message or "")
+                else:
+                    self._abort(Status.CANCELLED, "cancelled by the client")
+            raise
+        finally:
+            placed, self._placed = self._placed, None
+            if placed is not None:
+                placed.set_result(None)
 
     @property
     def method(self) -> str:
@@ -895,27 +929,20 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         return self.path
 
     async def _send_request(self, end: bool) -> None:
+        # (A placing step: see _placing_step.)
         if self._interceptors and not self._entered:
             await self._start_interceptors()
         protocol = self._channel._pick_at_once()
         if protocol is None:
-            try:
-                async with deadline_scope(current_runtime(), self.deadline.time_remaining() if self.deadline else None):
-                    protocol = await self._channel._connection(self.wait_for_ready)
-                    while not await protocol.wait_for_slot():
-                        protocol = await self._channel._connection(self.wait_for_ready)
-            except TimeoutError:
-                self._on_deadline()
-                self._raise_if_over()
-                raise
+            protocol = await self._channel._connection(self.wait_for_ready)
+            while not await protocol.wait_for_slot():
+                protocol = await self._channel._connection(self.wait_for_ready)
         self._raise_if_over()
-        self._start(protocol)
-        if end:
-            self._send_ended = True
-            self._connection.end_local(self._stream_id, [])
+        self._start(protocol, end)
 
-    def _start(self, protocol: ClientProtocol) -> None:
-        """Send the request headers on ``protocol``'s connection (it has a free slot)."""
+    def _start(self, protocol: ClientProtocol, end: bool = False) -> None:
+        """Send the request headers on ``protocol``'s connection (it has a free slot); ``end``
+        half-closes too."""
         connection = protocol.connection
         self._stream_id = connection.start_call(
             self.path,
@@ -928,6 +955,9 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._connection = connection
         protocol.calls[self._stream_id] = self
         protocol.schedule_flush()
+        if end:
+            self._send_ended = True
+            connection.end_local(self._stream_id, [])
 
     async def send_message(self, message: SendT, *, end: bool = False, compress: bool = True) -> None:
         """Send one request message; ``end=True`` half-closes the stream after it.
@@ -939,7 +969,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         if self._sent and not self._cardinality.client_streaming:
             raise ProtocolError(f"{self.path} takes exactly one request message")
         if self._interceptors and not self._entered:
-            await self._start_interceptors()  # before the message hooks see the call
+            await self._placing_step(self._start_interceptors)  # before the message hooks see the call
         if self._send_hooks and self._outcome is None:  # never after the call ended
             message = run_hooks(self._send_hooks, self, message)
         encode_exact = self._encode_exact
@@ -1001,7 +1031,7 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         if self._send_ended:
             return
         if not self._stream_id:
-            if not self._placing:
+            if self._placing is None:
                 await self.send_request(end=True)
                 return
             await self._place()  # placed by another of the call's tasks: end it here
@@ -1187,6 +1217,8 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
             status, message = Status.INTERNAL, "cardinality violation: more than one reply to a unary call"
         self._outcome = (status, message, details, trailers)
         self._status, self._status_message = status, message
+        if self._placing is not None:  # a task waits to place it: that ends now
+            expire_scope(self._placing)
         self._on_end()  # after the replies that came: recv_message hands them over first
         # Refused or never processed, and nothing came back: a retry cannot run it twice.
         self._retryable = retryable and self._headers is None
@@ -1203,7 +1235,8 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
     # -- interceptors ----------------------------------------------------------------
 
     async def _start_interceptors(self) -> None:
-        """Run each interceptor's ``start``; one that raises ends the call before it is sent."""
+        """Run each interceptor's ``start``; one that raises ends the call before it is sent.
+        (A placing step: a cancellation is the step's to tell, its deadline's or its task's.)"""
         self._started_at = time.perf_counter()
         for interceptor in self._interceptors:
             self._entered += 1
@@ -1213,12 +1246,8 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
                 self._on_outcome(exc.status, exc.message, None, [])
                 raise
             except BaseException as exc:
-                self._on_outcome(
-                    Status.CANCELLED if is_cancellation(exc) else Status.UNKNOWN,
-                    f"{interceptor!r} failed: {exc!r}",
-                    None,
-                    [],
-                )
+                if not is_cancellation(exc):
+                    self._on_outcome(Status.UNKNOWN, f"{interceptor!r} failed: {exc!r}", None, [])
                 raise
 
     def _end_interceptors(self) -> None:

@@ -12,6 +12,7 @@ The adapter's calls and connections use a small part of asyncio's loop: ``time``
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ __all__ = [
     "Runtime",
     "current_runtime",
     "deadline_scope",
+    "expire_scope",
     "getaddrinfo",
     "is_cancellation",
     "running_on_trio",
@@ -81,6 +83,16 @@ def deadline_scope(runtime: Runtime, delay: float | None) -> Any:
     if isinstance(runtime, asyncio.AbstractEventLoop):
         return asyncio.timeout(delay)
     return runtime.timeout(delay)  # type: ignore[attr-defined]
+
+
+def expire_scope(scope: Any) -> None:
+    """End a :func:`deadline_scope` now: its block is cancelled and raises TimeoutError, as
+    when its time is up."""
+    if isinstance(scope, asyncio.Timeout):
+        if not scope.expired():  # (expiring already: rescheduling it is an error)
+            scope.reschedule(-math.inf)
+    else:
+        scope.expire()
 
 
 async def wait_shielded(future: Any) -> Any:

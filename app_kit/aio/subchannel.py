@@ -5,9 +5,9 @@ A :class:`Subchannel` owns the connection to one address. It connects when a cal
 (IDLE → CONNECTING → READY). A failed attempt puts it in TRANSIENT_FAILURE, where it stays until
 a connection is READY (gRFC A62's sticky TRANSIENT_FAILURE: calls that do not wait for ready
 fail at once meanwhile), trying again in the background each time its backoff expires, backing
-off further after each failure. A READY connection that is lost or told to go away (GOAWAY)
-makes it IDLE at once, its calls in flight finishing on the old connection; the next call that
-needs it connects anew.
+off further after each failure. A READY connection that is lost or draining (told to go away
+with GOAWAY, or out of stream ids) makes it IDLE at once, its calls in flight finishing on the
+old connection; the next call that needs it connects anew.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ class CallConnection(Protocol):
 
     @property
     def takes_calls(self) -> bool:
-        """Open, and not told to go away."""
+        """Open, and not draining."""
 
     @property
-    def lost(self) -> bool:
-        """Closed (rather than draining after a GOAWAY)."""
+    def unusable_reason(self) -> str:
+        """Why it takes no new calls: lost, or draining (and why)."""
 
     def close_when_idle(self) -> None:
         """Take no more calls; close once the calls on it are done."""
@@ -177,7 +177,7 @@ class Subchannel(Generic[ConnectionT]):
             return None
         if not protocol.takes_calls:
             self.protocol = None
-            self.last_error = "connection lost" if protocol.lost else "server sent GOAWAY"
+            self.last_error = protocol.unusable_reason
             protocol.close_when_idle()
             self._set(ConnectivityState.IDLE)
             return None

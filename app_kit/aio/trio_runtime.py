@@ -57,6 +57,10 @@ class _Timeout:
         """Whether the deadline passed and cancelled the block."""
         return self._scope.cancelled_caught
 
+    def expire(self) -> None:
+        """End the block now, as if its deadline had passed."""
+        self._scope.cancel()
+
 
 class FutureCancelled(Exception):
     """Raised by awaiting a :class:`TrioFuture` that was cancelled (asyncio's

@@ -12,7 +12,7 @@ import h2.events
 from ..wire.config import Configuration
 from ..wire.h2_internals import oversized_list_size
 from ..wire.header_block import HeaderBlockEncoder
-from .compression import accept_encoding, is_supported
+from .compression import accept_encoding
 from .connection import GrpcConnection, StreamState
 from .deadline import encode_grpc_timeout
 from .events import Event, ResponseEnded, ResponseStarted, StreamClosed
@@ -30,6 +30,7 @@ _OK = Status.OK  # (an Enum member read off its class costs a __getattr__ hook o
 _MAX_HEADS = 256
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
+_LAST_STREAM_ID = 2**31 - 1  # RFC 9113 §5.1.1: a client's ids are odd, none above it
 
 # gRPC's mapping of HTTP statuses for responses that are not gRPC (http-grpc-status-mapping.md).
 _HTTP_TO_STATUS = {
@@ -92,8 +93,9 @@ class ClientConnection(GrpcConnection):
         self._encoder = HeaderBlockEncoder(indexed=(self._head_end[0], _TE_FIELD, *self._head_fields))
         self._h2.use_encoder(self._encoder)
         self._heads: dict[tuple[str, bytes, str | None], tuple[tuple[bytes, bytes], ...]] = {}
-        #: The peer sent GOAWAY: no new calls may start here.
-        self.going_away = False
+        #: Why no new call may start here though calls in flight go on (the peer sent GOAWAY,
+        #: our stream ids are spent); None while they may.
+        self.draining: str | None = None
 
     @property
     def can_start_call(self) -> bool:
@@ -103,7 +105,7 @@ class ClientConnection(GrpcConnection):
             # h2 assumes no limit until the server's SETTINGS arrive; gRPC clients assume 100,
             # which every gRPC server allows, so a burst on a new connection is not refused.
             limit = min(limit, _LIMIT_BEFORE_SETTINGS)
-        return not self.closed and not self.going_away and len(self._streams) < limit  # h2's count walks every stream
+        return not self.closed and not self.draining and len(self._streams) < limit  # h2's count walks every stream
 
     def start_call(
         self,
@@ -125,6 +127,10 @@ class ClientConnection(GrpcConnection):
         if metadata:
             block += encoder.encode(metadata)
         stream_id = self._h2.start_stream(block, False, self._authority)
+        if stream_id >= _LAST_STREAM_ID:
+            # That was the last id: the connection drains, as after a GOAWAY, and new calls go
+            # to a new one (grpc-core, grpc-go). Never a call h2 fails for want of an id.
+            self.draining = "stream ids exhausted"
         state = self._open_stream(stream_id, None)
         state.send_encoding = encoding
         state.headers_sent = True
@@ -184,11 +190,10 @@ class ClientConnection(GrpcConnection):
             return
         encoding = fields.get(b"grpc-encoding")
         if encoding is not None and encoding != b"identity":
-            name = encoding.decode("latin-1")
-            if not is_supported(name):
-                self._end_response(state, Status.INTERNAL, f"unsupported grpc-encoding {name}", None, headers, events)
-                return
-            state.recv_encoding = name
+            # Kept even if we lack it: only a compressed message in it fails the call (when
+            # inflated), as in grpc-go and grpc-core; a status alone, or uncompressed
+            # messages, are the server's to give.
+            state.recv_encoding = encoding.decode("latin-1")
         if trailers_only:
             # One HEADERS frame for the whole response: no initial metadata, these are the trailers.
             events.append(ResponseStarted(event.stream_id, []))
@@ -282,7 +287,7 @@ class ClientConnection(GrpcConnection):
 
     def _on_goaway(self, last_stream_id: int, events: list[Event]) -> None:
         super()._on_goaway(last_stream_id, events)
-        self.going_away = True
+        self.draining = "server sent GOAWAY"
         self._refuse_unprocessed(last_stream_id, events)
 
     def _refuse_unprocessed(self, last_stream_id: int, events: list[Event]) -> None:
