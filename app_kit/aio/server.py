@@ -768,7 +768,10 @@ class ServerProtocol(ConnectionProtocol):
     def _settle(self, stream_id: int, status: Status | None = None, message: str | None = None) -> None:
         """A call whose handler is done and whose status was queued behind its replies ends
         now: with that status once it went (``status`` None), else with ``status``."""
-        stream = self._calls.pop(stream_id)[0]
+        calls = self._calls
+        stream = calls.pop(stream_id)[0]
+        if not calls:
+            self._idle_since = self.loop.time()  # (as _call_done: the connection is idle from now)
         stream._status_queued = False
         if status is not None:
             stream._status, stream._status_message = status, message

@@ -273,6 +273,8 @@ class GrpcConnection:
                 handler = handlers.get(type(event))
                 if handler is not None:
                     getattr(self, handler)(event, events)
+                    if self.closed:  # a GOAWAY with an error ended it: what came after is void
+                        break
         except PeerMisbehaved as exc:  # over a budget because of what these frames made us do
             self._h2.close_connection(exc.error_code, additional_data=exc.debug or None)
             return self._connection_lost(exc.error_code, exc.reason)
