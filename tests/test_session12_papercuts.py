@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app_kit import AppSettings
+from app_kit import AppSettings, ServerInterceptor, Stream
 from app_kit.app.settings import SettingsError, load_settings, unknown_variables
 
 from .process import AppProcess
@@ -93,3 +93,52 @@ def test_a_start_up_error_before_logging_is_a_json_line_when_json_logs_are_asked
     assert done.returncode == 3, done.stderr
     lines = [json.loads(line) for line in done.stderr.strip().splitlines()]
     assert lines[-1]["level"] == "ERROR" and next(iter(broken)) in lines[-1]["message"], lines
+
+
+class _Tenant(ServerInterceptor):
+    """An application's own interceptor that adds a field to the call's access-log line."""
+
+    async def intercept(self, call: Stream[Any, Any], proceed: Any) -> None:
+        call.log_fields["tenant"] = call.metadata.get("x-tenant", "-")
+        await proceed()
+
+
+@pytest.mark.parametrize("tracing_outermost", [True, False])
+async def test_the_access_log_line_carries_the_calls_trace_id_and_fields_interceptors_set(
+    caplog: pytest.LogCaptureFixture, tracing_outermost: bool
+) -> None:
+    # An access line could not be joined with its trace: AccessLog wrote no trace id, and in an
+    # App the tracing interceptor (the application's) runs inside the access log (the
+    # settings'), so its span was over before the line was written. Now ServerTracing puts
+    # trace_id and span_id in the call's log_fields, whatever the order, as OpenTelemetry's
+    # log correlation spells them.
+    import logging
+
+    import grpc
+    from google.protobuf.wrappers_pb2 import StringValue
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from app_kit.observe.access_log import AccessLog
+    from app_kit.observe.otel import ServerTracing
+
+    from .conftest import running_server
+    from .services import EchoService, grpcio_method
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing, access = ServerTracing(tracer_provider=provider), AccessLog()
+    chain = [tracing, access, _Tenant()] if tracing_outermost else [access, _Tenant(), tracing]
+    caplog.set_level(logging.INFO, logger="app_kit.access")
+    async with running_server([EchoService()], interceptors=chain) as (_, target):
+        async with grpc.aio.insecure_channel(target) as channel:
+            unary = grpcio_method(channel, "unary_unary", "/test.Echo/Unary", StringValue, StringValue)
+            await unary(StringValue(value="x"), metadata=(("x-tenant", "acme"),))
+    (span,) = exporter.get_finished_spans()
+    (record,) = [r for r in caplog.records if r.name == "app_kit.access"]
+    assert record.trace_id == format(span.context.trace_id, "032x")  # type: ignore[attr-defined]
+    assert record.span_id == format(span.context.span_id, "016x")  # type: ignore[attr-defined]
+    assert record.tenant == "acme"  # type: ignore[attr-defined]
+    assert record.grpc_status == "OK"  # type: ignore[attr-defined]

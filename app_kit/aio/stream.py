@@ -56,6 +56,7 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
     __slots__ = (
         "_closed_reason",
         "_dispatched",
+        "_log_fields",
         "_max_send_buffer",
         "_reply_encoding",
         "_server_streaming",
@@ -310,6 +311,17 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         self._protocol.schedule_flush()
 
     # -- state -----------------------------------------------------------------------
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """Fields the access log puts on this call's record, set by interceptors (the
+        application's own, or :class:`~app_kit.observe.otel.ServerTracing`'s ``trace_id`` and
+        ``span_id``, which correlate the line with the call's trace). Empty unless set."""
+        try:
+            return self._log_fields
+        except AttributeError:  # (made only when used: most calls never need one)
+            self._log_fields: dict[str, object] = {}
+            return self._log_fields
 
     @property
     def closed(self) -> bool:

@@ -29,7 +29,9 @@ class AccessLog(ServerInterceptor):
     ``in``/``out`` are messages/encoded bytes received and sent. The same values are on each
     record as attributes (``grpc_method``, ``grpc_status``, ``peer``, ``duration_ms``,
     ``messages_in``, ``bytes_in``, ``messages_out``, ``bytes_out``, ``user_agent``) for
-    structured formatters. No metadata is logged.
+    structured formatters, with the call's :attr:`~app_kit.Stream.log_fields` (what
+    interceptors set: ``trace_id`` and ``span_id`` under ``ServerTracing``). No metadata is
+    logged.
     """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
@@ -52,6 +54,9 @@ class AccessLog(ServerInterceptor):
             "bytes_out": call.bytes_sent,
             "user_agent": call.user_agent,
         }
+        extra = getattr(call, "_log_fields", None)  # (Stream.log_fields, without making one)
+        if extra:
+            fields = {**extra, **fields}  # (ours win: a formatter relies on them)
         logger.info(
             '%s "%s" %s %.2fms in=%d/%dB out=%d/%dB',
             fields["peer"],

@@ -155,6 +155,13 @@ class ServerTracing(ServerInterceptor):
             call.method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
         self._spans[call] = span
+        span_context = span.get_span_context()
+        if span_context.is_valid:  # (not under the API's no-op tracer)
+            # For the access log's line (Stream.log_fields), as OpenTelemetry's log correlation
+            # spells them: the line and the trace can be joined.
+            fields = call.log_fields
+            fields["trace_id"] = format(span_context.trace_id, "032x")
+            fields["span_id"] = format(span_context.span_id, "016x")
         token = context.attach(trace.set_span_in_context(span, parent))
         try:
             await proceed()
