@@ -39,6 +39,14 @@ def request_block(
 HANDSHAKE = PREFACE + frame(SETTINGS, 0, 0)
 
 
+def whole_request(path: str, body: bytes, stream_id: int = 1, encoder: hpack.Encoder | None = None) -> bytes:
+    """A call's request in two frames: HEADERS, then ``body`` as one gRPC message with
+    END_STREAM (``encoder``: the connection's, for a second request on it)."""
+    message = b"\x00" + len(body).to_bytes(4, "big") + body
+    block = request_block(encoder, path)
+    return frame(HEADERS, END_HEADERS, stream_id, block) + frame(DATA, END_STREAM, stream_id, message)
+
+
 def flood(kind: str, count: int) -> bytes:
     """A connection that opens with ``count`` frames of one flood: rapid reset, PING, SETTINGS, empty DATA."""
     encoder = hpack.Encoder()

@@ -164,3 +164,16 @@ class CancellingService:
             await stream.send_message(Int64Value(value=2))
         except GRPCError as exc:
             self.after_cancel = exc
+
+
+class ByteCounter:
+    """``/r.R/Count``: a client-streaming call that answers how many bytes of BytesValue it got."""
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/r.R/Count": Handler(self.count, Cardinality.STREAM_UNARY, BytesValue, Int64Value)}
+
+    async def count(self, stream: Stream[BytesValue, Int64Value]) -> None:
+        total = 0
+        async for message in stream:
+            total += len(message.value)
+        await stream.send_message(Int64Value(value=total))

@@ -45,6 +45,7 @@ from .frames import (
 )
 from .h2client import RawClient
 from .process import ROOT
+from .services import ByteCounter
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
@@ -388,19 +389,6 @@ async def test_a_peer_that_reads_nothing_holds_many_streaming_handlers_within_th
     assert later - settled < 2 * MiB and cpu_later - cpu_settled < 0.1  # the handlers wait
 
 
-class _Counter:
-    """Client-streaming calls that add up the bytes they receive."""
-
-    def __mapping__(self) -> dict[str, Handler]:
-        return {"/r.R/Count": Handler(self.count, Cardinality.STREAM_UNARY, BytesValue, Int64Value)}
-
-    async def count(self, stream: Stream[BytesValue, Int64Value]) -> None:
-        total = 0
-        async for message in stream:
-            total += len(message.value)
-        await stream.send_message(Int64Value(value=total))
-
-
 def _held(streams: int, held: int, first_stream: int = 1) -> bytes:
     """``streams`` calls, each holding ``held`` bytes of a 64 KiB message (one DATA frame)."""
     encoder = hpack.Encoder()
@@ -424,7 +412,7 @@ async def test_the_server_wide_receive_budget_is_shared_by_connections_and_given
         max_server_receive_buffer=256 * 1024,
     )
     held = 60 * 1024
-    async with running_server([_Counter()], config=config) as (server, _):
+    async with running_server([ByteCounter()], config=config) as (server, _):
         port = server.sockets[0].getsockname()[1]
         async with RawPeer(port) as b:
             async with RawPeer(port) as a:

@@ -48,7 +48,9 @@ from .frames import (
     flood,
     frame,
     request_block,
+    whole_request,
 )
+from .services import ByteCounter
 
 pytestmark = pytest.mark.anyio
 
@@ -63,19 +65,6 @@ CONFIG = Configuration(
     max_server_receive_buffer=BUDGET,
 )
 HELD = 60 * KiB  # what one incomplete message holds (of 64 KiB declared)
-
-
-class Counter:
-    """Client-streaming calls that add up the bytes they receive."""
-
-    def __mapping__(self) -> dict[str, Handler]:
-        return {"/r.R/Count": Handler(self.count, Cardinality.STREAM_UNARY, BytesValue, Int64Value)}
-
-    async def count(self, stream: Stream[BytesValue, Int64Value]) -> None:
-        total = 0
-        async for message in stream:
-            total += len(message.value)
-        await stream.send_message(Int64Value(value=total))
 
 
 def _request(encoder: hpack.Encoder, stream_id: int, path: str = "/r.R/Count", gzipped: bool = False) -> bytes:
@@ -196,7 +185,7 @@ async def test_the_budget_is_back_to_zero_after_connections_that_end_every_way()
             _reset(1),
         ),
     }
-    async with running_server([Counter()], config=CONFIG) as (server, _):
+    async with running_server([ByteCounter()], config=CONFIG) as (server, _):
         port = server.sockets[0].getsockname()[1]
         for _ in range(2):
             for name, (opening, then) in endings.items():
@@ -229,7 +218,7 @@ async def test_the_budget_is_back_to_zero_after_connections_that_end_every_way()
 
 
 async def test_a_grace_period_that_ends_with_incomplete_messages_gives_them_back() -> None:
-    async with running_server([Counter()], config=CONFIG) as (server, _):
+    async with running_server([ByteCounter()], config=CONFIG) as (server, _):
         port = server.sockets[0].getsockname()[1]
         async with RawPeer(port) as peer:
             await peer.send(_holding(3))
@@ -242,7 +231,7 @@ async def test_a_grace_period_that_ends_with_incomplete_messages_gives_them_back
 
 async def test_a_new_stream_behind_an_error_goaway_leaves_nothing_counted() -> None:
     leak = HANDSHAKE + _goaway(1) + _request(hpack.Encoder(), 1) + frame(DATA, 0, 1, _piece())
-    async with running_server([Counter()], config=CONFIG) as (server, _):
+    async with running_server([ByteCounter()], config=CONFIG) as (server, _):
         port = server.sockets[0].getsockname()[1]
         for _ in range(5):
             await _one_connection(port, leak, None)
@@ -265,7 +254,7 @@ def _raw_connection(port: int) -> socket.socket:
 async def test_the_budget_is_back_to_zero_after_connections_end_on_either_backend(backend: str) -> None:
     """asyncio and trio (StreamTransport): a client's close, TCP reset, stream reset and the
     stream's end mid-message all give back what the connection's streams held."""
-    server = Server([Counter()], config=CONFIG)
+    server = Server([ByteCounter()], config=CONFIG)
     await server.start("127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
@@ -336,10 +325,7 @@ _SHUT = struct.pack(">HI", 0x4, 0)  # SETTINGS_INITIAL_WINDOW_SIZE 0: every stre
 
 
 def _replies_request(path: str, count: int, stream_id: int = 1) -> bytes:
-    body = Int64Value(value=count).SerializeToString()
-    block = request_block(hpack.Encoder(), path)
-    message = b"\x00" + len(body).to_bytes(4, "big") + body
-    return frame(HEADERS, END_HEADERS, stream_id, block) + frame(DATA, END_STREAM, stream_id, message)
+    return whole_request(path, Int64Value(value=count).SerializeToString(), stream_id)
 
 
 class Replies:

@@ -15,7 +15,6 @@ import struct
 from typing import Any
 
 import anyio
-import hpack
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue, Int64Value
 
@@ -23,17 +22,13 @@ from app_kit import Cardinality, Handler, ServerInterceptor, Status, Stream
 
 from .conftest import running_server
 from .frames import (
-    DATA,
-    END_HEADERS,
-    END_STREAM,
-    HEADERS,
     PREFACE,
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
     RawPeer,
     frame,
-    request_block,
+    whole_request,
 )
 
 pytestmark = pytest.mark.anyio
@@ -41,11 +36,8 @@ pytestmark = pytest.mark.anyio
 _SHUT = struct.pack(">HI", 0x4, 0)  # SETTINGS_INITIAL_WINDOW_SIZE 0: every stream's window shut
 
 
-def _request(path: str, value: int, stream_id: int = 1) -> bytes:
-    body = Int64Value(value=value).SerializeToString()
-    message = b"\x00" + len(body).to_bytes(4, "big") + body
-    block = request_block(hpack.Encoder(), path)
-    return frame(HEADERS, END_HEADERS, stream_id, block) + frame(DATA, END_STREAM, stream_id, message)
+def _request(path: str, value: int) -> bytes:
+    return whole_request(path, Int64Value(value=value).SerializeToString())
 
 
 class Replies:
