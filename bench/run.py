@@ -274,7 +274,7 @@ def launch_time(command: list[str], port: int, call: Any) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 repetition of 2-second runs (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="1 repetition of 2-second runs (about 4 minutes)")
     parser.add_argument("--smoke", action="store_true", help="app_kit only, tiny runs: checks the pipeline works")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for results.json and results.png")
     parser.add_argument("--only", help="run only the scenarios whose name contains this")
