@@ -150,3 +150,34 @@ async def test_watchers_of_a_service_hear_of_a_check_added_later_once_it_ran() -
         assert runs == 1
         watch.cancel()
         health.close()
+
+
+async def test_a_check_that_keeps_failing_is_logged_once_with_its_traceback_not_per_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A check that raised logged a WARNING with its traceback at every run (every TTL while
+    # probed or watched: an outage's log filled with the same traceback), besides the one line
+    # per change the README promises. Now the change's line carries the traceback, once.
+    import logging
+
+    runs = 0
+
+    async def broken() -> bool:
+        nonlocal runs
+        runs += 1
+        raise ConnectionError("database down")
+
+    health = Health()
+    health.add_check("db", broken, ttl=0.01)
+    caplog.set_level(logging.INFO, logger="app_kit")
+    async with running_server([health]) as (_, target), grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(20):
+            assert (await stub.Check(health_pb2.HealthCheckRequest(service="db"))).status == NOT_SERVING
+            await asyncio.sleep(0.015)
+    assert runs >= 10
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "'db' now NOT_SERVING: its check raised ConnectionError: database down"
+    ]
+    assert warnings[0].exc_info is not None and warnings[0].exc_info[0] is ConnectionError

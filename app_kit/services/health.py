@@ -229,35 +229,37 @@ class Health(HealthBase):
     async def _run_check(self, check: _Check, run: _Run) -> None:
         try:
             with run.scope:  # the scope is entered before the task first yields: no cancel slips in
-                result, cause = await self._verdict(check)
-                self._record(check, result, cause)
+                result, cause, error = await self._verdict(check)
+                self._record(check, result, cause, error)
         finally:
             if check.running is run:
                 check.running = None
             run.done.set()
 
-    async def _verdict(self, check: _Check) -> tuple[int, str]:
-        """Run the check once: its result, and what to log if it is NOT_SERVING."""
+    async def _verdict(self, check: _Check) -> tuple[int, str, BaseException | None]:
+        """Run the check once: its result, what to log if it is NOT_SERVING, and the error it
+        raised, if any."""
         try:
             with anyio.fail_after(check.timeout):
                 healthy = await check.func()
         except TimeoutError:
-            log.warning("health check of %s took longer than %ss", check.describe(), check.timeout)
-            return NOT_SERVING, f"its check took longer than {check.timeout}s"
+            return NOT_SERVING, f"its check took longer than {check.timeout}s", None
         except Exception as exc:
-            log.warning("health check of %s failed", check.describe(), exc_info=True)
-            return NOT_SERVING, f"its check raised {type(exc).__name__}: {exc}"
-        return (SERVING if healthy else NOT_SERVING), "its check returned false"
+            return NOT_SERVING, f"its check raised {type(exc).__name__}: {exc}", exc
+        return (SERVING if healthy else NOT_SERVING), "its check returned false", None
 
-    def _record(self, check: _Check, result: int, cause: str) -> None:
+    def _record(self, check: _Check, result: int, cause: str, error: BaseException | None) -> None:
         first = not check.ran()
         check.checked_at = anyio.current_time()
         if (result != check.result and not first) or (first and result == NOT_SERVING):
-            # What an operator looks for when a probe starts (or stops) failing: which, and why.
+            # What an operator looks for when a probe starts (or stops) failing: which, and why
+            # (with the traceback of a check that raised), once per change, not per probe.
             if result == NOT_SERVING:
-                log.warning("%s now NOT_SERVING: %s", check.describe(), cause)
+                log.warning("%s now NOT_SERVING: %s", check.describe(), cause, exc_info=error)
             else:
                 log.info("%s SERVING again: its check passed", check.describe())
+        elif result == NOT_SERVING:
+            log.debug("%s still NOT_SERVING: %s", check.describe(), cause, exc_info=error)
         if result != check.result or first:
             before = {service: self._effective(service) for service in check.services}
             check.result = result
