@@ -297,7 +297,7 @@ class Supervisor:
             delay = min(self.settings.worker_restart_delay * 2**deaths, self.settings.worker_restart_max_delay)
             deaths += 1
             log.warning(
-                "worker %d (pid %d) %s; restarting it in %.1fs", slot.index, process.pid, _describe_exit(code), delay
+                "worker %d (pid %d) %s; restarting it in %gs", slot.index, process.pid, _describe_exit(code), delay
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
@@ -350,8 +350,13 @@ async def _relay(stream: asyncio.StreamReader, out: IO[str] | None, label: str, 
             chunk = exc.partial
             if not chunk:
                 break
+            chunk += b"\n"  # its last line, unended: what we write next starts a line of its own
         except asyncio.LimitOverrunError as exc:
-            chunk = await stream.read(exc.consumed)  # a piece of a very long line
+            # A piece of a very long line. One that begins as JSON goes on as it is (a prefix
+            # would break it; it is too long to hold and label): still one JSON line.
+            chunk = await stream.read(max(exc.consumed, 1))
+            if at_line_start and chunk.startswith(b"{"):
+                at_line_start = False
         if at_line_start:
             chunk = _label_json(chunk, index, pid) or prefix + chunk
         at_line_start = chunk.endswith(b"\n")
@@ -369,13 +374,16 @@ def _label_json(line: bytes, index: int, pid: int) -> bytes | None:
         return None
     try:
         entry = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested too deep for the parser: relayed as text)
         return None
     if not isinstance(entry, dict):
         return None
     entry.setdefault("worker", index)
     entry.setdefault("pid", pid)
-    return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+    try:
+        return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate the worker escaped: escaped it stays
+        return json.dumps(entry).encode() + b"\n"
 
 
 def watch_supervisor() -> None:
@@ -414,6 +422,14 @@ def _await_supervisor_exit(fd: int) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     log.warning("the supervisor is gone: shutting down")
+    # Nobody reads our stdout and stderr any more (pipes to the dead supervisor): what the
+    # drain writes (a handler's print(), the logs) goes nowhere, rather than failing with
+    # BrokenPipeError in the handlers still finishing their calls.
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
