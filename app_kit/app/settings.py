@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -297,6 +296,8 @@ def unknown_variables(settings_type: type[AppSettings]) -> list[str]:
             continue
         if delimiter and any(name.startswith(each + delimiter) for each in known):
             continue  # a nested field's part
+        import difflib  # (only once something is misspelt: nothing to pay at each start)
+
         close = difflib.get_close_matches(name, known, n=1)
         found.append(f"{variable} (did you mean {close[0]}?)" if close else variable)
     return sorted(found)
