@@ -142,6 +142,7 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         #: Its handler is done and its status waits behind its replies for the client's
         #: window; the interceptors hear of its end when that settles (ServerProtocol._settle).
         self._status_queued = False
+        self._log_fields: dict[str, object] | None = None  # (see log_fields)
         self._started_at = time.perf_counter()  # not loop.time(): uvloop's ticks in milliseconds
 
     # -- receiving -------------------------------------------------------------------
@@ -317,11 +318,10 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         """Fields the access log puts on this call's record, set by interceptors (the
         application's own, or :class:`~app_kit.observe.otel.ServerTracing`'s ``trace_id`` and
         ``span_id``, which correlate the line with the call's trace). Empty unless set."""
-        try:
-            return self._log_fields
-        except AttributeError:  # (made only when used: most calls never need one)
-            self._log_fields: dict[str, object] = {}
-            return self._log_fields
+        fields = self._log_fields
+        if fields is None:  # (made only when used: most calls never need one)
+            fields = self._log_fields = {}
+        return fields
 
     @property
     def closed(self) -> bool:

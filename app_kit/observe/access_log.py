@@ -54,7 +54,7 @@ class AccessLog(ServerInterceptor):
             "bytes_out": call.bytes_sent,
             "user_agent": call.user_agent,
         }
-        extra = getattr(call, "_log_fields", None)  # (Stream.log_fields, without making one)
+        extra = call._log_fields  # (Stream.log_fields, without making one)
         if extra:
             fields = {**extra, **fields}  # (ours win: a formatter relies on them)
         logger.info(
