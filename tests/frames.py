@@ -39,6 +39,30 @@ def request_block(
 HANDSHAKE = PREFACE + frame(SETTINGS, 0, 0)
 
 
+def held_messages(streams: int, held: int, first_stream: int = 1) -> bytes:
+    """A connection's handshake, then ``streams`` calls to ``/r.R/Count`` (tests/services.py's
+    ByteCounter) each holding ``held`` bytes of a 64 KiB message, in one DATA frame."""
+    encoder = hpack.Encoder()
+    piece = b"\x00" + (64 * 1024).to_bytes(4, "big") + bytes(held - 5)
+    parts = [HANDSHAKE]
+    for index in range(streams):
+        stream_id = first_stream + 2 * index
+        parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder, path="/r.R/Count")))
+        parts.append(frame(DATA, 0, stream_id, piece))
+    return b"".join(parts)
+
+
+def trailer_statuses(frames: list[Frame]) -> dict[int, bytes]:
+    """The grpc-status each stream was ended with in ``frames``, by stream id."""
+    decoder, statuses = hpack.Decoder(), {}
+    for f in frames:  # every header block in order: HPACK state is per connection
+        if isinstance(f, HeadersFrame):
+            for name, value in decoder.decode(f.data, raw=True):
+                if name == b"grpc-status":
+                    statuses[f.stream_id] = value
+    return statuses
+
+
 def whole_request(path: str, body: bytes, stream_id: int = 1, encoder: hpack.Encoder | None = None) -> bytes:
     """A call's request in two frames: HEADERS, then ``body`` as one gRPC message with
     END_STREAM (``encoder``: the connection's, for a second request on it)."""
@@ -135,13 +159,7 @@ class RawPeer:
 
     def trailer_statuses(self) -> dict[int, bytes]:
         """The grpc-status each stream was ended with so far, by stream id."""
-        decoder, statuses = hpack.Decoder(), {}
-        for f in self.frames:  # every header block in order: HPACK state is per connection
-            if isinstance(f, HeadersFrame):
-                for name, value in decoder.decode(f.data, raw=True):
-                    if name == b"grpc-status":
-                        statuses[f.stream_id] = value
-        return statuses
+        return trailer_statuses(self.frames)
 
 
 def process_cpu_seconds(pid: int) -> float:

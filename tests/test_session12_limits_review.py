@@ -37,6 +37,7 @@ from .frames import (
     WINDOW_UPDATE,
     RawPeer,
     frame,
+    held_messages,
     process_cpu_seconds,
     process_peak_rss_bytes,
     process_rss_bytes,
@@ -389,18 +390,6 @@ async def test_a_peer_that_reads_nothing_holds_many_streaming_handlers_within_th
     assert later - settled < 2 * MiB and cpu_later - cpu_settled < 0.1  # the handlers wait
 
 
-def _held(streams: int, held: int, first_stream: int = 1) -> bytes:
-    """``streams`` calls, each holding ``held`` bytes of a 64 KiB message (one DATA frame)."""
-    encoder = hpack.Encoder()
-    piece = b"\x00" + (64 * 1024).to_bytes(4, "big") + bytes(held - 5)
-    parts = [HANDSHAKE]
-    for index in range(streams):
-        stream_id = first_stream + 2 * index
-        parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder, path="/r.R/Count")))
-        parts.append(frame(DATA, 0, stream_id, piece))
-    return b"".join(parts)
-
-
 async def test_the_server_wide_receive_budget_is_shared_by_connections_and_given_back_when_they_close() -> None:
     # 256 KiB for the server's connections together (each may hold 1 MiB): 3 calls of A and
     # 1 of B hold 4 x 60 KiB; B's second call goes over and is refused, on its own stream.
@@ -416,15 +405,15 @@ async def test_the_server_wide_receive_budget_is_shared_by_connections_and_given
         port = server.sockets[0].getsockname()[1]
         async with RawPeer(port) as b:
             async with RawPeer(port) as a:
-                await a.send(_held(3, held))
+                await a.send(held_messages(3, held))
                 await asyncio.sleep(0.2)
-                await b.send(_held(2, held))
+                await b.send(held_messages(2, held))
                 await _wait_for(lambda: b.trailer_statuses(), 5)
                 assert b.trailer_statuses() == {3: RESOURCE_EXHAUSTED}
                 assert a.trailer_statuses() == {}
             await asyncio.sleep(0.2)  # A is gone
             async with RawPeer(port) as c:
-                await c.send(_held(3, held))
+                await c.send(held_messages(3, held))
                 await asyncio.sleep(0.3)
                 assert c.trailer_statuses() == {}  # all three held, waiting for the rest
                 assert not c.goaways

@@ -29,12 +29,22 @@ import grpc
 import hpack
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import Frame, GoAwayFrame
 
 from app_kit import Cardinality, Channel, Configuration, GRPCError, Handler, Server, Status, Stream
 from app_kit.aio.client import method_for
 
-from .frames import DATA, END_HEADERS, END_STREAM, HANDSHAKE, HEADERS, frame, request_block
+from .frames import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HANDSHAKE,
+    HEADERS,
+    frame,
+    held_messages,
+    request_block,
+    trailer_statuses,
+)
 from .process import ROOT, AppProcess
 from .services import ByteCounter
 from .test_lifecycle_trio import any_loop_app
@@ -104,13 +114,7 @@ class _Peer:
         return [f for f in self.frames if isinstance(f, GoAwayFrame)]
 
     def trailer_statuses(self) -> dict[int, bytes]:
-        decoder, statuses = hpack.Decoder(), {}
-        for f in self.frames:  # every header block in order: HPACK state is per connection
-            if isinstance(f, HeadersFrame):
-                for name, value in decoder.decode(f.data, raw=True):
-                    if name == b"grpc-status":
-                        statuses[f.stream_id] = value
-        return statuses
+        return trailer_statuses(self.frames)
 
 
 async def _until(condition: Any, timeout: float = 5.0) -> None:
@@ -468,18 +472,6 @@ async def test_a_peer_that_resets_at_every_moment_leaves_nothing_behind(backend:
     assert [r.getMessage() for r in caplog.records if r.levelname not in ("DEBUG", "INFO")] == []
 
 
-def _held(streams: int, held: int, first_stream: int = 1) -> bytes:
-    """``streams`` calls to /r.R/Count, each holding ``held`` bytes of a 64 KiB message."""
-    encoder = hpack.Encoder()
-    piece = b"\x00" + (64 * 1024).to_bytes(4, "big") + bytes(held - 5)
-    parts = [HANDSHAKE]
-    for index in range(streams):
-        stream_id = first_stream + 2 * index
-        parts.append(frame(HEADERS, END_HEADERS, stream_id, request_block(encoder, path="/r.R/Count")))
-        parts.append(frame(DATA, 0, stream_id, piece))
-    return b"".join(parts)
-
-
 @pytest.mark.anyio
 @pytest.mark.backends
 async def test_the_hostile_peer_limits_hold_through_a_relay_that_cuts_bytes_on_either_loop(backend: str) -> None:
@@ -500,15 +492,15 @@ async def test_the_hostile_peer_limits_hold_through_a_relay_that_cuts_bytes_on_e
             # The server-wide budget: A holds 3 x 60 KiB; B's first call fits, its second not.
             async with _Peer(port) as b:
                 async with _Peer(port) as a:
-                    assert await a.send(_held(3, held))
+                    assert await a.send(held_messages(3, held))
                     await _until(lambda: server._receive_budget.used >= 3 * held)
-                    assert await b.send(_held(2, held))
+                    assert await b.send(held_messages(2, held))
                     await _until(lambda: bool(b.trailer_statuses()))
                     assert b.trailer_statuses() == {3: b"8"}  # RESOURCE_EXHAUSTED
                     assert a.trailer_statuses() == {} and not a.goaways
                 await _until(lambda: server._receive_budget.used <= held)  # A is gone: given back
                 async with _Peer(port) as c:
-                    assert await c.send(_held(3, held))
+                    assert await c.send(held_messages(3, held))
                     await _until(lambda: server._receive_budget.used >= 4 * held)
                     await anyio.sleep(0.2)
                     assert c.trailer_statuses() == {} and not c.goaways

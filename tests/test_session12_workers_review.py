@@ -324,6 +324,20 @@ async def test_workers_from_an_env_file_with_a_bad_setting_exit_3_at_once_withou
 # -- the relay of the workers' output --------------------------------------------------------
 
 
+async def a_worker_answers(app: AppProcess) -> bool:
+    """Whether one of the workers answers a call on the supervisor's port within 6 s."""
+    port = supervisor_port(app)
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                if (await method(channel)(DoubleValue(), timeout=1)).value in workers(app):
+                    return True
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.2)
+    return False
+
+
 async def test_a_json_line_with_an_escaped_surrogate_does_not_stop_the_relay(scratch: Path) -> None:
     """Failed at 6fb52ac, fixed since: A worker's JSON line holding an escaped
     lone surrogate (json.dumps of a name os.fsdecode gave) makes _label_json's .encode() raise
@@ -334,15 +348,7 @@ async def test_a_json_line_with_an_escaped_surrogate_does_not_stop_the_relay(scr
     env = {"RW_SURROGATE": "2500", "APP_LOG_FORMAT": "json"}
     async with run(scratch, "--workers", "2", env=env) as app:
         await until(lambda: len(workers(app)) == 2, app)
-        port = supervisor_port(app)
-        answered = False
-        deadline = time.monotonic() + 6
-        while not answered and time.monotonic() < deadline:
-            try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    answered = (await method(channel)(DoubleValue(), timeout=1)).value in workers(app)
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.2)
+        answered = await a_worker_answers(app)
         tail = "\n".join(line for line in app.lines if not line.startswith("[worker"))
         assert answered, f"no worker serves:\n{tail}"
         await until(lambda: app.log.count(" serving ") == 2, app, timeout=3)  # relayed: JSON lines
@@ -358,15 +364,7 @@ async def test_a_deeply_nested_json_line_does_not_stop_the_relay(scratch: Path) 
     env = {"RW_DEEP_JSON": "5000", "APP_LOG_FORMAT": "json"}
     async with run(scratch, "--workers", "2", env=env) as app:
         await until(lambda: len(workers(app)) == 2, app)
-        port = supervisor_port(app)
-        answered = False
-        deadline = time.monotonic() + 6
-        while not answered and time.monotonic() < deadline:
-            try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    answered = (await method(channel)(DoubleValue(), timeout=1)).value in workers(app)
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.2)
+        answered = await a_worker_answers(app)
         tail = "\n".join(line for line in app.lines if not line.startswith(("[worker", "y")))
         assert answered, f"no worker serves:\n{tail}"
         await until(lambda: app.log.count(" serving ") == 2, app, timeout=3)
