@@ -679,10 +679,7 @@ class ServerProtocol(ConnectionProtocol):
                             # The client's reset at its deadline beat our own timer to it:
                             # the call ended as its caller saw it end.
                             status = Status.DEADLINE_EXCEEDED
-                    stream._on_closed(event.reason, status)  # type: ignore[attr-defined]
-                    self._cancel_handler(*call)
-                    if stream._status_queued:  # reset before its status went
-                        self._settle(event.stream_id, status or Status.CANCELLED, event.reason)  # type: ignore[attr-defined]
+                    self._end_from_outside(event.stream_id, event.reason, status)  # type: ignore[attr-defined]
             elif kind is GoAwayReceived:
                 self._peer_going_away = True
             elif kind is ConnectionClosed:
@@ -765,6 +762,16 @@ class ServerProtocol(ConnectionProtocol):
         if stream._status_queued:
             self._settle(stream_id)  # with the status just sent instead
 
+    def _end_from_outside(self, stream_id: int, reason: str, status: Status | None = None) -> None:
+        """A call is over by what happened outside its handler (a reset, the connection's
+        end): the handler hears so, and a call whose status was still queued ends with
+        ``status`` (CANCELLED if None): its client never got the one queued."""
+        stream, task = self._calls[stream_id]
+        stream._on_closed(reason, status)
+        self._cancel_handler(stream, task)
+        if stream._status_queued:
+            self._settle(stream_id, status or Status.CANCELLED, reason)
+
     def _settle(self, stream_id: int, status: Status | None = None, message: str | None = None) -> None:
         """A call whose handler is done and whose status was queued behind its replies ends
         now: with that status once it went (``status`` None), else with ``status``."""
@@ -789,11 +796,8 @@ class ServerProtocol(ConnectionProtocol):
         whatever closed it: the peer's error, a keepalive PING unanswered, our own error. No
         frame of theirs goes out any more, and the socket's end comes only after the linger."""
         if not self.is_closed:
-            for stream_id, (stream, task) in list(self._calls.items()):
-                stream._on_closed(reason)
-                self._cancel_handler(stream, task)
-                if stream._status_queued:  # its status never went
-                    self._settle(stream_id, Status.CANCELLED, reason)
+            for stream_id in list(self._calls):
+                self._end_from_outside(stream_id, reason)
         super().close_transport(reason)
 
     def _close_if_done(self) -> None:
