@@ -6,10 +6,24 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_app_cli(target: str, cwd: Any) -> subprocess.CompletedProcess[str]:
+    """``python -m app_kit run target`` from ``cwd`` (app_kit importable from this checkout),
+    run to its end: its exit code and output (for start-up failures)."""
+    return subprocess.run(
+        [sys.executable, "-m", "app_kit", "run", target],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 class AppProcess:

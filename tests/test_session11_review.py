@@ -37,7 +37,7 @@ from app_kit.app.settings import AppSettings, SettingsError, load_settings
 from app_kit.observe.prometheus import serve_metrics
 
 from .frames import DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, RST_STREAM, SETTINGS, frame, request_block
-from .process import ROOT, AppProcess
+from .process import ROOT, AppProcess, run_app_cli
 
 APP = "tests.apps.session11_app:app"
 _CANCEL = 0x8
@@ -450,14 +450,7 @@ def test_a_relative_import_of_a_missing_module_in_a_package_shows_its_traceback(
     (package / "main.py").write_text("from .helpers import x\n")
 
     def run(target: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "app_kit", "run", target],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": ROOT},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        return run_app_cli(target, tmp_path)
 
     broken = run("pkg.main:app")
     assert broken.returncode == 3

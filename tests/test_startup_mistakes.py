@@ -13,7 +13,7 @@ from google.protobuf.wrappers_pb2 import BytesValue
 
 from app_kit.app.lifecycle import EXIT_STARTUP_FAILED
 
-from .process import ROOT, AppProcess
+from .process import ROOT, AppProcess, run_app_cli
 
 APP = "tests.apps.mistakes_app:app"
 
@@ -109,14 +109,7 @@ def test_a_module_the_app_imports_that_is_missing_shows_where(tmp_path) -> None:
     (tmp_path / "app_module.py").write_text("import helper_module\n")
 
     def run(target: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "app_kit", "run", target],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": ROOT},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        return run_app_cli(target, tmp_path)
 
     done = run("app_module:app")
     assert done.returncode == EXIT_STARTUP_FAILED, done.stderr
