@@ -23,6 +23,7 @@ from ..aio import eventloop
 from ..aio.server import Server, ServerInterceptor
 from ..rpc.handlers import Handler, ServiceLike
 from ..services.health import Health, HealthCheck
+from . import heartbeat
 from .logs import configure_logging, report_early
 from .settings import AppSettings, SettingsError, listen_address, load_settings, unknown_variables
 from .signals import SignalShutdown
@@ -472,6 +473,7 @@ class App(Generic[S]):
             await group.start(signals.listen)  # before start-up: a signal during it aborts it
             try:
                 async with self.serve(settings, stop=stop):
+                    group.start_soon(heartbeat.beat)  # (a --workers worker's: serving from now on)
                     await stop.wait()
             except StartupAborted:
                 log.info("shutdown requested during start-up; everything started was stopped")

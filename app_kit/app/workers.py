@@ -25,7 +25,10 @@ each death in a row), stops every worker with SIGTERM on SIGTERM/SIGINT/SIGHUP (
 a worker still importing the App dies of it without a KeyboardInterrupt traceback) and waits for
 all of them to drain; a second signal kills them at once (SIGKILL). A worker takes a repeated
 SIGTERM as the same request (systemd's ``KillMode=control-group`` signals every process, so it
-gets one from outside and one from the supervisor). A worker whose start-up fails (exit code 3)
+gets one from outside and one from the supervisor). A worker whose event loop stops turning
+(no heartbeat for ``APP_WORKER_TIMEOUT`` seconds once it serves, see :mod:`.heartbeat`) is
+killed and replaced; one still shutting down that long after its drain delay and grace period
+is killed. A worker whose start-up fails (exit code 3)
 is not restarted: the others are stopped and the supervisor exits 3. Every line a worker writes
 to stdout or stderr is relayed to the supervisor's own with ``[worker N pid P]`` in front (JSON
 log lines get ``worker`` and ``pid`` fields instead).
@@ -49,6 +52,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from . import heartbeat
 from .envfile import environment_for_children
 from .lifecycle import EXIT_STARTUP_FAILED
 from .listeners import LISTEN_FDS, REUSE_PORT, bind_tcp, bind_unix
@@ -151,11 +155,19 @@ class _Slot:
     process: asyncio.subprocess.Process | None = None
     #: Set while it is stopped to be replaced at once (a reload), not because it died.
     replacing: bool = False
-    #: Set once its process was sent SIGTERM: it is draining, and is not signalled again.
-    signalled: bool = False
+    #: When its process was sent SIGTERM (monotonic): it is draining, and is not signalled again.
+    signalled_at: float | None = None
     #: Wakes a slot waiting for the next reload (reload mode, after its process exited).
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     relays: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Watches its process's heartbeat and shutdown (see Supervisor._watch).
+    watch: asyncio.Task[None] | None = None
+
+    def drain(self) -> None:
+        """SIGTERM its process, once: it drains from then on."""
+        if self.process is not None and self.process.returncode is None and self.signalled_at is None:
+            self.signalled_at = time.monotonic()
+            self.process.send_signal(signal.SIGTERM)
 
 
 class Supervisor:
@@ -179,6 +191,8 @@ class Supervisor:
         self.shared = shared
         self.reload = reload
         self.slots = [_Slot(index) for index in range(1, count + 1)]
+        # No liveness check under --reload: a breakpoint() in the App stops its loop on purpose.
+        self.timeout = 0.0 if reload else settings.worker_timeout
         self.stopping = asyncio.Event()
         self._signals: list[int] = []
         self._failed: int | None = None
@@ -199,7 +213,7 @@ class Supervisor:
         finally:
             for signum in _STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
-            for task in tasks:
+            for task in tasks + [slot.watch for slot in self.slots if slot.watch is not None]:
                 task.cancel()
             for fd in self._lifeline:
                 os.close(fd)
@@ -226,9 +240,9 @@ class Supervisor:
         log.info("%s: restarting", reason)
         for slot in self.slots:
             # Once: the worker is draining from then on.
-            if slot.process is not None and slot.process.returncode is None and not slot.signalled:
-                slot.replacing = slot.signalled = True
-                slot.process.send_signal(signal.SIGTERM)
+            if slot.process is not None and slot.process.returncode is None and slot.signalled_at is None:
+                slot.replacing = True
+                slot.drain()
             slot.wake.set()
 
     def _on_signal(self, signum: int) -> None:
@@ -250,9 +264,7 @@ class Supervisor:
         # KeyboardInterrupt traceback. A worker signalled already (draining for a reload) is
         # not signalled again (it would take it as the same request anyway).
         for slot in self.slots:
-            if slot.process is not None and slot.process.returncode is None and not slot.signalled:
-                slot.signalled = True
-                slot.process.send_signal(signal.SIGTERM)
+            slot.drain()
             slot.wake.set()
 
     def _send(self, signum: int) -> None:
@@ -267,9 +279,11 @@ class Supervisor:
         while not self.stopping.is_set():
             process = await self._spawn(slot)
             started = time.monotonic()
-            if self.stopping.is_set() and not slot.signalled:  # a signal came while it was being spawned
-                slot.signalled = True
-                process.send_signal(signal.SIGTERM if len(self._signals) < 2 else signal.SIGKILL)
+            if self.stopping.is_set():  # a signal came while it was being spawned
+                if len(self._signals) < 2:
+                    slot.drain()
+                else:
+                    process.kill()
             code = await process.wait()
             ran = time.monotonic() - started
             if self.stopping.is_set():
@@ -308,20 +322,34 @@ class Supervisor:
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
         assert self._lifeline is not None, "run() makes it"
         lifeline = self._lifeline[0]
-        process = await asyncio.create_subprocess_exec(
-            *self.command,
-            *self.shared.arguments,
-            env={**environment_for_children(), **self.shared.env, SUPERVISOR_FD: str(lifeline)},
-            pass_fds=(*self.shared.pass_fds, lifeline),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            limit=_RELAY_LINE_LIMIT,
-            # A group of its own: a terminal's Ctrl-C reaches the supervisor, which passes it on once.
-            process_group=0,
-        )
+        env = {**environment_for_children(), **self.shared.env, SUPERVISOR_FD: str(lifeline)}
+        pass_fds = (*self.shared.pass_fds, lifeline)
+        beats = os.pipe() if self.timeout else None  # (read, write): the worker writes
+        if beats is not None:
+            env[heartbeat.HEARTBEAT] = f"{beats[1]}:{self.timeout!r}"
+            pass_fds += (beats[1],)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.command,
+                *self.shared.arguments,
+                env=env,
+                pass_fds=pass_fds,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=_RELAY_LINE_LIMIT,
+                # A group of its own: a terminal's Ctrl-C reaches the supervisor, which passes it on once.
+                process_group=0,
+            )
+        except BaseException:
+            if beats is not None:
+                os.close(beats[0])
+            raise
+        finally:
+            if beats is not None:
+                os.close(beats[1])  # the worker's alone: EOF here once it is gone
         slot.process = process
-        slot.signalled = False
+        slot.signalled_at = None
         label = f"pid {process.pid}" if self.reload else f"worker {slot.index} pid {process.pid}"
         if self.reload:
             log.info("started the app (pid %d)", process.pid)
@@ -331,7 +359,61 @@ class Supervisor:
         slot.relays = [relay for relay in slot.relays if not relay.done()]
         for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
             slot.relays.append(asyncio.create_task(_relay(stream, out, label, slot.index, process.pid)))
+        if beats is not None:
+            slot.watch = asyncio.create_task(self._watch(slot, process, beats[0]))
         return process
+
+    async def _watch(self, slot: _Slot, process: asyncio.subprocess.Process, beats: int) -> None:
+        """Kill a worker that stopped beating while it served (its event loop is blocked: its
+        connections hang while the other workers answer every probe), or that is still
+        shutting down ``APP_WORKER_TIMEOUT`` seconds after its drain delay and grace period."""
+        loop = asyncio.get_running_loop()
+        last: float | None = None  # no beat yet: it is starting (start-up is not bounded here)
+
+        def on_beat() -> None:
+            nonlocal last
+            try:
+                if os.read(beats, 4096):
+                    last = time.monotonic()
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            loop.remove_reader(beats)  # EOF: the worker is gone
+
+        os.set_blocking(beats, False)
+        loop.add_reader(beats, on_beat)
+        interval = self.timeout / heartbeat.BEATS_PER_TIMEOUT
+        # One beat more than the timeout: the worker prints its stacks when it is over.
+        silence_limit = self.timeout + interval
+        shutdown_limit = self.settings.drain_delay + self.settings.grace_period + self.timeout
+        try:
+            while process.returncode is None:
+                await asyncio.sleep(interval)
+                now = time.monotonic()
+                if slot.signalled_at is not None:
+                    if now - slot.signalled_at <= shutdown_limit:
+                        continue
+                    what = (
+                        f"is still shutting down {now - slot.signalled_at:.1f}s after SIGTERM (APP_DRAIN_DELAY +"
+                        f" APP_GRACE_PERIOD + APP_WORKER_TIMEOUT = {shutdown_limit:g}s)"
+                    )
+                elif last is not None and now - last > silence_limit:
+                    what = (
+                        f"has not answered for {now - last:.1f}s (APP_WORKER_TIMEOUT={self.timeout:g}: its event"
+                        " loop is blocked; the stacks it printed show where)"
+                    )
+                else:
+                    continue
+                if process.returncode is None:
+                    log.error("worker %d (pid %d) %s: killing it", slot.index, process.pid, what)
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                return
+        finally:
+            loop.remove_reader(beats)
+            os.close(beats)
 
 
 async def _relay(stream: asyncio.StreamReader, out: IO[str] | None, label: str, index: int, pid: int) -> None:
@@ -400,6 +482,7 @@ def watch_supervisor() -> None:
     (:func:`~app_kit.app.signals.mark_supervised`), and writes stdout line by line: it is
     relayed a line at a time, and a pipe would otherwise hold ``print()`` output back.
     """
+    heartbeat.claim()
     text = os.environ.pop(SUPERVISOR_FD, "")
     if not text:
         return
