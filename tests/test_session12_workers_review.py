@@ -150,11 +150,13 @@ async def test_a_worker_crashing_at_start_is_restarted_with_the_documented_backo
     doubled for each death in a row up to APP_WORKER_RESTART_MAX_DELAY". A worker that dies
     (not exit 3) at every start: the delays logged double and stop at the maximum, each is
     waited, the supervisor never gives up, and a SIGTERM in the loop still exits 0."""
-    env = {"RW_EXIT_AT_IMPORT": "1", "APP_WORKER_RESTART_DELAY": "0.1", "APP_WORKER_RESTART_MAX_DELAY": "1.6"}
+    # (A maximum well above a worker's start-up: one that ran longer than it would start the
+    # count again, and a loaded machine can take over a second to start one.)
+    env = {"RW_EXIT_AT_IMPORT": "1", "APP_WORKER_RESTART_DELAY": "0.05", "APP_WORKER_RESTART_MAX_DELAY": "3.2"}
     async with run(scratch, "--workers", "2", env=env) as app:
         restarts = r"worker 1 \(pid \d+\) exited with code 1; restarting it in ([\d.]+)s"
-        await until(lambda: len(re.findall(restarts, app.log)) >= 5, app, timeout=20)
-        assert re.findall(restarts, app.log)[:5] == ["0.1", "0.2", "0.4", "0.8", "1.6"], app.log
+        await until(lambda: len(re.findall(restarts, app.log)) >= 6, app, timeout=20)
+        assert re.findall(restarts, app.log)[:6] == ["0.05", "0.1", "0.2", "0.4", "0.8", "1.6"], app.log
         # Each delay was waited: a start follows its death no sooner than the delay said.
         stamps = re.findall(r"(\d\d:\d\d:\d\d,\d{3}) \S+ +app_kit\.workers: (started worker 1|worker 1 \(pid)", app.log)
 
@@ -164,7 +166,7 @@ async def test_a_worker_crashing_at_start_is_restarted_with_the_documented_backo
 
         kinds = [(seconds(stamp), kind.startswith("started")) for stamp, kind in stamps]
         gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(kinds) if not earlier[1] and later[1]]
-        for gap, delay in zip(gaps, [0.1, 0.2, 0.4, 0.8], strict=False):
+        for gap, delay in zip(gaps, [0.05, 0.1, 0.2, 0.4, 0.8], strict=False):
             assert gap >= delay - 0.01, (gaps, app.log)
         app.signal(signal.SIGTERM)
         assert await app.wait() == 0, app.log

@@ -152,7 +152,9 @@ async def test_a_worker_start_up_failure_exits_3_without_restarts() -> None:
     # JSON lines stay JSON; a worker's say which worker wrote them.
     entries = [json.loads(line) for line in app.lines]
     failures = [entry for entry in entries if "database unreachable" in entry["message"]]
-    assert {(entry["worker"], entry["pid"]) for entry in failures} == {(n, pid) for pid, n in workers(app).items()}
+    # (The first failure stops the other worker: it may not have got as far as failing.)
+    assert failures, app.log
+    assert {(entry["worker"], entry["pid"]) for entry in failures} <= {(n, pid) for pid, n in workers(app).items()}
 
 
 async def test_supervisor_start_up_failures_start_no_worker() -> None:
