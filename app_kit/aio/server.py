@@ -10,6 +10,7 @@ import errno
 import functools
 import logging
 import os
+import random
 import socket
 import ssl as ssl_module
 import stat
@@ -616,6 +617,7 @@ class ServerProtocol(ConnectionProtocol):
         self._shutdown_handle: Any = None
         self._idle_handle: Any = None
         self._idle_since = 0.0
+        self._age_handle: Any = None
         self._address: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -632,10 +634,15 @@ class ServerProtocol(ConnectionProtocol):
         if idle_timeout is not None:
             self._idle_since = self.loop.time()
             self._idle_handle = self.loop.call_later(idle_timeout, self._idle_check)
+        age = self.connection.config.max_connection_age
+        if age is not None:
+            # Varied (as grpc-core and grpc-go do): clients that connected together do not all
+            # reconnect together.
+            self._age_handle = self.loop.call_later(age * random.uniform(0.9, 1.1), self._age_reached)
 
     def on_connection_lost(self, exc: Exception | None) -> None:
         log.debug("connection from %s closed (%d calls running)", self._peer_address(), len(self._calls))
-        for handle in (self._shutdown_handle, self._idle_handle):
+        for handle in (self._shutdown_handle, self._idle_handle, self._age_handle):
             if handle is not None:
                 handle.cancel()
         for stream_id, (stream, task) in list(self._calls.items()):
@@ -821,6 +828,23 @@ class ServerProtocol(ConnectionProtocol):
         log.debug("closing connection from %s: idle for %ss", self._peer_address(), idle_timeout)
         self.start_shutdown()
         self._close_if_done()
+
+    def _age_reached(self) -> None:
+        """``max_connection_age``: the two-phase GOAWAY of a shutdown, for this connection."""
+        self._age_handle = None
+        if self.is_closed:
+            return
+        log.debug("closing connection from %s: it reached its maximum age", self._peer_address())
+        self.start_shutdown()
+        self._close_if_done()
+        grace = self.connection.config.max_connection_age_grace
+        if grace is not None and not self.is_closed:
+            self._age_handle = self.loop.call_later(grace, self._age_grace_over)
+
+    def _age_grace_over(self) -> None:
+        self._age_handle = None
+        if not self.is_closed:
+            self.abort_calls(Status.UNAVAILABLE, "the connection reached its maximum age")
 
     # -- shutdown --------------------------------------------------------------------
 

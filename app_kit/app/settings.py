@@ -71,6 +71,11 @@ class AppSettings(BaseSettings):
     max_connection_inflated_bytes: int = 32 * _MiB
     #: Bytes of incomplete and inflated messages all connections may hold (see :class:`Configuration`).
     max_server_receive_buffer: int = 128 * _MiB
+    #: Seconds after which a connection is closed gracefully (GOAWAY; varied by 10 %), so that
+    #: clients connect again and spread over new replicas; unset: never (see :class:`Configuration`).
+    max_connection_age: float | None = None
+    #: Seconds the calls of a connection past its age may still run (then UNAVAILABLE); unset: no limit.
+    max_connection_age_grace: float | None = None
     #: How replies are compressed unless a handler says otherwise: unset answers in the request's
     #: encoding, ``identity`` never compresses, ``gzip`` (or any registered encoding)
     #: compresses for every client that accepts it.
@@ -147,6 +152,19 @@ class AppSettings(BaseSettings):
             raise ValueError("cannot be empty (unset it to listen on TCP)")
         return value
 
+    @field_validator("max_connection_age", "max_connection_age_grace")
+    @classmethod
+    def _optional_seconds(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return None
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number (unset: no limit)")
+        if info.field_name == "max_connection_age" and value <= 0:
+            raise ValueError("must be positive (unset: never)")
+        if value < 0:
+            raise ValueError("cannot be negative (unset: no limit)")
+        return value
+
     @field_validator("workers")
     @classmethod
     def _workers(cls, value: int) -> int:
@@ -195,6 +213,8 @@ class AppSettings(BaseSettings):
             max_connection_receive_buffer=self.max_connection_receive_buffer,
             max_connection_inflated_bytes=self.max_connection_inflated_bytes,
             max_server_receive_buffer=self.max_server_receive_buffer,
+            max_connection_age=self.max_connection_age,
+            max_connection_age_grace=self.max_connection_age_grace,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:

@@ -97,6 +97,13 @@ class Configuration:
     linger_timeout: float = 1.0
     #: Close (gracefully, with GOAWAY) a connection without calls for this long; None: never.
     idle_timeout: float | None = 30 * 60.0
+    #: Server: close (gracefully, with GOAWAY: its calls finish) a connection this long after it
+    #: opened, varied at random by 10 % either way, so that clients connect again and spread over
+    #: the backends added since (a Kubernetes Deployment scaled up); None: never.
+    max_connection_age: float | None = None
+    #: Server: how long the calls of a connection past its age may still run before they end
+    #: with UNAVAILABLE and it closes; None: as long as they take.
+    max_connection_age_grace: float | None = None
     #: Clients: gRPC's connection backoff. After a failed attempt to connect to a backend,
     #: wait ``connect_initial_backoff``, then ``connect_backoff_multiplier`` times longer
     #: after each further failure, up to ``connect_max_backoff``, each wait varied at random
@@ -177,6 +184,10 @@ class Configuration:
             raise ValueError("keepalive_time must be positive or None")
         if self.idle_timeout is not None and self.idle_timeout <= 0:
             raise ValueError("idle_timeout must be positive or None")
+        if self.max_connection_age is not None and not self.max_connection_age > 0:
+            raise ValueError("max_connection_age must be positive or None")
+        if self.max_connection_age_grace is not None and not self.max_connection_age_grace >= 0:
+            raise ValueError("max_connection_age_grace must be 0 or more, or None")
         for name in (
             "keepalive_timeout",
             "shutdown_ping_timeout",
