@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import anyio
 from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value, StringValue
 from google.rpc import error_details_pb2
 
@@ -177,3 +178,24 @@ class ByteCounter:
         async for message in stream:
             total += len(message.value)
         await stream.send_message(Int64Value(value=total))
+
+
+class Sleeper:
+    """``/test.Echo/Sleep`` on either loop (EchoService's sleeps with asyncio), and Unary."""
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            "/test.Echo/Sleep": Handler(self.sleep, Cardinality.UNARY_UNARY, DoubleValue, DoubleValue),
+            "/test.Echo/Unary": Handler(self.unary, Cardinality.UNARY_UNARY, BytesValue, BytesValue),
+        }
+
+    async def sleep(self, stream: Stream[DoubleValue, DoubleValue]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await anyio.sleep(request.value)
+        await stream.send_message(request)
+
+    async def unary(self, stream: Stream[BytesValue, BytesValue]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await stream.send_message(request)

@@ -16,37 +16,16 @@ import grpc
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue, DoubleValue, Int64Value
 
-from app_kit import Cardinality, Channel, Configuration, GRPCError, Handler, Status, Stream
+from app_kit import Cardinality, Channel, Configuration, GRPCError, Status
 from app_kit.aio.client import method_for
 from app_kit.app.settings import AppSettings, SettingsError, load_settings
 
 from .conftest import running_server
 from .frames import HANDSHAKE, RawPeer
 from .relay import SegmentingRelay
-from .services import EchoService, grpcio_method
+from .services import EchoService, Sleeper, grpcio_method
 
 pytestmark = pytest.mark.anyio
-
-
-class Sleeper:
-    """``/test.Echo/Sleep`` on either loop (EchoService's sleeps with asyncio), and Unary."""
-
-    def __mapping__(self) -> dict[str, Handler]:
-        return {
-            "/test.Echo/Sleep": Handler(self.sleep, Cardinality.UNARY_UNARY, DoubleValue, DoubleValue),
-            "/test.Echo/Unary": Handler(self.unary, Cardinality.UNARY_UNARY, BytesValue, BytesValue),
-        }
-
-    async def sleep(self, stream: Stream[DoubleValue, DoubleValue]) -> None:
-        request = await stream.recv_message()
-        assert request is not None
-        await anyio.sleep(request.value)
-        await stream.send_message(request)
-
-    async def unary(self, stream: Stream[BytesValue, BytesValue]) -> None:
-        request = await stream.recv_message()
-        assert request is not None
-        await stream.send_message(request)
 
 
 def aged(age: float, grace: float | None = None) -> Configuration:

@@ -14,6 +14,7 @@ import random
 import socket
 import ssl as ssl_module
 import stat
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -157,6 +158,9 @@ class Server:
         self._address_budgets: dict[str, AddressBudget] = {}
         # What all connections' incomplete and inflated messages may hold at once.
         config = self.config
+        # max_concurrent_calls, as one comparison per call (no limit: never reached).
+        self._max_calls = config.max_concurrent_calls or sys.maxsize
+        self._shed_message = f"the server is running its max_concurrent_calls ({self._max_calls}) calls"
         self._receive_budget = ReceiveBudget(
             max(config.max_server_receive_buffer, config.max_receive_message_length + 5)
         )
@@ -720,6 +724,10 @@ class ServerProtocol(ConnectionProtocol):
             return
         server = self._server
         assert self._peer is not None
+        shed = len(server._tasks) >= server._max_calls
+        if shed and not server.interceptors.interceptors:
+            self.connection.end_now(stream_id, Status.RESOURCE_EXHAUSTED, server._shed_message)
+            return
         stream: Stream[object, object] = Stream(
             self,
             stream_id,
@@ -740,6 +748,8 @@ class ServerProtocol(ConnectionProtocol):
         self._calls[stream_id] = (stream, task)
         server._task_started(task)
         task.add_done_callback(functools.partial(self._call_done, stream_id))
+        if shed:  # (its interceptors still see it: metrics count what was shed)
+            self._end_call(stream_id, Status.RESOURCE_EXHAUSTED, server._shed_message)
 
     def _call_done(self, stream_id: int, task: Any) -> None:
         calls = self._calls

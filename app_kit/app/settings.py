@@ -71,6 +71,9 @@ class AppSettings(BaseSettings):
     max_connection_inflated_bytes: int = 32 * _MiB
     #: Bytes of incomplete and inflated messages all connections may hold (see :class:`Configuration`).
     max_server_receive_buffer: int = 128 * _MiB
+    #: Calls running at once across all connections; a call over it gets RESOURCE_EXHAUSTED at
+    #: once (see :class:`Configuration`); unset: no limit.
+    max_concurrent_calls: int | None = None
     #: Seconds after which a connection is closed gracefully (GOAWAY; varied by 10 %), so that
     #: clients connect again and spread over new replicas; unset: never (see :class:`Configuration`).
     max_connection_age: float | None = None
@@ -165,6 +168,13 @@ class AppSettings(BaseSettings):
             raise ValueError("cannot be negative (unset: no limit)")
         return value
 
+    @field_validator("max_concurrent_calls")
+    @classmethod
+    def _optional_limit(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1 (unset: no limit)")
+        return value
+
     @field_validator("workers")
     @classmethod
     def _workers(cls, value: int) -> int:
@@ -213,6 +223,7 @@ class AppSettings(BaseSettings):
             max_connection_receive_buffer=self.max_connection_receive_buffer,
             max_connection_inflated_bytes=self.max_connection_inflated_bytes,
             max_server_receive_buffer=self.max_server_receive_buffer,
+            max_concurrent_calls=self.max_concurrent_calls,
             max_connection_age=self.max_connection_age,
             max_connection_age_grace=self.max_connection_age_grace,
         )

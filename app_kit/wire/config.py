@@ -33,6 +33,9 @@ class Configuration:
     #: SETTINGS_MAX_CONCURRENT_STREAMS advertised to the peer; streams beyond it are refused
     #: with REFUSED_STREAM (safe for the peer to retry).
     max_concurrent_streams: int = 1000
+    #: Server: calls running at once across all its connections; a call over it is answered
+    #: RESOURCE_EXHAUSTED at once (grpcio's ``maximum_concurrent_rpcs``); None: no limit.
+    max_concurrent_calls: int | None = None
     #: How many times a client call is sent again, at once and without counting against its
     #: retry policy, when the server refused it (REFUSED_STREAM) or never processed it (above
     #: a GOAWAY's last-stream-id); RFC 9113 §8.7 says neither reached the application. gRFC A6
@@ -164,6 +167,9 @@ class Configuration:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        calls = self.max_concurrent_calls
+        if calls is not None and (not isinstance(calls, int) or calls < 1):
+            raise ValueError(f"max_concurrent_calls must be a positive int or None, got {calls!r}")
         retries = self.max_transparent_retries
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"max_transparent_retries must be an int of 0 or more, got {retries!r}")
