@@ -14,7 +14,6 @@ import random
 import socket
 import ssl as ssl_module
 import stat
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -158,9 +157,6 @@ class Server:
         self._address_budgets: dict[str, AddressBudget] = {}
         # What all connections' incomplete and inflated messages may hold at once.
         config = self.config
-        # max_concurrent_calls, as one comparison per call (no limit: never reached).
-        self._max_calls = config.max_concurrent_calls or sys.maxsize
-        self._shed_message = f"the server is running its max_concurrent_calls ({self._max_calls}) calls"
         self._receive_budget = ReceiveBudget(
             max(config.max_server_receive_buffer, config.max_receive_message_length + 5)
         )
@@ -724,9 +720,10 @@ class ServerProtocol(ConnectionProtocol):
             return
         server = self._server
         assert self._peer is not None
-        shed = len(server._tasks) >= server._max_calls
+        limit = server.config.max_concurrent_calls
+        shed = limit is not None and len(server._tasks) >= limit
         if shed and not server.interceptors.interceptors:
-            self.connection.end_now(stream_id, Status.RESOURCE_EXHAUSTED, server._shed_message)
+            self.connection.end_now(stream_id, Status.RESOURCE_EXHAUSTED, _shed_message(limit))
             return
         stream: Stream[object, object] = Stream(
             self,
@@ -749,7 +746,7 @@ class ServerProtocol(ConnectionProtocol):
         server._task_started(task)
         task.add_done_callback(functools.partial(self._call_done, stream_id))
         if shed:  # (its interceptors still see it: metrics count what was shed)
-            self._end_call(stream_id, Status.RESOURCE_EXHAUSTED, server._shed_message)
+            self._end_call(stream_id, Status.RESOURCE_EXHAUSTED, _shed_message(limit))
 
     def _call_done(self, stream_id: int, task: Any) -> None:
         calls = self._calls
@@ -890,6 +887,10 @@ class ServerProtocol(ConnectionProtocol):
 
     def _peer_address(self) -> object:
         return self._peer.addr() if self._peer is not None else None
+
+
+def _shed_message(limit: int | None) -> str:
+    return f"the server is running its max_concurrent_calls ({limit}) calls: try again later"
 
 
 async def _send_returned(stream: Stream[object, object], handler: Handler, returned: object) -> None:
