@@ -55,8 +55,11 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Every async test (and only those) shares the session's loop.
+    # (A module's anyio mark reaches its plain functions too: an async fixture would fail them
+    # when one runs before any async test does, as with -k.)
     for item in items:
-        if item.get_closest_marker("anyio") is not None:
+        function = getattr(item, "function", None)
+        if item.get_closest_marker("anyio") is not None and inspect.iscoroutinefunction(function):
             item.fixturenames.insert(0, "_one_event_loop_for_the_session")  # type: ignore[attr-defined]
 
 

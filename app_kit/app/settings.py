@@ -139,10 +139,11 @@ class AppSettings(BaseSettings):
         "max_connection_receive_buffer",
         "max_connection_inflated_bytes",
         "max_server_receive_buffer",
+        "max_concurrent_calls",
     )
     @classmethod
-    def _positive_limit(cls, value: int) -> int:
-        if value < 1:
+    def _positive_limit(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:  # (None: an optional limit, unset)
             raise ValueError("must be at least 1")
         return value
 
@@ -166,13 +167,6 @@ class AppSettings(BaseSettings):
             raise ValueError("must be positive (unset: never)")
         if value < 0:
             raise ValueError("cannot be negative (unset: no limit)")
-        return value
-
-    @field_validator("max_concurrent_calls")
-    @classmethod
-    def _optional_limit(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1 (unset: no limit)")
         return value
 
     @field_validator("workers")
