@@ -3,20 +3,26 @@
 wire (sans-IO HTTP/2) → rpc (sans-IO gRPC) → aio (asyncio adapter) → services → app. A module
 imports only from its own layer and those below; no module imports itself back through
 others; the sans-IO layers load neither asyncio nor pydantic; h2's internals are touched in
-one module, whose tested version range pyproject pins, and the protocol tests also run at the
-lowest versions of that range.
+one module, whose tested version range pyproject pins. Every third-party module app_kit
+imports is declared in pyproject with an upper bound, and the tests run in one environment
+with the lowest version of every range.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import pathlib
 import subprocess
 import sys
 import tomllib
 import venv
+from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from app_kit.wire import h2_internals
 
@@ -136,6 +142,84 @@ def test_versions_outside_the_range_are_refused(monkeypatch: pytest.MonkeyPatch)
         h2_internals.check_versions()
 
 
+def _project() -> dict[str, Any]:
+    project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project
+
+
+def _requirements() -> list[tuple[str, Requirement]]:
+    """Each requirement of pyproject, with the list it is in (``dependencies`` or an extra's name)."""
+    project = _project()
+    lists = {"dependencies": project["dependencies"], **project["optional-dependencies"]}
+    return [(where, Requirement(spec)) for where, specs in lists.items() for spec in specs]
+
+
+def _third_party_imports() -> dict[str, set[str]]:
+    """Each top-level module outside the standard library that app_kit imports (at module level
+    or in a function, generated code included), with the files that import it."""
+    found: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.partition(".")[0]
+                if top not in sys.stdlib_module_names and top != "app_kit":
+                    found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_third_party_import_is_declared_with_an_upper_bound() -> None:
+    # A module app_kit imports comes from a distribution that pyproject's dependencies or one
+    # of its extras name, and each requirement naming it has an upper bound: the versions the
+    # tests ran with, not whatever comes next.
+    declared: dict[str, list[tuple[str, Requirement]]] = {}
+    for where, requirement in _requirements():
+        declared.setdefault(canonicalize_name(requirement.name), []).append((where, requirement))
+    providers = importlib.metadata.packages_distributions()
+    imports = _third_party_imports()
+    assert {"h2", "google", "pydantic", "pydantic_settings", "trio"} <= imports.keys()  # (the parse works)
+    problems = []
+    for module, files in sorted(imports.items()):
+        names = {canonicalize_name(name) for name in providers.get(module, [])} & declared.keys()
+        if not names:
+            distributions = sorted(providers.get(module, [])) or "no installed distribution"
+            problems.append(
+                f"{module} ({', '.join(sorted(files))}): from {distributions}, which pyproject does not name"
+            )
+        for name in sorted(names):
+            problems.extend(
+                f"{module}: {where} has {requirement}, without an upper bound"
+                for where, requirement in declared[name]
+                if not any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier)
+            )
+    assert problems == []
+
+
+def test_a_package_named_in_several_lists_has_one_range() -> None:
+    ranges: dict[str, set[str]] = {}
+    for _, requirement in _requirements():
+        ranges.setdefault(canonicalize_name(requirement.name), set()).add(str(requirement.specifier))
+    assert {name: specs for name, specs in ranges.items() if len(specs) > 1} == {}
+
+
+def test_the_installed_versions_are_inside_the_ranges() -> None:
+    # The suite runs with what is installed here (the newest): pyproject's ranges include it.
+    outside = []
+    for where, requirement in _requirements():
+        try:
+            version = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if not requirement.specifier.contains(version, prereleases=True):
+            outside.append(f"{where}: {requirement}, installed {version}")
+    assert outside == []
+
+
 PROTOCOL_TESTS = [
     "tests/test_raw_h2.py",
     "tests/test_outbound.py",
@@ -146,47 +230,98 @@ PROTOCOL_TESTS = [
     "tests/test_client.py",
     "tests/test_header_limits.py",
 ]
+TRIO_TESTS = ["tests/test_trio.py", "tests/test_trio_review.py"]
+#: A few tests of what the other floors are used for: settings (pydantic, pydantic-settings),
+#: --env-file (python-dotenv), --reload (watchfiles), uvloop, metrics, tracing, the protoc
+#: plugin (grpcio-tools) and a YAML logging configuration (pyyaml). (The protocol tests cover
+#: protobuf, google.rpc's details and multidict.)
+APP_TESTS = [
+    "tests/test_app.py::test_every_bad_setting_is_reported",
+    "tests/test_startup_mistakes.py::test_every_bad_setting_is_reported",
+    "tests/test_startup_mistakes.py::test_missing_env_file_is_an_error",
+    "tests/test_session11_review.py::test_a_settings_error_names_the_alias_choice_that_was_set",
+    "tests/test_session11_review.py::test_a_settings_error_in_a_nested_field_names_the_variable_that_was_set",
+    "tests/test_session11_review.py::test_a_settings_error_uses_the_subclass_prefix_and_an_alias_as_set",
+    "tests/test_session11_review.py::test_the_environment_wins_over_the_env_file_whatever_case_the_file_spells_a_name_in",
+    "tests/test_session11_review.py::test_reload_reads_the_env_file_again_for_each_new_child",
+    "tests/test_session12_papercuts.py::test_variables_of_settings_and_of_their_aliases_are_not_unknown",
+    "tests/test_lifecycle_trio.py::test_eventloop_run_on_each_loop[uvloop]",
+    "tests/test_lifecycle_trio.py::test_sigterm_drains_the_calls_in_flight_within_the_grace[uvloop]",
+    "tests/test_prometheus.py",
+    "tests/test_otel.py",
+    "tests/test_plugin.py::test_generated_bases",
+    "tests/test_plugin.py::test_generated_service_is_served_and_proto3_optional_survives",
+    "tests/test_logging.py::test_log_config_file",
+]
+#: The extras whose floors the lowest environment holds: those app_kit's code imports, and
+#: codegen (protoc runs app_kit's plugin); of the test extra, the OpenTelemetry SDK, which must
+#: match the API.
+LOWEST_EXTRAS = ("uvloop", "trio", "codegen", "prometheus", "otel", "reload", "yaml")
+LOWEST_OF_THE_TEST_EXTRA = ("opentelemetry-sdk",)
+#: What those floors need that the newest installed here does not give them: pydantic 2.3's
+#: core, the conventions of the SDK 1.20, and opentelemetry-api 1.20's own requirements. The
+#: environment's `pip check` says when one of these no longer fits a floor.
+COMPANIONS = [
+    "pydantic-core==2.6.3",
+    "opentelemetry-semantic-conventions==0.41b0",
+    "deprecated==1.3.1",
+    "importlib-metadata==6.11.0",
+    "zipp==4.1.2",
+]
+
+
+def _lowest_pins() -> list[str]:
+    """``name==floor`` for every range of the dependencies and of the extras above, from pyproject."""
+    pins: dict[str, str] = {}
+    for where, requirement in _requirements():
+        if (
+            where == "dependencies"
+            or where in LOWEST_EXTRAS
+            or (where == "test" and canonicalize_name(requirement.name) in LOWEST_OF_THE_TEST_EXTRA)
+        ):
+            floors = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            assert len(floors) == 1, f"{where}: {requirement} has no single lower bound"
+            pins[canonicalize_name(requirement.name)] = f"{requirement.name}=={floors[0]}"
+    return list(pins.values())
 
 
 def _tests_pass_with(pins: list[str], tests: list[str], where: pathlib.Path) -> None:
     """Run ``tests`` in a virtual environment that sees everything installed here, with the
     packages ``pins`` names (``name==version``) at those versions in front of them."""
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(where)
+    # No pip of its own: the one installed here, run by the environment's python, installs into it.
+    venv.EnvBuilder(system_site_packages=True).create(where)
     python = str(where / "bin" / "python")
     install = ["-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--ignore-installed"]
-    subprocess.run([python, *install, *pins], check=True, capture_output=True)
-    names = tuple(pin.split("==")[0] for pin in pins)
+    # Wheels only: a floor that has none for this Python would need a compiler to install.
+    installed = subprocess.run([python, *install, "--only-binary", ":all:", *pins], capture_output=True, text=True)
+    assert installed.returncode == 0, [line for line in installed.stderr.splitlines() if "ignored" not in line]
+    names = [canonicalize_name(pin.split("==")[0]) for pin in pins]
     check = f"import importlib.metadata as m; print([m.version(n) for n in {names!r}])"
-    versions = subprocess.run([python, "-c", check], check=True, capture_output=True, text=True).stdout.strip()
-    assert versions == repr([pin.split("==")[1] for pin in pins])
+    found = subprocess.run([python, "-c", check], check=True, capture_output=True, text=True)
+    versions = ast.literal_eval(found.stdout)
+    assert [Version(version) for version in versions] == [Version(pin.split("==")[1]) for pin in pins], versions
+    # The pinned versions fit together: what each of them requires is there, at a version it takes.
+    checked = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True).stdout.splitlines()
+    assert [line for line in checked if canonicalize_name(line.split(" ")[0]) in names] == []
     result = subprocess.run(
         [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
-def test_protocol_tests_pass_at_the_lowest_supported_versions(tmp_path: pathlib.Path) -> None:
-    # The lowest h2, hpack and hyperframe of the tested ranges.
-    lowest = [f"{name}=={low[0]}.{low[1]}.0" for name, (low, _) in h2_internals.TESTED_VERSIONS.items()]
-    _tests_pass_with(lowest, PROTOCOL_TESTS, tmp_path)
-
-
-def test_trio_tests_pass_at_the_lowest_supported_anyio_and_trio(tmp_path: pathlib.Path) -> None:
-    # The anyio transport and the trio runtime use what anyio and trio offer from the lowest
-    # versions pyproject allows (anyio's SocketStream.from_socket is 4.10's, for one).
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    anyio_pin = next(spec for spec in project["dependencies"] if spec.startswith("anyio>="))
-    trio_pin = project["optional-dependencies"]["trio"][0]
-    lowest = []
-    for pin in (anyio_pin, trio_pin):
-        name, bounds = pin.split(">=")
-        lowest.append(f"{name}=={'.'.join([*bounds.split(',')[0].split('.'), '0'][:3])}")
-    assert lowest == ["anyio==4.10.0", "trio==0.25.1"]
-    _tests_pass_with(lowest, ["tests/test_trio.py", "tests/test_trio_review.py"], tmp_path)
+def test_the_tests_pass_at_the_lowest_supported_versions(tmp_path: pathlib.Path) -> None:
+    # One environment with the floor of every range pyproject gives (moving a bound moves the
+    # pin): the protocol tests, the trio tests, and a few of the rest.
+    lowest = _lowest_pins()
+    h2_floors = [f"{name}=={low[0]}.{low[1]}" for name, (low, _) in h2_internals.TESTED_VERSIONS.items()]
+    assert set(h2_floors) <= {*lowest}, lowest
+    named = {pin.split("==")[0] for pin in lowest}
+    assert {"anyio", "trio", "protobuf", "pydantic", "pydantic-settings", "uvloop", "watchfiles"} <= named, lowest
+    _tests_pass_with([*lowest, *COMPANIONS], [*PROTOCOL_TESTS, *TRIO_TESTS, *APP_TESTS], tmp_path)
 
 
 def test_the_call_machinery_exists_once() -> None:

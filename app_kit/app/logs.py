@@ -65,7 +65,7 @@ def load_log_config(path: str) -> dict[str, Any]:
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"{path}: a YAML logging configuration needs PyYAML (pip install pyyaml)") from None
+            raise ValueError(f"{path}: a YAML logging configuration needs 'app_kit[yaml]' (PyYAML)") from None
         config = yaml.safe_load(text)
     else:
         try:
