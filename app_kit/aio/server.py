@@ -721,7 +721,8 @@ class ServerProtocol(ConnectionProtocol):
         server = self._server
         assert self._peer is not None
         limit = server.config.max_concurrent_calls
-        shed = limit is not None and len(server._tasks) >= limit
+        # (Health checks are answered whatever the load: a saturated server is not a dead one.)
+        shed = limit is not None and len(server._tasks) >= limit and not head.path.startswith(_HEALTH)
         if shed and not server.interceptors.interceptors:
             self.connection.end_now(stream_id, Status.RESOURCE_EXHAUSTED, _shed_message(limit))
             return
@@ -743,10 +744,13 @@ class ServerProtocol(ConnectionProtocol):
         )
         task = self.loop.create_task(_serve_call(stream, handler, server.interceptors))
         self._calls[stream_id] = (stream, task)
-        server._task_started(task)
         task.add_done_callback(functools.partial(self._call_done, stream_id))
-        if shed:  # (its interceptors still see it: metrics count what was shed)
+        if shed:
+            # Its interceptors still see it (metrics count what was shed), but it is not a call
+            # running: not among the server's tasks (its connection holds it until it is done).
             self._end_call(stream_id, Status.RESOURCE_EXHAUSTED, _shed_message(limit))
+        else:
+            server._task_started(task)
 
     def _call_done(self, stream_id: int, task: Any) -> None:
         calls = self._calls
@@ -887,6 +891,9 @@ class ServerProtocol(ConnectionProtocol):
 
     def _peer_address(self) -> object:
         return self._peer.addr() if self._peer is not None else None
+
+
+_HEALTH = "/grpc.health.v1.Health/"
 
 
 def _shed_message(limit: int | None) -> str:

@@ -94,9 +94,10 @@ class AppSettings(BaseSettings):
     #: that ran longer than the maximum starts the count again), up to the maximum.
     worker_restart_delay: float = 0.5
     worker_restart_max_delay: float = 30.0
-    #: Seconds a serving worker may go without a heartbeat from its event loop (blocked by sync
-    #: code), or overrun its shutdown (past drain delay + grace period), before the supervisor
-    #: kills it (and, if serving, restarts it); 0: never. Not under ``--reload``.
+    #: Seconds a serving worker's event loop may keep its heartbeat waiting (blocked by sync
+    #: code), or a worker may overrun its shutdown (past drain delay + grace period), before the
+    #: supervisor has it print its stacks and kills it (and, if serving, restarts it); 0: never.
+    #: Not under ``--reload``.
     worker_timeout: float = 30.0
     #: The event loop (``--loop``): ``asyncio``, ``uvloop``, ``trio``, or ``auto``: uvloop when it
     #: is installed, else asyncio. Read by :meth:`App.run_sync` and the CLI, which start the loop.

@@ -31,7 +31,8 @@ killed and replaced; one still shutting down that long after its drain delay and
 is killed. A worker whose start-up fails (exit code 3)
 is not restarted: the others are stopped and the supervisor exits 3. Every line a worker writes
 to stdout or stderr is relayed to the supervisor's own with ``[worker N pid P]`` in front (JSON
-log lines get ``worker`` and ``pid`` fields instead).
+log lines get ``worker`` and ``pid`` fields instead, and with ``APP_LOG_FORMAT=json`` other
+lines become JSON lines).
 
 :mod:`app_kit.app.reload` runs one worker the same way and replaces it when a file changes.
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -357,16 +359,19 @@ class Supervisor:
             log.info("started worker %d (pid %d)", slot.index, process.pid)
         assert process.stdout is not None and process.stderr is not None
         slot.relays = [relay for relay in slot.relays if not relay.done()]
+        # With JSON logs, every line is one JSON object: a worker's other output too.
+        as_json = self.settings.log_format == "json"
         for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
-            slot.relays.append(asyncio.create_task(_relay(stream, out, label, slot.index, process.pid)))
+            origin = (slot.index, process.pid, "stdout" if out is sys.stdout else "stderr") if as_json else None
+            slot.relays.append(asyncio.create_task(_relay(stream, out, label, slot.index, process.pid, origin)))
         if beats is not None:
             slot.watch = asyncio.create_task(self._watch(slot, process, beats[0]))
         return process
 
     async def _watch(self, slot: _Slot, process: asyncio.subprocess.Process, beats: int) -> None:
-        """Kill a worker that stopped beating while it served (its event loop is blocked: its
-        connections hang while the other workers answer every probe), or that is still
-        shutting down ``APP_WORKER_TIMEOUT`` seconds after its drain delay and grace period."""
+        """Kill a worker whose heartbeat stopped (its event loop is stuck: its connections hang
+        while the other workers answer every probe), or that is still shutting down
+        ``APP_WORKER_TIMEOUT`` seconds after its drain delay and grace period."""
         loop = asyncio.get_running_loop()
         last: float | None = None  # no beat yet: it is starting (start-up is not bounded here)
 
@@ -385,40 +390,57 @@ class Supervisor:
         os.set_blocking(beats, False)
         loop.add_reader(beats, on_beat)
         interval = self.timeout / heartbeat.BEATS_PER_TIMEOUT
-        # One beat more than the timeout: the worker prints its stacks when it is over.
+        # A beat is due every interval: one that waited the timeout for the loop is missed.
         silence_limit = self.timeout + interval
         shutdown_limit = self.settings.drain_delay + self.settings.grace_period + self.timeout
         try:
             while process.returncode is None:
                 await asyncio.sleep(interval)
                 now = time.monotonic()
-                if slot.signalled_at is not None:
-                    if now - slot.signalled_at <= shutdown_limit:
-                        continue
+                if last is not None and now - last > silence_limit:
+                    what = (
+                        f"has not answered for {now - last:.1f}s (APP_WORKER_TIMEOUT={self.timeout:g}: its event"
+                        " loop is stuck)"
+                    )
+                elif slot.signalled_at is not None and now - slot.signalled_at > shutdown_limit:
                     what = (
                         f"is still shutting down {now - slot.signalled_at:.1f}s after SIGTERM (APP_DRAIN_DELAY +"
                         f" APP_GRACE_PERIOD + APP_WORKER_TIMEOUT = {shutdown_limit:g}s)"
                     )
-                elif last is not None and now - last > silence_limit:
-                    what = (
-                        f"has not answered for {now - last:.1f}s (APP_WORKER_TIMEOUT={self.timeout:g}: its event"
-                        " loop is blocked; the stacks it printed show where)"
-                    )
                 else:
                     continue
-                if process.returncode is None:
-                    log.error("worker %d (pid %d) %s: killing it", slot.index, process.pid, what)
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()
+                await self._kill(slot, process, what)
                 return
         finally:
             loop.remove_reader(beats)
             os.close(beats)
 
+    async def _kill(self, slot: _Slot, process: asyncio.subprocess.Process, what: str) -> None:
+        """Have a stuck worker print its stacks, then kill it and what it started (its group)."""
+        if process.returncode is not None:
+            return
+        log.error("worker %d (pid %d) %s: killing it; its stacks follow", slot.index, process.pid, what)
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(heartbeat.STACKS_SIGNAL)
+            # (Printed from the signal handler at once; a moment for the relay to pass it on.)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 0.5)
+            os.killpg(process.pid, signal.SIGKILL)
 
-async def _relay(stream: asyncio.StreamReader, out: IO[str] | None, label: str, index: int, pid: int) -> None:
+
+async def _relay(
+    stream: asyncio.StreamReader,
+    out: IO[str] | None,
+    label: str,
+    index: int,
+    pid: int,
+    as_json: tuple[int, int, str] | None = None,
+) -> None:
     """Copy a worker's stdout or stderr to ``out`` (ours), each line saying which worker wrote it.
 
+    ``as_json`` (worker, pid, stream name): a line that is not a JSON object (a ``print()``,
+    a traceback, the stacks of a stuck worker) becomes one, as the logs are (a piece of one
+    too long to hold, one each).
     Read to the end even when ``out`` cannot be written (closed, a broken pipe): a worker
     must never block on a full pipe.
     """
@@ -440,7 +462,13 @@ async def _relay(stream: asyncio.StreamReader, out: IO[str] | None, label: str, 
             if at_line_start and chunk.startswith(b"{"):
                 at_line_start = False
         if at_line_start:
-            chunk = _label_json(chunk, index, pid) or prefix + chunk
+            labelled = _label_json(chunk, index, pid)
+            if labelled is not None:
+                chunk = labelled
+            elif as_json is not None:
+                chunk = _as_json_line(chunk, *as_json)
+            else:
+                chunk = prefix + chunk
         at_line_start = chunk.endswith(b"\n")
         if target is not None:
             try:
@@ -448,6 +476,19 @@ async def _relay(stream: asyncio.StreamReader, out: IO[str] | None, label: str, 
                 target.flush()
             except (OSError, ValueError):  # ValueError: closed
                 target = None
+
+
+def _as_json_line(text: bytes, index: int, pid: int, stream: str) -> bytes:
+    """A line of a worker's plain output as a JSON log line of the supervisor's format."""
+    entry = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "level": "INFO" if stream == "stdout" else "WARNING",
+        "logger": f"app_kit.workers.{stream}",
+        "message": text.rstrip(b"\r\n").decode(errors="replace"),
+        "worker": index,
+        "pid": pid,
+    }
+    return json.dumps(entry, ensure_ascii=False).encode(errors="surrogateescape") + b"\n"
 
 
 def _label_json(line: bytes, index: int, pid: int) -> bytes | None:

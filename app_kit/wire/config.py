@@ -34,7 +34,8 @@ class Configuration:
     #: with REFUSED_STREAM (safe for the peer to retry).
     max_concurrent_streams: int = 1000
     #: Server: calls running at once across all its connections; a call over it is answered
-    #: RESOURCE_EXHAUSTED at once (grpcio's ``maximum_concurrent_rpcs``); None: no limit.
+    #: RESOURCE_EXHAUSTED at once (grpcio's ``maximum_concurrent_rpcs``), health checks
+    #: excepted; None: no limit.
     max_concurrent_calls: int | None = None
     #: How many times a client call is sent again, at once and without counting against its
     #: retry policy, when the server refused it (REFUSED_STREAM) or never processed it (above
