@@ -3,7 +3,10 @@ overruns its grace period, is killed and (when serving) replaced. Real processes
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 import time
 
 import grpc
@@ -99,3 +102,26 @@ def test_the_timeout_is_not_negative() -> None:
     assert load_settings(AppSettings).worker_timeout == 30
     with pytest.raises(SettingsError, match="worker_timeout"):
         load_settings(AppSettings, worker_timeout=-1)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "a worker's death"])
+async def test_a_worker_that_left_a_child_holding_its_output_is_still_seen_to_exit(how: str) -> None:
+    # A worker's own subprocess inherits its stdout and stderr: the pipes to the supervisor stay
+    # open after the worker exits. Its exit must still count (asyncio's Process.wait() on
+    # Python 3.11 waits for the pipes too): the supervisor stops, or restarts it, at once.
+    child = ["sleep", "61.25"]  # (a duration no other process here sleeps: found and killed below)
+    env = {"LIVENESS_CHILD": " ".join(child)}
+    try:
+        async with AppProcess(APP, "--port", "0", "--workers", "2", env=env) as app:
+            await app.ready()
+            await until(lambda: len(serving(app)) == 2, app)
+            if how == "SIGTERM":
+                app.signal()
+                assert await app.wait(timeout=10) == 0, app.log
+            else:
+                pid = next(iter(workers(app)))
+                os.kill(pid, signal.SIGKILL)
+                await until(lambda: f"(pid {pid}) was killed by SIGKILL; restarting it" in app.log, app, timeout=10)
+                await until(lambda: len(workers(app)) == 3, app, timeout=10)
+    finally:
+        subprocess.run(["pkill", "-f", " ".join(child)], check=False)

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--log-config",
         metavar="FILE",
-        help="configure logging with this logging.config.dictConfig file (JSON, or YAML with PyYAML)",
+        help="configure logging with this logging.config.dictConfig file (JSON, or YAML with app_kit[yaml])",
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@ The rules, as uvicorn users expect them:
 
 - a logging configuration the user made (handlers on the root logger, set up when their module
   was imported) is left alone, and so is ``--log-config FILE`` (``logging.config.dictConfig``
-  in JSON, or YAML when PyYAML is installed);
+  in JSON, or YAML with the ``yaml`` extra);
 - only when nothing is configured does the CLI add one stderr handler: text lines, or one JSON
   object per line with ``APP_LOG_FORMAT=json``;
 - a level given (``--log-level``, ``--debug``, ``APP_LOG_LEVEL``) applies to app_kit's own

@@ -162,8 +162,9 @@ class AppSettings(BaseSettings):
     def _optional_seconds(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is None:
             return None
+        unset = "never" if info.field_name == "max_connection_age" else "no limit"
         if not math.isfinite(value):
-            raise ValueError("must be a finite number (unset: no limit)")
+            raise ValueError(f"must be a finite number (unset: {unset})")
         if info.field_name == "max_connection_age" and value <= 0:
             raise ValueError("must be positive (unset: never)")
         if value < 0:

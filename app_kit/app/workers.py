@@ -286,7 +286,7 @@ class Supervisor:
                     slot.drain()
                 else:
                     process.kill()
-            code = await process.wait()
+            code = await _exited(process)
             ran = time.monotonic() - started
             if self.stopping.is_set():
                 log.info("worker %d (pid %d) %s", slot.index, process.pid, _describe_exit(code))
@@ -424,8 +424,17 @@ class Supervisor:
             process.send_signal(heartbeat.STACKS_SIGNAL)
             # (Printed from the signal handler at once; a moment for the relay to pass it on.)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 0.5)
+                await asyncio.wait_for(_exited(process), 0.5)
             os.killpg(process.pid, signal.SIGKILL)
+
+
+async def _exited(process: asyncio.subprocess.Process) -> int:
+    """The worker's exit code once it has exited. Not ``process.wait()``: on Python 3.11 that
+    also waits for its stdout and stderr to close, which a child the worker started (and left
+    running) holds open: its exit would go unseen, neither restarted nor waited for."""
+    while process.returncode is None:
+        await asyncio.sleep(0.05)
+    return process.returncode
 
 
 async def _relay(

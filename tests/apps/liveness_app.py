@@ -4,11 +4,13 @@
 positive, with the event loop blocked (``time.sleep``) when negative.
 LIVENESS_START_DELAY: seconds its resource takes to start.
 LIVENESS_STOP: ``hang`` (its resource's close awaits for ever) or ``block`` (it blocks the loop).
+LIVENESS_CHILD: a command its resource starts and leaves running (it inherits stdout and stderr).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import AsyncIterator
 
@@ -21,6 +23,7 @@ from app_kit import App, AppSettings, Cardinality, Handler, Stream
 
 class LivenessSettings(AppSettings):
     start_delay: float = Field(0.0, validation_alias="LIVENESS_START_DELAY")
+    child: str = Field("", validation_alias="LIVENESS_CHILD")
     stop: str = Field("", validation_alias="LIVENESS_STOP")
 
 
@@ -34,6 +37,8 @@ app = App(LivenessSettings, name="liveness")
 @app.resource
 async def resource(settings: LivenessSettings) -> AsyncIterator[Resource]:
     await anyio.sleep(settings.start_delay)
+    if settings.child:
+        subprocess.Popen(settings.child.split())  # (left running: an orphan once the worker is gone)
     yield Resource()
     if settings.stop == "hang":
         await anyio.sleep_forever()
