@@ -822,7 +822,13 @@ class ServerProtocol(ConnectionProtocol):
         connection = self.connection
         if self._calls or self._closed or not (connection.shutdown_phase or self._peer_going_away):
             return  # (the common case, in attributes: it runs per call)
-        if connection.drained or (self._peer_going_away and not connection.open_streams):
+        if connection.drained:
+            self.close_transport()
+        elif self._peer_going_away and not connection.open_streams:
+            # Our own GOAWAY first (RFC 9113 §6.8): a stream the client opened meanwhile is then
+            # known to it as not processed, safe to send elsewhere.
+            connection.finish_shutdown()
+            self.flush()
             self.close_transport()
 
     def _idle_check(self) -> None:

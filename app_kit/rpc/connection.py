@@ -507,7 +507,9 @@ class GrpcConnection:
             return
         state.remote_closed = True
         events.append(EndOfStream(event.stream_id))
-        if state.local_closed:
+        if state.local_closed and state.pending_trailers is None:
+            # Both sides done. (Not while our end waits behind DATA for window, or for the
+            # turn's flush: the stream goes once that is out, see _flush.)
             self._release(state)
 
     def _on_stream_reset(self, event: h2.events.StreamReset, events: list[Event]) -> None:
@@ -741,7 +743,17 @@ class GrpcConnection:
         stream_id = state.stream_id
         pending = state.pending
         h2conn = self._h2
-        stream_window = h2conn.streams[stream_id].outbound_flow_control_window
+        stream = h2conn.streams.get(stream_id)
+        if stream is None or stream.closed:
+            # Reset by the peer later in the read whose events are being handled (a window
+            # given and the stream cancelled in one write): nothing more goes out on it, and
+            # its reset, next among the events, ends it.
+            state.pending = bytearray()
+            if state.blocked is not None:
+                del state.blocked[stream_id]
+                state.blocked = None
+            return False
+        stream_window = stream.outbound_flow_control_window
         window = min(h2conn.outbound_flow_control_window, stream_window)
         size = len(pending)
         frame_size = h2conn.max_outbound_frame_size
@@ -843,9 +855,12 @@ class GrpcConnection:
         return stream is not None and not stream.closed
 
     def reset_for_peer_fault(self, stream_id: int, error_code: int) -> None:
-        """RST_STREAM for a request the peer got wrong; counted like a reset the peer sends."""
-        self._h2.reset_stream(stream_id, error_code)
-        self._guard.count_reset()
+        """RST_STREAM for a request the peer got wrong; counted like a reset the peer sends.
+
+        Nothing if the peer reset the stream itself later in the same read (its reset counted)."""
+        if self._h2_open(stream_id):
+            self._h2.reset_stream(stream_id, error_code)
+            self._guard.count_reset()
 
     def share_receive_budget(self, budget: ReceiveBudget) -> None:
         """Count this connection's incomplete and inflated messages in ``budget`` too."""

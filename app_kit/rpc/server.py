@@ -215,8 +215,10 @@ class ServerConnection(GrpcConnection):
         stream_id = event.stream_id
         if stream_id > self._last_stream_id:
             # After our final GOAWAY: the client knows this stream was not processed (it sent it
-            # before it saw the GOAWAY: no fault of its own).
-            self._h2.reset_stream(stream_id, _REFUSED_STREAM)
+            # before it saw the GOAWAY: no fault of its own). Unless it reset it already, later
+            # in the same read.
+            if self._h2_open(stream_id):
+                self._h2.reset_stream(stream_id, _REFUSED_STREAM)
             return
         if len(self._streams) >= self.config.max_concurrent_streams:
             log.log(
