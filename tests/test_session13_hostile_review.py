@@ -40,6 +40,24 @@ _CANCEL = (8).to_bytes(4, "big")
 _MESSAGE = b"\x00\x00\x00\x00\x04\x0a\x02hi"  # BytesValue(value=b"hi"), one gRPC message
 
 
+async def _stream_1_ended_ok(peer: Any) -> None:
+    """Stream 1, the call the defect must not harm, ends OK, and no GOAWAY carries an error."""
+    await _until(lambda: 1 in peer.trailer_statuses() or peer.closed)
+    assert [g.error_code for g in peer.goaways if g.error_code] == []
+    assert peer.trailer_statuses() == {1: b"0"}
+
+
+async def _close(server: Server) -> None:
+    server.close(grace=1)
+    with anyio.fail_after(5):
+        await server.wait_closed()
+
+
+def _assert_no_connection_error(server: Server, caplog: Any) -> None:
+    assert server.stats().connection_errors == {}
+    assert [r.getMessage() for r in caplog.records if r.levelname not in ("DEBUG", "INFO")] == []
+
+
 def _malformed_block(encoder: hpack.Encoder) -> bytes:
     """A request RFC 9113 §8.2.2 calls malformed (a connection-specific field): the server
     answers it with RST_STREAM PROTOCOL_ERROR."""
@@ -78,15 +96,10 @@ async def test_a_request_the_server_refuses_and_the_peer_resets_in_one_read_harm
                 assert peer.goaways[1].last_stream_id == 1
             assert await peer.send(frame(HEADERS, END_HEADERS, 3, block) + frame(RST_STREAM, 0, 3, _CANCEL))
             assert await peer.send(frame(DATA, END_STREAM, 1))
-            await _until(lambda: 1 in peer.trailer_statuses() or peer.closed)
-            assert [g.error_code for g in peer.goaways if g.error_code] == []
-            assert peer.trailer_statuses() == {1: b"0"}
+            await _stream_1_ended_ok(peer)
     finally:
-        server.close(grace=1)
-        with anyio.fail_after(5):
-            await server.wait_closed()
-    assert server.stats().connection_errors == {}
-    assert [r.getMessage() for r in caplog.records if r.levelname not in ("DEBUG", "INFO")] == []
+        await _close(server)
+    _assert_no_connection_error(server, caplog)
 
 
 async def test_the_server_says_goaway_before_it_closes_a_connection_its_client_said_goaway_on(backend: str) -> None:
@@ -114,9 +127,7 @@ async def test_the_server_says_goaway_before_it_closes_a_connection_its_client_s
             assert processed in (1, 3)
             assert peer.trailer_statuses() == {1: b"0", 3: b"0"} if processed == 3 else {1: b"0"}
     finally:
-        server.close(grace=1)
-        with anyio.fail_after(5):
-            await server.wait_closed()
+        await _close(server)
 
 
 def _count(n: int) -> bytes:
@@ -163,15 +174,10 @@ async def test_window_given_and_the_stream_reset_in_one_read_harms_no_other_call
             assert await peer.send(give + frame(RST_STREAM, 0, 3, _CANCEL))
             # stream 1 ends; its reply gets window (an initial window of 0 holds it too)
             assert await peer.send(frame(WINDOW_UPDATE, 0, 1, (1000).to_bytes(4, "big")) + frame(DATA, END_STREAM, 1))
-            await _until(lambda: 1 in peer.trailer_statuses() or peer.closed)
-            assert [g.error_code for g in peer.goaways if g.error_code] == []
-            assert peer.trailer_statuses() == {1: b"0"}
+            await _stream_1_ended_ok(peer)
     finally:
-        server.close(grace=1)
-        with anyio.fail_after(5):
-            await server.wait_closed()
-    assert server.stats().connection_errors == {}
-    assert [r.getMessage() for r in caplog.records if r.levelname not in ("DEBUG", "INFO")] == []
+        await _close(server)
+    _assert_no_connection_error(server, caplog)
 
 
 async def test_a_half_close_after_the_handler_is_done_does_not_drop_its_queued_reply(backend: str) -> None:
@@ -200,6 +206,4 @@ async def test_a_half_close_after_the_handler_is_done_does_not_drop_its_queued_r
             await _until(lambda: 1 in peer.trailer_statuses(), timeout=2)
             assert peer.trailer_statuses() == {1: b"0"}
     finally:
-        server.close(grace=1)
-        with anyio.fail_after(5):
-            await server.wait_closed()
+        await _close(server)
