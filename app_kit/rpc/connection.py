@@ -525,7 +525,7 @@ class GrpcConnection:
             # (One waiting for the connection's window still waits: the update is no use to it.)
             state = self._blocked.on_stream.get(event.stream_id)
             if state is not None:
-                self._flush(state, events)
+                self._flush_waiting(state, events)
         else:
             self._flush_blocked(events)
 
@@ -535,7 +535,7 @@ class GrpcConnection:
             # Every stream's window moved: each one waiting for its own is tried (if the
             # connection's is shut, it moves to the streams waiting for that one).
             for state in list(self._blocked.on_stream.values()):
-                self._flush(state, events)
+                self._flush_waiting(state, events)
 
     def _on_ping_ack(self, event: h2.events.PingAckReceived, events: list[Event]) -> None:
         events.append(PingAcknowledged(event.ping_data))
@@ -743,17 +743,7 @@ class GrpcConnection:
         stream_id = state.stream_id
         pending = state.pending
         h2conn = self._h2
-        stream = h2conn.streams.get(stream_id)
-        if stream is None or stream.closed:
-            # Reset by the peer later in the read whose events are being handled (a window
-            # given and the stream cancelled in one write): nothing more goes out on it, and
-            # its reset, next among the events, ends it.
-            state.pending = bytearray()
-            if state.blocked is not None:
-                del state.blocked[stream_id]
-                state.blocked = None
-            return False
-        stream_window = stream.outbound_flow_control_window
+        stream_window = h2conn.streams[stream_id].outbound_flow_control_window
         window = min(h2conn.outbound_flow_control_window, stream_window)
         size = len(pending)
         frame_size = h2conn.max_outbound_frame_size
@@ -803,7 +793,20 @@ class GrpcConnection:
         waiting = self._blocked.on_connection
         h2conn = self._h2
         while waiting and h2conn.outbound_flow_control_window > 0:
-            self._flush(next(iter(waiting.values())), events)
+            self._flush_waiting(next(iter(waiting.values())), events)
+
+    def _flush_waiting(self, state: StreamState, events: list[Event]) -> None:
+        """:meth:`_flush` a stream waiting for window, from the events of a read that gave it:
+        if the peer reset the stream later in that read (a window given and the call cancelled
+        in one write), h2 has closed it already and its reset, among the events still to come,
+        ends it: nothing more goes out on it, and it waits no more."""
+        if self._h2_open(state.stream_id):
+            self._flush(state, events)
+            return
+        state.pending = bytearray()
+        if state.blocked is not None:
+            del state.blocked[state.stream_id]
+            state.blocked = None
 
     def end_local(self, stream_id: int, trailers: Sequence[tuple[bytes, bytes]]) -> None:
         """End our side of the stream, after any DATA still waiting for window.
