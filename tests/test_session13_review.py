@@ -202,7 +202,7 @@ async def test_a_busy_worker_whose_loop_turns_within_the_timeout_is_not_killed(t
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as channel:
             try:
                 outcome: object = (
-                    await pid_method(channel, "/chunky.Chunky/Work")(DoubleValue(value=3), timeout=20)
+                    await pid_method(channel, "/chunky.Chunky/Work")(DoubleValue(value=2), timeout=20)
                 ).value
             except grpc.aio.AioRpcError as exc:
                 outcome = exc.code()

@@ -84,7 +84,7 @@ async def test_a_worker_whose_shutdown_overruns_is_killed(stop: str) -> None:
 
 async def test_start_up_is_not_bounded_and_0_turns_the_check_off() -> None:
     # The heartbeat starts once the worker serves: a slow start-up is not a blocked loop.
-    env = {"APP_WORKER_TIMEOUT": "1", "LIVENESS_START_DELAY": "2.5"}
+    env = {"APP_WORKER_TIMEOUT": "1", "LIVENESS_START_DELAY": "1.6"}  # (a blocked loop: caught by 1.5 s)
     async with AppProcess(APP, "--port", "0", "--workers", "2", env=env) as app:
         port = await app.ready(timeout=20)
         await until(lambda: len(serving(app)) == 2, app)
@@ -94,7 +94,7 @@ async def test_start_up_is_not_bounded_and_0_turns_the_check_off() -> None:
         port = await app.ready()
         await until(lambda: len(serving(app)) == 2, app)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as channel:
-            pid = (await pid_method(channel)(DoubleValue(value=-2.5), timeout=10)).value
+            pid = (await pid_method(channel)(DoubleValue(value=-1.6), timeout=10)).value
         assert pid in workers(app) and "has not answered" not in app.log, app.log
 
 
