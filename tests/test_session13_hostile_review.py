@@ -5,16 +5,20 @@ is one defect the campaign found, cut down to its smallest reproduction; each fa
 fix, the connection's other calls lost in three of them (GOAWAY INTERNAL_ERROR after h2's
 StreamClosedError, from a stream the peer reset later in the same read: one we refused, or one
 given window) and a call never answered in the fourth (a half-close read while its status still
-waited to go dropped it); a client's GOAWAY was not answered with ours before the close.
+waited to go dropped it); a client's GOAWAY was not answered with ours before the close, and
+it made h2 empty what we had queued and not yet written (ACKs, a reply's HEADERS and their HPACK
+entries: later header blocks on the connection no longer decoded).
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import anyio
 import hpack
 import pytest
+from hyperframe.frame import PingFrame
 
 from app_kit import Configuration, Server
 
@@ -22,6 +26,7 @@ from .frames import (
     DATA,
     END_HEADERS,
     END_STREAM,
+    GOAWAY,
     HANDSHAKE,
     HEADERS,
     PING,
@@ -34,7 +39,7 @@ from .frames import (
 from .services import ByteCounter, EchoService
 from .test_session12_trio_review import _Peer, _until
 
-pytestmark = [pytest.mark.anyio, pytest.mark.backends]
+pytestmark = pytest.mark.anyio
 
 _CANCEL = (8).to_bytes(4, "big")
 _MESSAGE = b"\x00\x00\x00\x00\x04\x0a\x02hi"  # BytesValue(value=b"hi"), one gRPC message
@@ -64,6 +69,7 @@ def _malformed_block(encoder: hpack.Encoder) -> bytes:
     return request_block(encoder, path="/r.R/Count", extra=[("connection", "keep-alive")])
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("refusal", ["malformed request", "over max_concurrent_streams", "after the final GOAWAY"])
 async def test_a_request_the_server_refuses_and_the_peer_resets_in_one_read_harms_no_other_call(
     backend: str, refusal: str, caplog: Any
@@ -102,6 +108,7 @@ async def test_a_request_the_server_refuses_and_the_peer_resets_in_one_read_harm
     _assert_no_connection_error(server, caplog)
 
 
+@pytest.mark.backends
 async def test_the_server_says_goaway_before_it_closes_a_connection_its_client_said_goaway_on(backend: str) -> None:
     """A client sends GOAWAY (NO_ERROR: it accepts no pushed streams; nothing stops it opening
     streams of its own), then a call. The server answers the call and, the client going away,
@@ -135,6 +142,7 @@ def _count(n: int) -> bytes:
     return b"\x00\x00\x00\x00\x02\x08" + bytes([n])
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("window", ["stream WINDOW_UPDATE", "connection WINDOW_UPDATE", "SETTINGS_INITIAL_WINDOW_SIZE"])
 async def test_window_given_and_the_stream_reset_in_one_read_harms_no_other_call(
     backend: str, window: str, caplog: Any
@@ -180,6 +188,7 @@ async def test_window_given_and_the_stream_reset_in_one_read_harms_no_other_call
     _assert_no_connection_error(server, caplog)
 
 
+@pytest.mark.backends
 async def test_a_half_close_after_the_handler_is_done_does_not_drop_its_queued_reply(backend: str) -> None:
     """A unary call: the client sends its request, and its half-close in a later frame (as
     clients of streaming calls do, and some unary ones). The handler answers at once, but the
@@ -205,5 +214,69 @@ async def test_a_half_close_after_the_handler_is_done_does_not_drop_its_queued_r
             assert await peer.send(frame(WINDOW_UPDATE, 0, 1, (1000).to_bytes(4, "big")))
             await _until(lambda: 1 in peer.trailer_statuses(), timeout=2)
             assert peer.trailer_statuses() == {1: b"0"}
+    finally:
+        await _close(server)
+
+
+_GOAWAY_NO_ERROR = frame(GOAWAY, 0, 0, bytes(8))  # last stream id 0: the client takes no pushed stream
+
+
+@pytest.mark.backends
+async def test_a_clients_goaway_does_not_discard_the_acks_queued_before_it(backend: str) -> None:
+    """A call (stream 1) is in flight. The client sends, in one write, SETTINGS, a PING and a
+    graceful GOAWAY (it is closing, and lets its calls finish). The server must acknowledge the
+    SETTINGS and the PING (RFC 9113 §6.5.3, §6.7), and stream 1 must end OK."""
+    server = Server([ByteCounter()])
+    await server.start("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    encoder = hpack.Encoder()
+    try:
+        async with _Peer(port) as peer:
+            first = frame(HEADERS, END_HEADERS, 1, request_block(encoder, path="/r.R/Count"))
+            assert await peer.send(HANDSHAKE + frame(SETTINGS, 1, 0) + first + frame(DATA, 0, 1, _MESSAGE))
+            await _until(lambda: server.stats().calls == 1)
+            settings = frame(SETTINGS, 0, 0, (4).to_bytes(2, "big") + (1 << 16).to_bytes(4, "big"))
+            assert await peer.send(settings + frame(PING, 0, 0, b"answerme") + _GOAWAY_NO_ERROR)
+            assert await peer.send(frame(DATA, END_STREAM, 1))
+            await _stream_1_ended_ok(peer)
+            acks = [type(f).__name__ for f in peer.frames if "ACK" in getattr(f, "flags", ())]
+            assert acks.count("SettingsFrame") == 2  # the handshake's, and this one's
+            assert any(isinstance(f, PingFrame) and f.opaque_data == b"answerme" for f in peer.frames)
+    finally:
+        await _close(server)
+
+
+async def test_a_clients_goaway_does_not_discard_a_replys_queued_headers() -> None:
+    """A call (stream 1) is in flight. The client then sends, in one write, 256 KiB: more of
+    stream 1's message, and a unary call (stream 5) at its very end; then a graceful GOAWAY.
+    asyncio reads 256 KiB at a time: the server reads the call, its handler answers (response
+    HEADERS into h2's buffer, the reply and status queued for the end of the loop turn), and the
+    GOAWAY is read before that turn ends. Stream 5's response must be HEADERS, DATA, trailers.
+
+    On asyncio only: there the order is certain (the handler's step is due before the next read,
+    the write at the end of the turn after it). On trio the same race is won one time in two
+    (trio orders the handler, the reader and the scheduler at random): the campaign saw it there."""
+    server = Server([ByteCounter(), EchoService()])
+    await server.start("127.0.0.1", 0)
+    # (room for the whole write in the socket before the server reads any of it)
+    server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    port = server.sockets[0].getsockname()[1]
+    encoder = hpack.Encoder()
+    try:
+        async with _Peer(port) as peer:
+            first = frame(HEADERS, END_HEADERS, 1, request_block(encoder, path="/r.R/Count"))
+            first += frame(DATA, 0, 1, b"\x00" + (3 << 20).to_bytes(4, "big"))  # a 3 MiB message begins
+            assert await peer.send(HANDSHAKE + frame(SETTINGS, 1, 0) + first)
+            await _until(lambda: server.stats().calls == 1)
+            call = frame(HEADERS, END_HEADERS, 5, request_block(encoder, path="/test.Echo/Unary"))
+            call += frame(DATA, END_STREAM, 5, _MESSAGE)
+            whole, last = divmod(256 * 1024 - len(call) - 9, 16384 + 9)
+            more = frame(DATA, 0, 1, bytes(16384)) * whole + frame(DATA, 0, 1, bytes(last))
+            assert len(more + call) == 256 * 1024
+            assert await peer.send(more + call + _GOAWAY_NO_ERROR)
+            await _until(lambda: 5 in peer.trailer_statuses())
+            kinds = [type(f).__name__ for f in peer.frames if f.stream_id == 5]
+            assert kinds == ["HeadersFrame", "DataFrame", "HeadersFrame"]
+            assert peer.trailer_statuses()[5] == b"0"
     finally:
         await _close(server)

@@ -231,6 +231,16 @@ class H2Connection(h2.connection.H2Connection):
         # Read per request: h2's option is a Python descriptor (a call per read).
         self._server_side = not self.config.client_side
 
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        """h2's, without emptying what we queued to send: h2 clears its outbound buffer on a
+        peer's GOAWAY, which loses the SETTINGS and PING ACKs and the HEADERS queued before it
+        (their HPACK entries too: every later header block then fails to decode), while the
+        streams up to its last-stream-id are still ours to finish (RFC 9113 §6.8)."""
+        kept = self._data_to_send
+        result = super()._receive_goaway_frame(frame)
+        self._data_to_send = kept
+        return result
+
     def _receive_frame(self, frame: Any) -> list[Any]:
         """h2's handling of one received frame, with two differences.
 
