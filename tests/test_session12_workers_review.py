@@ -21,6 +21,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -252,6 +253,22 @@ async def test_sigint_and_sighup_drain_a_call_in_every_worker_and_exit_0(scratch
     assert "Traceback" not in app.log
 
 
+async def _one_call_each_as_the_supervisor_is_killed(
+    app: AppProcess, port: int, pids: set[int], name: str, value: float
+) -> list[Any]:
+    """A call of ``name`` (``value`` seconds) in flight on each worker, then the supervisor
+    killed (SIGKILL): each call's reply, or what it raised."""
+    by_pid = await channels_by_pid(f"127.0.0.1:{port}", pids)
+    try:
+        calls = [method(channel, name)(DoubleValue(value=value), timeout=10) for channel in by_pid.values()]
+        await asyncio.sleep(0.3)
+        app.process.kill()
+        return await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        for channel in by_pid.values():
+            await channel.close()
+
+
 async def test_a_killed_supervisors_workers_finish_their_calls_in_flight(scratch: Path) -> None:
     """deploy.md: a supervisor that dies (SIGKILL, the OOM killer) "leaves no worker behind:
     each ... drains, as on SIGTERM": the calls each worker is serving are answered, then the
@@ -261,16 +278,9 @@ async def test_a_killed_supervisors_workers_finish_their_calls_in_flight(scratch
         await until(lambda: len(serving(app)) == 2, app)
         pids = set(workers(app))
         try:
-            by_pid = await channels_by_pid(f"127.0.0.1:{port}", pids)
-            try:
-                calls = [method(channel)(DoubleValue(value=1.2), timeout=10) for channel in by_pid.values()]
-                await asyncio.sleep(0.3)
-                app.process.kill()
-                replies = await asyncio.gather(*calls)
-                assert sorted(reply.value for reply in replies) == sorted(pids)
-            finally:
-                for channel in by_pid.values():
-                    await channel.close()
+            replies = await _one_call_each_as_the_supervisor_is_killed(app, port, pids, "Pid", 1.2)
+            assert not [reply for reply in replies if isinstance(reply, BaseException)], replies
+            assert sorted(reply.value for reply in replies) == sorted(pids)
             deadline = time.monotonic() + 5
             while any(running(pid) for pid in pids) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -289,15 +299,7 @@ async def test_a_killed_supervisors_workers_finish_calls_whose_handlers_print(sc
         await until(lambda: len(serving(app)) == 2, app)
         pids = set(workers(app))
         try:
-            by_pid = await channels_by_pid(f"127.0.0.1:{port}", pids)
-            try:
-                calls = [method(channel, "Print")(DoubleValue(value=1), timeout=10) for channel in by_pid.values()]
-                await asyncio.sleep(0.3)
-                app.process.kill()
-                results = await asyncio.gather(*calls, return_exceptions=True)
-            finally:
-                for channel in by_pid.values():
-                    await channel.close()
+            results = await _one_call_each_as_the_supervisor_is_killed(app, port, pids, "Print", 1)
             failed = [f"{exc.code().name}: {exc.details()}" for exc in results if isinstance(exc, grpc.aio.AioRpcError)]
             assert not failed, failed
         finally:

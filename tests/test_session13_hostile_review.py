@@ -45,6 +45,21 @@ _CANCEL = (8).to_bytes(4, "big")
 _MESSAGE = b"\x00\x00\x00\x00\x04\x0a\x02hi"  # BytesValue(value=b"hi"), one gRPC message
 
 
+async def _started(server: Server) -> int:
+    """Start ``server`` on a free port; its port."""
+    await server.start("127.0.0.1", 0)
+    port: int = server.sockets[0].getsockname()[1]
+    return port
+
+
+async def _call_in_flight(server: Server, peer: Any, encoder: hpack.Encoder) -> None:
+    """The connection's handshake (the server's SETTINGS acknowledged ahead of time), then a
+    call on stream 1 whose handler runs, waiting for more of its client stream."""
+    first = frame(HEADERS, END_HEADERS, 1, request_block(encoder, path="/r.R/Count"))
+    assert await peer.send(HANDSHAKE + frame(SETTINGS, 1, 0) + first + frame(DATA, 0, 1, _MESSAGE))
+    await _until(lambda: server.stats().calls == 1)
+
+
 async def _stream_1_ended_ok(peer: Any) -> None:
     """Stream 1, the call the defect must not harm, ends OK, and no GOAWAY carries an error."""
     await _until(lambda: 1 in peer.trailer_statuses() or peer.closed)
@@ -81,15 +96,11 @@ async def test_a_request_the_server_refuses_and_the_peer_resets_in_one_read_harm
     GOAWAY and nothing logged above INFO."""
     config = Configuration(max_concurrent_streams=1) if refusal == "over max_concurrent_streams" else None
     server = Server([ByteCounter()], config=config)
-    await server.start("127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port = await _started(server)
     encoder = hpack.Encoder()
     try:
         async with _Peer(port) as peer:
-            first = frame(HEADERS, END_HEADERS, 1, request_block(encoder, path="/r.R/Count"))
-            # (SETTINGS ACK: the server's SETTINGS, acknowledged ahead of time)
-            assert await peer.send(HANDSHAKE + frame(SETTINGS, 1, 0) + first + frame(DATA, 0, 1, _MESSAGE))
-            await _until(lambda: server.stats().calls == 1)
+            await _call_in_flight(server, peer, encoder)
             if refusal == "malformed request":
                 block = _malformed_block(encoder)
             else:
@@ -116,8 +127,7 @@ async def test_the_server_says_goaway_before_it_closes_a_connection_its_client_s
     (GOAWAY NO_ERROR, last stream id 1), so that a stream the client opened meanwhile (3, sent
     once stream 1 is answered) is known to be safe to retry elsewhere."""
     server = Server([ByteCounter()])
-    await server.start("127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port = await _started(server)
     encoder = hpack.Encoder()
     goaway = frame(7, 0, 0, (0).to_bytes(4, "big") + (0).to_bytes(4, "big"))  # GOAWAY NO_ERROR, last 0
     try:
@@ -154,8 +164,7 @@ async def test_window_given_and_the_stream_reset_in_one_read_harms_no_other_call
     acknowledges what it reads, and resets a call its caller cancels). Stream 3 is over; stream 1
     must go on and end OK, with no GOAWAY and nothing logged above INFO."""
     server = Server([ByteCounter(), EchoService()])
-    await server.start("127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port = await _started(server)
     encoder = hpack.Encoder()
     on_connection = window == "connection WINDOW_UPDATE"
     initial_window = (1 << 20) if on_connection else 0
@@ -198,8 +207,7 @@ async def test_a_half_close_after_the_handler_is_done_does_not_drop_its_queued_r
     other calls, a call's end is written at the end of the loop turn, and a half-close read
     before that dropped it.)"""
     server = Server([EchoService()])
-    await server.start("127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port = await _started(server)
     encoder = hpack.Encoder()
     zero_window = frame(SETTINGS, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big"))
     try:
@@ -227,14 +235,11 @@ async def test_a_clients_goaway_does_not_discard_the_acks_queued_before_it(backe
     graceful GOAWAY (it is closing, and lets its calls finish). The server must acknowledge the
     SETTINGS and the PING (RFC 9113 §6.5.3, §6.7), and stream 1 must end OK."""
     server = Server([ByteCounter()])
-    await server.start("127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port = await _started(server)
     encoder = hpack.Encoder()
     try:
         async with _Peer(port) as peer:
-            first = frame(HEADERS, END_HEADERS, 1, request_block(encoder, path="/r.R/Count"))
-            assert await peer.send(HANDSHAKE + frame(SETTINGS, 1, 0) + first + frame(DATA, 0, 1, _MESSAGE))
-            await _until(lambda: server.stats().calls == 1)
+            await _call_in_flight(server, peer, encoder)
             settings = frame(SETTINGS, 0, 0, (4).to_bytes(2, "big") + (1 << 16).to_bytes(4, "big"))
             assert await peer.send(settings + frame(PING, 0, 0, b"answerme") + _GOAWAY_NO_ERROR)
             assert await peer.send(frame(DATA, END_STREAM, 1))
