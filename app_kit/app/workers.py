@@ -165,11 +165,14 @@ class _Slot:
     #: Watches its process's heartbeat and shutdown (see Supervisor._watch).
     watch: asyncio.Task[None] | None = None
 
-    def drain(self) -> None:
-        """SIGTERM its process, once: it drains from then on."""
-        if self.process is not None and self.process.returncode is None and self.signalled_at is None:
-            self.signalled_at = time.monotonic()
-            self.process.send_signal(signal.SIGTERM)
+    def drain(self) -> bool:
+        """SIGTERM its process, once: it drains from then on. False if it was signalled already
+        (or has no process running)."""
+        if self.process is None or self.process.returncode is not None or self.signalled_at is not None:
+            return False
+        self.signalled_at = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        return True
 
 
 class Supervisor:
@@ -242,9 +245,8 @@ class Supervisor:
         log.info("%s: restarting", reason)
         for slot in self.slots:
             # Once: the worker is draining from then on.
-            if slot.process is not None and slot.process.returncode is None and slot.signalled_at is None:
+            if slot.drain():
                 slot.replacing = True
-                slot.drain()
             slot.wake.set()
 
     def _on_signal(self, signum: int) -> None:
@@ -362,8 +364,8 @@ class Supervisor:
         # With JSON logs, every line is one JSON object: a worker's other output too.
         as_json = self.settings.log_format == "json"
         for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
-            origin = (slot.index, process.pid, "stdout" if out is sys.stdout else "stderr") if as_json else None
-            slot.relays.append(asyncio.create_task(_relay(stream, out, label, slot.index, process.pid, origin)))
+            json_name = ("stdout" if out is sys.stdout else "stderr") if as_json else None
+            slot.relays.append(asyncio.create_task(_relay(stream, out, label, slot.index, process.pid, json_name)))
         if beats is not None:
             slot.watch = asyncio.create_task(self._watch(slot, process, beats[0]))
         return process
@@ -443,11 +445,11 @@ async def _relay(
     label: str,
     index: int,
     pid: int,
-    as_json: tuple[int, int, str] | None = None,
+    json_name: str | None = None,
 ) -> None:
     """Copy a worker's stdout or stderr to ``out`` (ours), each line saying which worker wrote it.
 
-    ``as_json`` (worker, pid, stream name): a line that is not a JSON object (a ``print()``,
+    ``json_name`` (``stdout`` or ``stderr``, with JSON logs): a line that is not a JSON object (a ``print()``,
     a traceback, the stacks of a stuck worker) becomes one, as the logs are (a piece of one
     too long to hold, one each).
     Read to the end even when ``out`` cannot be written (closed, a broken pipe): a worker
@@ -474,8 +476,8 @@ async def _relay(
             labelled = _label_json(chunk, index, pid)
             if labelled is not None:
                 chunk = labelled
-            elif as_json is not None:
-                chunk = _as_json_line(chunk, *as_json)
+            elif json_name is not None:
+                chunk = _as_json_line(chunk, index, pid, json_name)
             else:
                 chunk = prefix + chunk
         at_line_start = chunk.endswith(b"\n")
