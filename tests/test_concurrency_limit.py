@@ -20,7 +20,7 @@ from app_kit.aio.client import method_for
 from app_kit.app.settings import AppSettings, SettingsError, load_settings
 
 from .conftest import running_server
-from .frames import HANDSHAKE, RST_STREAM, RawPeer, frame, whole_request
+from .frames import HANDSHAKE, RST_STREAM, SETTINGS, WINDOW_UPDATE, RawPeer, frame, whole_request
 from .services import Sleeper, grpcio_method
 
 pytestmark = pytest.mark.anyio
@@ -117,3 +117,45 @@ async def test_a_shed_call_reset_in_the_same_read_leaves_the_connection_serving(
             assert peer.trailer_statuses().get(7) == b"0"
             assert not peer.goaways
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING], caplog.text
+
+
+async def test_a_call_whose_status_waits_for_window_still_counts_until_it_is_answered() -> None:
+    # grpc-core counts a call until its status goes out: a handler that returned with its reply
+    # and status still queued (the client's window shut) holds what a running call holds.
+    encoder = hpack.Encoder()
+    config = Configuration(max_concurrent_calls=1)
+    shut_window = frame(SETTINGS, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big"))
+    async with running_server([Sleeper()], config=config) as (server, target):
+        async with RawPeer(server.sockets[0].getsockname()[1]) as peer, Channel(target) as channel:
+            reply = BytesValue(value=b"x" * 100).SerializeToString()
+            await peer.send(HANDSHAKE + shut_window + whole_request("/test.Echo/Unary", reply, 1, encoder))
+            unary = method_for(channel, "/test.Echo/Unary", Cardinality.UNARY_UNARY, BytesValue, BytesValue)
+            await asyncio.sleep(0.2)  # its handler has returned; its reply and status wait for window
+            assert not peer.trailer_statuses()
+            with pytest.raises(GRPCError) as caught:
+                await unary(BytesValue(value=b"y"), timeout=5)
+            assert caught.value.status is Status.RESOURCE_EXHAUSTED
+            await peer.send(frame(WINDOW_UPDATE, 0, 1, (1 << 16).to_bytes(4, "big")))
+            deadline = time.monotonic() + 3
+            while 1 not in peer.trailer_statuses() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert peer.trailer_statuses().get(1) == b"0"
+            assert (await unary(BytesValue(value=b"z"), timeout=5)).value == b"z"
+
+
+async def test_a_counted_call_whose_status_never_goes_ends_with_the_grace_period() -> None:
+    config = Configuration(max_concurrent_calls=1)
+    shut_window = frame(SETTINGS, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big"))
+    async with running_server([Sleeper()], config=config) as (server, _):
+        async with RawPeer(server.sockets[0].getsockname()[1]) as peer:
+            reply = BytesValue(value=b"x" * 100).SerializeToString()
+            await peer.send(HANDSHAKE + shut_window + whole_request("/test.Echo/Unary", reply, 1))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            server.close(grace=0.3)
+            await asyncio.wait_for(server.wait_closed(), 3)
+            await asyncio.wait_for(server.wait_calls_done(), 1)
+            assert time.monotonic() - started < 1.5
+            await peer.wait_closed(1)
+            # Its queued reply dropped, it got UNAVAILABLE (trailers need no window).
+            assert peer.goaways and peer.trailer_statuses() == {1: b"14"}, peer.frames

@@ -525,7 +525,9 @@ class Server:
 
     async def wait_calls_done(self) -> None:
         """Return once no handler is running (after :meth:`close`: once those still running
-        have ended, or unwound from their cancellation when the grace period ended)."""
+        have ended, or unwound from their cancellation when the grace period ended). Under
+        ``max_concurrent_calls``, a call whose status waits for the client's window counts
+        as running until it goes (or the grace period's end settles it)."""
         if self._tasks:
             waiter = current_runtime().create_future()
             self._idle_waiters.append(waiter)
@@ -755,11 +757,16 @@ class ServerProtocol(ConnectionProtocol):
     def _call_done(self, stream_id: int, task: Any) -> None:
         calls = self._calls
         call = calls.get(stream_id)
-        if call is not None and not call[0]._status_queued:  # (else it ends in _settle)
+        server = self._server
+        if call is None:
+            server._task_done(task)
+        elif call[0]._status_queued or (server.config.max_concurrent_calls is not None and _status_waits(call[0])):
+            pass  # it ends in _settle: until its status goes it counts as running, as in grpc-core
+        else:
             del calls[stream_id]
+            server._task_done(task)
         if not calls:
             self._idle_since = self.loop.time()
-        self._server._task_done(task)
         self.schedule_flush()
         self._close_if_done()
 
@@ -794,7 +801,9 @@ class ServerProtocol(ConnectionProtocol):
         """A call whose handler is done and whose status was queued behind its replies ends
         now: with that status once it went (``status`` None), else with ``status``."""
         calls = self._calls
-        stream = calls.pop(stream_id)[0]
+        stream, task = calls.pop(stream_id)
+        if task.done():  # (else _call_done counts it out)
+            self._server._task_done(task)
         if not calls:
             self._idle_since = self.loop.time()  # (as _call_done: the connection is idle from now)
         stream._status_queued = False
@@ -978,17 +987,24 @@ async def _serve_call(stream: Stream[object, object], handler: Handler, intercep
             _intercepted(stream, handler, interceptors.interceptors),
             _intercepted(stream, handler, interceptors.interceptors, instead=_EXPIRED),
         )
-        state = stream._connection.sender_state(stream._stream_id)
-        if state.pending_trailers is not None:
-            # Its status waits behind its replies (for the client's window, or only for this
-            # turn's flush): the call is over for its client when that goes, or ends as a
-            # reset, the grace period's end or the connection's loss says first. Its protocol
-            # reports it then (StreamWritable once the status went: ServerProtocol._settle).
-            stream._status_queued = True
-            state.over_limit = True
+        _status_waits(stream)
     finally:
         if not stream._status_queued:
             _report_end(stream, interceptors.interceptors)
+
+
+def _status_waits(stream: Stream[object, object]) -> bool:
+    """Whether a call whose handler is done still has its status queued behind its replies
+    (for the client's window, or only for this turn's flush). If so, the call is over for its
+    client when that goes, or ends as a reset, the grace period's end or the connection's loss
+    says first: its protocol settles it then (StreamWritable once the status went:
+    ServerProtocol._settle), and tells its interceptors."""
+    state = stream._connection.sender_state(stream._stream_id)
+    if state.pending_trailers is None:
+        return False
+    stream._status_queued = True
+    state.over_limit = True
+    return True
 
 
 def _report_end(stream: Stream[object, object], interceptors: tuple[ServerInterceptor, ...]) -> None:
