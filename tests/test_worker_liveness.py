@@ -125,3 +125,25 @@ async def test_a_worker_that_left_a_child_holding_its_output_is_still_seen_to_ex
                 await until(lambda: len(workers(app)) == 3, app, timeout=10)
     finally:
         subprocess.run(["pkill", "-f", " ".join(child)], check=False)
+
+
+async def test_a_second_signal_kills_the_workers_with_what_they_started() -> None:
+    # The second signal means "now": a worker's own subprocesses (its process group) go with it,
+    # as they do when the supervisor kills a stuck worker, not left running as orphans.
+    child = ["sleep", "61.37"]  # (a duration no other process here sleeps)
+    env = {"LIVENESS_CHILD": " ".join(child), "LIVENESS_STOP": "hang", "APP_GRACE_PERIOD": "30"}
+    try:
+        async with AppProcess(APP, "--port", "0", "--workers", "2", env=env) as app:
+            await app.ready()
+            await until(lambda: len(serving(app)) == 2, app)
+            assert subprocess.run(["pgrep", "-f", " ".join(child)], capture_output=True).stdout.count(b"\n") == 2
+            app.signal()
+            await until(lambda: "draining every worker" in app.log, app)
+            app.signal()
+            assert await app.wait(timeout=10) == 128 + signal.SIGTERM, app.log
+            deadline = time.monotonic() + 2
+            while subprocess.run(["pgrep", "-f", " ".join(child)], capture_output=True).returncode == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert subprocess.run(["pgrep", "-f", " ".join(child)], capture_output=True).returncode == 1, "a worker's child survived"
+    finally:
+        subprocess.run(["pkill", "-f", " ".join(child)], check=False)

@@ -23,7 +23,7 @@ The port is shared in one of two ways (``APP_WORKERS_SOCKET``):
 The supervisor restarts a worker that dies (after ``APP_WORKER_RESTART_DELAY``, doubled for
 each death in a row), stops every worker with SIGTERM on SIGTERM/SIGINT/SIGHUP (as uvicorn does:
 a worker still importing the App dies of it without a KeyboardInterrupt traceback) and waits for
-all of them to drain; a second signal kills them at once (SIGKILL). A worker takes a repeated
+all of them to drain; a second signal kills them at once (SIGKILL, each with its process group). A worker takes a repeated
 SIGTERM as the same request (systemd's ``KillMode=control-group`` signals every process, so it
 gets one from outside and one from the supervisor). A worker whose event loop stops turning
 (no heartbeat for ``APP_WORKER_TIMEOUT`` seconds once it serves, see :mod:`.heartbeat`) is
@@ -257,7 +257,9 @@ class Supervisor:
             self._stop(signum)
         else:
             log.warning("received %s again: killing every worker", name)
-            self._send(signal.SIGKILL)
+            for slot in self.slots:
+                if slot.process is not None:
+                    _kill_group(slot.process)
 
     def _stop(self, signum: int) -> None:
         self.stopping.set()
@@ -271,11 +273,6 @@ class Supervisor:
             slot.drain()
             slot.wake.set()
 
-    def _send(self, signum: int) -> None:
-        for slot in self.slots:
-            if slot.process is not None and slot.process.returncode is None:
-                slot.process.send_signal(signum)
-
     async def _keep(self, slot: _Slot) -> int:
         """Run the slot's worker, again and again until stopping; return its last exit code."""
         deaths = 0
@@ -287,7 +284,7 @@ class Supervisor:
                 if len(self._signals) < 2:
                     slot.drain()
                 else:
-                    process.kill()
+                    _kill_group(process)
             code = await _exited(process)
             ran = time.monotonic() - started
             if self.stopping.is_set():
@@ -427,7 +424,14 @@ class Supervisor:
             # (Printed from the signal handler at once; a moment for the relay to pass it on.)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_exited(process), 0.5)
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_group(process)
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    """Kill a worker with its process group: what it started goes with it, not left running
+    as orphans (the group outlives its leader while one of them runs)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 async def _exited(process: asyncio.subprocess.Process) -> int:
