@@ -136,14 +136,19 @@ async def test_a_second_signal_kills_the_workers_with_what_they_started() -> Non
         async with AppProcess(APP, "--port", "0", "--workers", "2", env=env) as app:
             await app.ready()
             await until(lambda: len(serving(app)) == 2, app)
-            assert subprocess.run(["pgrep", "-f", " ".join(child)], capture_output=True).stdout.count(b"\n") == 2
+            assert running(child) == 2
             app.signal()
             await until(lambda: "draining every worker" in app.log, app)
             app.signal()
             assert await app.wait(timeout=10) == 128 + signal.SIGTERM, app.log
             deadline = time.monotonic() + 2
-            while subprocess.run(["pgrep", "-f", " ".join(child)], capture_output=True).returncode == 0 and time.monotonic() < deadline:
+            while running(child) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert subprocess.run(["pgrep", "-f", " ".join(child)], capture_output=True).returncode == 1, "a worker's child survived"
+            assert not running(child), "a worker's child survived"
     finally:
         subprocess.run(["pkill", "-f", " ".join(child)], check=False)
+
+
+def running(command: list[str]) -> int:
+    """How many processes run ``command``."""
+    return len(subprocess.run(["pgrep", "-f", " ".join(command)], capture_output=True).stdout.split())

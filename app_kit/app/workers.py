@@ -23,9 +23,10 @@ The port is shared in one of two ways (``APP_WORKERS_SOCKET``):
 The supervisor restarts a worker that dies (after ``APP_WORKER_RESTART_DELAY``, doubled for
 each death in a row), stops every worker with SIGTERM on SIGTERM/SIGINT/SIGHUP (as uvicorn does:
 a worker still importing the App dies of it without a KeyboardInterrupt traceback) and waits for
-all of them to drain; a second signal kills them at once (SIGKILL, each with its process group). A worker takes a repeated
-SIGTERM as the same request (systemd's ``KillMode=control-group`` signals every process, so it
-gets one from outside and one from the supervisor). A worker whose event loop stops turning
+all of them to drain; a second signal kills them at once (SIGKILL, each with its process
+group). A worker takes a repeated SIGTERM as the same request (systemd's
+``KillMode=control-group`` signals every process, so it gets one from outside and one from the
+supervisor). A worker whose event loop stops turning
 (no heartbeat for ``APP_WORKER_TIMEOUT`` seconds once it serves, see :mod:`.heartbeat`) is
 killed and replaced; one still shutting down that long after its drain delay and grace period
 is killed. A worker whose start-up fails (exit code 3)
