@@ -15,7 +15,9 @@ interceptors whose ``intercept`` started. On the client ``[a, b]`` runs ``a.star
 ``on_call_end`` runs ``b`` then ``a``, for the interceptors whose ``start`` was called (one
 that raised included). A call whose deadline had passed when it arrived goes through the
 interceptors too, with a ``proceed`` that raises DEADLINE_EXCEEDED instead of running the
-handler; a call to a method the server does not serve never reaches them.
+handler. A request refused for its headers never reaches them (as in grpc-core and grpc-go):
+a method the server does not serve, a ``grpc-timeout``, ``grpc-encoding``, content-type or
+metadata it cannot take, a header list over the limit.
 
 Override only what you need: a hook left as the base class has it costs nothing per message,
 and without interceptors a call pays only for counting its messages and bytes (the bench's

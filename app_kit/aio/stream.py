@@ -355,8 +355,11 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         if self._state is _CANCELLED:
             return
         self._state = _ENDED
+        if not self._connection.end_now(self._stream_id, status, message):
+            # Reset by the client in the read being handled: it got no status (interceptors,
+            # metrics and the access log record what it saw).
+            status, message = Status.CANCELLED, f"reset by peer ({message})"
         self._status, self._status_message = status, message
-        self._connection.end_now(self._stream_id, status, message)
         self._protocol.flush_call_end()
 
     _fail = _end_now  # a message that cannot be taken or sent ends the call, whatever its handler does

@@ -49,7 +49,9 @@ class _MetadataGetter(Getter[Metadata]):
     """Reads propagation headers from a call's metadata (text values only)."""
 
     def get(self, carrier: Metadata, key: str) -> list[str] | None:
-        values = [value for value in carrier.getall(key, ()) if isinstance(value, str)]
+        # gRPC metadata keys are lower-case; a propagator may spell its header otherwise
+        # (AWS X-Ray's ``X-Amzn-Trace-Id``).
+        values = [value for value in carrier.getall(key.lower(), ()) if isinstance(value, str)]
         return values or None
 
     def keys(self, carrier: Metadata) -> list[str]:
@@ -217,7 +219,7 @@ class ClientTracing(ClientInterceptor):
         else:
             propagate.inject(carrier, context=trace.set_span_in_context(span))
         for key, value in carrier.items():
-            call.add_metadata(key, value)
+            call.add_metadata(key.lower(), value)  # (gRPC metadata keys are lower-case)
 
     def on_call_end(self, call: ClientStream[Any, Any]) -> None:
         """End the call's span with its status; record the metrics."""

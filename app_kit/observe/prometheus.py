@@ -13,13 +13,15 @@ and labels of go-grpc-prometheus, so existing dashboards and alerts work unchang
 * the same with ``grpc_client_`` from :class:`ClientMetrics`.
 
 Only methods a server serves get labels (an unknown method is refused before any interceptor
-runs), so a client cannot grow the label sets.
+runs, as is a request whose headers the server cannot take), so a client cannot grow the label
+sets.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, cast
 
@@ -75,6 +77,9 @@ GO_CODE_NAMES: dict[Status, str] = {
     Status.UNAUTHENTICATED: "Unauthenticated",
 }
 
+# registry -> side -> its metrics (weakly: a registry dropped takes its metrics with it)
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, _CallMetrics]] = weakref.WeakKeyDictionary()
+
 GRPC_TYPES = {
     Cardinality.UNARY_UNARY: "unary",
     Cardinality.STREAM_UNARY: "client_stream",
@@ -88,7 +93,24 @@ class _CallMetrics:
     """The five metrics of one side (``grpc_server_`` or ``grpc_client_``), with each method's
     labelled children cached: ``labels()`` takes a lock and builds a key on every use."""
 
+    @classmethod
+    def of(cls, side: str, registry: CollectorRegistry | None, buckets: Sequence[float], what: str) -> _CallMetrics:
+        """The side's metrics in ``registry``: one set, shared by every interceptor that counts
+        there (a ``ClientMetrics()`` per channel, as go-grpc-prometheus's one set for all)."""
+        if registry is None:
+            return cls(side, None, buckets, what)
+        shared = _SHARED.setdefault(registry, {})
+        metrics = shared.get(side)
+        if metrics is None:
+            metrics = shared[side] = cls(side, registry, buckets, what)
+        elif metrics.buckets != tuple(buckets):
+            raise ValueError(
+                f"grpc_{side}_handling_seconds is in this registry with buckets {metrics.buckets}, not {tuple(buckets)}"
+            )
+        return metrics
+
     def __init__(self, side: str, registry: CollectorRegistry | None, buckets: Sequence[float], what: str) -> None:
+        self.buckets = tuple(buckets)
         prefix = f"grpc_{side}"
         self.started = Counter(f"{prefix}_started", f"RPCs {what} started.", _LABELS, registry=registry)
         self.handled = Counter(
@@ -155,8 +177,9 @@ class ServerMetrics(ServerInterceptor):
 
     List it first (outermost) in ``interceptors``: a call an outer interceptor refuses never
     reaches it, and is not counted. ``registry`` is where the metrics are registered
-    (prometheus_client's global ``REGISTRY`` by default; one registry holds one
-    ``ServerMetrics``); ``buckets`` are the upper bounds of ``grpc_server_handling_seconds``.
+    (prometheus_client's global ``REGISTRY`` by default; every ``ServerMetrics`` of one
+    registry counts in the same metrics, so their ``buckets`` must agree); ``buckets`` are the
+    upper bounds of ``grpc_server_handling_seconds``.
 
     Messages are counted when a call ends, from the call's own counters, rather than in the
     per-message hooks: one increment per call instead of one per message, and the server's
@@ -167,7 +190,7 @@ class ServerMetrics(ServerInterceptor):
     def __init__(
         self, registry: CollectorRegistry | None = REGISTRY, *, buckets: Sequence[float] = DEFAULT_BUCKETS
     ) -> None:
-        self._metrics = _CallMetrics("server", registry, buckets, "on the server")
+        self._metrics = _CallMetrics.of("server", registry, buckets, "on the server")
 
     async def intercept(self, call: Stream[Any, Any], proceed: Any) -> None:
         """Count the call as started, and run it."""
@@ -192,7 +215,7 @@ class ClientMetrics(ClientInterceptor):
     def __init__(
         self, registry: CollectorRegistry | None = REGISTRY, *, buckets: Sequence[float] = DEFAULT_BUCKETS
     ) -> None:
-        self._metrics = _CallMetrics("client", registry, buckets, "from the client")
+        self._metrics = _CallMetrics.of("client", registry, buckets, "from the client")
 
     async def start(self, call: ClientStream[Any, Any]) -> None:
         """Count the call as started."""

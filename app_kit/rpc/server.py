@@ -368,7 +368,9 @@ class ServerConnection(GrpcConnection):
 
     def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
         log.log(logging.INFO, "ending stream %d: %s", state.stream_id, message)
-        self.end_now(state.stream_id, status, message)
+        if not self.end_now(state.stream_id, status, message):
+            # Reset by the peer in this very read: it got no status, its call was cancelled.
+            status, message = Status.CANCELLED, f"reset by peer ({message})"
         events.append(StreamClosed(state.stream_id, 0, message, status=status))
 
     def _send_trailers(self, stream_id: int, trailers: Sequence[tuple[bytes, bytes]]) -> None:
