@@ -213,12 +213,13 @@ def test_ping_policy_counts_strikes_as_grpc_defines_them() -> None:
 
 
 async def test_a_client_told_too_many_pings_doubles_its_keepalive_time() -> None:
-    # The server allows a PING every 0.2 s (beyond those our frames license). An idle client
-    # pings once per keepalive_time + keepalive_timeout: every 0.15 s here, so its connection
-    # ends with too_many_pings; it doubles its keepalive_time, and at 0.25 s between PINGs the
-    # next connection lives on.
-    server_config = Configuration(min_ping_interval=0.2, min_ping_interval_without_calls=0.2, max_ping_strikes=1)
-    client_config = Configuration(keepalive_time=0.1, keepalive_timeout=0.05)
+    # The server allows a PING every 0.15 s (beyond those our frames license). An idle client
+    # allowed to (keepalive_permit_without_calls) pings keepalive_time after the last frame it
+    # read, the previous PING's ACK: every 0.1 s here, so its connection ends with
+    # too_many_pings; it doubles its keepalive_time, and at 0.2 s between PINGs the next
+    # connection lives on.
+    server_config = Configuration(min_ping_interval=0.15, min_ping_interval_without_calls=0.15, max_ping_strikes=1)
+    client_config = Configuration(keepalive_time=0.1, keepalive_timeout=0.05, keepalive_permit_without_calls=True)
     async with running_server([EchoService()], config=server_config) as (_, target):
         async with Channel(target, config=client_config) as channel:
             unary = methods(channel)["Unary"]

@@ -48,9 +48,9 @@ class ConnectionProtocol(asyncio.Protocol):
         #: The transport asked us to stop writing (its buffer is over the high-water mark).
         self.write_paused = False
         self._closed = False
-        self._received_since_check = False
+        self._last_read = 0.0  # the loop's time of the last bytes from the peer (keepalive)
         self._keepalive_handle: asyncio.TimerHandle | None = None
-        self._keepalive_waiting = False
+        self._keepalive_sent_at: float | None = None  # when our unanswered keepalive PING went
         self._handshake_handle: asyncio.TimerHandle | None = None
         self._linger_handle: asyncio.TimerHandle | None = None
 
@@ -66,6 +66,7 @@ class ConnectionProtocol(asyncio.Protocol):
         self.connection.initiate()
         self.flush()
         self._handshake_handle = self.loop.call_later(self.connection.config.handshake_timeout, self._handshake_expired)
+        self._last_read = self.loop.time()
         if self.connection.config.keepalive_time is not None:
             self._keepalive_handle = self.loop.call_later(self.connection.config.keepalive_time, self._keepalive_check)
 
@@ -73,7 +74,7 @@ class ConnectionProtocol(asyncio.Protocol):
         """Feed the core, dispatch its events, write its answer in the same turn."""
         if self._closed:
             return  # lingering after our last frame: discard
-        self._received_since_check = True
+        self._last_read = self.loop.time()
         events = self.connection.receive_data(data)
         if self._handshake_handle is not None and self.connection.handshake_complete:
             self._handshake_handle.cancel()
@@ -267,20 +268,30 @@ class ConnectionProtocol(asyncio.Protocol):
 
     def _keepalive_check(self) -> None:
         config = self.connection.config
-        if self._closed or config.keepalive_time is None:
+        keepalive_time = config.keepalive_time
+        if self._closed or keepalive_time is None:
             return
-        if self._keepalive_waiting and not self._received_since_check:
-            log.info("closing connection: keepalive PING not answered within %ss", config.keepalive_timeout)
-            self.connection.close(0, "keepalive timeout")
-            self.close_transport("keepalive PING not answered in time")
+        if self._keepalive_sent_at is not None:
+            if self._last_read < self._keepalive_sent_at:
+                log.info("closing connection: keepalive PING not answered within %ss", config.keepalive_timeout)
+                self.connection.close(0, "keepalive timeout")
+                self.close_transport("keepalive PING not answered in time")
+                return
+            self._keepalive_sent_at = None
+        # Timed from the last bytes read: a peer gone silent is found keepalive_time +
+        # keepalive_timeout after it last spoke.
+        silent = self.loop.time() - self._last_read
+        if silent < keepalive_time:
+            self._keepalive_handle = self.loop.call_later(keepalive_time - silent, self._keepalive_check)
             return
-        if self._received_since_check:
-            self._keepalive_waiting = False
-            self._received_since_check = False
-            self._keepalive_handle = self.loop.call_later(config.keepalive_time, self._keepalive_check)
+        if not self.connection.open_streams and not config.keepalive_permit_without_calls:
+            # gRPC's rule (gRFC A8): no keepalive PING without calls unless permitted (a server
+            # counts such PINGs as strikes, then sends GOAWAY too_many_pings). Looked at again
+            # soon: a call that starts meanwhile is covered within a quarter more.
+            self._keepalive_handle = self.loop.call_later(keepalive_time / 4, self._keepalive_check)
             return
-        # Nothing heard for a whole interval: ask, and give the peer keepalive_timeout to answer.
-        self._keepalive_waiting = True
+        # Nothing heard for keepalive_time: ask, and give the peer keepalive_timeout to answer.
+        self._keepalive_sent_at = self.loop.time()
         self.connection.ping(_KEEPALIVE_PING)
         self.flush()
         self._keepalive_handle = self.loop.call_later(config.keepalive_timeout, self._keepalive_check)

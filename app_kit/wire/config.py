@@ -90,6 +90,10 @@ class Configuration:
     keepalive_time: float | None = 2 * 60 * 60.0
     #: Close the connection when a keepalive PING is not answered within this time.
     keepalive_timeout: float = 20.0
+    #: Send keepalive PINGs on a connection without calls too (gRPC's
+    #: ``keepalive_permit_without_calls``, off by default as there: servers enforce at most
+    #: one such PING per ``min_ping_interval_without_calls``, 2 h by default in gRPC).
+    keepalive_permit_without_calls: bool = False
     #: On shutdown, how long to wait for the PING that follows the first GOAWAY to be
     #: answered before sending the final GOAWAY.
     shutdown_ping_timeout: float = 5.0
