@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import logging
 import socket
 import ssl as ssl_module
@@ -270,6 +271,71 @@ class ClientProtocol(ConnectionProtocol):
                     with contextlib.suppress(ValueError):
                         self._slot_waiters.remove(waiter)
         return True
+
+
+#: RFC 8305's Connection Attempt Delay, as gRPC's pick_first uses it (gRFC A61).
+HAPPY_EYEBALLS_DELAY = 0.25
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _connect_first(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A socket connected to the first of ``host``'s addresses that answers. The next address is
+    tried ``HAPPY_EYEBALLS_DELAY`` after the previous attempt began (or at once when it failed),
+    the earlier attempts going on: one address that drops SYNs (a node gone, an unroutable IPv6
+    address) costs a quarter second, not the whole attempt. (asyncio's own Happy Eyeballs is not
+    in uvloop.)"""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    waiting = collections.deque(infos)
+    attempts: set[asyncio.Task[socket.socket]] = set()
+    errors: list[OSError] = []
+    try:
+        while waiting or attempts:
+            if waiting:
+                family, kind, proto, _, address = waiting.popleft()
+                attempts.add(loop.create_task(_connect_socket(loop, family, kind, proto, address)))
+            done, attempts = await asyncio.wait(
+                attempts, timeout=HAPPY_EYEBALLS_DELAY if waiting else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            connected = [task.result() for task in done if task.exception() is None]
+            errors += [cast(OSError, task.exception()) for task in done if task.exception() is not None]
+            if connected:
+                for extra in connected[1:]:
+                    extra.close()
+                return connected[0]
+    finally:
+        for task in attempts:
+            task.cancel()  # (each closes its socket; one that connected meanwhile is closed here)
+            task.add_done_callback(_close_if_connected)
+    if not errors:
+        raise OSError(f"{host!r} resolved to no address")
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError(f"Multiple exceptions: {', '.join(map(str, errors))}")
+
+
+async def _connect_socket(
+    loop: asyncio.AbstractEventLoop, family: int, kind: int, proto: int, address: Any
+) -> socket.socket:
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _close_if_connected(task: asyncio.Task[socket.socket]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 class Channel:
@@ -691,13 +757,22 @@ class Channel:
             )
         else:
             assert address.host is not None and address.port is not None  # set whenever path is None
-            _, protocol = await loop.create_connection(
-                functools.partial(factory, loop),
-                address.host,
-                address.port,
-                ssl=self._ssl,
-                server_hostname=self._server_hostname,
-            )
+            if _is_ip_address(address.host):
+                _, protocol = await loop.create_connection(
+                    functools.partial(factory, loop),
+                    address.host,
+                    address.port,
+                    ssl=self._ssl,
+                    server_hostname=self._server_hostname,
+                )
+            else:
+                sock = await _connect_first(loop, address.host, address.port)
+                _, protocol = await loop.create_connection(
+                    functools.partial(factory, loop),
+                    sock=sock,
+                    ssl=self._ssl,
+                    server_hostname=(self._server_hostname or address.host) if self._ssl else None,
+                )
         return protocol
 
     def request(
