@@ -359,7 +359,13 @@ async def test_ready_socket() -> None:
 
 
 async def test_keepalive_ping_and_timeout() -> None:
+    # Without calls, only when permitted (gRPC's keepalive_permit_without_calls, off by default).
     config = Configuration(keepalive_time=0.2, keepalive_timeout=0.3)
+    async with running_server([EchoService()], config=config) as (server, _):
+        async with RawClient("127.0.0.1", _port(server)) as client:
+            await asyncio.sleep(0.6)
+            assert not any(isinstance(e, h2.events.PingReceived) for e in client.events)
+    config = Configuration(keepalive_time=0.2, keepalive_timeout=0.3, keepalive_permit_without_calls=True)
     async with running_server([EchoService()], config=config) as (server, _):
         # A peer that answers PINGs (h2 does) keeps its connection.
         async with RawClient("127.0.0.1", _port(server)) as client:
