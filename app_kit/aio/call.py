@@ -56,19 +56,20 @@ class Host(Protocol):
 class Peer:
     """The other end of a connection."""
 
-    __slots__ = ("_transport",)
+    __slots__ = ("_addr", "_ssl_object")
 
     def __init__(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
+        # Taken now: once the connection is gone, a transport (TLS's, trio's) no longer knows.
+        self._addr = transport.get_extra_info("peername")
+        self._ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
 
     def addr(self) -> Any:
         """The peer's socket address (``(host, port)`` for TCP; '' or None for Unix sockets)."""
-        return self._transport.get_extra_info("peername")
+        return self._addr
 
     def cert(self) -> dict[str, Any] | None:
         """The peer's TLS certificate as :meth:`ssl.SSLSocket.getpeercert` returns it, if any."""
-        ssl_object: ssl.SSLObject | None = self._transport.get_extra_info("ssl_object")
-        return ssl_object.getpeercert() if ssl_object is not None else None
+        return self._ssl_object.getpeercert() if self._ssl_object is not None else None
 
     def __repr__(self) -> str:
         return f"<Peer {self.addr()!r}>"

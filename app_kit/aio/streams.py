@@ -23,6 +23,7 @@ import anyio.abc
 import trio
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from ..wire.logs import RateLimitedLogger
 from .trio_runtime import TrioRuntime
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
 __all__ = ["StreamTransport", "open_connection", "serve_stream"]
 
 log = logging.getLogger("app_kit.transport")
+peer_log = RateLimitedLogger(log)  # what peers cause: a flood of them must not flood the log
+
+# How a connection ends under us. BusyResourceError: a TLS 1.2 peer renegotiating while our
+# writer waits (OpenSSL must write its refusal from the reader): refused, as on asyncio.
+_LOST = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.BusyResourceError, ssl.SSLError)
 
 _READ_SIZE = 65536
 
@@ -175,7 +181,7 @@ class StreamTransport:
                 protocol.data_received(data)
         except (anyio.EndOfStream, anyio.IncompleteRead):
             protocol.eof_received()
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError) as exc:
+        except _LOST as exc:
             self._stop(exc)
             return
         # The peer closed its side: send what is queued, then close (asyncio's eof_received
@@ -209,7 +215,7 @@ class StreamTransport:
                 # Reading goes on, and input is discarded, until the peer closes or close().
                 self._writer_done = True
                 return
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError) as exc:
+        except _LOST as exc:
             self._stop(exc)
             return
         self._writer_done = True
@@ -237,14 +243,14 @@ async def serve_stream(
             try:
                 stream = await TLSStream.wrap(stream, server_side=True, ssl_context=tls, standard_compatible=False)
             except (OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-                log.info("TLS handshake failed: %r", exc)
+                peer_log.log(logging.INFO, "TLS handshake failed: %r", exc)
                 await anyio.aclose_forcefully(stream)
                 return
             finally:
                 if handshakes is not None:
                     handshakes.discard(scope)
         if not isinstance(stream, TLSStream):
-            log.info("closing connection: no TLS handshake within %ss", handshake_timeout)
+            peer_log.log(logging.INFO, "closing connection: no TLS handshake within %ss", handshake_timeout)
             await anyio.aclose_forcefully(stream)
             return
     # The connection's tasks (its handlers) in its own nursery; its callbacks and timers on

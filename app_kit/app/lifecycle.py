@@ -941,17 +941,27 @@ def _tls_context(settings: AppSettings) -> ssl.SSLContext | None:
     try:
         return settings.ssl_context()
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        for name in ("tls_cert_file", "tls_key_file"):
+        for name in _TLS_FILES:
             path = getattr(settings, name)
+            if path is None:
+                continue
             try:
-                path.open("rb").close()
+                content = path.read_bytes()
             except OSError as unreadable:
                 reason = unreadable.strerror or _describe(unreadable)
                 raise StartupError(f"cannot use TLS: {name} {str(path)!r}: {reason}") from exc
-        raise StartupError(
-            f"cannot use TLS: tls_cert_file {str(settings.tls_cert_file)!r} and tls_key_file "
-            f"{str(settings.tls_key_file)!r}: {_describe(exc)}"
-        ) from exc
+            if name != "tls_key_file" and b"-----BEGIN CERTIFICATE-----" not in content:
+                raise StartupError(f"cannot use TLS: {name} {str(path)!r} holds no PEM certificate") from exc
+            if name == "tls_key_file" and b"ENCRYPTED" in content and settings.tls_key_password is None:
+                raise StartupError(
+                    f"cannot use TLS: tls_key_file {str(path)!r} is encrypted: set tls_key_password"
+                    " (APP_TLS_KEY_PASSWORD)"
+                ) from exc
+        files = [f"{name} {str(getattr(settings, name))!r}" for name in _TLS_FILES if getattr(settings, name)]
+        raise StartupError(f"cannot use TLS: {' and '.join(files)}: {_describe(exc)}") from exc
+
+
+_TLS_FILES = ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
 
 
 def _describe(exc: BaseException) -> str:

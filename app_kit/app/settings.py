@@ -9,7 +9,7 @@ import ssl
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import ValidationError, ValidationInfo, field_validator
+from pydantic import SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..rpc.compression import IDENTITY, is_supported, registered_encodings
@@ -38,6 +38,14 @@ class AppSettings(BaseSettings):
     #: PEM certificate chain and key: serve TLS (ALPN h2) when both are set.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    #: The password of an encrypted ``tls_key_file`` (uvicorn's ``--ssl-keyfile-password``).
+    tls_key_password: SecretStr | None = None
+    #: PEM CA certificates: require every client to present a certificate they signed (mutual
+    #: TLS: grpcio's ``require_client_auth``, uvicorn's ``--ssl-ca-certs`` + ``--ssl-cert-reqs``).
+    #: A handler reads the client's with ``stream.peer.cert()``.
+    tls_client_ca_file: Path | None = None
+    #: Seconds a new connection has to complete its TLS and HTTP/2 handshakes.
+    handshake_timeout: float = 10.0
     #: Seconds in-flight calls get to finish on shutdown before they are cancelled (UNAVAILABLE).
     grace_period: float = 20.0
     #: Seconds between NOT_SERVING and closing the listeners, so load balancers stop routing here.
@@ -123,7 +131,7 @@ class AppSettings(BaseSettings):
             raise ValueError(f"cannot be negative{unlimited}")
         return value
 
-    @field_validator("health_check_timeout", "worker_restart_delay", "worker_restart_max_delay")
+    @field_validator("health_check_timeout", "worker_restart_delay", "worker_restart_max_delay", "handshake_timeout")
     @classmethod
     def _positive(cls, value: float) -> float:
         if not math.isfinite(value):  # nan would pass the test below
@@ -222,6 +230,7 @@ class AppSettings(BaseSettings):
             max_concurrent_calls=self.max_concurrent_calls,
             max_connection_age=self.max_connection_age,
             max_connection_age_grace=self.max_connection_age_grace,
+            handshake_timeout=self.handshake_timeout,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -229,8 +238,17 @@ class AppSettings(BaseSettings):
         if self.tls_cert_file is None or self.tls_key_file is None:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        password = self.tls_key_password.get_secret_value() if self.tls_key_password is not None else _no_password
+        context.load_cert_chain(self.tls_cert_file, self.tls_key_file, password=password)
+        if self.tls_client_ca_file is not None:
+            context.load_verify_locations(cafile=self.tls_client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+
+def _no_password() -> str:
+    # Given instead of None: OpenSSL would ask for one on the terminal (a start-up that hangs).
+    raise ValueError("tls_key_file is encrypted: set tls_key_password (APP_TLS_KEY_PASSWORD)")
 
 
 def listen_address(settings: AppSettings) -> str:
