@@ -114,6 +114,7 @@ async def test_server_metrics_count_calls_of_every_kind_by_type_method_and_code(
             assert value(samples, "app_kit_server_running_calls") == 1
             assert value(samples, "grpc_server_started_total", **call_labels("unary", "Sleep")) == 1
             assert value(samples, "grpc_server_handled_total", **call_labels("unary", "Sleep"), grpc_code="OK") is None
+            await asyncio.sleep(0.01)  # (held over 5 ms, whatever the scrape took: its bucket below)
             held.cancel()
             samples = await eventually(
                 metrics_port, "grpc_server_handled_total", 1, **call_labels("unary", "Sleep"), grpc_code="Canceled"

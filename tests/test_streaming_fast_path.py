@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from typing import Any
 
+import anyio
 import hpack
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue, Int64Value
 from hyperframe.frame import DataFrame
 
-from app_kit import Cardinality, GRPCError, Handler, Server, Stream
+from app_kit import Cardinality, Channel, Configuration, GRPCError, Handler, Server, ServerInterceptor, Stream
+from app_kit.aio.client import method_for
 from app_kit.rpc.framing import frame_message
 
 from .conftest import running_server
@@ -191,3 +194,109 @@ async def test_a_started_server_keeps_its_attributes_in_a_shared_key_dict() -> N
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- what a server stream reports as sent ----------------------------------------------------
+# Its replies past the first are counted by its stream's state (StreamState.sent_messages and
+# sent_bytes), not one by one by the call: read after every reply and at the call's end, for
+# each way a reply leaves (queued behind others, first into an empty queue, compressed or not,
+# large enough to be sent at once, behind a window that opens bit by bit, dropped by a reset).
+
+_BUFFER = 4096  # max_send_buffer_size: replies of this size and more go at once when nothing is queued
+
+
+def _reply(index: int) -> BytesValue:
+    """Sizes on both sides of 256 (the prefix table) and of the send buffer."""
+    return BytesValue(value=bytes([index % 251]) * (5000 if index % 37 == 0 else index % 300))
+
+
+class Counted:
+    """Replies of every size, each third one uncompressed in a compressed call, counted."""
+
+    def __init__(self) -> None:
+        self.tally: list[tuple[int, int]] = []  # (messages, bytes) after each reply sent
+        self.seen: list[tuple[int, int]] = []  # what the stream said then
+        self.failed: tuple[int, int] | None = None  # the tally had the reply being sent counted
+        self.done = asyncio.Event()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        us = Cardinality.UNARY_STREAM
+        return {
+            "/c.C/Replies": Handler(self.replies, us, Int64Value, BytesValue),
+            "/c.C/Compressed": Handler(self.compressed, us, Int64Value, BytesValue),
+        }
+
+    async def compressed(self, stream: Stream[Int64Value, BytesValue]) -> None:
+        assert stream.set_compression("gzip") == "gzip"
+        await self.replies(stream)
+
+    async def replies(self, stream: Stream[Int64Value, BytesValue]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        messages = size = 0
+        try:
+            for index in range(request.value):
+                reply = _reply(index)
+                self.failed = (messages + 1, size + len(reply.SerializeToString()))
+                await stream.send_message(reply, compress=index % 3 != 0)
+                messages, size = self.failed
+                self.tally.append((messages, size))
+                self.seen.append((stream.messages_sent, stream.bytes_sent))
+                if index % 50 == 49:
+                    await asyncio.sleep(0)  # a flush: the next reply finds the queue empty
+        finally:
+            self.done.set()
+
+
+class _Ends(ServerInterceptor):
+    """Counts at each call's end; overrides no message hook (the fast path stays on)."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[int, int]] = []
+
+    def on_call_end(self, call: Stream[Any, Any]) -> None:
+        self.ended.append((call.messages_sent, call.bytes_sent))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_counts_after_each_reply_and_at_the_end(compressed: bool) -> None:
+    service, ends = Counted(), _Ends()
+    config = Configuration(max_send_buffer_size=_BUFFER)
+    async with running_server([service], config=config, interceptors=[ends]) as (_, target):
+        host, port = target.rsplit(":", 1)
+        async with Channel(host, int(port)) as channel:
+            path = "/c.C/Compressed" if compressed else "/c.C/Replies"
+            replies = method_for(channel, path, Cardinality.UNARY_STREAM, Int64Value, BytesValue)
+            received = [reply async for reply in replies(Int64Value(value=400), timeout=10)]
+        with anyio.fail_after(3):
+            while not ends.ended:
+                await anyio.sleep(0.005)
+    assert received == [_reply(index) for index in range(400)]
+    assert service.seen == service.tally
+    assert ends.ended == [service.tally[-1]]
+
+
+async def test_counts_of_replies_behind_a_window_opened_bit_by_bit_then_dropped_by_a_reset() -> None:
+    # The stream's window is shut; it opens 1,000 bytes at a time (each flush sends part of
+    # the queue), then the client resets the stream: the replies still queued are dropped,
+    # and they still count, as sent by the handler (and so does the one whose wait for room
+    # the reset ended, if it was queued before).
+    service, ends = Counted(), _Ends()
+    async with running_server([service], interceptors=[ends]) as (_, target):
+        async with RawPeer(int(target.rsplit(":", 1)[1])) as peer:
+            body = Int64Value(value=100_000).SerializeToString()
+            request = frame(HEADERS, END_HEADERS, 1, request_block(path="/c.C/Replies"))
+            request += frame(DATA, END_STREAM, 1, b"\x00" + len(body).to_bytes(4, "big") + body)
+            await peer.send(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 0x4, 0)) + request)
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+                await peer.send(frame(WINDOW_UPDATE, 0, 1, (1000).to_bytes(4, "big")))
+            await asyncio.sleep(0.05)
+            await peer.send(frame(RST_STREAM, 0, 1, (8).to_bytes(4, "big")))
+            with anyio.fail_after(3):
+                await service.done.wait()
+                while not ends.ended:
+                    await anyio.sleep(0.005)
+    assert 0 < len(service.tally) < 100_000
+    assert service.seen == service.tally
+    assert ends.ended in ([service.tally[-1]], [service.failed])

@@ -19,7 +19,7 @@ import ssl
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..rpc.codecs import CodecBase
-from ..rpc.connection import Compressed, GrpcConnection, MessageRejected, StreamGone
+from ..rpc.connection import Compressed, GrpcConnection, MessageRejected, StreamGone, StreamState
 from ..rpc.handlers import Cardinality
 from ..rpc.status import GRPCError, Status
 from .hooks import CallMeasures, InterceptorChain, run_hooks
@@ -88,6 +88,7 @@ class Call(CallMeasures, Generic[RecvT, SendT]):
         "_bytes_sent",
         "_cardinality",
         "_connection",
+        "_counted_by",
         "_decode",
         "_encode",
         "_encode_exact",
@@ -160,6 +161,9 @@ class Call(CallMeasures, Generic[RecvT, SendT]):
         self._status_message: str | None = None
         self._ended_at: float | None = None
         self._messages_received = self._messages_sent = self._bytes_received = self._bytes_sent = 0
+        #: The stream state that counts the messages sent instead (a server stream's, from its
+        #: first reply on: its replies past the first are not counted one by one here).
+        self._counted_by: StreamState | None = None
         #: How many interceptors started (those hear ``on_call_end``).
         self._entered = 0
 

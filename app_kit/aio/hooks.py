@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from ..rpc.connection import StreamState
 
 __all__ = ["CallMeasures", "InterceptorChain", "MessageHook", "Proceed", "default_hook", "run_hooks"]
 
@@ -70,6 +73,7 @@ class CallMeasures:
     _messages_sent: int
     _bytes_received: int
     _bytes_sent: int
+    _counted_by: StreamState | None  # what counts the messages sent instead, if not None
 
     @property
     def elapsed(self) -> float:
@@ -86,7 +90,8 @@ class CallMeasures:
     @property
     def messages_sent(self) -> int:
         """Messages sent so far."""
-        return self._messages_sent
+        counted = self._counted_by
+        return self._messages_sent if counted is None else counted.sent_messages
 
     @property
     def bytes_received(self) -> int:
@@ -96,4 +101,5 @@ class CallMeasures:
     @property
     def bytes_sent(self) -> int:
         """Encoded (uncompressed) bytes of the messages sent so far."""
-        return self._bytes_sent
+        counted = self._counted_by
+        return self._bytes_sent if counted is None else counted.sent_bytes

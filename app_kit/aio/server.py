@@ -715,11 +715,14 @@ class ServerProtocol(ConnectionProtocol):
         if handler is None:
             self.connection.end_now(stream_id, Status.UNIMPLEMENTED, f"Method not found: {excerpt(head.path)}")
             return
-        try:
-            metadata = decode_metadata(head.headers)
-        except ValueError as exc:
-            self.connection.end_now(stream_id, Status.INTERNAL, f"invalid request metadata: {excerpt(str(exc), 128)}")
-            return
+        metadata = head.metadata
+        if metadata is None:
+            try:
+                metadata = head.metadata = decode_metadata(head.headers)  # once per head (read-only)
+            except ValueError as exc:
+                message = f"invalid request metadata: {excerpt(str(exc), 128)}"
+                self.connection.end_now(stream_id, Status.INTERNAL, message)
+                return
         server = self._server
         assert self._peer is not None
         limit = server.config.max_concurrent_calls
@@ -728,23 +731,30 @@ class ServerProtocol(ConnectionProtocol):
         if shed and not server.interceptors.interceptors:
             self.connection.end_now(stream_id, Status.RESOURCE_EXHAUSTED, _shed_message(limit))
             return
+        # Positional: a class called with keywords costs CPython 3.11 a dict of them, made
+        # and taken apart again (~1,000 instructions for these).
         stream: Stream[object, object] = Stream(
             self,
             stream_id,
             handler,
-            method=head.path,
-            metadata=metadata,
-            user_agent=head.user_agent,
-            deadline=Deadline.from_timeout(head.timeout) if head.timeout is not None else None,
-            peer=self._peer,
-            codec=server.codec,
-            status_details_codec=server.status_details_codec,
-            reply_encoding=self._reply_encoding(head.encoding, head.accept_encoding),
-            request_encoding=head.encoding,
-            accepted_encodings=head.accept_encoding,
-            interceptors=server.interceptors,
+            head.path,  # method
+            metadata,
+            head.user_agent,
+            Deadline.from_timeout(head.timeout) if head.timeout is not None else None,
+            self._peer,
+            server.codec,
+            server.status_details_codec,
+            self._reply_encoding(head.encoding, head.accept_encoding),
+            head.encoding,  # request_encoding
+            head.accept_encoding,  # accepted_encodings
+            server.interceptors,
         )
-        task = self.loop.create_task(_serve_call(stream, handler, server.interceptors))
+        interceptors = server.interceptors
+        if interceptors.interceptors:
+            answer = _serve_call(stream, handler, interceptors)
+        else:  # the task runs _answer_call itself: one coroutine less to make, and to resume through
+            answer = _answer_call(stream, handler)
+        task = self.loop.create_task(answer)
         self._calls[stream_id] = (stream, task)
         task.add_done_callback(functools.partial(self._call_done, stream_id))
         if shed:
@@ -965,10 +975,8 @@ _OK = Status.OK  # (an Enum member read off its class costs a __getattr__ hook o
 
 
 async def _serve_call(stream: Stream[object, object], handler: Handler, interceptors: InterceptorChain) -> None:
-    """Run one call's handler (inside its interceptors, if any) and end it with a status."""
-    if not interceptors.interceptors:  # (not the chain's own __bool__: a Python call)
-        await _answer_call(stream, handler)  # the handler alone: nothing built per call
-        return
+    """Run one call's handler inside its interceptors and end it with a status (without
+    interceptors, ServerProtocol._start_call runs _answer_call alone)."""
     try:
         if stream.closed:
             # Ended before its handler started (the core refused what came in the request's
@@ -1037,7 +1045,12 @@ async def _answer_call(
     stream._dispatched = True
     try:
         if deadline is None:
-            await (_run_handler(stream, handler) if run is None else run())
+            if run is None:  # _run_handler's body: one coroutine less
+                returned = await handler.func(stream)
+                if returned is not None:
+                    await _send_returned(stream, handler, returned)
+            else:
+                await run()
         elif deadline.time_remaining() <= 0:
             # Expired before dispatch (grpc-timeout 1n): a handler that never yields would
             # otherwise finish before the timeout could cancel it.
@@ -1046,7 +1059,12 @@ async def _answer_call(
                 await run_expired()  # raises the same, through the interceptors
         else:
             async with deadline_scope(stream._protocol.loop, deadline.time_remaining()) as scope:
-                await (_run_handler(stream, handler) if run is None else run())
+                if run is None:  # (as above)
+                    returned = await handler.func(stream)
+                    if returned is not None:
+                        await _send_returned(stream, handler, returned)
+                else:
+                    await run()
     except GRPCError as exc:
         status, message, details, trailers = exc.status, exc.message, exc.details, exc.trailing_metadata
     except NotImplementedError:
@@ -1083,9 +1101,7 @@ async def _answer_call(
     if stream._state in TERMINAL:
         return
     try:
-        await stream.send_trailing_metadata(
-            status=status, status_message=message, status_details=details, metadata=trailers
-        )
+        stream._send_status(status, message, details, trailers)
     except Exception:
         # The outcome cannot be said as raised (details that are no message, status OK from a
         # unary handler without a reply, ...): the call still ends, with INTERNAL.

@@ -84,12 +84,14 @@ class StreamState:
 
     __slots__ = (
         "blocked",
+        "bytes_taken",
         "consumed",
         "decoder",
         "headers_sent",
         "inflated",
         "local_closed",
         "messages",
+        "messages_flushed",
         "over_limit",
         "partial",
         "pending",
@@ -129,6 +131,12 @@ class StreamState:
         self.pending = bytearray()
         #: Messages in ``pending`` not counted yet in the messages sent (counted as flushed).
         self.messages = 0
+        #: Messages of the stream counted in the connection's messages sent: ``messages`` move
+        #: here when flushed (only then: not when dropped), and those sent at once count here.
+        self.messages_flushed = 0
+        #: Bytes taken out of ``pending`` (sent or dropped), plus for each message not queued
+        #: there as given (compressed, or sent at once) the difference (see sent_bytes).
+        self.bytes_taken = 0
         #: A sender was told to wait until ``pending`` drains (StreamWritable then).
         self.over_limit = False
         #: While ``pending`` waits for window: the connection's table of the streams waiting
@@ -140,6 +148,20 @@ class StreamState:
         self.headers_sent = False
         self.remote_closed = False
         self.local_closed = False
+
+    # What a server's Stream reports as sent, from its first reply on: its per-message path
+    # counts each reply here alone (in ``messages``, and in ``pending``'s bytes).
+
+    @property
+    def sent_messages(self) -> int:
+        """The messages queued on the stream or sent at once, in all."""
+        return self.messages_flushed + self.messages
+
+    @property
+    def sent_bytes(self) -> int:
+        """Their bytes as given (uncompressed): all that went through ``pending``, less each
+        message's 5-byte prefix."""
+        return self.bytes_taken + len(self.pending) - 5 * (self.messages_flushed + self.messages)
 
 
 _GONE = StreamState(0, MessageDecoder(0), None)  # what sender_state says of a stream gone
@@ -666,16 +688,20 @@ class GrpcConnection:
         flag = 0
         if state.send_encoding is not None and compress_message:
             try:
-                payload = compress(state.send_encoding, payload)
+                compressed = compress(state.send_encoding, payload)
             except Exception as exc:  # unregistered meanwhile, or the encoding's own failure
                 message = f"could not compress the message with {state.send_encoding}: {exc}"
                 raise MessageRejected(Status.INTERNAL, message) from None
+            state.bytes_taken += len(payload) - len(compressed)
+            payload = compressed
             flag = 1
         pending = state.pending
         size = len(payload)
         if not pending:
             if (end or size >= self._max_send_buffer) and self._send_now(stream_id, flag, payload, end):
                 self._messages_out += 1
+                state.messages_flushed += 1
+                state.bytes_taken += 5 + size  # (as if queued and taken)
                 if end:
                     state.local_closed = True
                     self._local_ended(state)
@@ -752,6 +778,7 @@ class GrpcConnection:
         sent = min(size, max(window, 0))
         if sent and state.messages:  # (they go out now, or with what follows them)
             self._messages_out += state.messages
+            state.messages_flushed += state.messages
             state.messages = 0
         if sent == size:
             if size:  # (the common case: all of it, usually one frame)
@@ -761,6 +788,7 @@ class GrpcConnection:
                 h2conn.send_data_frames(stream_id, view[:sent], frame_size, False)
         if sent < size:
             del pending[:sent]
+            state.bytes_taken += sent
             # Whichever window ran out: the stream's own first (if both did, the stream's
             # update moves it on, to wait for the connection's if that is still shut).
             blocked = self._blocked
@@ -771,6 +799,7 @@ class GrpcConnection:
                 table[stream_id] = state
                 state.blocked = table
             return False
+        state.bytes_taken += size
         state.pending = bytearray()
         if state.blocked is not None:
             del state.blocked[stream_id]
@@ -803,6 +832,7 @@ class GrpcConnection:
         if self._h2_open(state.stream_id):
             self._flush(state, events)
             return
+        state.bytes_taken += len(state.pending)
         state.pending = bytearray()
         if state.blocked is not None:
             del state.blocked[state.stream_id]
@@ -854,8 +884,7 @@ class GrpcConnection:
     def _h2_open(self, stream_id: int) -> bool:
         """Whether h2 still has the stream open: frames later in the read being handled may
         have ended or reset it before its events reach us."""
-        stream = self._h2.streams.get(stream_id)
-        return stream is not None and not stream.closed
+        return self._h2.stream_open(stream_id)
 
     def reset_for_peer_fault(self, stream_id: int, error_code: int) -> None:
         """RST_STREAM for a request the peer got wrong; counted like a reset the peer sends.

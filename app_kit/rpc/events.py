@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .metadata import Metadata
 from .status import Status
 
 __all__ = [
@@ -34,7 +35,7 @@ class Event:
 class RequestHead:
     """The validated head of a gRPC request."""
 
-    __slots__ = ("accept_encoding", "authority", "encoding", "headers", "path", "timeout", "user_agent")
+    __slots__ = ("accept_encoding", "authority", "encoding", "headers", "metadata", "path", "timeout", "user_agent")
 
     def __init__(
         self,
@@ -50,6 +51,9 @@ class RequestHead:
         self.path = path
         #: The custom-metadata header fields, as received (not decoded yet).
         self.headers = headers
+        #: Those fields decoded (a read-only multidict), once a call has (calls with the same
+        #: header fields share a head, and so this too); None until then.
+        self.metadata: Metadata | None = None
         #: Seconds from ``grpc-timeout``, or None.
         self.timeout = timeout
         #: The request messages' ``grpc-encoding`` (None for identity).

@@ -356,6 +356,7 @@ class ServerConnection(GrpcConnection):
             # Reset by the peer in the very read whose events are being handled.
             self._release(state)
             return False
+        state.bytes_taken += len(state.pending)
         state.pending = bytearray()
         state.pending_trailers = None
         self._end_local_now(state, self._status_fields(state, status, message, None, []))

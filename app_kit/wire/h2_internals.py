@@ -370,6 +370,12 @@ class H2Connection(h2.connection.H2Connection):
             out += chunk
             kind, flags = _CONTINUATION, 0
 
+    def stream_open(self, stream_id: int) -> bool:
+        """Whether the stream is known and not closed: ``not streams[stream_id].closed``
+        without h2's property (a Python call, and an Enum member read off its class)."""
+        stream = self.streams.get(stream_id)
+        return stream is not None and stream.state_machine.state is not _STREAM_CLOSED
+
     @property
     def peer_max_concurrent_streams(self) -> int:
         """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (h2's ``remote_settings`` property, its
@@ -382,13 +388,14 @@ class H2Connection(h2.connection.H2Connection):
     def _new_stream(self, stream_id: int, outbound: bool) -> h2.stream.H2Stream:
         """h2's ``_begin_new_stream`` for an id the caller checked (above every id of its side,
         of that side's parity), without its three debug-log calls."""
+        # (Its arguments positional: keywords cost a class call a dict, made and taken apart.)
         stream = h2.stream.H2Stream(
             stream_id,
-            config=self.config,
+            self.config,
             # The settings' current values, without two Python calls each (Settings' property
-            # and __getitem__): a window size is always set.
-            inbound_window_size=self.local_settings._settings[_INITIAL_WINDOW_SIZE][0],
-            outbound_window_size=self.remote_settings._settings[_INITIAL_WINDOW_SIZE][0],
+            # and __getitem__): a window size is always set. Inbound, then outbound.
+            self.local_settings._settings[_INITIAL_WINDOW_SIZE][0],
+            self.remote_settings._settings[_INITIAL_WINDOW_SIZE][0],
         )
         stream.max_outbound_frame_size = self.max_outbound_frame_size
         self.streams[stream_id] = stream
