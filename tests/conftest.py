@@ -61,6 +61,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         function = getattr(item, "function", None)
         if item.get_closest_marker("anyio") is not None and inspect.iscoroutinefunction(function):
             item.fixturenames.insert(0, "_one_event_loop_for_the_session")  # type: ignore[attr-defined]
+    # The run at the lowest versions (~70 s in a process of its own) starts now, beside the
+    # rest of the suite, if it is among the tests selected (see tests/test_layers.py).
+    if any(item.nodeid.endswith("::test_the_tests_pass_at_the_lowest_supported_versions") for item in items):
+        from .test_layers import LowestVersionsRun
+
+        LowestVersionsRun.start()
+
+
+def pytest_sessionfinish() -> None:
+    from .test_layers import LowestVersionsRun
+
+    LowestVersionsRun.stop()
 
 
 @contextlib.asynccontextmanager
