@@ -525,9 +525,10 @@ class Server:
 
     async def wait_calls_done(self) -> None:
         """Return once no handler is running (after :meth:`close`: once those still running
-        have ended, or unwound from their cancellation when the grace period ended). Under
-        ``max_concurrent_calls``, a call whose status waits for the client's window counts
-        as running until it goes (or the grace period's end settles it)."""
+        have ended, or unwound from their cancellation when the grace period ended). A call
+        whose status waits for the client's window (with interceptors, or under
+        ``max_concurrent_calls``) counts as running until it goes, or the grace period's end
+        settles it."""
         if self._tasks:
             waiter = current_runtime().create_future()
             self._idle_waiters.append(waiter)

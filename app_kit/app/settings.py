@@ -44,7 +44,7 @@ class AppSettings(BaseSettings):
     #: TLS: grpcio's ``require_client_auth``, uvicorn's ``--ssl-ca-certs`` + ``--ssl-cert-reqs``).
     #: A handler reads the client's with ``stream.peer.cert()``.
     tls_client_ca_file: Path | None = None
-    #: Seconds a new connection has to complete its TLS and HTTP/2 handshakes.
+    #: Seconds a new connection has for its TLS handshake, then as long for its HTTP/2 one.
     handshake_timeout: float = 10.0
     #: Seconds in-flight calls get to finish on shutdown before they are cancelled (UNAVAILABLE).
     grace_period: float = 20.0
@@ -206,6 +206,14 @@ class AppSettings(BaseSettings):
         # tls_cert_file is validated first (field order); if it was invalid, that is reported instead.
         if "tls_cert_file" in info.data and (info.data["tls_cert_file"] is None) != (value is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        return value
+
+    @field_validator("tls_client_ca_file", "tls_key_password")
+    @classmethod
+    def _tls_needs_a_certificate(cls, value: Any, info: ValidationInfo) -> Any:
+        # (Else ignored: a server meant for mutual TLS would serve plaintext to anyone.)
+        if value is not None and info.data.get("tls_cert_file") is None and "tls_cert_file" in info.data:
+            raise ValueError("needs tls_cert_file and tls_key_file (it only applies to TLS)")
         return value
 
     @field_validator("compression")
