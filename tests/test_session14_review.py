@@ -6,8 +6,8 @@ per message, messages over max_send_buffer_size, unary-stream and bidi; under
 max_concurrent_calls a call whose status waits behind a shut window leaves the count when its
 client goes (socket closed, RST_STREAM, GOAWAY with an error), with and without interceptors.
 
-Defect: APP_TLS_CLIENT_CA_FILE alone (no certificate and key) is accepted and ignored: the
-server asked for mutual TLS serves plaintext to anybody."""
+A defect, fixed (its test failed first): APP_TLS_CLIENT_CA_FILE alone (no certificate and key)
+was accepted and ignored: the server asked for mutual TLS served plaintext to anybody."""
 
 from __future__ import annotations
 
