@@ -1046,12 +1046,10 @@ async def _answer_call(
     stream._dispatched = True
     try:
         if deadline is None:
-            if run is None:  # _run_handler's body: one coroutine less
-                returned = await handler.func(stream)
-                if returned is not None:
-                    await _send_returned(stream, handler, returned)
-            else:
-                await run()
+            # (_run_handler's body, not a call of it: one coroutine less; run() returns None.)
+            returned = await (handler.func(stream) if run is None else run())
+            if returned is not None:
+                await _send_returned(stream, handler, returned)
         elif deadline.time_remaining() <= 0:
             # Expired before dispatch (grpc-timeout 1n): a handler that never yields would
             # otherwise finish before the timeout could cancel it.
@@ -1060,12 +1058,9 @@ async def _answer_call(
                 await run_expired()  # raises the same, through the interceptors
         else:
             async with deadline_scope(stream._protocol.loop, deadline.time_remaining()) as scope:
-                if run is None:  # (as above)
-                    returned = await handler.func(stream)
-                    if returned is not None:
-                        await _send_returned(stream, handler, returned)
-                else:
-                    await run()
+                returned = await (handler.func(stream) if run is None else run())  # (as above)
+                if returned is not None:
+                    await _send_returned(stream, handler, returned)
     except GRPCError as exc:
         status, message, details, trailers = exc.status, exc.message, exc.details, exc.trailing_metadata
     except NotImplementedError:
