@@ -8,6 +8,7 @@ the one xfail left is a documented limit of asyncio's TLS.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import logging
@@ -390,39 +391,80 @@ async def test_mtls_the_handler_reads_a_mesh_identity_and_a_client_of_another_ca
         await server.wait_closed()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="DEFECT, left (documented in README): on asyncio (the default loop) a refused TLS handshake is "
-    "logged nowhere, at any level "
-    "(mTLS without a client certificate, a wrong CA, garbage): asyncio's sslproto reports it only in loop "
-    "debug mode; on trio streams.serve_stream logs 'TLS handshake failed: ...' at INFO",
-)
-async def test_a_client_refused_for_lacking_a_certificate_is_logged_on_asyncio(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.DEBUG, logger="app_kit")
+def _refused_handshakes(loop_name: str, server_ssl: ssl.SSLContext) -> list[str]:
+    """What app_kit logs while three clients fail their handshakes with a Server on ``loop_name``
+    (asyncio or uvloop) and one succeeds: one without the certificate ``server_ssl`` may ask for,
+    one that does not trust the server's CA, one that sends no TLS at all."""
+    from app_kit.aio import eventloop
 
-    def without_certificate(port: int) -> None:
-        with (
-            socket.create_connection(("127.0.0.1", port)) as sock,
-            raw_client_context().wrap_socket(sock, server_hostname="localhost") as tls,
-        ):
-            tls.settimeout(3)
-            with contextlib.suppress(OSError):  # TLS 1.3: the refusal comes after our handshake
-                tls.sendall(HANDSHAKE)
-                tls.recv(100)
+    records: list[logging.LogRecord] = []
 
-    server = Server([Sleeper()])
-    await server.start("127.0.0.1", 0, ssl=server_context(require_client=True))
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.DEBUG)
+    logger = logging.getLogger("app_kit")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.DEBUG)
+
+    def clients(port: int) -> None:
+        untrusting = ssl.create_default_context()  # the system's roots: not our CA
+        untrusting.set_alpn_protocols(["h2"])
+        for context in (raw_client_context(), untrusting, None):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.settimeout(3)
+                with contextlib.suppress(OSError):  # TLS 1.3: a refusal comes after our handshake
+                    if context is None:
+                        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0" * 64)
+                        sock.recv(100)
+                        continue
+                    with context.wrap_socket(sock, server_hostname="localhost") as tls:
+                        tls.sendall(HANDSHAKE)
+                        tls.recv(100)
+
+    async def main() -> None:
+        server = Server([Sleeper()])
+        await server.start("127.0.0.1", 0, ssl=server_ssl)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, clients, port_of(server))
+            await asyncio.sleep(0.1)
+        finally:
+            server.close(grace=0.5)
+            await server.wait_closed()
+
     try:
-        await anyio.to_thread.run_sync(without_certificate, port_of(server))
-        await anyio.sleep(0.1)
+        eventloop.run(main(), loop=loop_name)
     finally:
-        server.close(grace=0.5)
-        await server.wait_closed()
-    said = [r.getMessage() for r in app_kit_records(caplog)]
-    assert any("CERTIFICATE" in line.upper() for line in said), said
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+    return [r.getMessage() for r in records if r.levelno >= logging.INFO]
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_refused_tls_handshakes_are_logged_on_asyncio_and_uvloop(loop_name: str) -> None:
+    """asyncio's and uvloop's TLS layers report a failed handshake only in debug mode: a server
+    refusing a client for lacking the certificate mutual TLS asks for logged nothing at any level
+    (trio's said "TLS handshake failed"). Now each reason is logged at INFO, rate-limited."""
+    said = _refused_handshakes(loop_name, server_context(require_client=True))
+    failed = [line for line in said if line.startswith("TLS handshake failed")]
+    assert len(failed) == 3, said
+    assert "CERTIFICATE" in failed[0].upper(), failed  # the client without one
+    assert "ALERT" in failed[1].upper(), failed  # the client that refused our certificate
+    assert "WRONG_VERSION_NUMBER" in failed[2].upper() or "HTTP" in failed[2].upper(), failed
+
+
+def test_a_context_with_its_own_tls_object_class_keeps_it() -> None:
+    """The logging class is installed only where the context has the standard one."""
+
+    class Own(ssl.SSLObject):
+        pass
+
+    context = server_context()
+    context.sslobject_class = Own
+    _refused_handshakes("asyncio", context)
+    assert context.sslobject_class is Own
 
 
 def test_failed_tls_handshakes_are_logged_at_a_bounded_rate_on_trio(caplog: pytest.LogCaptureFixture) -> None:

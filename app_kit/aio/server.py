@@ -53,6 +53,22 @@ log = logging.getLogger("app_kit.server")
 peer_log = RateLimitedLogger(log)
 
 
+class _HandshakeLoggingSSLObject(ssl_module.SSLObject):
+    """The TLS object of a server connection on asyncio or uvloop: logs why a handshake failed
+    (a client without the certificate mutual TLS asks for, a wrong CA, not TLS at all), which
+    those loops' TLS layers report only in debug mode. Installed on the server's context as
+    ``sslobject_class`` (the hook :meth:`ssl.SSLContext.wrap_bio` documents)."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError):
+            raise  # more bytes to come: not a failure
+        except ssl_module.SSLError as exc:
+            peer_log.log(logging.INFO, "TLS handshake failed: %r", exc)
+            raise
+
+
 class ServerInterceptor:
     """Base class of server interceptors; each method's default does nothing.
 
@@ -215,6 +231,8 @@ class Server:
             self._closed_while_starting()
             return
         self._runtime = loop = asyncio.get_running_loop()
+        if ssl is not None and ssl.sslobject_class is ssl_module.SSLObject:  # (a class of the caller's stays)
+            ssl.sslobject_class = _HandshakeLoggingSSLObject
         factory = functools.partial(ServerProtocol, self, loop)
         if path is not None:
             self._listener = await loop.create_unix_server(
