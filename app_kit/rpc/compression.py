@@ -155,6 +155,16 @@ def decompress(encoding: str, data: bytes, max_length: int) -> bytes:
     """Inflate one message payload, never producing more than ``max_length`` bytes.
 
     The cap is applied while inflating, so a small "zip bomb" cannot make us allocate
-    the size it would expand to.
+    the size it would expand to. What a registered encoding returns is checked: more than
+    ``max_length`` raises :class:`DecompressedTooLarge` (one passing the limit on to an API
+    where 0 means "no limit" would otherwise inflate unbounded just when a budget is full), and
+    anything but bytes :class:`DecompressionError`.
     """
-    return get_encoding(encoding).decompress(data, max_length)
+    inflated = get_encoding(encoding).decompress(data, max_length)
+    if type(inflated) is not bytes:  # (bytes itself: the codecs parse it, and callers count it)
+        if not isinstance(inflated, (bytes, bytearray, memoryview)):
+            raise DecompressionError(f"{encoding} decompress returned {type(inflated).__name__}, not bytes")
+        inflated = bytes(inflated)
+    if len(inflated) > max_length:
+        raise DecompressedTooLarge(f"{encoding} message inflates past {max_length} bytes")
+    return inflated
