@@ -403,7 +403,6 @@ SERVER_ERRORS: dict[str, tuple[bytes | None, bytes, int, str]] = {
     "gzip data named deflate": (b"deflate", prefixed(packed(GOOD, 31), 1), INTERNAL, "corrupt deflate data"),
     "truncated gzip": (b"gzip", prefixed(packed(GOOD)[:-6], 1), INTERNAL, "truncated or trailing gzip data"),
     "trailing bytes": (b"gzip", prefixed(packed(GOOD) + b"junk", 1), INTERNAL, "truncated or trailing gzip data"),
-    "zero-length compressed": (b"gzip", prefixed(b"", 1), INTERNAL, "truncated or trailing gzip data"),
     "flag without grpc-encoding": (None, prefixed(packed(GOOD), 1), INTERNAL, "grpc-encoding is identity or absent"),
     "unsupported encoding": (b"br", prefixed(b"\x00", 1), UNIMPLEMENTED, "grpc-encoding br is not supported"),
 }
@@ -463,7 +462,6 @@ CLIENT_ERRORS: list[tuple[str, list[tuple[bytes, bytes]], bytes, Status, str]] =
     ("flag without grpc-encoding", [], prefixed(packed(REPLY), 1), Status.INTERNAL, "identity or absent"),
     ("flag with identity", [(b"grpc-encoding", b"identity")], prefixed(packed(REPLY), 1), Status.INTERNAL, "absent"),
     ("corrupt gzip", [(b"grpc-encoding", b"gzip")], prefixed(b"garbage", 1), Status.INTERNAL, "corrupt gzip data"),
-    ("zero-length", [(b"grpc-encoding", b"deflate")], prefixed(b"", 1), Status.INTERNAL, "truncated or trailing"),
     ("trailing", [(b"grpc-encoding", b"gzip")], prefixed(packed(REPLY) + b"x", 1), Status.INTERNAL, "trailing"),
     ("unsupported", [(b"grpc-encoding", b"br")], prefixed(b"x", 1), Status.INTERNAL, "registered: gzip, deflate"),
     (
@@ -503,6 +501,34 @@ async def test_every_bad_compressed_reply_fails_its_call_and_the_channel_goes_on
             assert (call.response_encoding, call.last_message_compressed) == ("gzip", True)
         protocols.add(id(channel._subchannels[0].protocol))
     assert len(protocols) == 1  # one connection served them all
+
+
+async def test_a_zero_length_message_flagged_compressed_is_an_empty_message_both_ways() -> None:
+    """[compressed=1][length=0]: no compressor writes it (gzip of nothing is 20 bytes), but some
+    senders flag an empty message compressed anyway; grpc-core, connect and grpc-swift read it
+    as the empty message it can only be (grpc-js refuses it). It was INTERNAL "truncated or
+    trailing gzip data" on our server and our client."""
+    async with running_server([Lengths()]) as (_, target), RawClient("127.0.0.1", port_of(target)) as client:
+        extra = [(b"grpc-encoding", b"gzip"), (b"grpc-accept-encoding", b"identity")]  # (plain replies)
+        stream_id = await client.request("/r.L/Lengths", None, extra=extra, end_stream=False)
+        client.conn.send_data(stream_id, prefixed(b"", 1) + prefixed(packed(GOOD), 1), end_stream=True)
+        client.flush()
+        response = await client.read_response(stream_id)
+        assert response.grpc_status == 0, response.grpc_message
+        lengths = [Int64Value.FromString(message).value for message in response.messages()]
+        assert lengths == [0, len(b"fine " * 100)]
+
+    def script(connection: FakeConnection, stream_id: int, number: int) -> None:
+        connection.conn.send_headers(stream_id, [*RESPONSE_HEAD, (b"grpc-encoding", b"deflate")])
+        connection.conn.send_data(stream_id, prefixed(b"", 1))
+        connection.conn.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
+
+    async with fake_server(script) as (port, _), Channel("127.0.0.1", port) as channel:
+        unary = method_for(channel, "/f.F/Unary", C.UNARY_UNARY, BytesValue, BytesValue)
+        async with unary.open(timeout=5) as call:
+            await call.send_message(BytesValue(), end=True)
+            assert await call.recv_message() == BytesValue()
+            assert (call.response_encoding, call.last_message_compressed) == ("deflate", True)
 
 
 # -- 3. memory: many connections of bombs against a server process ---------------------------------

@@ -160,7 +160,12 @@ def decompress(encoding: str, data: bytes, max_length: int) -> bytes:
     where 0 means "no limit" would otherwise inflate unbounded just when a budget is full), and
     anything but bytes :class:`DecompressionError`.
     """
-    inflated = get_encoding(encoding).decompress(data, max_length)
+    decompress = get_encoding(encoding).decompress
+    if not data:
+        # Flagged compressed but empty: no compressor writes it, yet it can only be the empty
+        # message, as grpc-core reads it (some senders flag every message, empty ones too).
+        return b""
+    inflated = decompress(data, max_length)
     if type(inflated) is not bytes:  # (bytes itself: the codecs parse it, and callers count it)
         if not isinstance(inflated, (bytes, bytearray, memoryview)):
             raise DecompressionError(f"{encoding} decompress returned {type(inflated).__name__}, not bytes")
