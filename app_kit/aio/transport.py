@@ -15,14 +15,17 @@ import h2.errors
 
 from ..rpc.connection import GrpcConnection, StreamGone
 from ..rpc.events import ConnectionClosed, Event
+from ..wire.logs import RateLimitedLogger
 from .runtime import Runtime
 
 __all__ = ["ConnectionProtocol"]
 
 log = logging.getLogger("app_kit.transport")
+peer_log = RateLimitedLogger(log)  # what peers cause: a flood of them must not flood the log
 
 _KEEPALIVE_PING = b"keepaliv"
 _INTERNAL_ERROR = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
+_ENHANCE_YOUR_CALM = int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 
 class ConnectionProtocol(asyncio.Protocol):
@@ -47,6 +50,7 @@ class ConnectionProtocol(asyncio.Protocol):
         self._paused_writers: dict[int, asyncio.Future[None]] = {}
         #: The transport asked us to stop writing (its buffer is over the high-water mark).
         self.write_paused = False
+        self._induced_before_pause = 0  # the connection's induced_frames when it paused
         self._closed = False
         self._last_read = 0.0  # the loop's time of the last bytes from the peer (keepalive)
         self._keepalive_handle: asyncio.TimerHandle | None = None
@@ -76,6 +80,8 @@ class ConnectionProtocol(asyncio.Protocol):
             return  # lingering after our last frame: discard
         self._last_read = self.loop.time()
         events = self.connection.receive_data(data)
+        if self.write_paused and self._owes_too_much():
+            return
         if self._handshake_handle is not None and self.connection.handshake_complete:
             self._handshake_handle.cancel()
             self._handshake_handle = None
@@ -117,10 +123,24 @@ class ConnectionProtocol(asyncio.Protocol):
     #: for each other for ever.
     pause_reading_while_full = False
 
+    def _owes_too_much(self) -> bool:
+        """Whether the peer, taking nothing we send, made us answer more frames than
+        ``max_pending_induced_frames`` meanwhile: then the connection is closed (a client
+        reads on while its peer does not, and each PING it reads queues an ACK)."""
+        connection = self.connection
+        owed = connection.induced_frames - self._induced_before_pause
+        if owed <= connection.config.max_pending_induced_frames:
+            return False
+        peer_log.log(logging.INFO, "closing connection: the peer made us answer %d frames and read none", owed)
+        connection.close(_ENHANCE_YOUR_CALM, "the peer does not read")
+        self.close_transport()
+        return True
+
     def pause_writing(self) -> None:
         """The peer does not take what we send: senders wait in :meth:`writable` (and, see
         :attr:`pause_reading_while_full`, nothing more is read from it) until it catches up."""
         self.write_paused = True
+        self._induced_before_pause = self.connection.induced_frames
         if self._write_resumed is None or self._write_resumed.done():
             self._write_resumed = self.loop.create_future()
         if self.pause_reading_while_full and self.transport is not None and not self._closed:

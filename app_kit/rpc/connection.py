@@ -632,6 +632,12 @@ class GrpcConnection:
         """How many streams are in progress."""
         return len(self._streams)
 
+    @property
+    def induced_frames(self) -> int:
+        """Frames sent so far only to answer the peer's (ACKs, resets): see
+        ``Configuration.max_pending_induced_frames``."""
+        return self._h2.induced_frames
+
     def stream_state(self, stream_id: int) -> StreamState:
         """The state of an open stream, or :class:`StreamGone`."""
         state = self._streams.get(stream_id)

@@ -30,6 +30,12 @@ class Configuration:
     #: wait and the peer is no longer read from, until the queue drains to a quarter of it: a
     #: peer that sends requests without reading the answers holds itself back, not our memory.
     max_connection_send_buffer: int = 1 * _MiB
+    #: Frames the peer makes us answer (PING and SETTINGS ACKs, RST_STREAM for frames on a
+    #: stream it reset) while it takes nothing we send (past ``max_connection_send_buffer``);
+    #: over it the connection is closed with GOAWAY ENHANCE_YOUR_CALM. A client reads on
+    #: when its peer does not (two peers that both stopped would wait for each other): only
+    #: this bounds what such a peer makes it queue (grpc-core's limit is the same 10,000).
+    max_pending_induced_frames: int = 10_000
     #: SETTINGS_MAX_CONCURRENT_STREAMS advertised to the peer; streams beyond it are refused
     #: with REFUSED_STREAM (safe for the peer to retry).
     max_concurrent_streams: int = 1000
@@ -163,6 +169,7 @@ class Configuration:
             "max_connection_inflated_bytes",
             "max_server_receive_buffer",
             "max_connection_send_buffer",
+            "max_pending_induced_frames",
             "max_pings_per_window",
             "max_settings_per_window",
             "max_empty_frames_per_window",

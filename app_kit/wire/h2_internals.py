@@ -221,6 +221,8 @@ class H2Connection(h2.connection.H2Connection):
     _sweep_at = 16
     #: HEADERS and DATA frames sent: each licenses one PING from the peer (see PingPolicy).
     frames_sent = 0
+    #: Frames h2 answered the peer's with (ACKs, resets): see max_pending_induced_frames.
+    induced_frames = 0
     #: What h2 made of the header lists received: see _receive_headers.
     _validated: dict[tuple[Any, Any, Any], tuple[list[Any], int | None]] | None = None
     #: Buffers queued before ``_data_to_send``, while a large payload is queued by reference.
@@ -271,13 +273,27 @@ class H2Connection(h2.connection.H2Connection):
             if closed_by is StreamClosedBy.RECV_END_STREAM or closed_by is StreamClosedBy.SEND_END_STREAM:
                 raise h2.exceptions.StreamClosedError(exc.stream_id) from exc  # a connection error
             raise  # closed implicitly: PROTOCOL_ERROR
+        if frames:
+            self.induced_frames += len(frames)
         self._prepare_for_sending(frames)
         return events
 
     def _reset_closed_stream(self, stream_id: int, error_code: int) -> None:
         frame = RstStreamFrame(stream_id)
         frame.error_code = error_code
+        self.induced_frames += 1
         self._prepare_for_sending([frame])
+        self._reset_once(stream_id)
+
+    def _reset_once(self, stream_id: int) -> None:
+        """After answering a frame on a stream the peer reset with RST_STREAM STREAM_CLOSED,
+        treat the stream as reset by us: its later frames are ignored, not each answered (a
+        peer that sent 150,000 frames after its own RST_STREAM got as many resets back)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.state_machine.stream_closed_by = StreamClosedBy.SEND_RST_STREAM
+        elif stream_id in self._closed_streams:
+            self._closed_streams[stream_id] = StreamClosedBy.SEND_RST_STREAM
 
     def _handle_data_on_closed_stream(
         self, events: list[Any], exc: h2.exceptions.StreamClosedError, frame: Any
@@ -289,8 +305,12 @@ class H2Connection(h2.connection.H2Connection):
         # now — DATA after the peer's END_STREAM — comes with h2's StreamReset event: that
         # reset is h2's answer to this very frame, and goes out.)
         frames, events = super()._handle_data_on_closed_stream(events, exc, frame)
-        if self._stream_closed_by(exc.stream_id) is StreamClosedBy.SEND_RST_STREAM and not exc._events:
-            frames = [item for item in frames if not isinstance(item, RstStreamFrame)]
+        if not exc._events:
+            closed_by = self._stream_closed_by(exc.stream_id)
+            if closed_by is StreamClosedBy.SEND_RST_STREAM:
+                frames = [item for item in frames if not isinstance(item, RstStreamFrame)]
+            elif closed_by is StreamClosedBy.RECV_RST_STREAM:
+                self._reset_once(exc.stream_id)
         return frames, events
 
     def send_headers(self, *args: Any, **kwargs: Any) -> None:
