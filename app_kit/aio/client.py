@@ -747,13 +747,21 @@ class Channel:
                 path=address.path,
                 tls=self._ssl,
                 server_hostname=self._server_hostname,
+                handshake_timeout=self.config.handshake_timeout,
             )
             return cast(ClientProtocol, made)
         loop = asyncio.get_running_loop()
+        # The TLS handshake has handshake_timeout, as the HTTP/2 one after it (a stalled TLS
+        # proxy held a call until connect_min_timeout, 20 s by default).
+        tls_timeout = self.config.handshake_timeout if self._ssl else None
         if address.path is not None:
             hostname = self._server_hostname or ("localhost" if self._ssl else None)
             _, protocol = await loop.create_unix_connection(
-                functools.partial(factory, loop), address.path, ssl=self._ssl, server_hostname=hostname
+                functools.partial(factory, loop),
+                address.path,
+                ssl=self._ssl,
+                server_hostname=hostname,
+                ssl_handshake_timeout=tls_timeout,
             )
         else:
             assert address.host is not None and address.port is not None  # set whenever path is None
@@ -764,6 +772,7 @@ class Channel:
                     address.port,
                     ssl=self._ssl,
                     server_hostname=self._server_hostname,
+                    ssl_handshake_timeout=tls_timeout,
                 )
             else:
                 sock = await _connect_first(loop, address.host, address.port)
@@ -772,6 +781,7 @@ class Channel:
                     sock=sock,
                     ssl=self._ssl,
                     server_hostname=(self._server_hostname or address.host) if self._ssl else None,
+                    ssl_handshake_timeout=tls_timeout,
                 )
         return protocol
 

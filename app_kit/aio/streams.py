@@ -271,9 +271,11 @@ async def open_connection(
     path: str | None = None,
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    handshake_timeout: float | None = None,
 ) -> ConnectionProtocol:
-    """Connect (TCP to ``host``:``port``, or Unix ``path``; TLS if ``tls``) and run the
-    connection in this trio run's shared runtime; return its protocol, connection made."""
+    """Connect (TCP to ``host``:``port``, or Unix ``path``; TLS if ``tls``, its handshake
+    within ``handshake_timeout``, else TimeoutError) and run the connection in this trio
+    run's shared runtime; return its protocol, connection made."""
     if path is not None:
         stream: anyio.abc.ByteStream = await anyio.connect_unix(path)
     else:
@@ -281,12 +283,13 @@ async def open_connection(
         stream = await anyio.connect_tcp(host, port)
     if tls is not None:
         try:
-            stream = await TLSStream.wrap(
-                stream,
-                hostname=server_hostname or (host if path is None else "localhost"),
-                ssl_context=tls,
-                standard_compatible=False,
-            )
+            with anyio.fail_after(handshake_timeout):
+                stream = await TLSStream.wrap(
+                    stream,
+                    hostname=server_hostname or (host if path is None else "localhost"),
+                    ssl_context=tls,
+                    standard_compatible=False,
+                )
         except BaseException:
             await anyio.aclose_forcefully(stream)
             raise
