@@ -21,6 +21,8 @@ from .status import Status
 
 __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
 
+_AFTER_GRPC_TYPE = (b"", b"+", b";")  # what may follow b"application/grpc" in a response's content-type
+
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _LIMIT_BEFORE_SETTINGS = 100
 # By the grpc-status value's bytes: Status(int(...)) is a parse and an enum lookup per call.
@@ -180,7 +182,8 @@ class ClientConnection(GrpcConnection):
             self._end_response(state, status_for_http(http_status), message, None, headers, events)
             return
         content_type = fields.get(b"content-type", b"")
-        if not content_type.startswith(b"application/grpc"):
+        # application/grpc, alone or with +subtype or ;parameters (not grpc-web, grpcx...).
+        if not content_type.startswith(b"application/grpc") or content_type[16:17] not in _AFTER_GRPC_TYPE:
             size = oversized_list_size(headers)  # its :status only, then the marker
             if size is not None:
                 self._header_list_too_large(state, "response", size, events)
