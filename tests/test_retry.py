@@ -214,12 +214,14 @@ async def test_service_config_picks_the_most_specific_policy() -> None:
             RetryPolicies({"methodConfig": [{"name": [{}], "retryPolicy": bad}]})
 
 
-async def test_backoff_is_random_up_to_a_growing_cap() -> None:
+async def test_backoff_grows_to_its_cap_with_20_percent_jitter() -> None:
+    # gRFC A6 as updated in 2024 (and grpc-core): min(initial x multiplier^(n-1), max) x
+    # random(0.8, 1.2); before, random(0, that), which could be next to no wait at all.
     policy = RetryPolicy(max_attempts=5, initial_backoff=0.1, max_backoff=0.3, backoff_multiplier=2)
-    for retry, cap in ((1, 0.1), (2, 0.2), (3, 0.3), (4, 0.3)):
+    for retry, backoff in ((1, 0.1), (2, 0.2), (3, 0.3), (4, 0.3)):
         delays = [policy.backoff(retry) for _ in range(200)]
-        assert 0 <= min(delays) and max(delays) <= cap
-        assert max(delays) > cap * 0.8  # uses the whole range
+        assert backoff * 0.8 <= min(delays) and max(delays) <= backoff * 1.2
+        assert min(delays) < backoff * 0.85 and max(delays) > backoff * 1.15  # the whole range
     await asyncio.sleep(0)
 
 

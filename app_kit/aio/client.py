@@ -224,6 +224,11 @@ class ClientProtocol(ConnectionProtocol):
         return not self.is_closed and not connection.closed and connection.draining is None
 
     @property
+    def carried_calls(self) -> bool:
+        """Whether a call was ever started on the connection."""
+        return self.connection.carried_calls
+
+    @property
     def unusable_reason(self) -> str:
         """Why it takes no new calls: lost, or draining (and why)."""
         if self.is_closed or self.connection.closed:
@@ -1426,6 +1431,13 @@ class _Attempts:
         self._deadline = deadline
         self._transparent_left = transparent
         self._attempts = 1
+        self._since_pushback = 0  # retries backed off since the server's last pushback
+
+    def tell(self, stream: ClientStream[Any, Any]) -> None:
+        """Say in ``stream``'s request headers how many attempts of the call came before it,
+        as gRFC A6's ``grpc-previous-rpc-attempts`` (absent on the first)."""
+        if self._attempts > 1:
+            stream._metadata.append((b"grpc-previous-rpc-attempts", b"%d" % (self._attempts - 1)))
 
     def retry_delay(self, stream: ClientStream[Any, Any], error: GRPCError) -> float | None:
         """Seconds to wait before the next attempt, or None: raise ``error``."""
@@ -1441,12 +1453,15 @@ class _Attempts:
         pushbacks = [value for name, value in raw if name == b"grpc-retry-pushback-ms"]
         self._attempts += 1
         if pushbacks:
-            # The server's word, 0 included (at once); a malformed one: do not retry.
+            # The server's word, 0 included (at once); a malformed one: do not retry. The
+            # backoff starts again from the initial one after it (gRFC A6, grpc-core).
             delay = pushback_delay(pushbacks[0].decode("latin-1"))
             if delay is None:
                 return None
+            self._since_pushback = 0
         else:
-            delay = policy.backoff(self._attempts - 1)
+            self._since_pushback += 1
+            delay = policy.backoff(self._since_pushback)
         if self._deadline is not None and self._deadline.time_remaining() <= delay:
             return None  # no time left for another attempt
         return delay
@@ -1484,6 +1499,8 @@ class UnaryUnaryMethod(_Method[SendT, RecvT]):
         while True:
             # `async with channel.request(...) as stream`, without its two coroutines.
             stream = self.channel.request(self.path, _UNARY_UNARY, self.request_type, self.reply_type, **options)
+            if attempts is not None:
+                attempts.tell(stream)
             stream._enter()
             try:
                 await stream.send_message(request, end=True)
@@ -1553,6 +1570,7 @@ class UnaryStreamMethod(_Method[SendT, RecvT]):
             while True:
                 async with self.open(**options) as stream:
                     replies.call = stream
+                    attempts.tell(stream)
                     try:
                         await stream.send_message(request, end=True)
                         async for reply in stream:

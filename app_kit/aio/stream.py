@@ -279,7 +279,7 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         """Metadata to send in the trailers whenever the call ends: when the handler returns,
         raises :class:`GRPCError`, or calls :meth:`send_trailing_metadata` (whose own metadata
         goes after it). Replaces what an earlier call set; invalid metadata raises here."""
-        self._trailers = encode_metadata(metadata)
+        self._trailers = encode_metadata(metadata, trailers=True)
 
     async def send_trailing_metadata(
         self,
@@ -304,7 +304,7 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         if status_message is not None and not isinstance(status_message, str):
             raise TypeError(f"status_message must be a str, not {type(status_message).__name__}")
         # Everything that can fail is done before the call counts as answered.
-        fields = encode_metadata(metadata)
+        fields = encode_metadata(metadata, trailers=True)
         if self._trailers:
             fields = self._trailers + fields
         details = None

@@ -37,6 +37,10 @@ class CallConnection(Protocol):
         """Open, and not draining."""
 
     @property
+    def carried_calls(self) -> bool:
+        """Whether a call was ever started on it."""
+
+    @property
     def unusable_reason(self) -> str:
         """Why it takes no new calls: lost, or draining (and why)."""
 
@@ -166,12 +170,28 @@ class Subchannel(Generic[ConnectionT]):
         self.last_error: str | None = None
         self._task: Any = None  # the connection attempt's task
         self._retry_handle: Any = None
+        # When the connection became READY, and when the attempt that made it could have
+        # been retried had it failed (see ready_protocol).
+        self._ready_at = 0.0
+        self._retry_at = 0.0
+        # Connections in a row that went before carrying a call, young (see ready_protocol).
+        self._young_losses = 0
 
     def __repr__(self) -> str:
         return f"<Subchannel {self.address} {self.state.name}>"
 
     def ready_protocol(self) -> ConnectionT | None:
-        """The connection if it takes new calls; a lost or draining one makes us IDLE."""
+        """The connection if it takes new calls; a lost or draining one makes us IDLE.
+
+        A connection lost (or told to go away) before it carried a call and within the
+        initial backoff of becoming READY proved nothing: the backoff was not reset by it,
+        and the second such loss in a row is a failed attempt (TRANSIENT_FAILURE until the
+        backoff expires). A backend that drops every connection right after its SETTINGS, or
+        a draining server that greets each one with GOAWAY, was otherwise redialled as fast
+        as it answered (1,500 connections a second), and a call that does not wait for ready
+        waited on it. The first such loss reconnects at once: behind a virtual IP the next
+        connection may reach another backend.
+        """
         protocol = self.protocol
         if protocol is None:
             return None
@@ -179,6 +199,18 @@ class Subchannel(Generic[ConnectionT]):
             self.protocol = None
             self.last_error = protocol.unusable_reason
             protocol.close_when_idle()
+            loop = current_runtime()
+            if protocol.carried_calls or loop.time() - self._ready_at >= self._config.connect_initial_backoff:
+                self._backoff.reset()
+                self._young_losses = 0
+            else:
+                self._young_losses += 1
+                if self._young_losses > 1:
+                    self.last_error = f"{self.address} ended each connection before any call ({self.last_error})"
+                    self._retry_handle = loop.call_at(max(self._retry_at, loop.time()), self._backoff_over)
+                    self.state = ConnectivityState.TRANSIENT_FAILURE
+                    self._on_change(self)
+                    return None
             self._set(ConnectivityState.IDLE)
             return None
         return protocol
@@ -217,7 +249,9 @@ class Subchannel(Generic[ConnectionT]):
         if self.state is ConnectivityState.SHUTDOWN:  # shut down as it connected: nobody's
             protocol.close_when_idle()
             return
-        self._backoff.reset()
+        # The backoff is reset once the connection proves itself (see ready_protocol).
+        self._ready_at = loop.time()
+        self._retry_at = retry_at
         self.protocol = protocol
         protocol.on_unusable = self._connection_changed
         self._set(ConnectivityState.READY)

@@ -109,6 +109,11 @@ class ClientConnection(GrpcConnection):
             limit = min(limit, _LIMIT_BEFORE_SETTINGS)
         return not self.closed and not self.draining and len(self._streams) < limit  # h2's count walks every stream
 
+    @property
+    def carried_calls(self) -> bool:
+        """Whether a call was ever started here."""
+        return self._h2.highest_outbound_stream_id > 0
+
     def start_call(
         self,
         path: str,

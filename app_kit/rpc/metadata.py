@@ -82,10 +82,12 @@ def _b64decode(key: str, value: bytes) -> bytes:
         raise ValueError(f"metadata {key!r} is not valid base64") from None
 
 
-def encode_metadata(metadata: MetadataLike | None) -> list[tuple[bytes, bytes]]:
+def encode_metadata(metadata: MetadataLike | None, *, trailers: bool = False) -> list[tuple[bytes, bytes]]:
     """Validate metadata to send and turn it into header fields.
 
-    Keys must be lower-case ``[0-9a-z_.-]`` and not reserved (``grpc-*``, HTTP's own);
+    Keys must be lower-case ``[0-9a-z_.-]`` and not reserved (``grpc-*``, HTTP's own), but
+    for a server's ``trailers`` ``grpc-retry-pushback-ms``, which the application sets (gRFC
+    A6: how long a client should wait before retrying; a negative value: never).
     ``-bin`` keys take bytes (sent base64-encoded without padding), others printable ASCII
     str. Violations raise :class:`ValueError` / :class:`TypeError` in the caller.
     """
@@ -97,7 +99,9 @@ def encode_metadata(metadata: MetadataLike | None) -> list[tuple[bytes, bytes]]:
         raw_key = key.encode("ascii", "replace") if isinstance(key, str) else b""
         if not _KEY_RE.match(raw_key):
             raise ValueError(f"invalid metadata key {key!r}: lower-case [0-9a-z_.-] expected")
-        if raw_key.startswith(b"grpc-") or key in _RESERVED_KEYS:
+        if (raw_key.startswith(b"grpc-") and not (trailers and raw_key == b"grpc-retry-pushback-ms")) or (
+            key in _RESERVED_KEYS
+        ):
             raise ValueError(f"metadata key {key!r} is reserved by the protocol")
         if key.endswith("-bin"):
             if not isinstance(value, bytes | bytearray | memoryview):

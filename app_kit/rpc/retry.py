@@ -1,12 +1,13 @@
 """Retry policies in the shape of gRPC's service config (gRFC A6), without the I/O.
 
 A policy says how often a failed call may be tried again (``max_attempts`` in all, at most
-5 as the spec caps it), on which status codes, and how long to wait between attempts: a random
-time up to ``initial_backoff``, growing by ``backoff_multiplier`` per attempt up to
-``max_backoff`` — or what the server asks for in ``grpc-retry-pushback-ms`` (a negative or
-malformed value: do not retry). A call is retried only while it is not committed: no response
-headers or messages came back (a Trailers-Only answer does not commit it), and always within
-the call's original deadline.
+5 as the spec caps it), on which status codes, and how long to wait between attempts:
+``initial_backoff``, growing by ``backoff_multiplier`` per attempt up to ``max_backoff``, each
+±20 % at random — or what the server asks for in ``grpc-retry-pushback-ms`` (a negative or
+malformed value: do not retry; after it the backoff starts again from ``initial_backoff``).
+A call is retried only while it is not committed: no response headers or messages came back
+(a Trailers-Only answer does not commit it), and always within the call's original deadline.
+Each attempt after the first says how many came before it (``grpc-previous-rpc-attempts``).
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ class RetryPolicy:
         object.__setattr__(self, "retryable_status_codes", frozenset(map(Status, self.retryable_status_codes)))
 
     def backoff(self, retry: int) -> float:
-        """The wait before retry number ``retry`` (1 for the first): random, up to the cap."""
-        cap = min(self.initial_backoff * self.backoff_multiplier ** (retry - 1), self.max_backoff)
-        return random.uniform(0, cap)
+        """The wait before retry number ``retry`` (1 for the first since the start or the
+        server's last pushback): the growing backoff, jittered by ±20 % (gRFC A6 as updated
+        in 2024, and grpc-core; before, a random time up to it, which could be next to none)."""
+        backoff = min(self.initial_backoff * self.backoff_multiplier ** (retry - 1), self.max_backoff)
+        return backoff * random.uniform(0.8, 1.2)
 
     @classmethod
     def from_json(cls, policy: Mapping[str, Any]) -> RetryPolicy:
