@@ -56,10 +56,10 @@ _LATE_RESETS = 1024  # finished streams remembered for a reset that crossed thei
 # without it, a window's worth of empty messages (5 bytes each) held ~16 times the window.
 _MESSAGE_OVERHEAD = 96
 #: A DATA frame of fewer bytes than this, inside a message it neither begins nor ends, carries
-#: next to nothing and counts as an empty frame: each one costs us a frame's work (a message
-#: in frames of 1 byte took ~3 µs of CPU per byte). Senders cut a message at their frame size
-#: or at the window's end, so such pieces are rare in real traffic (one in a few hundred
-#: window updates, when the window happens to end that close to a frame's start).
+#: next to nothing and counts as an empty frame unless a large one licenses it (see the
+#: guard's count_crumb): each one costs us a frame's work (a message in frames of 1 byte took
+#: ~3 µs of CPU per byte). Senders cut a message at their frame size or at the window's end,
+#: proxies where their buffers fill (HAProxy: one frame in four).
 _CRUMB = 64
 _FREE_MESSAGES = 16
 
@@ -204,8 +204,8 @@ class GrpcConnection:
         self._pings_licensed = 0
         self._updates_licensed = 0
         self._messages_out = 0  # messages handed to h2: each licenses WINDOW_UPDATEs too
-        # Streams finished lately, each licensing one late RST_STREAM (see _reset_licensed).
-        self._finished: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # Streams finished lately, and the late RST_STREAMs each licenses (see _reset_licensed).
+        self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._h2 = new_h2_connection(config, client_side=client_side)
         # The bytes of a frame not complete yet (at most a frame header and max_frame_size),
         # in the pieces they came in (joined once, when the frame is complete; small pieces
@@ -353,21 +353,32 @@ class GrpcConnection:
         """For the guard, per RST_STREAM received: does it cancel a stream we had finished?
 
         A client's deadline and the server's fire together: the server answers while the
-        client's reset is on its way. Such a reset cost us nothing; once per stream it is
-        not counted as a rapid reset (measured: a client with 20 ms deadlines cut off)."""
-        if stream_id in self._finished:
-            del self._finished[stream_id]
-            return True
-        return False
+        client's reset is on its way. Such a reset cost us nothing; once per stream, and once
+        more per DATA frame we sent on it, it is not counted as a rapid reset (measured: a
+        client with 20 ms deadlines cut off; HAProxy answers a client stream the server ended
+        early with CANCEL, then STREAM_CLOSED for each DATA frame it still got: 125 such
+        calls in 10 s cut our client's connection off)."""
+        finished = self._finished
+        left = finished.get(stream_id)
+        if left is None:
+            return False
+        if left > 1:
+            finished[stream_id] = left - 1
+        else:
+            del finished[stream_id]
+        return True
 
     def _update_licensed(self) -> bool:
         """For the guard, per WINDOW_UPDATE received: called for by what we sent?
 
-        Two (stream and connection) per HEADERS or DATA frame, and per message: gRPC peers
-        acknowledge each message their application reads, and we pack many into one frame
-        (grpc-core, through a network: 4,620 updates for 1,801 DATA frames of a bidi stream).
+        Two (stream and connection) per HEADERS or DATA frame, per message, and per KiB of
+        DATA: gRPC peers acknowledge each message their application reads, and we pack many
+        into one frame (grpc-core, through a network: 4,620 updates for 1,801 DATA frames of
+        a bidi stream); HAProxy acknowledges as its buffers drain, ~3.6 updates per 16 KiB
+        frame (9 MiB of replies in 10 s through it were cut off as a flood).
         """
-        sent = self._h2.frames_sent + self._messages_out
+        h2_connection = self._h2
+        sent = h2_connection.frames_sent + self._messages_out + h2_connection.data_kib_sent
         used = max(self._updates_licensed, 2 * (sent - _PING_LICENCES))
         licensed = 2 * sent > used
         self._updates_licensed = used + licensed
@@ -417,7 +428,7 @@ class GrpcConnection:
         # 200,000 empty ones): that counts here too (see _MESSAGE_OVERHEAD).
         partial = decoder.buffered
         if not messages and state.partial and len(data) < _CRUMB and partial:
-            self._guard.count_empty()
+            self._guard.count_crumb()
         grown = partial - state.partial
         self._partial_bytes += grown
         state.partial = partial
@@ -606,7 +617,8 @@ class GrpcConnection:
             if state.queued > _FREE_MESSAGES:
                 self._count_queued(_FREE_MESSAGES - state.queued)
             finished = self._finished
-            finished[stream_id] = None
+            # (The frames it sent, estimated from what it counts: a message or 16 KiB each.)
+            finished[stream_id] = 1 + state.messages_flushed + state.messages + (state.bytes_taken >> 14)
             if len(finished) > _LATE_RESETS:
                 finished.popitem(last=False)  # O(1); a dict's oldest key costs a scan past its holes
         if state.blocked is not None:

@@ -223,6 +223,8 @@ class H2Connection(h2.connection.H2Connection):
     frames_sent = 0
     #: Frames h2 answered the peer's with (ACKs, resets): see max_pending_induced_frames.
     induced_frames = 0
+    #: KiB of DATA sent in frames of 1 KiB or more: each licenses WINDOW_UPDATEs (rpc/connection.py).
+    data_kib_sent = 0
     #: What h2 made of the header lists received: see _receive_headers.
     _validated: dict[tuple[Any, Any, Any], tuple[list[Any], int | None]] | None = None
     #: Buffers queued before ``_data_to_send``, while a large payload is queued by reference.
@@ -461,6 +463,8 @@ class H2Connection(h2.connection.H2Connection):
         stream = self.streams[stream_id]
         size = len(prefix) + len(data)
         self.frames_sent += -(-size // frame_size)
+        if size >= 1024:
+            self.data_kib_sent += size >> 10
         if self.state_machine.state not in _CONNECTION_OPEN:  # (else a no-op: see above)
             self.state_machine.process_input(ConnectionInputs.SEND_DATA)
         if stream.state_machine.state not in _STREAM_SENDING:  # (else a no-op), an error
