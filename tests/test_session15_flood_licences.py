@@ -5,21 +5,37 @@ test_session15_proxies_review.py) still cut off a peer that sends such frames al
 What a peer gets for free is licensed by work it had us do — a DATA frame of 1 KiB or more
 licenses one small frame inside a message, each KiB we send two WINDOW_UPDATEs — and no more
 than that: past it, each such frame counts towards ``max_empty_frames_per_window`` again.
-Over a real socket, against an in-process Server, with hand-built frames.
+Over a real socket, against an in-process Server, with hand-built frames; and our Channel
+against a scripted server that resets as HAProxy does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import hpack
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue
 
-from app_kit import Server
+from app_kit import Cardinality, Channel, GRPCError, Server
+from app_kit.aio.client import method_for
+from app_kit.rpc.framing import frame_message
 from app_kit.wire.config import Configuration
-from tests.frames import DATA, END_HEADERS, END_STREAM, HANDSHAKE, HEADERS, WINDOW_UPDATE, RawPeer, frame, request_block
+from tests.fake_server import FakeConnection, fake_server
+from tests.frames import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HANDSHAKE,
+    HEADERS,
+    RST_STREAM,
+    WINDOW_UPDATE,
+    RawPeer,
+    frame,
+    request_block,
+)
 from tests.services import ByteCounter, EchoService
 
 pytestmark = pytest.mark.anyio
@@ -111,3 +127,62 @@ async def test_window_updates_the_data_licenses_are_free(port: int) -> None:
         await peer.send(frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")) * 190)
         await asyncio.sleep(0.3)
         assert peer.goaways == []
+
+
+async def test_a_proxys_resets_in_the_same_read_as_the_trailers_are_not_a_flood_to_our_client() -> None:
+    # HAProxy answers a call the server ended early with RST_STREAM CANCEL, then STREAM_CLOSED
+    # for each DATA frame of ours still in flight; they can come in the same read as the
+    # trailers, before the call is finished here (the guard reads every frame header of a read
+    # first). 300 calls, each answered with its trailers, then 1 + 3 resets in one write: their
+    # licences are the call's own frames (HEADERS and DATA: 1 + 2 here; counted while it is
+    # open too), so none of the 1,200 counts (the rapid-reset budget: 1,000 per 10 s; seen once
+    # in a full run through HAProxy, where reads happened to coalesce).
+    reply = frame_message(BytesValue(value=b"ok").SerializeToString())
+
+    def script(connection: FakeConnection, stream_id: int, number: int) -> None:
+        conn = connection.conn
+        conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+        conn.send_data(stream_id, reply)
+        conn.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+        resets = frame(RST_STREAM, 0, stream_id, (8).to_bytes(4, "big"))  # CANCEL
+        resets += frame(RST_STREAM, 0, stream_id, (5).to_bytes(4, "big")) * 3  # STREAM_CLOSED
+        connection.transport.write(conn.data_to_send() + resets)  # type: ignore[attr-defined]
+
+    async with fake_server(script) as (port, _), Channel("127.0.0.1", port) as channel:
+        call = method_for(channel, "/t.P/U", Cardinality.UNARY_UNARY, BytesValue, BytesValue)
+        failures = []
+        for _ in range(300):
+            try:
+                await call(BytesValue(value=b"x"), timeout=5)
+            except GRPCError as exc:
+                failures.append(exc.message)
+        assert failures == []
+
+
+async def test_resets_past_a_calls_licences_still_count_for_our_client() -> None:
+    # The same, with 2,000 resets after the trailers of one call: over its licences, and over
+    # the budget: the client closes the connection as a flood (the next call gets a new one).
+    reply = frame_message(BytesValue(value=b"ok").SerializeToString())
+    flooded = []
+
+    def script(connection: FakeConnection, stream_id: int, number: int) -> None:
+        conn = connection.conn
+        conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+        conn.send_data(stream_id, reply)
+        conn.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+        resets = b""
+        if number == 1:
+            resets = frame(RST_STREAM, 0, stream_id, (5).to_bytes(4, "big")) * 2000
+            flooded.append(connection)
+        connection.transport.write(conn.data_to_send() + resets)  # type: ignore[attr-defined]
+
+    async with fake_server(script) as (port, _), Channel("127.0.0.1", port) as channel:
+        call = method_for(channel, "/t.P/U", Cardinality.UNARY_UNARY, BytesValue, BytesValue)
+        with contextlib.suppress(GRPCError):  # (the flood may end the connection before the trailers)
+            await call(BytesValue(value=b"x"), timeout=5)
+        for _ in range(100):
+            if flooded[0].transport.is_closing() or b"flood" in bytes(flooded[0].wire):
+                break
+            await asyncio.sleep(0.02)
+        assert b"flood" in bytes(flooded[0].wire)  # our GOAWAY's debug data
+        assert (await call(BytesValue(value=b"y"), timeout=5)).value == b"ok"

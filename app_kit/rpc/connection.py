@@ -64,6 +64,12 @@ _CRUMB = 64
 _FREE_MESSAGES = 16
 
 
+def _late_resets(state: StreamState) -> int:
+    """The RST_STREAMs a finished stream licenses: one, and one per frame we sent on it
+    (estimated from what it counts: a message or 16 KiB each)."""
+    return 1 + state.messages_flushed + state.messages + (state.bytes_taken >> 14)
+
+
 class ReceiveBudget:
     """Bytes of incomplete and inflated messages that the connections sharing it hold at once
     (a server's: Configuration.max_server_receive_buffer), as each connection counts its own."""
@@ -190,6 +196,7 @@ class GrpcConnection:
         self, config: Configuration, *, client_side: bool, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config
+        self._client_side = client_side
         self._guard = FrameGuard(
             config,
             clock,
@@ -361,12 +368,15 @@ class GrpcConnection:
         finished = self._finished
         left = finished.get(stream_id)
         if left is None:
-            return False
-        if left > 1:
-            finished[stream_id] = left - 1
-        else:
-            del finished[stream_id]
-        return True
+            state = self._streams.get(stream_id) if self._client_side else None
+            if state is None:
+                return False
+            # A client's call still open: the read that brings the resets may end it first
+            # (a proxy's come with the trailers: the guard sees every frame of a read before
+            # the trailers are taken). Its licences start now; _release keeps what is left.
+            left = _late_resets(state)
+        finished[stream_id] = left - 1  # (0 kept: an open stream's licences are not renewed)
+        return left > 0
 
     def _update_licensed(self) -> bool:
         """For the guard, per WINDOW_UPDATE received: called for by what we sent?
@@ -617,8 +627,8 @@ class GrpcConnection:
             if state.queued > _FREE_MESSAGES:
                 self._count_queued(_FREE_MESSAGES - state.queued)
             finished = self._finished
-            # (The frames it sent, estimated from what it counts: a message or 16 KiB each.)
-            finished[stream_id] = 1 + state.messages_flushed + state.messages + (state.bytes_taken >> 14)
+            if stream_id not in finished:  # (else licences it took while open: see _reset_licensed)
+                finished[stream_id] = _late_resets(state)
             if len(finished) > _LATE_RESETS:
                 finished.popitem(last=False)  # O(1); a dict's oldest key costs a scan past its holes
         if state.blocked is not None:
