@@ -130,7 +130,10 @@ async def test_client_keeps_its_connection_to_a_bdp_pinging_server() -> None:
     def reply(connection: FakeConnection, stream_id: int, number: int) -> None:
         connection.reply(stream_id, BytesValue(value=b"pong").SerializeToString())
 
-    async with fake_server(reply, ping_on_data=True) as (port, log), Channel("127.0.0.1", port, config=WINDOW) as channel:
+    async with (
+        fake_server(reply, ping_on_data=True) as (port, log),
+        Channel("127.0.0.1", port, config=WINDOW) as channel,
+    ):
         unary = methods(channel)["Unary"]
         until = time.monotonic() + DURATION
         failures: list[BaseException] = []
