@@ -65,7 +65,10 @@ class _HandshakeLoggingSSLObject(ssl_module.SSLObject):
         except (ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError):
             raise  # more bytes to come: not a failure
         except ssl_module.SSLError as exc:
-            peer_log.log(logging.INFO, "TLS handshake failed: %r", exc)
+            # Not a client's handshake (the context may be shared), nor one on trio, whose
+            # connections log their own (streams.serve_stream; the class stays on the context).
+            if self.server_side and not running_on_trio():
+                peer_log.log(logging.INFO, "TLS handshake failed: %r", exc)
             raise
 
 

@@ -133,7 +133,7 @@ class ConnectionProtocol(asyncio.Protocol):
             return False
         peer_log.log(logging.INFO, "closing connection: the peer made us answer %d frames and read none", owed)
         connection.close(_ENHANCE_YOUR_CALM, "the peer does not read")
-        self.close_transport()
+        self.close_transport(f"the peer made us answer {owed} frames and read none of them")
         return True
 
     def pause_writing(self) -> None:
