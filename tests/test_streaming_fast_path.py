@@ -196,6 +196,17 @@ async def test_a_started_server_keeps_its_attributes_in_a_shared_key_dict() -> N
         await server.wait_closed()
 
 
+async def test_a_clients_connection_keeps_its_attributes_in_a_shared_key_dict() -> None:
+    # The same for the client's connection, read per call and per frame. Measured: with 30
+    # attributes (session 15 added a 30th) its calls cost 2 % more instructions than with 29:
+    # the limit in practice is one under the 30 CPython names.
+    async with running_server([EchoService()]) as (_, target), Channel(target) as channel:
+        unary = method_for(channel, "/test.Echo/Unary", Cardinality.UNARY_UNARY, BytesValue, BytesValue)
+        await unary(BytesValue(value=b"x"), timeout=5)
+        connection = channel._protocol.connection  # type: ignore[union-attr]
+        assert len(vars(connection)) < 30, sorted(vars(connection))
+
+
 # -- what a server stream reports as sent ----------------------------------------------------
 # Its replies past the first are counted by its stream's state (StreamState.sent_messages and
 # sent_bytes), not one by one by the call: read after every reply and at the call's end, for

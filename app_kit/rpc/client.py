@@ -73,6 +73,7 @@ class ClientConnection(GrpcConnection):
         h2.events.TrailersReceived: "_on_trailers",
         h2.events.InformationalResponseReceived: "_on_informational",
     }
+    _client_side = True
 
     def __init__(self, config: Configuration, *, authority: str, scheme: str, user_agent: str) -> None:
         super().__init__(config, client_side=True)
