@@ -96,15 +96,20 @@ async def test_small_frames_alone_are_a_flood(port: int) -> None:
     assert await outcome(port, upload(large=0, crumbs_after_each=300, rounds=1)) == [(ENHANCE_YOUR_CALM, b"flood")]
 
 
-async def test_window_updates_past_what_our_data_licenses_are_a_flood(port: int) -> None:
-    # A 48 KiB reply (within the default 64 KiB window of the peer) licenses ~2 WINDOW_UPDATEs
-    # per KiB, per frame and per message: ~110. Then 1,000 updates of 1 byte each: a flood.
+def _echo_of_48_kib() -> bytes:
+    """A /test.Echo/Unary call on stream 1 whose reply (its request echoed) is 48 KiB: within
+    the default 64 KiB window of the peer."""
     body = BytesValue(value=bytes(48 * 1024)).SerializeToString()
     message = b"\x00" + len(body).to_bytes(4, "big") + body
     request = frame(HEADERS, END_HEADERS, 1, request_block(hpack.Encoder(), path="/test.Echo/Unary"))
-    request += frame(DATA, END_STREAM, 1, message)
+    return request + frame(DATA, END_STREAM, 1, message)
+
+
+async def test_window_updates_past_what_our_data_licenses_are_a_flood(port: int) -> None:
+    # A 48 KiB reply (within the default 64 KiB window of the peer) licenses ~2 WINDOW_UPDATEs
+    # per KiB, per frame and per message: ~110. Then 1,000 updates of 1 byte each: a flood.
     async with RawPeer(port) as peer:
-        await peer.send(HANDSHAKE + request)
+        await peer.send(HANDSHAKE + _echo_of_48_kib())
         for _ in range(100):  # until the reply is in
             if any(getattr(f, "stream_id", 0) == 1 and "END_STREAM" in f.flags for f in peer.frames):
                 break
@@ -117,12 +122,8 @@ async def test_window_updates_past_what_our_data_licenses_are_a_flood(port: int)
 
 async def test_window_updates_the_data_licenses_are_free(port: int) -> None:
     # The same reply, then 100 updates: under its licences and the budget together, nothing.
-    body = BytesValue(value=bytes(48 * 1024)).SerializeToString()
-    message = b"\x00" + len(body).to_bytes(4, "big") + body
-    request = frame(HEADERS, END_HEADERS, 1, request_block(hpack.Encoder(), path="/test.Echo/Unary"))
-    request += frame(DATA, END_STREAM, 1, message)
     async with RawPeer(port) as peer:
-        await peer.send(HANDSHAKE + request)
+        await peer.send(HANDSHAKE + _echo_of_48_kib())
         await asyncio.sleep(0.2)
         await peer.send(frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")) * 190)
         await asyncio.sleep(0.3)
