@@ -291,8 +291,13 @@ class ConnectionProtocol(asyncio.Protocol):
         keepalive_time = config.keepalive_time
         if self._closed or keepalive_time is None:
             return
-        if self._keepalive_sent_at is not None:
-            if self._last_read < self._keepalive_sent_at:
+        sent_at = self._keepalive_sent_at
+        if sent_at is not None:
+            if self._last_read < sent_at:
+                left = sent_at + config.keepalive_timeout - self.loop.time()
+                if left > 0:  # looked at early (see below): no answer yet, and time left
+                    self._keepalive_handle = self.loop.call_later(left, self._keepalive_check)
+                    return
                 log.info("closing connection: keepalive PING not answered within %ss", config.keepalive_timeout)
                 self.connection.close(0, "keepalive timeout")
                 self.close_transport("keepalive PING not answered in time")
@@ -311,7 +316,12 @@ class ConnectionProtocol(asyncio.Protocol):
             self._keepalive_handle = self.loop.call_later(keepalive_time / 4, self._keepalive_check)
             return
         # Nothing heard for keepalive_time: ask, and give the peer keepalive_timeout to answer.
+        # Looked at again after the shorter of the two: with a keepalive_time under the
+        # timeout, the next PING is due keepalive_time after the answer (gRFC A8), not after
+        # the timeout.
         self._keepalive_sent_at = self.loop.time()
         self.connection.ping(_KEEPALIVE_PING)
         self.flush()
-        self._keepalive_handle = self.loop.call_later(config.keepalive_timeout, self._keepalive_check)
+        self._keepalive_handle = self.loop.call_later(
+            min(config.keepalive_timeout, keepalive_time), self._keepalive_check
+        )
