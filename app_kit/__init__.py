@@ -26,7 +26,7 @@ from .wire.config import Configuration
 if TYPE_CHECKING:  # what __getattr__ below loads on first use, as the type checker sees it
     from .aio.client import Channel, ClientInterceptor, ClientStream
     from .aio.subchannel import ConnectivityState
-    from .aio.tls import client_tls
+    from .aio.tls import client_tls, server_tls
     from .app.lifecycle import App, DeclarationError, RunningApp, StartupAborted, StartupError
     from .app.settings import AppSettings, SettingsError
     from .app.signals import graceful_exit
@@ -38,6 +38,7 @@ _LAZY = {
     "ClientStream": "aio.client",
     "ConnectivityState": "aio.subchannel",
     "client_tls": "aio.tls",
+    "server_tls": "aio.tls",
     "App": "app.lifecycle",
     "DeclarationError": "app.lifecycle",
     "RunningApp": "app.lifecycle",
@@ -100,5 +101,6 @@ __all__ = [
     "client_tls",
     "register_encoding",
     "registered_encodings",
+    "server_tls",
     "unregister_encoding",
 ]

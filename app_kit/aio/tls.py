@@ -1,11 +1,17 @@
-"""TLS for clients: a context for gRPC (ALPN h2), with the caller's roots and client certificate."""
+"""TLS contexts for gRPC (ALPN h2): a client's, with the caller's roots and client certificate,
+and a server's that serves a renewed certificate without a restart."""
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
+import time
+from collections.abc import Callable
 
-__all__ = ["client_tls"]
+__all__ = ["client_tls", "server_tls"]
+
+log = logging.getLogger("app_kit.server")
 
 
 def client_tls(
@@ -40,3 +46,128 @@ def client_tls(
         raise ValueError("private_key goes with certificate_chain")
     context.set_alpn_protocols(["h2"])
     return context
+
+
+def server_tls(
+    *,
+    certificate_chain: str | os.PathLike[str],
+    private_key: str | os.PathLike[str] | None = None,
+    password: str | bytes | None = None,
+    client_ca: str | os.PathLike[str] | None = None,
+    reload_interval: float | None = 60.0,
+) -> ssl.SSLContext:
+    """A new server TLS context (ALPN ``h2``) that serves a renewed certificate without a restart.
+
+    ``certificate_chain`` and ``private_key`` are PEM files (the key may be in the chain's
+    file); ``password`` opens an encrypted key (without it, an encrypted key raises
+    ``ValueError`` instead of OpenSSL asking on the terminal). ``client_ca``: a PEM file of the
+    CAs whose certificates every client must present (mutual TLS, grpcio's
+    ``require_client_auth``).
+
+    ``reload_interval``: at a new connection's handshake, at most once per this many seconds,
+    the files are looked at (their inode, size and time); when they changed — cert-manager
+    renewing a mounted Secret, say — they are read again and new connections are served the new
+    certificate (and CAs); connections open already keep theirs. Files that cannot be used yet
+    (a key that does not match its certificate halfway through an update) are logged at
+    WARNING and the previous certificate is served until they can. ``None``: read once.
+    The files are read on the event loop, in the handshake that finds them changed (a
+    millisecond). The context's ``sni_callback`` does this: set another and the files are read
+    once.
+    """
+    files = [os.fspath(certificate_chain)]
+    if private_key is not None:
+        files.append(os.fspath(private_key))
+    if client_ca is not None:
+        files.append(os.fspath(client_ca))
+
+    def build() -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        key = None if private_key is None else files[1]
+        context.load_cert_chain(files[0], key, password if password is not None else _no_password)
+        if client_ca is not None:
+            context.load_verify_locations(cafile=files[-1])
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(["h2"])
+        return context
+
+    if reload_interval is not None and not reload_interval > 0:
+        raise ValueError("reload_interval must be positive or None")
+    signature = _signature(files)
+    context = build()
+    if reload_interval is not None:
+        context.sni_callback = _CertificateReloader(build, files, signature, reload_interval)
+    return context
+
+
+def _no_password() -> str:
+    # Given instead of None: OpenSSL would ask for one on the terminal (a start that hangs).
+    raise ValueError("the private key is encrypted: give its password")
+
+
+def _signature(files: list[str]) -> tuple[tuple[int, int, int, int], ...] | None:
+    """What changes when one of ``files`` is replaced or rewritten (None: one is missing).
+
+    Followed through symbolic links: a Secret's volume replaces its files by swapping a link."""
+    try:
+        stats = [os.stat(path) for path in files]
+    except OSError:
+        return None
+    return tuple((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) for stat in stats)
+
+
+class _CertificateReloader:
+    """The ``sni_callback`` of a context made by :func:`server_tls`: gives each handshake the
+    context of the newest certificate files that could be loaded."""
+
+    def __init__(
+        self,
+        build: Callable[[], ssl.SSLContext],
+        files: list[str],
+        signature: tuple[tuple[int, int, int, int], ...] | None,
+        interval: float,
+    ) -> None:
+        self._build = build
+        self._files = files
+        self._signature = signature
+        self._interval = interval
+        self._looked_at = time.monotonic()
+        self._newest: ssl.SSLContext | None = None  # None: the listening context's own files
+        self._failure = ""  # the last reason the changed files could not be loaded (logged once)
+
+    def __call__(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        now = time.monotonic()
+        if now - self._looked_at >= self._interval:
+            self._looked_at = now
+            try:
+                self._look()
+            except Exception:  # never fail a handshake for this: the previous certificate stays
+                log.exception("cannot look at the TLS certificate files %s", ", ".join(self._files))
+        if self._newest is not None:
+            # OpenSSL's SSL_set_SSL_CTX: this connection's certificate, key and verification
+            # (the client CAs) become the new context's; its ALPN too, which is why it has h2.
+            ssl_object.context = self._newest
+
+    def _look(self) -> None:
+        signature = _signature(self._files)
+        if signature == self._signature:
+            return
+        try:
+            if signature is None:
+                raise FileNotFoundError("a file is missing")
+            newest = self._build()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            reason = str(exc) or type(exc).__name__
+            if reason != self._failure:
+                self._failure = reason
+                log.warning(
+                    "TLS certificate files %s changed but cannot be used (%s): still serving the previous"
+                    " certificate; looked at again every %ss",
+                    ", ".join(self._files),
+                    reason,
+                    self._interval,
+                )
+            return
+        self._signature = signature
+        self._newest = newest
+        self._failure = ""
+        log.info("TLS certificate reloaded from %s", ", ".join(self._files))

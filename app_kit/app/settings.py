@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..aio.tls import server_tls
 from ..rpc.compression import IDENTITY, is_supported, registered_encodings
 from ..wire.config import Configuration
 
@@ -48,6 +49,10 @@ class AppSettings(BaseSettings):
     #: TLS: grpcio's ``require_client_auth``, uvicorn's ``--ssl-ca-certs`` + ``--ssl-cert-reqs``).
     #: A handler reads the client's with ``stream.peer.cert()``.
     tls_client_ca_file: Path | None = None
+    #: Seconds between looks at the TLS files for a renewed certificate (cert-manager's, say):
+    #: at the first handshake after that, changed files are read again and new connections get
+    #: the new certificate; 0: read once, at start (see :func:`~app_kit.server_tls`).
+    tls_reload_interval: float = 60.0
     #: Seconds a new connection has for its TLS handshake, then as long for its HTTP/2 one.
     handshake_timeout: float = 10.0
     #: Seconds in-flight calls get to finish on shutdown before they are cancelled (UNAVAILABLE).
@@ -124,6 +129,7 @@ class AppSettings(BaseSettings):
         "worker_timeout",
         "reflection_max_requests_per_second",
         "reflection_max_response_bytes_per_second",
+        "tls_reload_interval",
     )
     @classmethod
     def _not_negative(cls, value: float, info: ValidationInfo) -> float:
@@ -131,7 +137,9 @@ class AppSettings(BaseSettings):
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         if value < 0:
-            unlimited = " (0: no limit)" if (info.field_name or "").startswith("reflection_") else ""
+            field = info.field_name or ""
+            unlimited = " (0: no limit)" if field.startswith("reflection_") else ""
+            unlimited = " (0: read once)" if field.startswith("tls_") else unlimited
             raise ValueError(f"cannot be negative{unlimited}")
         return value
 
@@ -249,18 +257,18 @@ class AppSettings(BaseSettings):
         """A server TLS context from the certificate files, or None."""
         if self.tls_cert_file is None or self.tls_key_file is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        password = self.tls_key_password.get_secret_value() if self.tls_key_password is not None else _no_password
-        context.load_cert_chain(self.tls_cert_file, self.tls_key_file, password=password)
-        if self.tls_client_ca_file is not None:
-            context.load_verify_locations(cafile=self.tls_client_ca_file)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-
-def _no_password() -> str:
-    # Given instead of None: OpenSSL would ask for one on the terminal (a start-up that hangs).
-    raise ValueError("tls_key_file is encrypted: set tls_key_password (APP_TLS_KEY_PASSWORD)")
+        try:
+            return server_tls(
+                certificate_chain=self.tls_cert_file,
+                private_key=self.tls_key_file,
+                password=None if self.tls_key_password is None else self.tls_key_password.get_secret_value(),
+                client_ca=self.tls_client_ca_file,
+                reload_interval=self.tls_reload_interval or None,
+            )
+        except ValueError as exc:
+            if "encrypted" in str(exc):
+                raise ValueError("tls_key_file is encrypted: set tls_key_password (APP_TLS_KEY_PASSWORD)") from exc
+            raise
 
 
 def listen_address(settings: AppSettings) -> str:
