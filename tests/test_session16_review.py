@@ -4,9 +4,13 @@ failed before its fix."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 
+import anyio
 import h2.events
 import pytest
+import trustme
 
 from app_kit import Configuration
 
@@ -31,3 +35,30 @@ async def test_keepalive_pings_come_keepalive_time_after_the_last_answer() -> No
             assert not client.closed.is_set()
     # PINGs at ~0.2, 0.4, ... 1.2 s: 6 (one while waiting for the timeout's check before).
     assert 4 <= pings <= 7, pings
+
+
+@pytest.mark.backends
+async def test_a_tls_client_that_leaves_after_its_handshake_is_not_an_error(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that completes its TLS handshake and leaves at once, without close_notify (a
+    port scanner, a TCP health check that speaks TLS, the probe of a load balancer): on trio the
+    server's first write (its SETTINGS) then raised anyio's EndOfStream, which the writer did not
+    count as a lost connection: 'unexpected error serving a connection' at ERROR, a traceback
+    per client."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    with caplog.at_level(logging.INFO, logger="app_kit"):
+        async with running_server([EchoService()], ssl=server_context) as (server, _):
+            port = server.sockets[0].getsockname()[1]
+            for _ in range(30):
+                stream = await anyio.connect_tcp(
+                    "127.0.0.1", port, tls=True, ssl_context=client_context, tls_standard_compatible=False
+                )
+                await anyio.aclose_forcefully(stream)
+            await anyio.sleep(0.3)
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []

@@ -218,6 +218,11 @@ class StreamTransport:
         except _LOST as exc:
             self._stop(exc)
             return
+        except anyio.EndOfStream:
+            # A TLS stream's, when the peer left without close_notify while we wrote (a
+            # client that only completes a handshake): as lost as a reset.
+            self._stop(ConnectionResetError("the peer closed the TLS connection"))
+            return
         self._writer_done = True
         self._stop()
 
