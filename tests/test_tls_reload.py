@@ -1,5 +1,6 @@
 """A renewed TLS certificate is served without a restart (server_tls's reload_interval, the App's
-APP_TLS_RELOAD_INTERVAL): files replaced as a Kubernetes Secret volume replaces them (a symbolic
+APP_TLS_RELOAD_INTERVAL), and a client's renewed certificate and trust bundle are used by its next
+connections (client_tls's reload_interval): files replaced as a Kubernetes Secret volume replaces them (a symbolic
 link ``..data`` swapped to a new directory), over real sockets, on asyncio, uvloop and trio.
 Each handshake below is a real one; the certificate a client was served is read from it."""
 
@@ -11,7 +12,7 @@ import os
 import pathlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 import grpc
@@ -19,9 +20,10 @@ import pytest
 import trustme
 import uvloop
 from anyio.streams.tls import TLSAttribute
-from google.protobuf.wrappers_pb2 import BytesValue
+from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
-from app_kit import AppSettings, server_tls
+from app_kit import AppSettings, Cardinality, Channel, GRPCError, Handler, Status, Stream, client_tls, server_tls
+from app_kit.aio.client import method_for
 
 from .conftest import running_server
 from .services import EchoService
@@ -72,7 +74,7 @@ def issued(ca: trustme.CA, name: str, *, key_of: trustme.LeafCert | None = None)
     return {"tls.crt": b"".join(blob.bytes() for blob in leaf.cert_chain_pems), "tls.key": key}
 
 
-def common_name(cert: dict[str, object] | None) -> str:
+def common_name(cert: Mapping[str, object] | None) -> str:
     assert cert is not None
     subject = cert["subject"]
     assert isinstance(subject, tuple)
@@ -112,7 +114,8 @@ def grpcio_call(port: int, ca: trustme.CA, channel: grpc.Channel | None = None) 
             request_serializer=BytesValue.SerializeToString,
             response_deserializer=BytesValue.FromString,
         )
-        return echo(BytesValue(value=b"hi"), timeout=10).value  # type: ignore[no-any-return]
+        reply: BytesValue = echo(BytesValue(value=b"hi"), timeout=10)
+        return reply.value
     finally:
         if own:
             channel.close()
@@ -142,7 +145,7 @@ async def test_a_renewed_certificate_is_served_to_new_connections(
                 assert await anyio.to_thread.run_sync(grpcio_call, port, ca) == b"hi"
             finally:
                 channel.close()
-    assert any("TLS certificate reloaded" in record.getMessage() for record in caplog.records)
+    assert any("TLS files reloaded" in record.getMessage() for record in caplog.records)
 
 
 async def _is(name: object, expected: str) -> bool:
@@ -232,7 +235,7 @@ async def test_read_once_without_a_reload_interval(tmp_path: pathlib.Path) -> No
         server_tls(certificate_chain=volume.cert, private_key=volume.key, reload_interval=0)
 
 
-def test_an_encrypted_key_without_its_password_fails_saying_so(tmp_path: pathlib.Path) -> None:
+def test_an_encrypted_key_without_its_password_fails_saying_so_on_either_side(tmp_path: pathlib.Path) -> None:
     ca = trustme.CA()
     leaf = ca.issue_cert("127.0.0.1")
     from cryptography.hazmat.primitives import serialization
@@ -250,6 +253,10 @@ def test_an_encrypted_key_without_its_password_fails_saying_so(tmp_path: pathlib
         server_tls(certificate_chain=tmp_path / "cert.pem", private_key=tmp_path / "key.pem")
     context = server_tls(certificate_chain=tmp_path / "cert.pem", private_key=tmp_path / "key.pem", password="secret")
     assert context.sni_callback is not None
+    # A client's too (OpenSSL asked for the password on the terminal: a process that hangs).
+    with pytest.raises(ValueError, match="encrypted"):
+        client_tls(certificate_chain=tmp_path / "cert.pem", private_key=tmp_path / "key.pem")
+    client_tls(certificate_chain=tmp_path / "cert.pem", private_key=tmp_path / "key.pem", password=b"secret")
 
 
 def test_the_apps_setting(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,3 +276,67 @@ def test_the_apps_setting(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("APP_TLS_RELOAD_INTERVAL", "-1")
     with pytest.raises(Exception, match="tls_reload_interval"):
         AppSettings()
+
+
+class WhoAmI:
+    """Answers with the common name of the client's certificate."""
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/t.W/Who": Handler(self.who, Cardinality.UNARY_UNARY, StringValue, StringValue)}
+
+    async def who(self, stream: Stream[StringValue, StringValue]) -> None:
+        await stream.recv_message()
+        await stream.send_message(StringValue(value=common_name(stream.peer.cert())))
+
+
+@pytest.mark.backends
+async def test_a_clients_renewed_certificate_and_trust_bundle_are_used_by_new_connections(
+    backend: str, tmp_path: pathlib.Path
+) -> None:
+    """client_tls(reload_interval=...): a client certificate renewed in its files (mutual TLS
+    with short-lived certificates), and a rotated trust bundle, are used by the next connection."""
+    clients_ca, old_servers_ca, new_servers_ca = trustme.CA(), trustme.CA(), trustme.CA()
+
+    def mutual(servers_ca: trustme.CA) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        servers_ca.issue_cert("127.0.0.1").configure_cert(context)
+        clients_ca.configure_trust(context)
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def client_files(name: str, servers_ca: trustme.CA) -> dict[str, bytes]:
+        return {**issued(clients_ca, name), "ca.crt": servers_ca.cert_pem.bytes()}
+
+    volume = SecretVolume(tmp_path)
+    volume.publish(client_files("first", old_servers_ca))
+    context = client_tls(
+        root_certificates=volume.ca, certificate_chain=volume.cert, private_key=volume.key, reload_interval=INTERVAL
+    )
+
+    async def who(port: int) -> str:
+        async with Channel("127.0.0.1", port, ssl=context) as channel:
+            call = method_for(channel, "/t.W/Who", Cardinality.UNARY_UNARY, StringValue, StringValue)
+            return (await call(StringValue(), timeout=5)).value
+
+    async with (
+        running_server([WhoAmI()], ssl=mutual(old_servers_ca)) as (old_server, _),
+        running_server([WhoAmI()], ssl=mutual(new_servers_ca)) as (new_server, _),
+    ):
+        old_port = old_server.sockets[0].getsockname()[1]
+        new_port = new_server.sockets[0].getsockname()[1]
+        assert await who(old_port) == "first"
+        with pytest.raises(GRPCError) as info:
+            await who(new_port)  # a CA it does not trust yet
+        assert info.value.status is Status.UNAVAILABLE
+        volume.publish(client_files("second", new_servers_ca))
+        await anyio.sleep(INTERVAL * 1.5)
+        assert await who(new_port) == "second"
+        with pytest.raises(GRPCError):
+            await who(old_port)
+
+
+def test_a_client_context_without_files_is_a_plain_one() -> None:
+    """Nothing to look at (the system's roots, PEM text): the plain context, as before."""
+    assert type(client_tls()) is ssl.SSLContext
+    assert type(client_tls(root_certificates=trustme.CA().cert_pem.bytes())) is ssl.SSLContext
+    assert type(client_tls(reload_interval=None)) is ssl.SSLContext

@@ -8,6 +8,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["client_tls", "server_tls"]
 
@@ -20,32 +21,54 @@ def client_tls(
     certificate_chain: str | os.PathLike[str] | None = None,
     private_key: str | os.PathLike[str] | None = None,
     password: str | bytes | None = None,
+    reload_interval: float | None = 60.0,
 ) -> ssl.SSLContext:
     """A new client TLS context that offers ALPN ``h2`` and verifies the server.
 
     ``root_certificates``: a PEM file, or PEM text (str or bytes), of the certificates to
     trust instead of the system's. ``certificate_chain`` and ``private_key`` (PEM files; the
-    key may be in the chain's file) present a client certificate: mutual TLS.
+    key may be in the chain's file) present a client certificate: mutual TLS; ``password``
+    opens an encrypted key (without it, an encrypted key raises ``ValueError``).
+
+    ``reload_interval``: when a connection is made, at most once per this many seconds, the
+    files given are looked at; when they changed (a renewed client certificate, a rotated
+    trust bundle) they are read again, and new connections use them (connections open
+    already keep theirs). Files that cannot be used yet are logged at WARNING and the
+    previous ones used. ``None``: read once.
 
     :class:`~app_kit.Channel` uses a context as given and never changes it; one made
     elsewhere must offer ALPN ``h2`` itself (``context.set_alpn_protocols(["h2"])``).
     """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if root_certificates is not None:
+    if private_key is not None and certificate_chain is None:
+        raise ValueError("private_key goes with certificate_chain")
+    if reload_interval is not None and not reload_interval > 0:
+        raise ValueError("reload_interval must be positive or None")
+    files: list[str] = []
+    if root_certificates is not None and not isinstance(root_certificates, bytes):
+        if not (isinstance(root_certificates, str) and "-----BEGIN" in root_certificates):
+            files.append(os.fspath(root_certificates))
+    chain = None if certificate_chain is None else os.fspath(certificate_chain)
+    key = None if private_key is None else os.fspath(private_key)
+    files += [path for path in (chain, key) if path is not None]
+
+    def build() -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         if isinstance(root_certificates, bytes):
             context.load_verify_locations(cadata=root_certificates.decode("ascii"))
         elif isinstance(root_certificates, str) and "-----BEGIN" in root_certificates:
             context.load_verify_locations(cadata=root_certificates)
-        else:
+        elif root_certificates is not None:
             context.load_verify_locations(cafile=os.fspath(root_certificates))
-    if certificate_chain is not None:
-        context.load_cert_chain(
-            os.fspath(certificate_chain), None if private_key is None else os.fspath(private_key), password
-        )
-    elif private_key is not None:
-        raise ValueError("private_key goes with certificate_chain")
-    context.set_alpn_protocols(["h2"])
-    return context
+        if chain is not None:
+            context.load_cert_chain(chain, key, password if password is not None else _no_password)
+        context.set_alpn_protocols(["h2"])
+        return context
+
+    signature = _signature(files)
+    context = build()
+    if reload_interval is None or not files:
+        return context
+    return _ReloadingClientContext(_Reloader(build, files, signature, reload_interval, context))
 
 
 def server_tls(
@@ -95,7 +118,7 @@ def server_tls(
     signature = _signature(files)
     context = build()
     if reload_interval is not None:
-        context.sni_callback = _CertificateReloader(build, files, signature, reload_interval)
+        context.sni_callback = _Reloader(build, files, signature, reload_interval, context).sni_callback
     return context
 
 
@@ -115,9 +138,9 @@ def _signature(files: list[str]) -> tuple[tuple[int, int, int, int], ...] | None
     return tuple((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) for stat in stats)
 
 
-class _CertificateReloader:
-    """The ``sni_callback`` of a context made by :func:`server_tls`: gives each handshake the
-    context of the newest certificate files that could be loaded."""
+class _Reloader:
+    """The newest context that could be built from a context's files, looked for at most once
+    per ``interval`` seconds, when a connection is made."""
 
     def __init__(
         self,
@@ -125,27 +148,34 @@ class _CertificateReloader:
         files: list[str],
         signature: tuple[tuple[int, int, int, int], ...] | None,
         interval: float,
+        first: ssl.SSLContext,
     ) -> None:
         self._build = build
         self._files = files
         self._signature = signature
         self._interval = interval
         self._looked_at = time.monotonic()
-        self._newest: ssl.SSLContext | None = None  # None: the listening context's own files
-        self._failure = ""  # the last reason the changed files could not be loaded (logged once)
+        self.first = first
+        self._newest = first
+        self._failure = ""  # the last reason the changed files could not be used (logged once)
 
-    def __call__(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+    def newest(self) -> ssl.SSLContext:
         now = time.monotonic()
         if now - self._looked_at >= self._interval:
             self._looked_at = now
             try:
                 self._look()
-            except Exception:  # never fail a handshake for this: the previous certificate stays
-                log.exception("cannot look at the TLS certificate files %s", ", ".join(self._files))
-        if self._newest is not None:
-            # OpenSSL's SSL_set_SSL_CTX: this connection's certificate, key and verification
-            # (the client CAs) become the new context's; its ALPN too, which is why it has h2.
-            ssl_object.context = self._newest
+            except Exception:  # never fail a handshake for this: the previous context stays
+                log.exception("cannot look at the TLS files %s", ", ".join(self._files))
+        return self._newest
+
+    def sni_callback(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        """A server's: called in every handshake (with or without SNI), before the certificate
+        is chosen. OpenSSL's SSL_set_SSL_CTX then gives the connection the new context's
+        certificate, key and verification (the client CAs); its ALPN too, hence h2 on each."""
+        newest = self.newest()
+        if newest is not self.first:
+            ssl_object.context = newest
 
     def _look(self) -> None:
         signature = _signature(self._files)
@@ -160,8 +190,8 @@ class _CertificateReloader:
             if reason != self._failure:
                 self._failure = reason
                 log.warning(
-                    "TLS certificate files %s changed but cannot be used (%s): still serving the previous"
-                    " certificate; looked at again every %ss",
+                    "TLS files %s changed but cannot be used (%s): still using the previous ones;"
+                    " looked at again every %ss",
                     ", ".join(self._files),
                     reason,
                     self._interval,
@@ -170,4 +200,31 @@ class _CertificateReloader:
         self._signature = signature
         self._newest = newest
         self._failure = ""
-        log.info("TLS certificate reloaded from %s", ", ".join(self._files))
+        log.info("TLS files reloaded: %s", ", ".join(self._files))
+
+
+class _ReloadingClientContext(ssl.SSLContext):
+    """A client context that makes each connection with the newest of :class:`_Reloader`'s
+    contexts: asyncio's, uvloop's and trio's TLS layers all make theirs with ``wrap_bio``."""
+
+    _reloader: _Reloader
+
+    def __new__(cls, reloader: _Reloader) -> _ReloadingClientContext:
+        return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
+
+    def __init__(self, reloader: _Reloader) -> None:
+        self._reloader = reloader
+        self.set_alpn_protocols(["h2"])  # (what a reader of this context's settings sees)
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return self._reloader.newest().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        return self._reloader.newest().wrap_socket(*args, **kwargs)
