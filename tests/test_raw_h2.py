@@ -85,7 +85,6 @@ async def test_http_level_rejections() -> None:
         [h for h in _base_headers() if h[0] != b"te"] + [(b"te", b"gzip")],
         [*_base_headers(), (b"x-nul", b"a\x00b")],
         [*_base_headers(), (b"x-crlf", b"a\r\nb")],
-        [*_base_headers(), (b"x-space", b" padded")],
         [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x/y"), (b":bogus", b"1")],
     ],
     ids=[
@@ -99,7 +98,6 @@ async def test_http_level_rejections() -> None:
         "te-not-trailers",
         "nul-in-value",
         "crlf-in-value",
-        "leading-space",
         "unknown-pseudo",
     ],
 )
@@ -117,11 +115,11 @@ async def test_grpc_level_rejections() -> None:
     service = EchoService()
     async with running_server([service]) as (server, _), RawClient("127.0.0.1", _port(server)) as client:
         payload = BytesValue(value=b"x").SerializeToString()
-        # Non-ASCII bytes in a text metadata value: a clear status, not a dropped connection.
+        # Non-ASCII bytes in a text metadata value (obs-text, valid HTTP): left out of the
+        # metadata, not an error (PROTOCOL-HTTP2: a receiver must not fail the call for it).
         stream_id = await client.request("/test.Echo/Unary", payload, extra=[(b"x-name", "Zoë".encode())])
         response = await client.read_response(stream_id)
-        assert response.grpc_status == 13 and "x-name" in (response.grpc_message or "")
-        assert response.header(b"content-type") == b"application/grpc"
+        assert response.grpc_status == 0
         # Invalid base64 in a binary value.
         stream_id = await client.request("/test.Echo/Unary", payload, extra=[(b"x-data-bin", b"!!!")])
         assert (await client.read_response(stream_id)).grpc_status == 13

@@ -496,10 +496,26 @@ async def test_rst_stream_with_each_error_code_at_each_moment_ends_the_call_with
         ([(b"grpc-status", b"")], Status.UNKNOWN, "grpc-status '' from the server"),
         ([(b"grpc-message", b"lost")], Status.UNKNOWN, "grpc-status missing in the trailers: lost"),
         ([(b"grpc-status", b"3"), (b"grpc-message", b"%ZZ%C3\xff")], Status.INVALID_ARGUMENT, "%ZZ\ufffd\ufffd"),
-        ([(b"grpc-status", b"3"), (b"grpc-status-details-bin", b"\xff\x00!")], Status.INVALID_ARGUMENT, None),
+        ([(b"grpc-status", b"3"), (b"grpc-status-details-bin", b"\xff\x01!")], Status.INVALID_ARGUMENT, None),
+        # A NUL in a field value makes the response malformed (RFC 9113 §8.2.1): a stream error.
+        (
+            [(b"grpc-status", b"3"), (b"grpc-status-details-bin", b"\xff\x00!")],
+            Status.INTERNAL,
+            "malformed response from the server: invalid characters in the value of 'grpc-status-details-bin'",
+        ),
         ([(b"grpc-status", b"3"), (b"grpc-status-details-bin", b"AAAA")], Status.INVALID_ARGUMENT, None),
     ],
-    ids=["non-numeric", "negative", "leading-zero", "empty", "missing", "bad-message", "binary-details", "b64-junk"],
+    ids=[
+        "non-numeric",
+        "negative",
+        "leading-zero",
+        "empty",
+        "missing",
+        "bad-message",
+        "binary-details",
+        "nul-in-details",
+        "b64-junk",
+    ],
 )
 @pytest.mark.parametrize("trailers_only", [True, False], ids=["trailers-only", "after-headers"])
 async def test_malformed_trailers_end_the_call_alone_through_a_segmenting_relay(

@@ -442,7 +442,7 @@ CASES: dict[str, Case] = {
     "HTTP 502 with an HTML body": Case(html_page(b"502"), Status.UNAVAILABLE, "HTTP status 502"),
     "HTTP 200 text/html with a body": Case(html_page(b"200"), Status.UNKNOWN, "content-type"),
     "metadata name not ASCII": Case(
-        heads([*RESPONSE, (b"x-\xff", b"1")]), Status.INTERNAL, "invalid response metadata"
+        heads([*RESPONSE, (b"x-\xff", b"1")]), Status.INTERNAL, "malformed response from the server: invalid field"
     ),
     "-bin metadata not base64": Case(heads([*RESPONSE, (b"x-b-bin", b"!!!!")]), Status.INTERNAL, "not valid base64"),
     "grpc-status of 5,000 digits": Case(heads([*RESPONSE, (b"grpc-status", b"9" * 5000)], end=True), Status.UNKNOWN),

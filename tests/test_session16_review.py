@@ -11,8 +11,11 @@ import anyio
 import h2.events
 import pytest
 import trustme
+from google.protobuf.wrappers_pb2 import StringValue
 
-from app_kit import Configuration
+from app_kit import Cardinality, Channel, Configuration, GRPCError, Handler, Status, Stream
+from app_kit.aio.client import method_for
+from app_kit.rpc.metadata import encode_grpc_message
 
 from .conftest import running_server
 from .h2client import RawClient
@@ -62,3 +65,32 @@ async def test_a_tls_client_that_leaves_after_its_handshake_is_not_an_error(
             await anyio.sleep(0.3)
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == []
+
+
+class LongFailure:
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/t.L/Fail": Handler(self.fail, Cardinality.UNARY_UNARY, StringValue, StringValue)}
+
+    async def fail(self, stream: Stream[StringValue, StringValue]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        raise GRPCError(Status.FAILED_PRECONDITION, request.value * 5000)
+
+
+@pytest.mark.parametrize("unit", ["é", "🎉", "a%", "x "])
+async def test_a_long_status_message_is_cut_between_characters(unit: str) -> None:
+    """A message cut to fit the trailers is cut at a character's boundary, never inside one's
+    UTF-8 bytes or inside a %XX escape, and with no space at its end."""
+    async with running_server([LongFailure()]) as (_, target), Channel(*_split(target)) as channel:
+        call = method_for(channel, "/t.L/Fail", Cardinality.UNARY_UNARY, StringValue, StringValue)
+        with pytest.raises(GRPCError) as info:
+            await call(StringValue(value=unit), timeout=5)
+    message = info.value.message or ""
+    assert info.value.status is Status.FAILED_PRECONDITION
+    assert 7000 < len(encode_grpc_message(message)) < 8192 and len(message) < len(unit) * 5000
+    assert (unit * 5000).startswith(message) and "\ufffd" not in message and not message.endswith(" ")
+
+
+def _split(target: str) -> tuple[str, int]:
+    host, port = target.rsplit(":", 1)
+    return host, int(port)

@@ -1312,10 +1312,9 @@ class ClientStream(Call[RecvT, SendT], Generic[SendT, RecvT]):
         self._on_end()  # after the replies that came: recv_message hands them over first
         # Refused or never processed, and nothing came back: a retry cannot run it twice.
         self._retryable = retryable and self._headers is None
-        try:
-            self.trailing_metadata = decode_metadata(trailers)
-        except ValueError:
-            self.trailing_metadata = decode_metadata([])
+        # The status is the server's whatever its trailers hold: a value that cannot be read
+        # is left out, not the others with it.
+        self.trailing_metadata = decode_metadata(trailers, lenient=True)
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
         self._wake()

@@ -16,7 +16,7 @@ from .compression import accept_encoding
 from .connection import GrpcConnection, StreamState
 from .deadline import encode_grpc_timeout
 from .events import Event, ResponseEnded, ResponseStarted, StreamClosed
-from .metadata import decode_grpc_message, excerpt
+from .metadata import decode_grpc_message, excerpt, malformed_field
 from .status import Status
 
 __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
@@ -32,6 +32,7 @@ _OK = Status.OK  # (an Enum member read off its class costs a __getattr__ hook o
 _MAX_HEADS = 256
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
+_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 _LAST_STREAM_ID = 2**31 - 1  # RFC 9113 §5.1.1: a client's ids are odd, none above it
 
 # gRPC's mapping of HTTP statuses for responses that are not gRPC (http-grpc-status-mapping.md).
@@ -173,6 +174,10 @@ class ClientConnection(GrpcConnection):
         if state is None:
             return
         headers = event.headers or []
+        problem = malformed_field(headers, b":status")
+        if problem is not None:
+            self._malformed(state, problem, events)
+            return
         fields = dict(headers)
         raw_status = fields.get(b":status", b"")
         trailers_only = event.stream_ended is not None
@@ -213,7 +218,17 @@ class ClientConnection(GrpcConnection):
     def _on_trailers(self, event: h2.events.TrailersReceived, events: list[Event]) -> None:
         state = self._streams.get(event.stream_id)
         if state is not None:
-            self._on_trailer_fields(state, event.headers or [], events)
+            headers = event.headers or []
+            problem = malformed_field(headers)
+            if problem is not None:
+                self._malformed(state, problem, events)
+                return
+            self._on_trailer_fields(state, headers, events)
+
+    def _malformed(self, state: StreamState, problem: str, events: list[Event]) -> None:
+        # RFC 9113 §8.1.1: a malformed response is a stream error of type PROTOCOL_ERROR (h2's
+        # own checks are off on this side, for speed: these are the ones that matter).
+        self._abort(state, Status.INTERNAL, f"malformed response from the server: {problem}", events, _PROTOCOL_ERROR)
 
     def _on_trailer_fields(self, state: StreamState, headers: list[tuple[bytes, bytes]], events: list[Event]) -> None:
         fields = dict(headers)
@@ -282,11 +297,13 @@ class ClientConnection(GrpcConnection):
         message = f"{what} header list of {size} bytes is over the limit of {limit} (SETTINGS_MAX_HEADER_LIST_SIZE)"
         self._abort(state, Status.RESOURCE_EXHAUSTED, message, events)
 
-    def _abort(self, state: StreamState, status: Status, message: str, events: list[Event]) -> None:
+    def _abort(
+        self, state: StreamState, status: Status, message: str, events: list[Event], code: int = _CANCEL
+    ) -> None:
         # Something the server sent is unacceptable: cancel the call and report why. The stream
         # may be closed in h2 already (its END_STREAM came in the same read): no reset then.
         if self._h2_open(state.stream_id):
-            self._h2.reset_stream(state.stream_id, _CANCEL)
+            self._h2.reset_stream(state.stream_id, code)
         self._release(state)
         events.append(ResponseEnded(state.stream_id, status, message, None, []))
 

@@ -12,6 +12,8 @@ from urllib.parse import quote, unquote_to_bytes
 from multidict import MultiDict, MultiDictProxy
 
 __all__ = [
+    "BAD_FIELD_VALUE",
+    "FIELD_NAME",
     "Metadata",
     "MetadataLike",
     "decode_grpc_message",
@@ -19,6 +21,8 @@ __all__ = [
     "encode_grpc_message",
     "encode_metadata",
     "excerpt",
+    "malformed_field",
+    "shorten_grpc_message",
 ]
 
 #: Received metadata: lower-case keys; ``-bin`` values are bytes, all others str.
@@ -27,6 +31,12 @@ Metadata: TypeAlias = MultiDictProxy[str | bytes]
 MetadataLike: TypeAlias = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
 
 _KEY_RE = re.compile(rb"[0-9a-z_.\-]+\Z")
+#: RFC 9110 token characters, lower-case only (RFC 9113 §8.2.1 forbids upper case).
+FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
+#: RFC 9113 §8.2.1: no NUL, CR or LF anywhere. (Whitespace at an end, which it forbids too,
+#: is taken and stripped from metadata: PROTOCOL-HTTP2 says a receiver may strip it, and
+#: grpc-core sends it, in metadata and in grpc-message.)
+BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
 # Headers that belong to HTTP/2 or to the gRPC protocol itself; never custom metadata.
 _RESERVED_KEYS = frozenset(
     {
@@ -48,12 +58,16 @@ _RESERVED_NAMES = frozenset(key.encode("ascii") for key in _RESERVED_KEYS)  # as
 _EMPTY: Metadata = MultiDictProxy(MultiDict())
 
 
-def decode_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
+def decode_metadata(headers: Iterable[tuple[bytes, bytes]], *, lenient: bool = False) -> Metadata:
     """Build the metadata multidict from received header fields.
 
     Pseudo-headers, ``grpc-*`` keys and HTTP's own headers are left out. Values of keys
-    ending in ``-bin`` are base64-decoded (padded or not); an invalid one raises
-    :class:`ValueError`.
+    ending in ``-bin`` are base64-decoded (padded or not; several joined by ``,`` are several
+    values, as PROTOCOL-HTTP2 says to split them); an invalid one raises :class:`ValueError`,
+    or is left out if ``lenient``. Other values outside printable ASCII (obs-text, a tab,
+    control characters: valid HTTP, not gRPC's ASCII-Value) are left out: PROTOCOL-HTTP2 lets
+    a receiver drop them, and a value kept must be one the application can send back.
+    Whitespace at either end of a value is stripped (PROTOCOL-HTTP2 again).
     """
     result: MultiDict[str | bytes] | None = None
     for name, value in headers:
@@ -63,14 +77,24 @@ def decode_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
         if result is None:
             result = MultiDict()
         if key.endswith("-bin"):
-            result.add(key, _b64decode(key, value))
-        else:
             try:
+                if b"," in value:
+                    for part in value.split(b","):
+                        result.add(key, _b64decode(key, part.strip(b" ")))
+                else:
+                    result.add(key, _b64decode(key, value))
+            except ValueError:
+                if not lenient:
+                    raise
+        else:
+            value = value.strip(b" \t")
+            if _ASCII_VALUE.match(value):
                 result.add(key, value.decode("ascii"))
-            except UnicodeDecodeError:
-                raise ValueError(f"metadata {key!r} is not ASCII; binary values need a -bin key") from None
     # None custom (the common case): one read-only instance serves every call.
     return _EMPTY if result is None else MultiDictProxy(result)
+
+
+_ASCII_VALUE = re.compile(rb"[\x20-\x7e]*\Z")  # PROTOCOL-HTTP2's ASCII-Value
 
 
 def _b64decode(key: str, value: bytes) -> bytes:
@@ -113,7 +137,7 @@ def encode_metadata(metadata: MetadataLike | None, *, trailers: bool = False) ->
             if not (value.isascii() and value.isprintable()):
                 raise ValueError(f"metadata {key!r} must be printable ASCII; use a -bin key for other data")
             if value[:1] == " " or value[-1:] == " ":
-                # RFC 9113 §8.2.1: a peer must treat such a field as malformed (ours does).
+                # RFC 9113 §8.2.1: a peer must treat such a field as malformed (h2's checks do).
                 raise ValueError(f"metadata {key!r} has whitespace at an end, which HTTP/2 forbids")
             fields.append((raw_key, value.encode("ascii")))
     return fields
@@ -121,6 +145,24 @@ def encode_metadata(metadata: MetadataLike | None, *, trailers: bool = False) ->
 
 # grpc-message carries UTF-8, percent-encoding every byte outside printable ASCII and '%'.
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != ord("%"))
+
+
+def malformed_field(headers: Iterable[tuple[bytes, bytes]], pseudo: bytes = b"") -> str | None:
+    """Why a received field list is malformed (RFC 9113 §8.2.1, §8.3), or None: a name not
+    lower-case token characters, a value with NUL, CR or LF, a pseudo-header other than
+    ``pseudo`` (or after a regular field)."""
+    regular = False
+    for name, value in headers:
+        if BAD_FIELD_VALUE.search(value):
+            return f"invalid characters in the value of {excerpt(name.decode('latin-1'))!r}"
+        if name[:1] == b":":
+            if name != pseudo or regular:
+                return f"unexpected pseudo-header {excerpt(name.decode('latin-1'))!r}"
+        elif not FIELD_NAME.match(name):
+            return f"invalid field name {excerpt(name.decode('latin-1'))!r}"
+        else:
+            regular = True
+    return None
 
 
 def excerpt(text: str, limit: int = 64) -> str:
@@ -133,7 +175,25 @@ def excerpt(text: str, limit: int = 64) -> str:
 
 def encode_grpc_message(message: str) -> bytes:
     """Percent-encode a status message for the ``grpc-message`` trailer."""
-    return quote(message, safe=_MESSAGE_SAFE, encoding="utf-8").encode("ascii")
+    value = quote(message, safe=_MESSAGE_SAFE, encoding="utf-8").encode("ascii")
+    if value[:1] == b" " or value[-1:] == b" ":
+        # RFC 9113 §8.2.1: a field value with whitespace at an end is malformed (a strict peer
+        # refuses the whole response): those spaces go as %20 ("... must not be empty: ").
+        stripped = value.strip(b" ")
+        head = b"%20" * (len(value) - len(value.lstrip(b" ")))
+        tail = b"%20" * (len(value) - len(value.rstrip(b" "))) if stripped else b""
+        value = head + stripped + tail
+    return value
+
+
+def shorten_grpc_message(value: bytes, size: int) -> bytes:
+    """An encoded ``grpc-message`` cut to at most ``size`` bytes, at a character's boundary."""
+    cut = value[: max(size, 0)]
+    escape = cut.rfind(b"%", len(cut) - 2)
+    if escape != -1:
+        cut = cut[:escape]  # not half an escape
+    # Nor half a character: decoded, its broken end dropped, encoded again.
+    return encode_grpc_message(unquote_to_bytes(cut).decode("utf-8", "ignore").rstrip(" "))
 
 
 def decode_grpc_message(value: bytes) -> str:

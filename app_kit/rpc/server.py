@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import logging
-import re
 from collections.abc import Sequence
 from itertools import chain
 from typing import ClassVar
 
 import h2.errors
 import h2.events
+import h2.settings
 
 from ..wire.config import Configuration
 from ..wire.header_block import HeaderBlockEncoder
@@ -19,7 +19,7 @@ from .compression import IDENTITY, accept_encoding, is_supported, registered_enc
 from .connection import GrpcConnection, StreamState
 from .deadline import parse_grpc_timeout
 from .events import Event, PingAcknowledged, RequestHead, RequestReceived, StreamClosed
-from .metadata import encode_grpc_message, excerpt
+from .metadata import BAD_FIELD_VALUE, FIELD_NAME, encode_grpc_message, excerpt, shorten_grpc_message
 from .status import Status
 
 __all__ = ["SHUTDOWN_PING", "ServerConnection"]
@@ -32,11 +32,9 @@ _MAX_STREAM_ID = 2**31 - 1
 _REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 _PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+_MAX_HEADER_LIST_SIZE = h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE
+_TRAILERS_BUDGET = 8192  # the most a status message makes a trailer list (see _fit_message)
 
-# RFC 9110 token characters, lower-case only (RFC 9113 §8.2.1 forbids upper case).
-_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
-# RFC 9113 §8.2.1: no NUL, CR or LF anywhere, no leading or trailing whitespace.
-_BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 # RFC 9113 §8.2.2: connection-specific fields make a request malformed.
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 _PSEUDO_HEADERS = frozenset({b":method", b":scheme", b":path", b":authority"})
@@ -99,7 +97,7 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
     seen_pseudo: set[bytes] = set()
     metadata: list[tuple[bytes, bytes]] = []
     for name, value in headers:
-        if _BAD_FIELD_VALUE.search(value):
+        if BAD_FIELD_VALUE.search(value):
             raise _Malformed(f"invalid characters in the value of {name!r}")
         if name[:1] == b":":
             if seen_regular:
@@ -120,7 +118,7 @@ def parse_request(headers: list[tuple[bytes, bytes]], content_subtype: bytes) ->
             continue
         seen_regular = True
         if name not in _COMMON_NAMES:
-            if not _FIELD_NAME.match(name):
+            if not FIELD_NAME.match(name):
                 raise _Malformed(f"invalid header name {name!r}")
             if name in _CONNECTION_SPECIFIC:
                 raise _Malformed(f"connection-specific header {name!r}")
@@ -333,15 +331,33 @@ class ServerConnection(GrpcConnection):
             state.headers_sent = True
             return _OK_TRAILERS_ONLY
         fields = [(b"grpc-status", _STATUS_VALUES[status])]
-        if message:
-            fields.append((b"grpc-message", encode_grpc_message(message)))
+        encoded = encode_grpc_message(message) if message else b""
+        if encoded:
+            fields.append((b"grpc-message", encoded))
         if details is not None:
             fields.append((b"grpc-status-details-bin", base64.b64encode(details).rstrip(b"=")))
         fields.extend(metadata)
+        if len(encoded) > 1024:  # (only a long one can matter)
+            self._fit_message(fields)
         if not state.headers_sent:
             state.headers_sent = True
             fields[:0] = [(b":status", b"200"), _CONTENT_TYPE_FIELD]
         return fields
+
+    def _fit_message(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """Cut the status message (``fields[1]``) to fit the trailers under the client's
+        SETTINGS_MAX_HEADER_LIST_SIZE and 8 KiB: past its limit a client fails the call
+        RESOURCE_EXHAUSTED, its real status lost; grpc-core clients do so at random from
+        8 KiB (their "soft" limit) though they advertise 16 KiB, and count the limit itself over."""
+        advertised = self._h2.remote_settings.get(_MAX_HEADER_LIST_SIZE)
+        limit = _TRAILERS_BUDGET if advertised is None else min(advertised, _TRAILERS_BUDGET)
+        # RFC 9113 §6.5.2's size: each field's name and value, and 32 more; the two fields a
+        # trailers-only response puts in front are counted whether or not this is one.
+        in_front = [(b":status", b"200"), _CONTENT_TYPE_FIELD]
+        size = sum(len(name) + len(value) + 32 for name, value in chain(in_front, fields))
+        name, encoded = fields[1]
+        if size >= limit:
+            fields[1] = (name, shorten_grpc_message(encoded, len(encoded) - (size - limit) - 1))
 
     def end_now(self, stream_id: int, status: Status, message: str) -> bool:
         """End a call at once with ``status``; False if its stream is gone already.
