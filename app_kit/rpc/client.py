@@ -10,13 +10,13 @@ import h2.errors
 import h2.events
 
 from ..wire.config import Configuration
-from ..wire.h2_internals import oversized_list_size
+from ..wire.h2_internals import malformed_reason, oversized_list_size
 from ..wire.header_block import HeaderBlockEncoder
 from .compression import accept_encoding
 from .connection import GrpcConnection, StreamState
 from .deadline import encode_grpc_timeout
 from .events import Event, ResponseEnded, ResponseStarted, StreamClosed
-from .metadata import decode_grpc_message, excerpt, malformed_field
+from .metadata import decode_grpc_message, excerpt
 from .status import Status
 
 __all__ = ["ClientConnection", "status_for_http", "status_for_reset"]
@@ -174,7 +174,7 @@ class ClientConnection(GrpcConnection):
         if state is None:
             return
         headers = event.headers or []
-        problem = malformed_field(headers, b":status")
+        problem = malformed_reason(event)
         if problem is not None:
             self._malformed(state, problem, events)
             return
@@ -218,16 +218,14 @@ class ClientConnection(GrpcConnection):
     def _on_trailers(self, event: h2.events.TrailersReceived, events: list[Event]) -> None:
         state = self._streams.get(event.stream_id)
         if state is not None:
-            headers = event.headers or []
-            problem = malformed_field(headers)
+            problem = malformed_reason(event)
             if problem is not None:
                 self._malformed(state, problem, events)
                 return
-            self._on_trailer_fields(state, headers, events)
+            self._on_trailer_fields(state, event.headers or [], events)
 
     def _malformed(self, state: StreamState, problem: str, events: list[Event]) -> None:
-        # RFC 9113 §8.1.1: a malformed response is a stream error of type PROTOCOL_ERROR (h2's
-        # own checks are off on this side, for speed: these are the ones that matter).
+        # RFC 9113 §8.1.1: a malformed response is a stream error of type PROTOCOL_ERROR.
         self._abort(state, Status.INTERNAL, f"malformed response from the server: {problem}", events, _PROTOCOL_ERROR)
 
     def _on_trailer_fields(self, state: StreamState, headers: list[tuple[bytes, bytes]], events: list[Event]) -> None:

@@ -12,8 +12,6 @@ from urllib.parse import quote, unquote_to_bytes
 from multidict import MultiDict, MultiDictProxy
 
 __all__ = [
-    "BAD_FIELD_VALUE",
-    "FIELD_NAME",
     "Metadata",
     "MetadataLike",
     "decode_grpc_message",
@@ -21,7 +19,6 @@ __all__ = [
     "encode_grpc_message",
     "encode_metadata",
     "excerpt",
-    "malformed_field",
     "shorten_grpc_message",
 ]
 
@@ -31,12 +28,6 @@ Metadata: TypeAlias = MultiDictProxy[str | bytes]
 MetadataLike: TypeAlias = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
 
 _KEY_RE = re.compile(rb"[0-9a-z_.\-]+\Z")
-#: RFC 9110 token characters, lower-case only (RFC 9113 §8.2.1 forbids upper case).
-FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
-#: RFC 9113 §8.2.1: no NUL, CR or LF anywhere. (Whitespace at an end, which it forbids too,
-#: is taken and stripped from metadata: PROTOCOL-HTTP2 says a receiver may strip it, and
-#: grpc-core sends it, in metadata and in grpc-message.)
-BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
 # Headers that belong to HTTP/2 or to the gRPC protocol itself; never custom metadata.
 _RESERVED_KEYS = frozenset(
     {
@@ -145,24 +136,6 @@ def encode_metadata(metadata: MetadataLike | None, *, trailers: bool = False) ->
 
 # grpc-message carries UTF-8, percent-encoding every byte outside printable ASCII and '%'.
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != ord("%"))
-
-
-def malformed_field(headers: Iterable[tuple[bytes, bytes]], pseudo: bytes = b"") -> str | None:
-    """Why a received field list is malformed (RFC 9113 §8.2.1, §8.3), or None: a name not
-    lower-case token characters, a value with NUL, CR or LF, a pseudo-header other than
-    ``pseudo`` (or after a regular field)."""
-    regular = False
-    for name, value in headers:
-        if BAD_FIELD_VALUE.search(value):
-            return f"invalid characters in the value of {excerpt(name.decode('latin-1'))!r}"
-        if name[:1] == b":":
-            if name != pseudo or regular:
-                return f"unexpected pseudo-header {excerpt(name.decode('latin-1'))!r}"
-        elif not FIELD_NAME.match(name):
-            return f"invalid field name {excerpt(name.decode('latin-1'))!r}"
-        else:
-            regular = True
-    return None
 
 
 def excerpt(text: str, limit: int = 64) -> str:

@@ -13,13 +13,14 @@ import h2.events
 import h2.settings
 
 from ..wire.config import Configuration
+from ..wire.fields import BAD_FIELD_VALUE, FIELD_NAME
 from ..wire.header_block import HeaderBlockEncoder
 from ..wire.logs import RateLimitedLogger
 from .compression import IDENTITY, accept_encoding, is_supported, registered_encodings
 from .connection import GrpcConnection, StreamState
 from .deadline import parse_grpc_timeout
 from .events import Event, PingAcknowledged, RequestHead, RequestReceived, StreamClosed
-from .metadata import BAD_FIELD_VALUE, FIELD_NAME, encode_grpc_message, excerpt, shorten_grpc_message
+from .metadata import encode_grpc_message, excerpt, shorten_grpc_message
 from .status import Status
 
 __all__ = ["SHUTDOWN_PING", "ServerConnection"]

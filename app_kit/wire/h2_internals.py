@@ -41,6 +41,7 @@ from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from .config import Configuration
+from .fields import malformed_field
 
 _CACHE_LIMIT = 64  # header blocks the decoder remembers, and header lists _receive_headers does
 #: Bytes (RFC 9113 §6.5.2's count) of the largest header list remembered: gRPC heads are a
@@ -63,6 +64,7 @@ __all__ = [
     "OVERSIZED_LIST",
     "check_versions",
     "is_compression_error",
+    "malformed_reason",
     "new_h2_connection",
     "oversized_list_size",
 ]
@@ -226,7 +228,7 @@ class H2Connection(h2.connection.H2Connection):
     #: KiB of DATA sent in frames of 1 KiB or more: each licenses WINDOW_UPDATEs (rpc/connection.py).
     data_kib_sent = 0
     #: What h2 made of the header lists received: see _receive_headers.
-    _validated: dict[tuple[Any, Any, Any], tuple[list[Any], int | None]] | None = None
+    _validated: dict[tuple[Any, Any, Any], tuple[list[Any], int | None, str | None]] | None = None
     #: Buffers queued before ``_data_to_send``, while a large payload is queued by reference.
     _parts: list[bytes | bytearray | memoryview] | None = None
 
@@ -626,7 +628,7 @@ class H2Connection(h2.connection.H2Connection):
             events += ended
         fields = None
         if known is not None and stream.request_method != b"HEAD":
-            fields, stream._expected_content_length = known
+            fields, stream._expected_content_length, problem = known
         else:
             stream._initialize_content_length(headers)
         if end_stream is False and isinstance(event, TrailersReceived):
@@ -634,11 +636,18 @@ class H2Connection(h2.connection.H2Connection):
         if fields is None:
             flags = stream._build_hdr_validation_flags(events)
             fields = stream._process_received_headers(headers, flags, self.config.header_encoding)
+            # A client's responses and trailers checked here, once per list (a server checks
+            # its requests as it parses them): h2's own checks are off, and cost more.
+            problem = None
+            if machine.client:
+                problem = malformed_field(headers, b"" if isinstance(event, TrailersReceived) else b":status")
             if stream.request_method != b"HEAD" and _list_size(headers) <= _CACHE_LIST_LIMIT:
                 if len(remembered) >= _CACHE_LIMIT:
                     remembered.clear()  # lists that vary (a grpc-timeout, a request id) come and go
-                remembered[key] = (fields, stream._expected_content_length)
+                remembered[key] = (fields, stream._expected_content_length, problem)
         event.headers = list(fields)
+        if problem is not None:
+            event.malformed = problem  # (read with malformed_reason)
         return events
 
     def queue_goaway(self, last_stream_id: int, error_code: int) -> None:
@@ -673,6 +682,13 @@ class H2Connection(h2.connection.H2Connection):
         """Encode every header block h2 sends with ``encoder`` (one per connection, as HPACK
         needs, shared with the blocks we encode ourselves)."""
         self.encoder = encoder
+
+
+def malformed_reason(event: Any) -> str | None:
+    """Why the field list of a client's ResponseReceived or TrailersReceived is malformed
+    (RFC 9113 §8.2.1: see :func:`~app_kit.wire.fields.malformed_field`), or None: found by
+    ``H2Connection._receive_headers`` once per list, and set on the event only then."""
+    return getattr(event, "malformed", None)
 
 
 def is_compression_error(exc: BaseException | None) -> bool:
