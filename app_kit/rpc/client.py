@@ -10,7 +10,7 @@ import h2.errors
 import h2.events
 
 from ..wire.config import Configuration
-from ..wire.h2_internals import malformed_reason, oversized_list_size
+from ..wire.h2_internals import MalformedResponse, MalformedTrailers, oversized_list_size
 from ..wire.header_block import HeaderBlockEncoder
 from .compression import accept_encoding
 from .connection import GrpcConnection, StreamState
@@ -72,6 +72,8 @@ class ClientConnection(GrpcConnection):
         **GrpcConnection._HANDLERS,
         h2.events.ResponseReceived: "_on_response",
         h2.events.TrailersReceived: "_on_trailers",
+        MalformedResponse: "_on_malformed",
+        MalformedTrailers: "_on_malformed",
         h2.events.InformationalResponseReceived: "_on_informational",
     }
     _client_side = True
@@ -174,10 +176,6 @@ class ClientConnection(GrpcConnection):
         if state is None:
             return
         headers = event.headers or []
-        problem = malformed_reason(event)
-        if problem is not None:
-            self._malformed(state, problem, events)
-            return
         fields = dict(headers)
         raw_status = fields.get(b":status", b"")
         trailers_only = event.stream_ended is not None
@@ -218,15 +216,14 @@ class ClientConnection(GrpcConnection):
     def _on_trailers(self, event: h2.events.TrailersReceived, events: list[Event]) -> None:
         state = self._streams.get(event.stream_id)
         if state is not None:
-            problem = malformed_reason(event)
-            if problem is not None:
-                self._malformed(state, problem, events)
-                return
             self._on_trailer_fields(state, event.headers or [], events)
 
-    def _malformed(self, state: StreamState, problem: str, events: list[Event]) -> None:
+    def _on_malformed(self, event: MalformedResponse | MalformedTrailers, events: list[Event]) -> None:
         # RFC 9113 §8.1.1: a malformed response is a stream error of type PROTOCOL_ERROR.
-        self._abort(state, Status.INTERNAL, f"malformed response from the server: {problem}", events, _PROTOCOL_ERROR)
+        state = self._streams.get(event.stream_id)
+        if state is not None:
+            message = f"malformed response from the server: {event.reason}"
+            self._abort(state, Status.INTERNAL, message, events, _PROTOCOL_ERROR)
 
     def _on_trailer_fields(self, state: StreamState, headers: list[tuple[bytes, bytes]], events: list[Event]) -> None:
         fields = dict(headers)

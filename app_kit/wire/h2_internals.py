@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import h2.config
 import h2.connection
 import h2.errors
+import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.settings
@@ -64,7 +65,8 @@ __all__ = [
     "OVERSIZED_LIST",
     "check_versions",
     "is_compression_error",
-    "malformed_reason",
+    "MalformedResponse",
+    "MalformedTrailers",
     "new_h2_connection",
     "oversized_list_size",
 ]
@@ -647,7 +649,9 @@ class H2Connection(h2.connection.H2Connection):
                 remembered[key] = (fields, stream._expected_content_length, problem)
         event.headers = list(fields)
         if problem is not None:
-            event.malformed = problem  # (read with malformed_reason)
+            # Told by the event's type: a connection dispatching on it pays nothing otherwise.
+            event.__class__ = MalformedTrailers if isinstance(event, TrailersReceived) else MalformedResponse
+            event.reason = problem
         return events
 
     def queue_goaway(self, last_stream_id: int, error_code: int) -> None:
@@ -684,11 +688,18 @@ class H2Connection(h2.connection.H2Connection):
         self.encoder = encoder
 
 
-def malformed_reason(event: Any) -> str | None:
-    """Why the field list of a client's ResponseReceived or TrailersReceived is malformed
-    (RFC 9113 §8.2.1: see :func:`~app_kit.wire.fields.malformed_field`), or None: found by
-    ``H2Connection._receive_headers`` once per list, and set on the event only then."""
-    return getattr(event, "malformed", None)
+class MalformedResponse(h2.events.ResponseReceived):
+    """A client's ResponseReceived whose field list is malformed (RFC 9113 §8.2.1, see
+    :func:`~app_kit.wire.fields.malformed_field`): ``reason`` says why. Found by
+    ``H2Connection._receive_headers``, once per list, and told by the event's class."""
+
+    reason: str
+
+
+class MalformedTrailers(h2.events.TrailersReceived):
+    """A client's TrailersReceived whose field list is malformed, as :class:`MalformedResponse`."""
+
+    reason: str
 
 
 def is_compression_error(exc: BaseException | None) -> bool:
