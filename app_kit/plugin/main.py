@@ -9,10 +9,12 @@ of the ``_pb2`` imports, for generated code that lives inside another package.
 
 from __future__ import annotations
 
+import keyword
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from google.protobuf import descriptor_pb2
 from google.protobuf.compiler.plugin_pb2 import CodeGeneratorRequest, CodeGeneratorResponse
 from google.protobuf.descriptor_pb2 import DescriptorProto, FileDescriptorProto, ServiceDescriptorProto
 
@@ -31,6 +33,19 @@ def proto_module(proto_path: str) -> str:
     """The Python module protobuf's own generator makes of a ``.proto`` file."""
     base = proto_path[: -len(".proto")] if proto_path.endswith(".proto") else proto_path
     return base.replace("-", "_").replace("/", ".") + "_pb2"
+
+
+def _alias(module: str) -> str:
+    """The name a ``_pb2`` module is imported as (grpcio's spelling): never the first part of
+    its dotted path, which a parameter or a method of the same name would hide
+    (``channel/v1/chat.proto``)."""
+    return module.replace("_", "__").replace(".", "_dot_")
+
+
+def _python_name(name: str) -> str:
+    """A method's Python name: its proto name, with ``_`` after a keyword (``class_``: PEP 8's
+    way); its path keeps the proto name."""
+    return f"{name}_" if keyword.iskeyword(name) else name
 
 
 @dataclass(frozen=True)
@@ -58,10 +73,11 @@ def _message_types(proto: FileDescriptorProto) -> Iterator[tuple[str, str]]:
 
 
 def _comments(proto: FileDescriptorProto) -> dict[tuple[int, ...], str]:
+    # The comment before a declaration, else the one after it on its line (as grpcio's).
     return {
-        tuple(location.path): location.leading_comments.strip()
+        tuple(location.path): (location.leading_comments or location.trailing_comments).strip()
         for location in proto.source_code_info.location
-        if location.leading_comments
+        if location.leading_comments or location.trailing_comments
     }
 
 
@@ -71,7 +87,8 @@ def _docstring(text: str, indent: str) -> list[str]:
     text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     lines = text.splitlines()
     if len(lines) == 1:
-        return [f'{indent}"""{lines[0]}"""']
+        line = lines[0][:-1] + '\\"' if lines[0].endswith('"') else lines[0]  # (not run into the quotes)
+        return [f'{indent}"""{line}"""']
     return [f'{indent}"""{lines[0]}', *(f"{indent}{line}".rstrip() for line in lines[1:]), f'{indent}"""']
 
 
@@ -91,11 +108,11 @@ def _render(proto: FileDescriptorProto, types: dict[str, tuple[str, str]], own_m
             modules.update((request_module, reply_module))
             methods.append(
                 _Method(
-                    name=method.name,
+                    name=_python_name(method.name),
                     path=f"/{full_name}/{method.name}",
                     cardinality=_CARDINALITIES[(method.client_streaming, method.server_streaming)],
-                    request=f"{request_module}.{request_name}",
-                    reply=f"{reply_module}.{reply_name}",
+                    request=f"{_alias(request_module)}.{request_name}",
+                    reply=f"{_alias(reply_module)}.{reply_name}",
                     comment=comments.get((6, service_index, 2, method_index), ""),
                 )
             )
@@ -108,30 +125,33 @@ def _render(proto: FileDescriptorProto, types: dict[str, tuple[str, str]], own_m
         "",
         "from __future__ import annotations",
         "",
-        "import abc",
+        # Names the class bodies use, imported under names no proto method can have (they
+        # begin with a letter): a method named abc, dict or str would hide the usual ones.
+        "import abc as _abc",
+        "import builtins as _builtins",
         "import typing",
         "",
         "import app_kit",
         "",
-        *(f"import {module}" for module in sorted(modules)),
+        *(f"import {module} as {_alias(module)}" for module in sorted(modules)),
         "",
         "if typing.TYPE_CHECKING:",
         "    import app_kit.client",
     ]
     for service, comment, methods in services:
-        out += ["", "", f"class {service.name}Base(abc.ABC):"]
+        out += ["", "", f"class {service.name}Base(_abc.ABC):"]
         out += _docstring(comment, "    ") or [f'    """Implement the methods of {service.name} and serve it."""']
         for method in methods:
             stream_type = f"app_kit.Stream[{method.request}, {method.reply}]"
             out += [
                 "",
-                "    @abc.abstractmethod",
+                "    @_abc.abstractmethod",
                 f"    async def {method.name}(self, stream: {stream_type}) -> None:",
                 *(_docstring(method.comment, "        ") or [f'        """{method.path}"""']),
             ]
         out += [
             "",
-            "    def __mapping__(self) -> dict[str, app_kit.Handler]:",
+            "    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:",
             '        """Map the paths of this service to its handlers."""',
             "        return {",
         ]
@@ -174,17 +194,26 @@ def generate(request: CodeGeneratorRequest) -> CodeGeneratorResponse:
     prefix = options.get("import_prefix", "")
     types: dict[str, tuple[str, str]] = {}
     for proto in request.proto_file:
-        module = prefix + proto_module(proto.name)
+        # protobuf's own types stay where protobuf put them, whatever the prefix.
+        own = "" if proto.name.startswith("google/protobuf/") else prefix
+        module = own + proto_module(proto.name)
         for full_name, python_name in _message_types(proto):
             types[full_name] = (module, python_name)
+    # Editions change nothing this reads (services, methods, message names): taken as far as
+    # grpcio's plugin takes them, where this protobuf knows of them.
     response.supported_features = CodeGeneratorResponse.FEATURE_PROTO3_OPTIONAL
+    if hasattr(CodeGeneratorResponse, "FEATURE_SUPPORTS_EDITIONS") and hasattr(descriptor_pb2, "EDITION_2024"):
+        response.supported_features |= CodeGeneratorResponse.FEATURE_SUPPORTS_EDITIONS
+        response.minimum_edition = descriptor_pb2.EDITION_PROTO2
+        response.maximum_edition = descriptor_pb2.EDITION_2024
     by_name = {proto.name: proto for proto in request.proto_file}
     for name in request.file_to_generate:
         proto = by_name[name]
         if not proto.service:
             continue
         output = response.file.add()
-        output.name = name[: -len(".proto")].replace("-", "_") + _SUFFIX
+        # Beside protobuf's _pb2 module (a dot in the file's name is a directory to it too).
+        output.name = proto_module(name)[: -len("_pb2")].replace(".", "/") + _SUFFIX
         output.content = _render(proto, types, prefix + proto_module(proto.name))
     return response
 

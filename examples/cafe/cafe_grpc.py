@@ -4,62 +4,63 @@
 
 from __future__ import annotations
 
-import abc
+import abc as _abc
+import builtins as _builtins
 import typing
 
 import app_kit
 
-import examples.cafe.cafe_pb2
+import examples.cafe.cafe_pb2 as examples_dot_cafe_dot_cafe__pb2
 
 if typing.TYPE_CHECKING:
     import app_kit.client
 
 
-class CoffeeMachineBase(abc.ABC):
+class CoffeeMachineBase(_abc.ABC):
     """The coffee machine of the cafe example."""
 
-    @abc.abstractmethod
-    async def MakeLatte(self, stream: app_kit.Stream[examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.Latte]) -> None:
+    @_abc.abstractmethod
+    async def MakeLatte(self, stream: app_kit.Stream[examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.Latte]) -> None:
         """Make one latte."""
 
-    @abc.abstractmethod
-    async def Brew(self, stream: app_kit.Stream[examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.BrewStatus]) -> None:
+    @_abc.abstractmethod
+    async def Brew(self, stream: app_kit.Stream[examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.BrewStatus]) -> None:
         """Brew a latte, reporting each stage as it happens."""
 
-    @abc.abstractmethod
-    async def OrderRound(self, stream: app_kit.Stream[examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.OrderSummary]) -> None:
+    @_abc.abstractmethod
+    async def OrderRound(self, stream: app_kit.Stream[examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.OrderSummary]) -> None:
         """Take a round of orders and make them all."""
 
-    @abc.abstractmethod
-    async def Taste(self, stream: app_kit.Stream[examples.cafe.cafe_pb2.TastingNote, examples.cafe.cafe_pb2.TastingNote]) -> None:
+    @_abc.abstractmethod
+    async def Taste(self, stream: app_kit.Stream[examples_dot_cafe_dot_cafe__pb2.TastingNote, examples_dot_cafe_dot_cafe__pb2.TastingNote]) -> None:
         """Talk about the coffee: every note gets an answer."""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/cafe.CoffeeMachine/MakeLatte": app_kit.Handler(
                 self.MakeLatte,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.cafe.cafe_pb2.LatteOrder,
-                examples.cafe.cafe_pb2.Latte,
+                examples_dot_cafe_dot_cafe__pb2.LatteOrder,
+                examples_dot_cafe_dot_cafe__pb2.Latte,
             ),
             "/cafe.CoffeeMachine/Brew": app_kit.Handler(
                 self.Brew,
                 app_kit.Cardinality.UNARY_STREAM,
-                examples.cafe.cafe_pb2.LatteOrder,
-                examples.cafe.cafe_pb2.BrewStatus,
+                examples_dot_cafe_dot_cafe__pb2.LatteOrder,
+                examples_dot_cafe_dot_cafe__pb2.BrewStatus,
             ),
             "/cafe.CoffeeMachine/OrderRound": app_kit.Handler(
                 self.OrderRound,
                 app_kit.Cardinality.STREAM_UNARY,
-                examples.cafe.cafe_pb2.LatteOrder,
-                examples.cafe.cafe_pb2.OrderSummary,
+                examples_dot_cafe_dot_cafe__pb2.LatteOrder,
+                examples_dot_cafe_dot_cafe__pb2.OrderSummary,
             ),
             "/cafe.CoffeeMachine/Taste": app_kit.Handler(
                 self.Taste,
                 app_kit.Cardinality.STREAM_STREAM,
-                examples.cafe.cafe_pb2.TastingNote,
-                examples.cafe.cafe_pb2.TastingNote,
+                examples_dot_cafe_dot_cafe__pb2.TastingNote,
+                examples_dot_cafe_dot_cafe__pb2.TastingNote,
             ),
         }
 
@@ -70,19 +71,19 @@ class CoffeeMachineStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.MakeLatte: app_kit.client.UnaryUnaryMethod[examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.Latte] = method_for(
+        self.MakeLatte: app_kit.client.UnaryUnaryMethod[examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.Latte] = method_for(
             channel, "/cafe.CoffeeMachine/MakeLatte", app_kit.Cardinality.UNARY_UNARY,
-            examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.Latte,
+            examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.Latte,
         )
-        self.Brew: app_kit.client.UnaryStreamMethod[examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.BrewStatus] = method_for(
+        self.Brew: app_kit.client.UnaryStreamMethod[examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.BrewStatus] = method_for(
             channel, "/cafe.CoffeeMachine/Brew", app_kit.Cardinality.UNARY_STREAM,
-            examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.BrewStatus,
+            examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.BrewStatus,
         )
-        self.OrderRound: app_kit.client.StreamUnaryMethod[examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.OrderSummary] = method_for(
+        self.OrderRound: app_kit.client.StreamUnaryMethod[examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.OrderSummary] = method_for(
             channel, "/cafe.CoffeeMachine/OrderRound", app_kit.Cardinality.STREAM_UNARY,
-            examples.cafe.cafe_pb2.LatteOrder, examples.cafe.cafe_pb2.OrderSummary,
+            examples_dot_cafe_dot_cafe__pb2.LatteOrder, examples_dot_cafe_dot_cafe__pb2.OrderSummary,
         )
-        self.Taste: app_kit.client.StreamStreamMethod[examples.cafe.cafe_pb2.TastingNote, examples.cafe.cafe_pb2.TastingNote] = method_for(
+        self.Taste: app_kit.client.StreamStreamMethod[examples_dot_cafe_dot_cafe__pb2.TastingNote, examples_dot_cafe_dot_cafe__pb2.TastingNote] = method_for(
             channel, "/cafe.CoffeeMachine/Taste", app_kit.Cardinality.STREAM_STREAM,
-            examples.cafe.cafe_pb2.TastingNote, examples.cafe.cafe_pb2.TastingNote,
+            examples_dot_cafe_dot_cafe__pb2.TastingNote, examples_dot_cafe_dot_cafe__pb2.TastingNote,
         )

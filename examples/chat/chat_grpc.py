@@ -4,32 +4,33 @@
 
 from __future__ import annotations
 
-import abc
+import abc as _abc
+import builtins as _builtins
 import typing
 
 import app_kit
 
-import examples.chat.chat_pb2
+import examples.chat.chat_pb2 as examples_dot_chat_dot_chat__pb2
 
 if typing.TYPE_CHECKING:
     import app_kit.client
 
 
-class ChatBase(abc.ABC):
+class ChatBase(_abc.ABC):
     """A chat room: everyone who joins hears everyone, themselves included."""
 
-    @abc.abstractmethod
-    async def Talk(self, stream: app_kit.Stream[examples.chat.chat_pb2.ChatMessage, examples.chat.chat_pb2.ChatMessage]) -> None:
+    @_abc.abstractmethod
+    async def Talk(self, stream: app_kit.Stream[examples_dot_chat_dot_chat__pb2.ChatMessage, examples_dot_chat_dot_chat__pb2.ChatMessage]) -> None:
         """Say messages as they come; hear the room's as they are said, until you hang up."""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/chat.v1.Chat/Talk": app_kit.Handler(
                 self.Talk,
                 app_kit.Cardinality.STREAM_STREAM,
-                examples.chat.chat_pb2.ChatMessage,
-                examples.chat.chat_pb2.ChatMessage,
+                examples_dot_chat_dot_chat__pb2.ChatMessage,
+                examples_dot_chat_dot_chat__pb2.ChatMessage,
             ),
         }
 
@@ -40,7 +41,7 @@ class ChatStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.Talk: app_kit.client.StreamStreamMethod[examples.chat.chat_pb2.ChatMessage, examples.chat.chat_pb2.ChatMessage] = method_for(
+        self.Talk: app_kit.client.StreamStreamMethod[examples_dot_chat_dot_chat__pb2.ChatMessage, examples_dot_chat_dot_chat__pb2.ChatMessage] = method_for(
             channel, "/chat.v1.Chat/Talk", app_kit.Cardinality.STREAM_STREAM,
-            examples.chat.chat_pb2.ChatMessage, examples.chat.chat_pb2.ChatMessage,
+            examples_dot_chat_dot_chat__pb2.ChatMessage, examples_dot_chat_dot_chat__pb2.ChatMessage,
         )

@@ -4,32 +4,33 @@
 
 from __future__ import annotations
 
-import abc
+import abc as _abc
+import builtins as _builtins
 import typing
 
 import app_kit
 
-import examples.fanout.fanout_pb2
+import examples.fanout.fanout_pb2 as examples_dot_fanout_dot_fanout__pb2
 
 if typing.TYPE_CHECKING:
     import app_kit.client
 
 
-class InventoryBase(abc.ABC):
+class InventoryBase(_abc.ABC):
     """Counts what is in the warehouse."""
 
-    @abc.abstractmethod
-    async def GetStock(self, stream: app_kit.Stream[examples.fanout.fanout_pb2.Item, examples.fanout.fanout_pb2.Stock]) -> None:
+    @_abc.abstractmethod
+    async def GetStock(self, stream: app_kit.Stream[examples_dot_fanout_dot_fanout__pb2.Item, examples_dot_fanout_dot_fanout__pb2.Stock]) -> None:
         """/shop.v1.Inventory/GetStock"""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/shop.v1.Inventory/GetStock": app_kit.Handler(
                 self.GetStock,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.fanout.fanout_pb2.Item,
-                examples.fanout.fanout_pb2.Stock,
+                examples_dot_fanout_dot_fanout__pb2.Item,
+                examples_dot_fanout_dot_fanout__pb2.Stock,
             ),
         }
 
@@ -40,27 +41,27 @@ class InventoryStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.GetStock: app_kit.client.UnaryUnaryMethod[examples.fanout.fanout_pb2.Item, examples.fanout.fanout_pb2.Stock] = method_for(
+        self.GetStock: app_kit.client.UnaryUnaryMethod[examples_dot_fanout_dot_fanout__pb2.Item, examples_dot_fanout_dot_fanout__pb2.Stock] = method_for(
             channel, "/shop.v1.Inventory/GetStock", app_kit.Cardinality.UNARY_UNARY,
-            examples.fanout.fanout_pb2.Item, examples.fanout.fanout_pb2.Stock,
+            examples_dot_fanout_dot_fanout__pb2.Item, examples_dot_fanout_dot_fanout__pb2.Stock,
         )
 
 
-class PricingBase(abc.ABC):
+class PricingBase(_abc.ABC):
     """Knows what things cost."""
 
-    @abc.abstractmethod
-    async def GetPrice(self, stream: app_kit.Stream[examples.fanout.fanout_pb2.Item, examples.fanout.fanout_pb2.Price]) -> None:
+    @_abc.abstractmethod
+    async def GetPrice(self, stream: app_kit.Stream[examples_dot_fanout_dot_fanout__pb2.Item, examples_dot_fanout_dot_fanout__pb2.Price]) -> None:
         """/shop.v1.Pricing/GetPrice"""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/shop.v1.Pricing/GetPrice": app_kit.Handler(
                 self.GetPrice,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.fanout.fanout_pb2.Item,
-                examples.fanout.fanout_pb2.Price,
+                examples_dot_fanout_dot_fanout__pb2.Item,
+                examples_dot_fanout_dot_fanout__pb2.Price,
             ),
         }
 
@@ -71,7 +72,7 @@ class PricingStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.GetPrice: app_kit.client.UnaryUnaryMethod[examples.fanout.fanout_pb2.Item, examples.fanout.fanout_pb2.Price] = method_for(
+        self.GetPrice: app_kit.client.UnaryUnaryMethod[examples_dot_fanout_dot_fanout__pb2.Item, examples_dot_fanout_dot_fanout__pb2.Price] = method_for(
             channel, "/shop.v1.Pricing/GetPrice", app_kit.Cardinality.UNARY_UNARY,
-            examples.fanout.fanout_pb2.Item, examples.fanout.fanout_pb2.Price,
+            examples_dot_fanout_dot_fanout__pb2.Item, examples_dot_fanout_dot_fanout__pb2.Price,
         )

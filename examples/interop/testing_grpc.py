@@ -4,104 +4,105 @@
 
 from __future__ import annotations
 
-import abc
+import abc as _abc
+import builtins as _builtins
 import typing
 
 import app_kit
 
-import examples.interop.empty_pb2
-import examples.interop.messages_pb2
-import examples.interop.testing_pb2
+import examples.interop.empty_pb2 as examples_dot_interop_dot_empty__pb2
+import examples.interop.messages_pb2 as examples_dot_interop_dot_messages__pb2
+import examples.interop.testing_pb2 as examples_dot_interop_dot_testing__pb2
 
 if typing.TYPE_CHECKING:
     import app_kit.client
 
 
-class TestServiceBase(abc.ABC):
+class TestServiceBase(_abc.ABC):
     """What every gRPC implementation's interop client calls."""
 
-    @abc.abstractmethod
-    async def EmptyCall(self, stream: app_kit.Stream[examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty]) -> None:
+    @_abc.abstractmethod
+    async def EmptyCall(self, stream: app_kit.Stream[examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty]) -> None:
         """Empty in, empty out."""
 
-    @abc.abstractmethod
-    async def UnaryCall(self, stream: app_kit.Stream[examples.interop.messages_pb2.SimpleRequest, examples.interop.messages_pb2.SimpleResponse]) -> None:
+    @_abc.abstractmethod
+    async def UnaryCall(self, stream: app_kit.Stream[examples_dot_interop_dot_messages__pb2.SimpleRequest, examples_dot_interop_dot_messages__pb2.SimpleResponse]) -> None:
         """One reply of the requested size (and compression, status, metadata)."""
 
-    @abc.abstractmethod
-    async def CacheableUnaryCall(self, stream: app_kit.Stream[examples.interop.messages_pb2.SimpleRequest, examples.interop.messages_pb2.SimpleResponse]) -> None:
+    @_abc.abstractmethod
+    async def CacheableUnaryCall(self, stream: app_kit.Stream[examples_dot_interop_dot_messages__pb2.SimpleRequest, examples_dot_interop_dot_messages__pb2.SimpleResponse]) -> None:
         """UnaryCall whose reply a caching proxy may keep."""
 
-    @abc.abstractmethod
-    async def StreamingOutputCall(self, stream: app_kit.Stream[examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse]) -> None:
+    @_abc.abstractmethod
+    async def StreamingOutputCall(self, stream: app_kit.Stream[examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse]) -> None:
         """One reply per ResponseParameters of the request."""
 
-    @abc.abstractmethod
-    async def StreamingInputCall(self, stream: app_kit.Stream[examples.interop.messages_pb2.StreamingInputCallRequest, examples.interop.messages_pb2.StreamingInputCallResponse]) -> None:
+    @_abc.abstractmethod
+    async def StreamingInputCall(self, stream: app_kit.Stream[examples_dot_interop_dot_messages__pb2.StreamingInputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingInputCallResponse]) -> None:
         """Adds up the request payload sizes."""
 
-    @abc.abstractmethod
-    async def FullDuplexCall(self, stream: app_kit.Stream[examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse]) -> None:
+    @_abc.abstractmethod
+    async def FullDuplexCall(self, stream: app_kit.Stream[examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse]) -> None:
         """Replies to each request as it arrives."""
 
-    @abc.abstractmethod
-    async def HalfDuplexCall(self, stream: app_kit.Stream[examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse]) -> None:
+    @_abc.abstractmethod
+    async def HalfDuplexCall(self, stream: app_kit.Stream[examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse]) -> None:
         """Replies to every request once the client half-closed."""
 
-    @abc.abstractmethod
-    async def UnimplementedCall(self, stream: app_kit.Stream[examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty]) -> None:
+    @_abc.abstractmethod
+    async def UnimplementedCall(self, stream: app_kit.Stream[examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty]) -> None:
         """Not implemented by any server: UNIMPLEMENTED."""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/grpc.testing.TestService/EmptyCall": app_kit.Handler(
                 self.EmptyCall,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.interop.empty_pb2.Empty,
-                examples.interop.empty_pb2.Empty,
+                examples_dot_interop_dot_empty__pb2.Empty,
+                examples_dot_interop_dot_empty__pb2.Empty,
             ),
             "/grpc.testing.TestService/UnaryCall": app_kit.Handler(
                 self.UnaryCall,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.interop.messages_pb2.SimpleRequest,
-                examples.interop.messages_pb2.SimpleResponse,
+                examples_dot_interop_dot_messages__pb2.SimpleRequest,
+                examples_dot_interop_dot_messages__pb2.SimpleResponse,
             ),
             "/grpc.testing.TestService/CacheableUnaryCall": app_kit.Handler(
                 self.CacheableUnaryCall,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.interop.messages_pb2.SimpleRequest,
-                examples.interop.messages_pb2.SimpleResponse,
+                examples_dot_interop_dot_messages__pb2.SimpleRequest,
+                examples_dot_interop_dot_messages__pb2.SimpleResponse,
             ),
             "/grpc.testing.TestService/StreamingOutputCall": app_kit.Handler(
                 self.StreamingOutputCall,
                 app_kit.Cardinality.UNARY_STREAM,
-                examples.interop.messages_pb2.StreamingOutputCallRequest,
-                examples.interop.messages_pb2.StreamingOutputCallResponse,
+                examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest,
+                examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse,
             ),
             "/grpc.testing.TestService/StreamingInputCall": app_kit.Handler(
                 self.StreamingInputCall,
                 app_kit.Cardinality.STREAM_UNARY,
-                examples.interop.messages_pb2.StreamingInputCallRequest,
-                examples.interop.messages_pb2.StreamingInputCallResponse,
+                examples_dot_interop_dot_messages__pb2.StreamingInputCallRequest,
+                examples_dot_interop_dot_messages__pb2.StreamingInputCallResponse,
             ),
             "/grpc.testing.TestService/FullDuplexCall": app_kit.Handler(
                 self.FullDuplexCall,
                 app_kit.Cardinality.STREAM_STREAM,
-                examples.interop.messages_pb2.StreamingOutputCallRequest,
-                examples.interop.messages_pb2.StreamingOutputCallResponse,
+                examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest,
+                examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse,
             ),
             "/grpc.testing.TestService/HalfDuplexCall": app_kit.Handler(
                 self.HalfDuplexCall,
                 app_kit.Cardinality.STREAM_STREAM,
-                examples.interop.messages_pb2.StreamingOutputCallRequest,
-                examples.interop.messages_pb2.StreamingOutputCallResponse,
+                examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest,
+                examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse,
             ),
             "/grpc.testing.TestService/UnimplementedCall": app_kit.Handler(
                 self.UnimplementedCall,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.interop.empty_pb2.Empty,
-                examples.interop.empty_pb2.Empty,
+                examples_dot_interop_dot_empty__pb2.Empty,
+                examples_dot_interop_dot_empty__pb2.Empty,
             ),
         }
 
@@ -112,55 +113,55 @@ class TestServiceStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.EmptyCall: app_kit.client.UnaryUnaryMethod[examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty] = method_for(
+        self.EmptyCall: app_kit.client.UnaryUnaryMethod[examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty] = method_for(
             channel, "/grpc.testing.TestService/EmptyCall", app_kit.Cardinality.UNARY_UNARY,
-            examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty,
+            examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty,
         )
-        self.UnaryCall: app_kit.client.UnaryUnaryMethod[examples.interop.messages_pb2.SimpleRequest, examples.interop.messages_pb2.SimpleResponse] = method_for(
+        self.UnaryCall: app_kit.client.UnaryUnaryMethod[examples_dot_interop_dot_messages__pb2.SimpleRequest, examples_dot_interop_dot_messages__pb2.SimpleResponse] = method_for(
             channel, "/grpc.testing.TestService/UnaryCall", app_kit.Cardinality.UNARY_UNARY,
-            examples.interop.messages_pb2.SimpleRequest, examples.interop.messages_pb2.SimpleResponse,
+            examples_dot_interop_dot_messages__pb2.SimpleRequest, examples_dot_interop_dot_messages__pb2.SimpleResponse,
         )
-        self.CacheableUnaryCall: app_kit.client.UnaryUnaryMethod[examples.interop.messages_pb2.SimpleRequest, examples.interop.messages_pb2.SimpleResponse] = method_for(
+        self.CacheableUnaryCall: app_kit.client.UnaryUnaryMethod[examples_dot_interop_dot_messages__pb2.SimpleRequest, examples_dot_interop_dot_messages__pb2.SimpleResponse] = method_for(
             channel, "/grpc.testing.TestService/CacheableUnaryCall", app_kit.Cardinality.UNARY_UNARY,
-            examples.interop.messages_pb2.SimpleRequest, examples.interop.messages_pb2.SimpleResponse,
+            examples_dot_interop_dot_messages__pb2.SimpleRequest, examples_dot_interop_dot_messages__pb2.SimpleResponse,
         )
-        self.StreamingOutputCall: app_kit.client.UnaryStreamMethod[examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse] = method_for(
+        self.StreamingOutputCall: app_kit.client.UnaryStreamMethod[examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse] = method_for(
             channel, "/grpc.testing.TestService/StreamingOutputCall", app_kit.Cardinality.UNARY_STREAM,
-            examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse,
+            examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse,
         )
-        self.StreamingInputCall: app_kit.client.StreamUnaryMethod[examples.interop.messages_pb2.StreamingInputCallRequest, examples.interop.messages_pb2.StreamingInputCallResponse] = method_for(
+        self.StreamingInputCall: app_kit.client.StreamUnaryMethod[examples_dot_interop_dot_messages__pb2.StreamingInputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingInputCallResponse] = method_for(
             channel, "/grpc.testing.TestService/StreamingInputCall", app_kit.Cardinality.STREAM_UNARY,
-            examples.interop.messages_pb2.StreamingInputCallRequest, examples.interop.messages_pb2.StreamingInputCallResponse,
+            examples_dot_interop_dot_messages__pb2.StreamingInputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingInputCallResponse,
         )
-        self.FullDuplexCall: app_kit.client.StreamStreamMethod[examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse] = method_for(
+        self.FullDuplexCall: app_kit.client.StreamStreamMethod[examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse] = method_for(
             channel, "/grpc.testing.TestService/FullDuplexCall", app_kit.Cardinality.STREAM_STREAM,
-            examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse,
+            examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse,
         )
-        self.HalfDuplexCall: app_kit.client.StreamStreamMethod[examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse] = method_for(
+        self.HalfDuplexCall: app_kit.client.StreamStreamMethod[examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse] = method_for(
             channel, "/grpc.testing.TestService/HalfDuplexCall", app_kit.Cardinality.STREAM_STREAM,
-            examples.interop.messages_pb2.StreamingOutputCallRequest, examples.interop.messages_pb2.StreamingOutputCallResponse,
+            examples_dot_interop_dot_messages__pb2.StreamingOutputCallRequest, examples_dot_interop_dot_messages__pb2.StreamingOutputCallResponse,
         )
-        self.UnimplementedCall: app_kit.client.UnaryUnaryMethod[examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty] = method_for(
+        self.UnimplementedCall: app_kit.client.UnaryUnaryMethod[examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty] = method_for(
             channel, "/grpc.testing.TestService/UnimplementedCall", app_kit.Cardinality.UNARY_UNARY,
-            examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty,
+            examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty,
         )
 
 
-class UnimplementedServiceBase(abc.ABC):
+class UnimplementedServiceBase(_abc.ABC):
     """A service no server implements."""
 
-    @abc.abstractmethod
-    async def UnimplementedCall(self, stream: app_kit.Stream[examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty]) -> None:
+    @_abc.abstractmethod
+    async def UnimplementedCall(self, stream: app_kit.Stream[examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty]) -> None:
         """/grpc.testing.UnimplementedService/UnimplementedCall"""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/grpc.testing.UnimplementedService/UnimplementedCall": app_kit.Handler(
                 self.UnimplementedCall,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.interop.empty_pb2.Empty,
-                examples.interop.empty_pb2.Empty,
+                examples_dot_interop_dot_empty__pb2.Empty,
+                examples_dot_interop_dot_empty__pb2.Empty,
             ),
         }
 
@@ -171,7 +172,7 @@ class UnimplementedServiceStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.UnimplementedCall: app_kit.client.UnaryUnaryMethod[examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty] = method_for(
+        self.UnimplementedCall: app_kit.client.UnaryUnaryMethod[examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty] = method_for(
             channel, "/grpc.testing.UnimplementedService/UnimplementedCall", app_kit.Cardinality.UNARY_UNARY,
-            examples.interop.empty_pb2.Empty, examples.interop.empty_pb2.Empty,
+            examples_dot_interop_dot_empty__pb2.Empty, examples_dot_interop_dot_empty__pb2.Empty,
         )

@@ -4,52 +4,53 @@
 
 from __future__ import annotations
 
-import abc
+import abc as _abc
+import builtins as _builtins
 import typing
 
 import app_kit
 
-import examples.notes.notes_pb2
+import examples.notes.notes_pb2 as examples_dot_notes_dot_notes__pb2
 
 if typing.TYPE_CHECKING:
     import app_kit.client
 
 
-class NotesBase(abc.ABC):
+class NotesBase(_abc.ABC):
     """Notes in a database reached through a connection pool."""
 
-    @abc.abstractmethod
-    async def Add(self, stream: app_kit.Stream[examples.notes.notes_pb2.NewNote, examples.notes.notes_pb2.NoteId]) -> None:
+    @_abc.abstractmethod
+    async def Add(self, stream: app_kit.Stream[examples_dot_notes_dot_notes__pb2.NewNote, examples_dot_notes_dot_notes__pb2.NoteId]) -> None:
         """Store a note; its id comes back."""
 
-    @abc.abstractmethod
-    async def Get(self, stream: app_kit.Stream[examples.notes.notes_pb2.NoteId, examples.notes.notes_pb2.Note]) -> None:
+    @_abc.abstractmethod
+    async def Get(self, stream: app_kit.Stream[examples_dot_notes_dot_notes__pb2.NoteId, examples_dot_notes_dot_notes__pb2.Note]) -> None:
         """One note, or NOT_FOUND."""
 
-    @abc.abstractmethod
-    async def Find(self, stream: app_kit.Stream[examples.notes.notes_pb2.Search, examples.notes.notes_pb2.Note]) -> None:
+    @_abc.abstractmethod
+    async def Find(self, stream: app_kit.Stream[examples_dot_notes_dot_notes__pb2.Search, examples_dot_notes_dot_notes__pb2.Note]) -> None:
         """The matching notes, oldest first, as they are read."""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/notes.v1.Notes/Add": app_kit.Handler(
                 self.Add,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.notes.notes_pb2.NewNote,
-                examples.notes.notes_pb2.NoteId,
+                examples_dot_notes_dot_notes__pb2.NewNote,
+                examples_dot_notes_dot_notes__pb2.NoteId,
             ),
             "/notes.v1.Notes/Get": app_kit.Handler(
                 self.Get,
                 app_kit.Cardinality.UNARY_UNARY,
-                examples.notes.notes_pb2.NoteId,
-                examples.notes.notes_pb2.Note,
+                examples_dot_notes_dot_notes__pb2.NoteId,
+                examples_dot_notes_dot_notes__pb2.Note,
             ),
             "/notes.v1.Notes/Find": app_kit.Handler(
                 self.Find,
                 app_kit.Cardinality.UNARY_STREAM,
-                examples.notes.notes_pb2.Search,
-                examples.notes.notes_pb2.Note,
+                examples_dot_notes_dot_notes__pb2.Search,
+                examples_dot_notes_dot_notes__pb2.Note,
             ),
         }
 
@@ -60,15 +61,15 @@ class NotesStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.Add: app_kit.client.UnaryUnaryMethod[examples.notes.notes_pb2.NewNote, examples.notes.notes_pb2.NoteId] = method_for(
+        self.Add: app_kit.client.UnaryUnaryMethod[examples_dot_notes_dot_notes__pb2.NewNote, examples_dot_notes_dot_notes__pb2.NoteId] = method_for(
             channel, "/notes.v1.Notes/Add", app_kit.Cardinality.UNARY_UNARY,
-            examples.notes.notes_pb2.NewNote, examples.notes.notes_pb2.NoteId,
+            examples_dot_notes_dot_notes__pb2.NewNote, examples_dot_notes_dot_notes__pb2.NoteId,
         )
-        self.Get: app_kit.client.UnaryUnaryMethod[examples.notes.notes_pb2.NoteId, examples.notes.notes_pb2.Note] = method_for(
+        self.Get: app_kit.client.UnaryUnaryMethod[examples_dot_notes_dot_notes__pb2.NoteId, examples_dot_notes_dot_notes__pb2.Note] = method_for(
             channel, "/notes.v1.Notes/Get", app_kit.Cardinality.UNARY_UNARY,
-            examples.notes.notes_pb2.NoteId, examples.notes.notes_pb2.Note,
+            examples_dot_notes_dot_notes__pb2.NoteId, examples_dot_notes_dot_notes__pb2.Note,
         )
-        self.Find: app_kit.client.UnaryStreamMethod[examples.notes.notes_pb2.Search, examples.notes.notes_pb2.Note] = method_for(
+        self.Find: app_kit.client.UnaryStreamMethod[examples_dot_notes_dot_notes__pb2.Search, examples_dot_notes_dot_notes__pb2.Note] = method_for(
             channel, "/notes.v1.Notes/Find", app_kit.Cardinality.UNARY_STREAM,
-            examples.notes.notes_pb2.Search, examples.notes.notes_pb2.Note,
+            examples_dot_notes_dot_notes__pb2.Search, examples_dot_notes_dot_notes__pb2.Note,
         )

@@ -4,52 +4,53 @@
 
 from __future__ import annotations
 
-import abc
+import abc as _abc
+import builtins as _builtins
 import typing
 
 import app_kit
 
-import app_kit.protos.grpc.health.v1.health_pb2
+import app_kit.protos.grpc.health.v1.health_pb2 as app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2
 
 if typing.TYPE_CHECKING:
     import app_kit.client
 
 
-class HealthBase(abc.ABC):
+class HealthBase(_abc.ABC):
     """Reports whether the server and its services can take calls."""
 
-    @abc.abstractmethod
-    async def Check(self, stream: app_kit.Stream[app_kit.protos.grpc.health.v1.health_pb2.HealthCheckRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthCheckResponse]) -> None:
+    @_abc.abstractmethod
+    async def Check(self, stream: app_kit.Stream[app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckResponse]) -> None:
         """The status of one service now; NOT_FOUND if the service is unknown."""
 
-    @abc.abstractmethod
-    async def List(self, stream: app_kit.Stream[app_kit.protos.grpc.health.v1.health_pb2.HealthListRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthListResponse]) -> None:
+    @_abc.abstractmethod
+    async def List(self, stream: app_kit.Stream[app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthListRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthListResponse]) -> None:
         """Every known service's status."""
 
-    @abc.abstractmethod
-    async def Watch(self, stream: app_kit.Stream[app_kit.protos.grpc.health.v1.health_pb2.HealthCheckRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthCheckResponse]) -> None:
+    @_abc.abstractmethod
+    async def Watch(self, stream: app_kit.Stream[app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckResponse]) -> None:
         """The status of one service now and after every change, until the call ends."""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/grpc.health.v1.Health/Check": app_kit.Handler(
                 self.Check,
                 app_kit.Cardinality.UNARY_UNARY,
-                app_kit.protos.grpc.health.v1.health_pb2.HealthCheckRequest,
-                app_kit.protos.grpc.health.v1.health_pb2.HealthCheckResponse,
+                app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckRequest,
+                app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckResponse,
             ),
             "/grpc.health.v1.Health/List": app_kit.Handler(
                 self.List,
                 app_kit.Cardinality.UNARY_UNARY,
-                app_kit.protos.grpc.health.v1.health_pb2.HealthListRequest,
-                app_kit.protos.grpc.health.v1.health_pb2.HealthListResponse,
+                app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthListRequest,
+                app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthListResponse,
             ),
             "/grpc.health.v1.Health/Watch": app_kit.Handler(
                 self.Watch,
                 app_kit.Cardinality.UNARY_STREAM,
-                app_kit.protos.grpc.health.v1.health_pb2.HealthCheckRequest,
-                app_kit.protos.grpc.health.v1.health_pb2.HealthCheckResponse,
+                app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckRequest,
+                app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckResponse,
             ),
         }
 
@@ -60,15 +61,15 @@ class HealthStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.Check: app_kit.client.UnaryUnaryMethod[app_kit.protos.grpc.health.v1.health_pb2.HealthCheckRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthCheckResponse] = method_for(
+        self.Check: app_kit.client.UnaryUnaryMethod[app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckResponse] = method_for(
             channel, "/grpc.health.v1.Health/Check", app_kit.Cardinality.UNARY_UNARY,
-            app_kit.protos.grpc.health.v1.health_pb2.HealthCheckRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthCheckResponse,
+            app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckResponse,
         )
-        self.List: app_kit.client.UnaryUnaryMethod[app_kit.protos.grpc.health.v1.health_pb2.HealthListRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthListResponse] = method_for(
+        self.List: app_kit.client.UnaryUnaryMethod[app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthListRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthListResponse] = method_for(
             channel, "/grpc.health.v1.Health/List", app_kit.Cardinality.UNARY_UNARY,
-            app_kit.protos.grpc.health.v1.health_pb2.HealthListRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthListResponse,
+            app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthListRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthListResponse,
         )
-        self.Watch: app_kit.client.UnaryStreamMethod[app_kit.protos.grpc.health.v1.health_pb2.HealthCheckRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthCheckResponse] = method_for(
+        self.Watch: app_kit.client.UnaryStreamMethod[app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckResponse] = method_for(
             channel, "/grpc.health.v1.Health/Watch", app_kit.Cardinality.UNARY_STREAM,
-            app_kit.protos.grpc.health.v1.health_pb2.HealthCheckRequest, app_kit.protos.grpc.health.v1.health_pb2.HealthCheckResponse,
+            app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckRequest, app__kit_dot_protos_dot_grpc_dot_health_dot_v1_dot_health__pb2.HealthCheckResponse,
         )

@@ -4,32 +4,33 @@
 
 from __future__ import annotations
 
-import abc
+import abc as _abc
+import builtins as _builtins
 import typing
 
 import app_kit
 
-import app_kit.protos.grpc.reflection.v1.reflection_pb2
+import app_kit.protos.grpc.reflection.v1.reflection_pb2 as app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2
 
 if typing.TYPE_CHECKING:
     import app_kit.client
 
 
-class ServerReflectionBase(abc.ABC):
+class ServerReflectionBase(_abc.ABC):
     """Answers questions about the services and types a server knows."""
 
-    @abc.abstractmethod
-    async def ServerReflectionInfo(self, stream: app_kit.Stream[app_kit.protos.grpc.reflection.v1.reflection_pb2.ServerReflectionRequest, app_kit.protos.grpc.reflection.v1.reflection_pb2.ServerReflectionResponse]) -> None:
+    @_abc.abstractmethod
+    async def ServerReflectionInfo(self, stream: app_kit.Stream[app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2.ServerReflectionRequest, app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2.ServerReflectionResponse]) -> None:
         """One response per request, in order."""
 
-    def __mapping__(self) -> dict[str, app_kit.Handler]:
+    def __mapping__(self) -> _builtins.dict[_builtins.str, app_kit.Handler]:
         """Map the paths of this service to its handlers."""
         return {
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": app_kit.Handler(
                 self.ServerReflectionInfo,
                 app_kit.Cardinality.STREAM_STREAM,
-                app_kit.protos.grpc.reflection.v1.reflection_pb2.ServerReflectionRequest,
-                app_kit.protos.grpc.reflection.v1.reflection_pb2.ServerReflectionResponse,
+                app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2.ServerReflectionRequest,
+                app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2.ServerReflectionResponse,
             ),
         }
 
@@ -40,7 +41,7 @@ class ServerReflectionStub:
     def __init__(self, channel: app_kit.client.Channel) -> None:
         from app_kit.client import method_for
 
-        self.ServerReflectionInfo: app_kit.client.StreamStreamMethod[app_kit.protos.grpc.reflection.v1.reflection_pb2.ServerReflectionRequest, app_kit.protos.grpc.reflection.v1.reflection_pb2.ServerReflectionResponse] = method_for(
+        self.ServerReflectionInfo: app_kit.client.StreamStreamMethod[app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2.ServerReflectionRequest, app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2.ServerReflectionResponse] = method_for(
             channel, "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", app_kit.Cardinality.STREAM_STREAM,
-            app_kit.protos.grpc.reflection.v1.reflection_pb2.ServerReflectionRequest, app_kit.protos.grpc.reflection.v1.reflection_pb2.ServerReflectionResponse,
+            app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2.ServerReflectionRequest, app__kit_dot_protos_dot_grpc_dot_reflection_dot_v1_dot_reflection__pb2.ServerReflectionResponse,
         )
