@@ -15,6 +15,7 @@ import socket
 import ssl as ssl_module
 import stat
 import time
+from asyncio import selector_events
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -51,6 +52,8 @@ __all__ = ["Server", "ServerInterceptor", "ServerStats"]
 
 log = logging.getLogger("app_kit.server")
 peer_log = RateLimitedLogger(log)
+# Out of descriptors, trio's accept is retried every 0.1 s: one line per 10 s says so.
+accept_log = RateLimitedLogger(log, burst=1)
 
 
 class _HandshakeLoggingSSLObject(ssl_module.SSLObject):
@@ -237,9 +240,20 @@ class Server:
         if ssl is not None and ssl.sslobject_class is ssl_module.SSLObject:  # (a class of the caller's stays)
             ssl.sslobject_class = _HandshakeLoggingSSLObject
         factory = functools.partial(ServerProtocol, self, loop)
+        # CPython's selector loops (3.11 to 3.13 at least) accept up to `backlog` connections
+        # each time the listening socket is ready and, out of descriptors (EMFILE), log and
+        # re-arm a retry once per slot without stopping: retries that multiply every second,
+        # thousands of log lines a second and a core's CPU. Told to accept one per readiness
+        # (the queue's length set again below), they retry once a second. uvloop accepts in
+        # libuv: not affected.
+        accept_one = isinstance(loop, selector_events.BaseSelectorEventLoop)
         if path is not None:
             self._listener = await loop.create_unix_server(
-                factory, path, backlog=backlog, ssl=ssl, ssl_handshake_timeout=self._tls_timeout(ssl)
+                factory,
+                path,
+                backlog=1 if accept_one else backlog,
+                ssl=ssl,
+                ssl_handshake_timeout=self._tls_timeout(ssl),
             )
             if not path.startswith("\0"):  # (the abstract namespace has no file)
                 made = os.stat(path)
@@ -259,7 +273,13 @@ class Server:
                 "reuse_port": reuse_port,
                 "ssl_handshake_timeout": self._tls_timeout(ssl),
             }
+            if accept_one:
+                options["backlog"] = 1
             self._listener = await loop.create_server(factory, **options)
+        if accept_one:
+            for listening in self._listener.sockets:  # the kernel's queue: as long as asked
+                with listening.dup() as duplicate:  # (asyncio's wrapper has no listen())
+                    duplicate.listen(backlog)
         self._in_use = True
         self._closed_while_starting()
 
@@ -352,7 +372,7 @@ class Server:
                 if not isinstance(error, OSError):
                     raise
                 if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept a connection: %s", error)
+                    accept_log.log(logging.ERROR, "cannot accept a connection: %s", error)
                     await anyio.sleep(0.1)
                 continue  # else one connection's failure (ECONNABORTED, EPROTO...): accept the next
             connections.start_soon(self._serve_stream, stream)

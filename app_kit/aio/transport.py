@@ -280,7 +280,8 @@ class ConnectionProtocol(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         self._handshake_handle = None
         if not self.connection.handshake_complete and not self._closed:
-            log.info("closing connection: no HTTP/2 handshake within %ss", self.connection.config.handshake_timeout)
+            timeout = self.connection.config.handshake_timeout
+            peer_log.log(logging.INFO, "closing connection: no HTTP/2 handshake within %ss", timeout)
             self.connection.close(0, "handshake timeout")
             self.close_transport("no HTTP/2 handshake in time")
 
@@ -298,7 +299,8 @@ class ConnectionProtocol(asyncio.Protocol):
                 if left > 0:  # looked at early (see below): no answer yet, and time left
                     self._keepalive_handle = self.loop.call_later(left, self._keepalive_check)
                     return
-                log.info("closing connection: keepalive PING not answered within %ss", config.keepalive_timeout)
+                timeout = config.keepalive_timeout
+                peer_log.log(logging.INFO, "closing connection: keepalive PING not answered within %ss", timeout)
                 self.connection.close(0, "keepalive timeout")
                 self.close_transport("keepalive PING not answered in time")
                 return
