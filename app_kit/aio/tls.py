@@ -12,7 +12,12 @@ from typing import Any
 
 __all__ = ["client_tls", "server_tls"]
 
-log = logging.getLogger("app_kit.server")
+_server_log = logging.getLogger("app_kit.server")
+_client_log = logging.getLogger("app_kit.client")
+
+#: What ``configure`` is: called with each context built from the files (the first and each
+#: reloaded one), to set what the arguments do not (ciphers, more CAs, verify flags).
+Configure = Callable[[ssl.SSLContext], None]
 
 
 def client_tls(
@@ -21,20 +26,24 @@ def client_tls(
     certificate_chain: str | os.PathLike[str] | None = None,
     private_key: str | os.PathLike[str] | None = None,
     password: str | bytes | None = None,
-    reload_interval: float | None = 60.0,
+    reload_interval: float | None = None,
+    configure: Configure | None = None,
 ) -> ssl.SSLContext:
     """A new client TLS context that offers ALPN ``h2`` and verifies the server.
 
     ``root_certificates``: a PEM file, or PEM text (str or bytes), of the certificates to
-    trust instead of the system's. ``certificate_chain`` and ``private_key`` (PEM files; the
-    key may be in the chain's file) present a client certificate: mutual TLS; ``password``
-    opens an encrypted key (without it, an encrypted key raises ``ValueError``).
+    trust instead of the system's (as grpcio's ``root_certificates``). ``certificate_chain``
+    and ``private_key`` (PEM files; the key may be in the chain's file) present a client
+    certificate: mutual TLS; ``password`` opens an encrypted key (without it, an encrypted key
+    raises ``ValueError``).
 
     ``reload_interval``: when a connection is made, at most once per this many seconds, the
     files given are looked at; when they changed (a renewed client certificate, a rotated
-    trust bundle) they are read again, and new connections use them (connections open
-    already keep theirs). Files that cannot be used yet are logged at WARNING and the
-    previous ones used. ``None``: read once.
+    trust bundle) they are read again into a new context, which new connections use
+    (connections open already keep theirs). Files that cannot be used yet are logged at
+    WARNING and the previous ones used. ``None`` (the default): read once. ``configure`` is
+    called with each context built, the first included: what it sets holds after a reload,
+    what is set on the returned context afterwards holds only until one.
 
     :class:`~app_kit.Channel` uses a context as given and never changes it; one made
     elsewhere must offer ALPN ``h2`` itself (``context.set_alpn_protocols(["h2"])``).
@@ -43,32 +52,42 @@ def client_tls(
         raise ValueError("private_key goes with certificate_chain")
     if reload_interval is not None and not reload_interval > 0:
         raise ValueError("reload_interval must be positive or None")
-    files: list[str] = []
-    if root_certificates is not None and not isinstance(root_certificates, bytes):
-        if not (isinstance(root_certificates, str) and "-----BEGIN" in root_certificates):
-            files.append(os.fspath(root_certificates))
+    pem: str | None = None
+    roots: str | None = None
+    if isinstance(root_certificates, bytes):
+        pem = root_certificates.decode("ascii")
+    elif isinstance(root_certificates, str) and "-----BEGIN" in root_certificates:
+        pem = root_certificates
+    elif root_certificates is not None:
+        roots = os.fspath(root_certificates)
     chain = None if certificate_chain is None else os.fspath(certificate_chain)
     key = None if private_key is None else os.fspath(private_key)
-    files += [path for path in (chain, key) if path is not None]
+    files = [path for path in (roots, chain, key) if path is not None]
 
-    def build() -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if isinstance(root_certificates, bytes):
-            context.load_verify_locations(cadata=root_certificates.decode("ascii"))
-        elif isinstance(root_certificates, str) and "-----BEGIN" in root_certificates:
-            context.load_verify_locations(cadata=root_certificates)
-        elif root_certificates is not None:
-            context.load_verify_locations(cafile=os.fspath(root_certificates))
+    def finish(context: ssl.SSLContext) -> ssl.SSLContext:
         if chain is not None:
             context.load_cert_chain(chain, key, password if password is not None else _no_password)
         context.set_alpn_protocols(["h2"])
+        if configure is not None:
+            configure(context)
         return context
 
+    def build() -> ssl.SSLContext:
+        # Given roots are trusted alone: the system's are loaded only without them.
+        return finish(ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=roots, cadata=pem))
+
     signature = _signature(files)
-    context = build()
     if reload_interval is None or not files:
-        return context
-    return _ReloadingClientContext(_Reloader(build, files, signature, reload_interval, context))
+        return build()
+    # The first context is the one returned (as create_default_context makes one: a client
+    # protocol's defaults, then the roots), so that what is set on it holds until a reload.
+    context = _ReloadingClientContext()
+    if roots is None and pem is None:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        context.load_verify_locations(cafile=roots, cadata=pem)
+    context._reloader = _Reloader(build, files, signature, reload_interval, finish(context), _client_log)
+    return context
 
 
 def server_tls(
@@ -78,6 +97,7 @@ def server_tls(
     password: str | bytes | None = None,
     client_ca: str | os.PathLike[str] | None = None,
     reload_interval: float | None = 60.0,
+    configure: Configure | None = None,
 ) -> ssl.SSLContext:
     """A new server TLS context (ALPN ``h2``) that serves a renewed certificate without a restart.
 
@@ -85,17 +105,20 @@ def server_tls(
     file); ``password`` opens an encrypted key (without it, an encrypted key raises
     ``ValueError`` instead of OpenSSL asking on the terminal). ``client_ca``: a PEM file of the
     CAs whose certificates every client must present (mutual TLS, grpcio's
-    ``require_client_auth``).
+    ``require_client_auth``); TLS session resumption is then off, so that a client whose CA
+    was taken out of the file cannot come back on a session from before.
 
     ``reload_interval``: at a new connection's handshake, at most once per this many seconds,
-    the files are looked at (their inode, size and time); when they changed — cert-manager
-    renewing a mounted Secret, say — they are read again and new connections are served the new
-    certificate (and CAs); connections open already keep theirs. Files that cannot be used yet
-    (a key that does not match its certificate halfway through an update) are logged at
-    WARNING and the previous certificate is served until they can. ``None``: read once.
-    The files are read on the event loop, in the handshake that finds them changed (a
-    millisecond). The context's ``sni_callback`` does this: set another and the files are read
-    once.
+    the files are looked at (their inode, size and times); when they changed — cert-manager
+    renewing a mounted Secret, say — they are read again into a new context, and new
+    connections are served its certificate (and CAs); connections open already keep theirs.
+    Files that cannot be used yet (a key that does not match its certificate halfway through
+    an update) are logged at WARNING and the previous certificate is served until they can.
+    ``None``: read once. The files are read on the event loop, in the handshake that finds
+    them changed (a millisecond). The context's ``sni_callback`` does this: set another and
+    the files are read once. ``configure`` is called with each context built, the first
+    included: what it sets holds after a reload, what is set on the returned context
+    afterwards holds only until one.
     """
     files = [os.fspath(certificate_chain)]
     if private_key is not None:
@@ -110,7 +133,13 @@ def server_tls(
         if client_ca is not None:
             context.load_verify_locations(cafile=files[-1])
             context.verify_mode = ssl.CERT_REQUIRED
+            # A resumed session skips the client's certificate, and sessions (kept by the first
+            # context, whose ticket keys and cache a reload does not replace) outlive a reload.
+            context.num_tickets = 0
+            context.options |= ssl.OP_NO_TICKET
         context.set_alpn_protocols(["h2"])
+        if configure is not None:
+            configure(context)
         return context
 
     if reload_interval is not None and not reload_interval > 0:
@@ -118,7 +147,8 @@ def server_tls(
     signature = _signature(files)
     context = build()
     if reload_interval is not None:
-        context.sni_callback = _Reloader(build, files, signature, reload_interval, context).sni_callback
+        reloader = _Reloader(build, files, signature, reload_interval, context, _server_log)
+        context.sni_callback = reloader.sni_callback
     return context
 
 
@@ -127,15 +157,20 @@ def _no_password() -> str:
     raise ValueError("the private key is encrypted: give its password")
 
 
-def _signature(files: list[str]) -> tuple[tuple[int, int, int, int], ...] | None:
+_Signature = tuple[tuple[int, int, int, int, int], ...]
+
+
+def _signature(files: list[str]) -> _Signature | None:
     """What changes when one of ``files`` is replaced or rewritten (None: one is missing).
 
-    Followed through symbolic links: a Secret's volume replaces its files by swapping a link."""
+    Followed through symbolic links: a Secret's volume replaces its files by swapping a link.
+    The change time too: a rewrite that keeps size and modification time (``cp -p``,
+    ``rsync -t``) still changes it, and nothing sets it back."""
     try:
         stats = [os.stat(path) for path in files]
     except OSError:
         return None
-    return tuple((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) for stat in stats)
+    return tuple((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) for stat in stats)
 
 
 class _Reloader:
@@ -146,10 +181,12 @@ class _Reloader:
         self,
         build: Callable[[], ssl.SSLContext],
         files: list[str],
-        signature: tuple[tuple[int, int, int, int], ...] | None,
+        signature: _Signature | None,
         interval: float,
         first: ssl.SSLContext,
+        log: logging.Logger,
     ) -> None:
+        self._log = log
         self._build = build
         self._files = files
         self._signature = signature
@@ -166,7 +203,7 @@ class _Reloader:
             try:
                 self._look()
             except Exception:  # never fail a handshake for this: the previous context stays
-                log.exception("cannot look at the TLS files %s", ", ".join(self._files))
+                self._log.exception("cannot look at the TLS files %s", ", ".join(self._files))
         return self._newest
 
     def sni_callback(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
@@ -189,7 +226,7 @@ class _Reloader:
             reason = str(exc) or type(exc).__name__
             if reason != self._failure:
                 self._failure = reason
-                log.warning(
+                self._log.warning(
                     "TLS files %s changed but cannot be used (%s): still using the previous ones;"
                     " looked at again every %ss",
                     ", ".join(self._files),
@@ -200,21 +237,18 @@ class _Reloader:
         self._signature = signature
         self._newest = newest
         self._failure = ""
-        log.info("TLS files reloaded: %s", ", ".join(self._files))
+        self._log.info("TLS files reloaded: %s", ", ".join(self._files))
 
 
 class _ReloadingClientContext(ssl.SSLContext):
     """A client context that makes each connection with the newest of :class:`_Reloader`'s
-    contexts: asyncio's, uvloop's and trio's TLS layers all make theirs with ``wrap_bio``."""
+    contexts (itself until a reload): asyncio's, uvloop's and trio's TLS layers all make
+    theirs with ``wrap_bio``."""
 
     _reloader: _Reloader
 
-    def __new__(cls, reloader: _Reloader) -> _ReloadingClientContext:
+    def __new__(cls) -> _ReloadingClientContext:
         return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
-
-    def __init__(self, reloader: _Reloader) -> None:
-        self._reloader = reloader
-        self.set_alpn_protocols(["h2"])  # (what a reader of this context's settings sees)
 
     def wrap_bio(
         self,
@@ -224,7 +258,13 @@ class _ReloadingClientContext(ssl.SSLContext):
         server_hostname: str | bytes | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
-        return self._reloader.newest().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        newest = self._reloader.newest()
+        if newest is self:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        return newest.wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
     def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        return self._reloader.newest().wrap_socket(*args, **kwargs)
+        newest = self._reloader.newest()
+        if newest is self:
+            return super().wrap_socket(*args, **kwargs)
+        return newest.wrap_socket(*args, **kwargs)
