@@ -18,7 +18,9 @@ from app_kit.aio.client import method_for
 from app_kit.rpc.metadata import encode_grpc_message
 
 from .conftest import running_server
+from .frames import HANDSHAKE
 from .h2client import RawClient
+from .process import AppProcess
 from .services import EchoService
 
 pytestmark = pytest.mark.anyio
@@ -94,3 +96,41 @@ async def test_a_long_status_message_is_cut_between_characters(unit: str) -> Non
 def _split(target: str) -> tuple[str, int]:
     host, port = target.rsplit(":", 1)
     return host, int(port)
+
+
+@pytest.mark.parametrize(
+    ("env", "ended_within"),
+    [
+        # A client that completed its handshake and answers nothing, without calls.
+        ({"APP_IDLE_TIMEOUT": "0.5"}, 2.0),
+        (
+            {
+                "APP_KEEPALIVE_TIME": "0.3",
+                "APP_KEEPALIVE_TIMEOUT": "0.3",
+                "APP_KEEPALIVE_PERMIT_WITHOUT_CALLS": "true",
+                "APP_IDLE_TIMEOUT": "0",
+            },
+            3.0,
+        ),
+    ],
+    ids=["idle-timeout", "keepalive"],
+)
+async def test_an_apps_idle_and_keepalive_settings_end_a_silent_connection(
+    env: dict[str, str], ended_within: float
+) -> None:
+    """APP_IDLE_TIMEOUT and APP_KEEPALIVE_* reach the server (an App could not set them: a
+    client gone without a word held its connection for the 30-minute idle timeout)."""
+    async with AppProcess("tests.apps.interop_app:app", "--port", "0", env=env) as app:
+        port = await app.ready()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HANDSHAKE)
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(ended_within + 3):
+            while True:  # frames until a GOAWAY (its PINGs unanswered)
+                length, kind = int.from_bytes(await reader.readexactly(3), "big"), (await reader.readexactly(6))[0]
+                await reader.readexactly(length)
+                if kind == 0x07:
+                    break
+        took = asyncio.get_running_loop().time() - started
+        writer.close()
+    assert took < ended_within, took

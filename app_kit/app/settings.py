@@ -55,6 +55,16 @@ class AppSettings(BaseSettings):
     tls_reload_interval: float = 60.0
     #: Seconds a new connection has for its TLS handshake, then as long for its HTTP/2 one.
     handshake_timeout: float = 10.0
+    #: Seconds a connection without calls stays open before it is closed gracefully (GOAWAY);
+    #: 0: for ever.
+    idle_timeout: float = 30 * 60.0
+    #: Seconds without a frame from a client, during a call, before the server PINGs it (then
+    #: ``keepalive_timeout`` for the answer, or the connection is closed); 0: never.
+    keepalive_time: float = 2 * 60 * 60.0
+    keepalive_timeout: float = 20.0
+    #: PING clients without calls too: a client gone without a word (its node lost) is found
+    #: after keepalive_time + keepalive_timeout instead of idle_timeout.
+    keepalive_permit_without_calls: bool = False
     #: Seconds in-flight calls get to finish on shutdown before they are cancelled (UNAVAILABLE).
     grace_period: float = 20.0
     #: Seconds between NOT_SERVING and closing the listeners, so load balancers stop routing here.
@@ -130,6 +140,8 @@ class AppSettings(BaseSettings):
         "reflection_max_requests_per_second",
         "reflection_max_response_bytes_per_second",
         "tls_reload_interval",
+        "idle_timeout",
+        "keepalive_time",
     )
     @classmethod
     def _not_negative(cls, value: float, info: ValidationInfo) -> float:
@@ -140,10 +152,17 @@ class AppSettings(BaseSettings):
             field = info.field_name or ""
             unlimited = " (0: no limit)" if field.startswith("reflection_") else ""
             unlimited = " (0: read once)" if field.startswith("tls_") else unlimited
+            unlimited = " (0: never)" if field in ("idle_timeout", "keepalive_time") else unlimited
             raise ValueError(f"cannot be negative{unlimited}")
         return value
 
-    @field_validator("health_check_timeout", "worker_restart_delay", "worker_restart_max_delay", "handshake_timeout")
+    @field_validator(
+        "health_check_timeout",
+        "worker_restart_delay",
+        "worker_restart_max_delay",
+        "handshake_timeout",
+        "keepalive_timeout",
+    )
     @classmethod
     def _positive(cls, value: float) -> float:
         if not math.isfinite(value):  # nan would pass the test below
@@ -251,6 +270,10 @@ class AppSettings(BaseSettings):
             max_connection_age=self.max_connection_age,
             max_connection_age_grace=self.max_connection_age_grace,
             handshake_timeout=self.handshake_timeout,
+            idle_timeout=self.idle_timeout or None,
+            keepalive_time=self.keepalive_time or None,
+            keepalive_timeout=self.keepalive_timeout,
+            keepalive_permit_without_calls=self.keepalive_permit_without_calls,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
