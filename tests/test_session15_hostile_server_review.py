@@ -437,7 +437,8 @@ REPLY_BYTES = REPLY.SerializeToString()
 
 CASES: dict[str, Case] = {
     # response heads
-    "no :status": Case(heads([(b"content-type", b"application/grpc")]), Status.UNKNOWN, "HTTP status ''"),
+    # Malformed (RFC 9113 §8.3.2): a stream error, INTERNAL as grpc-go says (it was UNKNOWN).
+    "no :status": Case(heads([(b"content-type", b"application/grpc")]), Status.INTERNAL, "no :status pseudo-header"),
     "HTTP status 2000": Case(heads([(b":status", b"2000")], end=True), Status.UNKNOWN, "HTTP status"),
     "HTTP 502 with an HTML body": Case(html_page(b"502"), Status.UNAVAILABLE, "HTTP status 502"),
     "HTTP 200 text/html with a body": Case(html_page(b"200"), Status.UNKNOWN, "content-type"),

@@ -18,18 +18,21 @@ BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
 def malformed_field(headers: Iterable[tuple[bytes, bytes]], pseudo: bytes = b"") -> str | None:
     """Why a received field list is malformed, or None: a name not of lower-case token
     characters, a value with NUL, CR or LF, a pseudo-header other than ``pseudo`` (or one after
-    a regular field)."""
-    regular = False
+    a regular field, or twice), no ``pseudo`` when one is named."""
+    regular = seen = False
     for name, value in headers:
         if BAD_FIELD_VALUE.search(value):
             return f"invalid characters in the value of {_shown(name)}"
         if name[:1] == b":":
-            if name != pseudo or regular:
+            if name != pseudo or regular or seen:
                 return f"unexpected pseudo-header {_shown(name)}"
+            seen = True
         elif not FIELD_NAME.match(name):
             return f"invalid field name {_shown(name)}"
         else:
             regular = True
+    if pseudo and not seen:
+        return f"no {pseudo.decode('ascii')} pseudo-header"  # (RFC 9113 §8.3.2: a response has one)
     return None
 
 
