@@ -76,6 +76,8 @@ class LongFailure:
     async def fail(self, stream: Stream[StringValue, StringValue]) -> None:
         request = await stream.recv_message()
         assert request is not None
+        if request.value == "with-metadata":  # trailers over 8 KiB without the message
+            raise GRPCError(Status.FAILED_PRECONDITION, "m" * 5000, trailing_metadata={"x-big": "b" * 9000})
         raise GRPCError(Status.FAILED_PRECONDITION, request.value * 5000)
 
 
@@ -134,3 +136,21 @@ async def test_an_apps_idle_and_keepalive_settings_end_a_silent_connection(
         took = asyncio.get_running_loop().time() - started
         writer.close()
     assert took < ended_within, took
+
+
+async def test_trailers_over_8_kib_without_the_message_go_without_it() -> None:
+    """A message that cannot fit beside large trailing metadata is left out (not sent empty);
+    the status and the metadata go as they are."""
+    async with running_server([LongFailure()]) as (_, target), Channel(*_split(target)) as channel:
+        call = method_for(channel, "/t.L/Fail", Cardinality.UNARY_UNARY, StringValue, StringValue)
+        with pytest.raises(GRPCError) as info:
+            await call(StringValue(value="with-metadata"), timeout=5)
+    assert info.value.status is Status.FAILED_PRECONDITION
+    assert info.value.message is None
+    assert info.value.trailing_metadata is not None and info.value.trailing_metadata["x-big"] == "b" * 9000
+    async with running_server([LongFailure()]) as (server, _):
+        async with RawClient("127.0.0.1", server.sockets[0].getsockname()[1]) as client:
+            stream_id = await client.request("/t.L/Fail", StringValue(value="with-metadata").SerializeToString())
+            response = await client.read_response(stream_id)
+    assert response.grpc_status == Status.FAILED_PRECONDITION.value
+    assert response.header(b"grpc-message") is None  # (an empty one went out)

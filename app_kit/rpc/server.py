@@ -358,7 +358,11 @@ class ServerConnection(GrpcConnection):
         size = sum(len(name) + len(value) + 32 for name, value in chain(in_front, fields))
         name, encoded = fields[1]
         if size >= limit:
-            fields[1] = (name, shorten_grpc_message(encoded, len(encoded) - (size - limit) - 1))
+            shortened = shorten_grpc_message(encoded, len(encoded) - (size - limit) - 1)
+            if shortened:
+                fields[1] = (name, shortened)
+            else:  # the rest alone is over it (large details or metadata): no message, not an empty one
+                del fields[1]
 
     def end_now(self, stream_id: int, status: Status, message: str) -> bool:
         """End a call at once with ``status``; False if its stream is gone already.
