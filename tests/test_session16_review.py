@@ -147,7 +147,7 @@ async def test_trailers_over_8_kib_without_the_message_go_without_it() -> None:
             await call(StringValue(value="with-metadata"), timeout=5)
     assert info.value.status is Status.FAILED_PRECONDITION
     assert info.value.message is None
-    assert info.value.trailing_metadata is not None and info.value.trailing_metadata["x-big"] == "b" * 9000
+    assert ("x-big", "b" * 9000) in dict(info.value.trailing_metadata or {}).items()
     async with running_server([LongFailure()]) as (server, _):
         async with RawClient("127.0.0.1", server.sockets[0].getsockname()[1]) as client:
             stream_id = await client.request("/t.L/Fail", StringValue(value="with-metadata").SerializeToString())
