@@ -13,7 +13,7 @@ from ..rpc.connection import StreamGone, StreamState
 from ..rpc.deadline import Deadline
 from ..rpc.framing import SMALL_PREFIXES, pack_prefix
 from ..rpc.handlers import Handler
-from ..rpc.metadata import Metadata, MetadataLike, encode_metadata
+from ..rpc.metadata import Metadata, MetadataLike, encode_grpc_message, encode_metadata
 from ..rpc.server import ServerConnection
 from ..rpc.status import GRPCError, ProtocolError, Status
 from .call import Call, Host, Peer
@@ -310,6 +310,8 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
         details = None
         if status_details and self._status_details_codec is not None:
             details = self._status_details_codec.encode(status, status_message, status_details)
+            if status_message and len(status_message) + len(details) > 1024:  # (only then can they not fit)
+                status_message, details = self._fit_status(status, status_message, status_details, details, fields)
         self._state = ended
         self._status, self._status_message = status, status_message
         try:
@@ -322,6 +324,22 @@ class Stream(Call[RecvT, SendT], Generic[RecvT, SendT]):
             self._end_now(Status.INTERNAL, "Internal error: the status could not be sent")
             raise
         self._protocol.flush_call_end()
+
+    def _fit_status(
+        self, status: Status, message: str, status_details: Any, details: bytes, fields: list[tuple[bytes, bytes]]
+    ) -> tuple[str, bytes]:
+        """The message cut, and the details encoded again with it (they carry the message too,
+        and must agree with grpc-message), so that both fit the trailers the client takes."""
+        room = self._connection.status_room(fields)
+        codec = self._status_details_codec
+        assert codec is not None
+        for _ in range(4):  # each pass cuts by the share over: the second nearly always fits
+            size = len(encode_grpc_message(message)) + (len(details) * 4 + 2) // 3
+            if size <= room or not message:
+                break
+            message = message[: int(len(message) * room / size) - 1].rstrip(" ")
+            details = codec.encode(status, message, status_details)
+        return message, details
 
     async def cancel(self) -> None:
         """Abort the call with RST_STREAM CANCEL; the client sees CANCELLED."""

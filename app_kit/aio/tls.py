@@ -194,6 +194,8 @@ class _Reloader:
         self._looked_at = time.monotonic()
         self.first = first
         self._newest = first
+        # A server's own sni_callback (set by configure): still called, after the swap.
+        self._user_sni = first.sni_callback
         self._failure = ""  # the last reason the changed files could not be used (logged once)
 
     def newest(self) -> ssl.SSLContext:
@@ -206,13 +208,15 @@ class _Reloader:
                 self._log.exception("cannot look at the TLS files %s", ", ".join(self._files))
         return self._newest
 
-    def sni_callback(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+    def sni_callback(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> int | None:
         """A server's: called in every handshake (with or without SNI), before the certificate
         is chosen. OpenSSL's SSL_set_SSL_CTX then gives the connection the new context's
         certificate, key and verification (the client CAs); its ALPN too, hence h2 on each."""
         newest = self.newest()
         if newest is not self.first:
             ssl_object.context = newest
+        user = self._user_sni
+        return None if user is None else user(ssl_object, server_name, newest)  # type: ignore[arg-type]  # (None: no SNI, as ssl passes it)
 
     def _look(self) -> None:
         signature = _signature(self._files)
@@ -236,6 +240,7 @@ class _Reloader:
             return
         self._signature = signature
         self._newest = newest
+        self._user_sni = newest.sni_callback
         self._failure = ""
         self._log.info("TLS files reloaded: %s", ", ".join(self._files))
 

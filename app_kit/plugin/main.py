@@ -42,10 +42,16 @@ def _alias(module: str) -> str:
     return module.replace("_", "__").replace(".", "_dot_")
 
 
-def _python_name(name: str) -> str:
+def _python_name(name: str, taken: set[str]) -> str:
     """A method's Python name: its proto name, with ``_`` after a keyword (``class_``: PEP 8's
-    way); its path keeps the proto name."""
-    return f"{name}_" if keyword.iskeyword(name) else name
+    way; more if another method of the service is named so); its path keeps the proto name."""
+    if not keyword.iskeyword(name):
+        return name
+    python_name = f"{name}_"
+    while python_name in taken:
+        python_name += "_"
+    taken.add(python_name)
+    return python_name
 
 
 @dataclass(frozen=True)
@@ -102,13 +108,14 @@ def _render(proto: FileDescriptorProto, types: dict[str, tuple[str, str]], own_m
     for service_index, service in enumerate(proto.service):
         full_name = f"{proto.package}.{service.name}" if proto.package else service.name
         methods = []
+        taken = {method.name for method in service.method}
         for method_index, method in enumerate(service.method):
             request_module, request_name = types[method.input_type]
             reply_module, reply_name = types[method.output_type]
             modules.update((request_module, reply_module))
             methods.append(
                 _Method(
-                    name=_python_name(method.name),
+                    name=_python_name(method.name, taken),
                     path=f"/{full_name}/{method.name}",
                     cardinality=_CARDINALITIES[(method.client_streaming, method.server_streaming)],
                     request=f"{_alias(request_module)}.{request_name}",

@@ -338,22 +338,32 @@ class ServerConnection(GrpcConnection):
         if details is not None:
             fields.append((b"grpc-status-details-bin", base64.b64encode(details).rstrip(b"=")))
         fields.extend(metadata)
-        if len(encoded) > 1024:  # (only a long one can matter)
+        if encoded and details is None:  # (with details, the caller made them fit: see status_room)
             self._fit_message(fields)
         if not state.headers_sent:
             state.headers_sent = True
             fields[:0] = [(b":status", b"200"), _CONTENT_TYPE_FIELD]
         return fields
 
-    def _fit_message(self, fields: list[tuple[bytes, bytes]]) -> None:
-        """Cut the status message (``fields[1]``) to fit the trailers under the client's
-        SETTINGS_MAX_HEADER_LIST_SIZE and 8 KiB: past its limit a client fails the call
-        RESOURCE_EXHAUSTED, its real status lost; grpc-core clients do so at random from
-        8 KiB (their "soft" limit) though they advertise 16 KiB, and count the limit itself over."""
+    def status_room(self, metadata: list[tuple[bytes, bytes]]) -> int:
+        """Bytes left, beside ``metadata``, for a status message and details (their values:
+        ``grpc-message`` percent-encoded, ``grpc-status-details-bin`` in base64) in trailers
+        that stay under the client's SETTINGS_MAX_HEADER_LIST_SIZE and 8 KiB: past its limit a
+        client fails the call RESOURCE_EXHAUSTED, its real status lost; grpc-core clients do so
+        at random from 8 KiB (their "soft" limit) though they advertise 16 KiB, and count the
+        limit itself over."""
         advertised = self._h2.remote_settings.get(_MAX_HEADER_LIST_SIZE)
         limit = _TRAILERS_BUDGET if advertised is None else min(advertised, _TRAILERS_BUDGET)
         # RFC 9113 §6.5.2's size: each field's name and value, and 32 more; the two fields a
         # trailers-only response puts in front are counted whether or not this is one.
+        fixed = [(b":status", b"200"), _CONTENT_TYPE_FIELD, (b"grpc-status", b"00")]
+        taken = sum(len(name) + len(value) + 32 for name, value in chain(fixed, metadata))
+        return limit - 1 - taken - (len(b"grpc-message") + 32) - (len(b"grpc-status-details-bin") + 32)
+
+    def _fit_message(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """Cut the status message (``fields[1]``) to fit the trailers (see :meth:`status_room`)."""
+        advertised = self._h2.remote_settings.get(_MAX_HEADER_LIST_SIZE)
+        limit = _TRAILERS_BUDGET if advertised is None else min(advertised, _TRAILERS_BUDGET)
         in_front = [(b":status", b"200"), _CONTENT_TYPE_FIELD]
         size = sum(len(name) + len(value) + 32 for name, value in chain(in_front, fields))
         name, encoded = fields[1]

@@ -604,6 +604,23 @@ class H2Connection(h2.connection.H2Connection):
             self._terminate_connection(exc.error_code)  # as receive_data does: GOAWAY, then raise
             raise
 
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        """h2's, for the HEADERS frames ``receive_headers_frame`` leaves to it (CONTINUATION,
+        padding, priority, a frame header split across reads): a client's responses and
+        trailers checked there too, as :meth:`_receive_headers` checks the others."""
+        frames, events = super()._receive_headers_frame(frame)
+        if self.config.client_side:
+            event: Any
+            for event in events:
+                kind = type(event)
+                if kind is h2.events.ResponseReceived or kind is TrailersReceived:
+                    trailers = kind is TrailersReceived
+                    problem = malformed_field(event.headers or [], b"" if trailers else b":status")
+                    if problem is not None:
+                        event.__class__ = MalformedTrailers if trailers else MalformedResponse
+                        event.reason = problem
+        return frames, events
+
     def _receive_headers(self, stream: h2.stream.H2Stream, headers: Any, end_stream: bool) -> list[Any]:
         """h2's ``H2Stream.receive_headers`` (the same steps, in its order), remembering what
         it makes of a header list: the content-length it reads and the list its processing
