@@ -278,6 +278,7 @@ class Supervisor:
         """Run the slot's worker, again and again until stopping; return its last exit code."""
         deaths = 0
         code = 0
+        first = True  # this slot's first worker: its failed start is the App's
         while not self.stopping.is_set():
             process = await self._spawn(slot)
             started = time.monotonic()
@@ -301,12 +302,16 @@ class Supervisor:
                 slot.wake.clear()
                 await slot.wake.wait()
                 continue
-            if code == EXIT_STARTUP_FAILED:
+            if code == EXIT_STARTUP_FAILED and first:
+                # A later start that fails (a worker restarted while its TLS files are half
+                # written, a resource down for a moment) is retried like a death, with backoff,
+                # the other workers serving meanwhile: not a reason to stop them.
                 log.error("worker %d (pid %d) failed to start: stopping every worker", slot.index, process.pid)
                 if self._failed is None:
                     self._failed = code
                 self._stop(signal.SIGTERM)
                 return code
+            first = False
             # A worker that ran longer than the longest delay died on its own, not in a loop.
             if ran > self.settings.worker_restart_max_delay:
                 deaths = 0
