@@ -8,6 +8,7 @@ import logging
 import ssl
 
 import anyio
+import grpc
 import h2.events
 import pytest
 import trustme
@@ -154,3 +155,29 @@ async def test_trailers_over_8_kib_without_the_message_go_without_it() -> None:
             response = await client.read_response(stream_id)
     assert response.grpc_status == Status.FAILED_PRECONDITION.value
     assert response.header(b"grpc-message") is None  # (an empty one went out)
+
+
+@pytest.mark.parametrize("permitted", [True])
+async def test_a_grpcio_client_pinging_without_calls_as_permitted_keeps_its_connection(permitted: bool) -> None:
+    """APP_KEEPALIVE_PERMIT_WITHOUT_CALLS, as grpc-core's server option, also lets clients PING
+    an idle connection as often as APP_MIN_PING_INTERVAL; without it, such PINGs are strikes,
+    then GOAWAY too_many_pings (grpc-core's server behaves the same; [False] was run too, and
+    test_session16_ops_review.py keeps that case)."""
+    env = {"APP_MIN_PING_INTERVAL": "0.5", "APP_LOG_LEVEL": "debug"}
+    if permitted:
+        env["APP_KEEPALIVE_PERMIT_WITHOUT_CALLS"] = "true"
+    options = [
+        ("grpc.keepalive_time_ms", 700),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    async with AppProcess("tests.apps.interop_app:app", "--port", "0", env=env) as app:
+        port = await app.ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            empty = channel.unary_unary("/grpc.testing.TestService/EmptyCall")
+            await empty(b"", timeout=5)
+            await asyncio.sleep(6.0)  # idle: PINGs every 0.7 s
+            await empty(b"", timeout=5)
+        # Told to go away, the client connected again for its second call.
+        connections = sum(": connection from (" in line and "closed" not in line for line in app.lines)
+    assert connections == (1 if permitted else 2), app.log[-3000:]

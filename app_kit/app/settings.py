@@ -63,8 +63,14 @@ class AppSettings(BaseSettings):
     keepalive_time: float = 2 * 60 * 60.0
     keepalive_timeout: float = 20.0
     #: PING clients without calls too: a client gone without a word (its node lost) is found
-    #: after keepalive_time + keepalive_timeout instead of idle_timeout.
+    #: after keepalive_time + keepalive_timeout instead of idle_timeout. As grpc-core's server
+    #: option does, it also lets clients PING without calls as often as ``min_ping_interval``
+    #: (else once per 2 hours: more is GOAWAY too_many_pings).
     keepalive_permit_without_calls: bool = False
+    #: Seconds a client must leave between its PINGs during calls (gRPC's
+    #: min_recv_ping_interval_without_data): a client that PINGs more often gets strikes, then
+    #: GOAWAY ENHANCE_YOUR_CALM too_many_pings.
+    min_ping_interval: float = 5 * 60.0
     #: Seconds in-flight calls get to finish on shutdown before they are cancelled (UNAVAILABLE).
     grace_period: float = 20.0
     #: Seconds between NOT_SERVING and closing the listeners, so load balancers stop routing here.
@@ -142,6 +148,7 @@ class AppSettings(BaseSettings):
         "tls_reload_interval",
         "idle_timeout",
         "keepalive_time",
+        "min_ping_interval",
     )
     @classmethod
     def _not_negative(cls, value: float, info: ValidationInfo) -> float:
@@ -274,6 +281,10 @@ class AppSettings(BaseSettings):
             keepalive_time=self.keepalive_time or None,
             keepalive_timeout=self.keepalive_timeout,
             keepalive_permit_without_calls=self.keepalive_permit_without_calls,
+            min_ping_interval=self.min_ping_interval,
+            min_ping_interval_without_calls=(
+                self.min_ping_interval if self.keepalive_permit_without_calls else _IDLE_PING_INTERVAL
+            ),
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -292,6 +303,10 @@ class AppSettings(BaseSettings):
             if "encrypted" in str(exc):
                 raise ValueError("tls_key_file is encrypted: set tls_key_password (APP_TLS_KEY_PASSWORD)") from exc
             raise
+
+
+#: Between a client's PINGs without calls, unless permitted more often: gRPC's 2 hours.
+_IDLE_PING_INTERVAL = Configuration().min_ping_interval_without_calls
 
 
 def listen_address(settings: AppSettings) -> str:
