@@ -352,18 +352,19 @@ class ServerConnection(GrpcConnection):
         client fails the call RESOURCE_EXHAUSTED, its real status lost; grpc-core clients do so
         at random from 8 KiB (their "soft" limit) though they advertise 16 KiB, and count the
         limit itself over."""
-        advertised = self._h2.remote_settings.get(_MAX_HEADER_LIST_SIZE)
-        limit = _TRAILERS_BUDGET if advertised is None else min(advertised, _TRAILERS_BUDGET)
         # RFC 9113 §6.5.2's size: each field's name and value, and 32 more; the two fields a
         # trailers-only response puts in front are counted whether or not this is one.
         fixed = [(b":status", b"200"), _CONTENT_TYPE_FIELD, (b"grpc-status", b"00")]
         taken = sum(len(name) + len(value) + 32 for name, value in chain(fixed, metadata))
-        return limit - 1 - taken - (len(b"grpc-message") + 32) - (len(b"grpc-status-details-bin") + 32)
+        return self._trailers_limit() - 1 - taken - (len(b"grpc-message") + 32) - (len(b"grpc-status-details-bin") + 32)
+
+    def _trailers_limit(self) -> int:
+        advertised = self._h2.remote_settings.get(_MAX_HEADER_LIST_SIZE)
+        return _TRAILERS_BUDGET if advertised is None else min(advertised, _TRAILERS_BUDGET)
 
     def _fit_message(self, fields: list[tuple[bytes, bytes]]) -> None:
         """Cut the status message (``fields[1]``) to fit the trailers (see :meth:`status_room`)."""
-        advertised = self._h2.remote_settings.get(_MAX_HEADER_LIST_SIZE)
-        limit = _TRAILERS_BUDGET if advertised is None else min(advertised, _TRAILERS_BUDGET)
+        limit = self._trailers_limit()
         in_front = [(b":status", b"200"), _CONTENT_TYPE_FIELD]
         size = sum(len(name) + len(value) + 32 for name, value in chain(in_front, fields))
         name, encoded = fields[1]

@@ -614,11 +614,7 @@ class H2Connection(h2.connection.H2Connection):
             for event in events:
                 kind = type(event)
                 if kind is h2.events.ResponseReceived or kind is TrailersReceived:
-                    trailers = kind is TrailersReceived
-                    problem = malformed_field(event.headers or [], b"" if trailers else b":status")
-                    if problem is not None:
-                        event.__class__ = MalformedTrailers if trailers else MalformedResponse
-                        event.reason = problem
+                    _mark_if_malformed(event, _malformation(event, event.headers or []))
         return frames, events
 
     def _receive_headers(self, stream: h2.stream.H2Stream, headers: Any, end_stream: bool) -> list[Any]:
@@ -657,18 +653,13 @@ class H2Connection(h2.connection.H2Connection):
             fields = stream._process_received_headers(headers, flags, self.config.header_encoding)
             # A client's responses and trailers checked here, once per list (a server checks
             # its requests as it parses them): h2's own checks are off, and cost more.
-            problem = None
-            if machine.client:
-                problem = malformed_field(headers, b"" if isinstance(event, TrailersReceived) else b":status")
+            problem = _malformation(event, headers) if machine.client else None
             if stream.request_method != b"HEAD" and _list_size(headers) <= _CACHE_LIST_LIMIT:
                 if len(remembered) >= _CACHE_LIMIT:
                     remembered.clear()  # lists that vary (a grpc-timeout, a request id) come and go
                 remembered[key] = (fields, stream._expected_content_length, problem)
         event.headers = list(fields)
-        if problem is not None:
-            # Told by the event's type: a connection dispatching on it pays nothing otherwise.
-            event.__class__ = MalformedTrailers if isinstance(event, TrailersReceived) else MalformedResponse
-            event.reason = problem
+        _mark_if_malformed(event, problem)
         return events
 
     def queue_goaway(self, last_stream_id: int, error_code: int) -> None:
@@ -717,6 +708,18 @@ class MalformedTrailers(h2.events.TrailersReceived):
     """A client's TrailersReceived whose field list is malformed, as :class:`MalformedResponse`."""
 
     reason: str
+
+
+def _malformation(event: Any, headers: Any) -> str | None:
+    """Why a client's response (or trailers) ``event`` with ``headers`` is malformed, or None."""
+    return malformed_field(headers, b"" if isinstance(event, TrailersReceived) else b":status")
+
+
+def _mark_if_malformed(event: Any, problem: str | None) -> None:
+    # Told by the event's class: a connection dispatching on it pays nothing otherwise.
+    if problem is not None:
+        event.__class__ = MalformedTrailers if isinstance(event, TrailersReceived) else MalformedResponse
+        event.reason = problem
 
 
 def is_compression_error(exc: BaseException | None) -> bool:
